@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs, then formatting, lints, unit and
+# integration tests, the differential conformance suite, deployment checks and the
+# benchmark smoke run. Every step runs; the script fails if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+export CARGO_TERM_COLOR=never
+
+failed=()
+step() {
+    local name=$1; shift
+    echo "=== $name"
+    local start=$SECONDS
+    if "$@"; then
+        echo "=== $name: ok ($((SECONDS - start)) s)"
+    else
+        echo "=== $name: FAILED ($((SECONDS - start)) s)"
+        failed+=("$name")
+    fi
+}
+
+step "install test dependencies" scripts/install-test-deps.sh
+step "cargo fmt" cargo fmt --all -- --check
+step "cargo clippy" cargo clippy --release --all-targets -- -D warnings
+step "build" cargo build --release
+step "cargo test" cargo test --release --no-fail-fast
+
+conformance=${CONFORMANCE_DIR:-$root/../shared/conformance}
+if [ -x "$conformance/run.sh" ] || [ -f "$conformance/run.sh" ]; then
+    step "conformance suite" sh "$conformance/run.sh" "$root/target/release/proxsmtpd"
+else
+    echo "=== conformance suite: skipped ($conformance not found)"
+fi
+if [ -f scripts/deploy-check.sh ]; then
+    step "deployment checks" bash scripts/deploy-check.sh
+fi
+if [ -f bench/run.sh ]; then
+    step "benchmark smoke run" bash bench/run.sh --smoke
+fi
+
+echo
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed steps: ${failed[*]}"
+    exit 1
+fi
+echo "all steps passed"

@@ -1,0 +1,250 @@
+//! Start-up, signals, reload and shutdown of the proxy process.
+//!
+//! Order matters and follows the original where it can: configuration, daemonising (before
+//! any thread exists), logging, binding, then the privilege drop (after binding, so a port
+//! below 1024 works without capabilities), the pid file, and the accept loop.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::admin::{self, Health};
+use crate::cli::RunArgs;
+use crate::config::{self, ConfigError, LoadOptions, Settings};
+use crate::logging::{self, LogTarget};
+use crate::proxy::server::{self, Listener};
+use crate::{daemon, privileges, telemetry};
+
+fn load(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
+    let loaded = config::load(&LoadOptions {
+        config_path: args.config_path.clone(),
+        env: std::env::vars().collect(),
+        overrides: args.overrides.clone(),
+    })?;
+    let mut warnings = loaded.warnings;
+    if !loaded.file_found {
+        warnings.push(format!(
+            "configuration file not found: {}",
+            args.config_path.display()
+        ));
+    }
+    warnings.extend(config::validate(&loaded.settings)?);
+    Ok((loaded.settings, warnings))
+}
+
+fn exit_with(e: &ConfigError) -> ExitCode {
+    eprintln!("proxsmtpd: {e}");
+    ExitCode::from(e.exit_code.clamp(1, 255) as u8)
+}
+
+pub fn run(args: RunArgs) -> ExitCode {
+    let (settings, warnings) = match load(&args) {
+        Ok(s) => s,
+        Err(e) => return exit_with(&e),
+    };
+    for w in &warnings {
+        eprintln!("proxsmtpd: {w}");
+    }
+    let mut pid_path = args.pid_file.clone();
+    if let Some(p) = &settings.pid_file {
+        if pid_path.is_some() {
+            eprintln!("proxsmtpd: ignoring pid file specified on the command line. ");
+        }
+        pid_path = Some(p.clone());
+    }
+
+    let foreground = args.debug_level.is_some() || settings.container;
+    if !foreground {
+        if let Err(e) = daemon::daemonize() {
+            eprintln!("proxsmtpd: couldn't run as daemon: {e}");
+            return ExitCode::from(1);
+        }
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("proxsmtpd: couldn't start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(serve(args, settings, pid_path, foreground))
+}
+
+async fn serve(
+    args: RunArgs,
+    settings: Settings,
+    pid_path: Option<PathBuf>,
+    foreground: bool,
+) -> ExitCode {
+    let otel = match telemetry::otel_layer::<tracing_subscriber::Registry>() {
+        Ok(layer) => layer,
+        Err(e) => {
+            eprintln!("proxsmtpd: OpenTelemetry export disabled: {e}");
+            None
+        }
+    };
+    let target = if settings.container || settings.log_format == config::LogFormat::Json {
+        LogTarget::Json
+    } else if let Some(level) = args.debug_level {
+        LogTarget::Stderr { level }
+    } else if foreground {
+        LogTarget::Stderr { level: 2 }
+    } else {
+        LogTarget::Syslog
+    };
+    let otel_guard = match otel {
+        Some((layer, guard)) => {
+            logging::init(target, Some(Box::new(layer)));
+            Some(guard)
+        }
+        None => {
+            logging::init(target, None);
+            None
+        }
+    };
+
+    let listener = match Listener::bind(&settings.listen, settings.transparent) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("couldn't bind to address: {:?}: {e}", settings.listen);
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!("listening on {}", listener.local_description());
+
+    let health = Arc::new(Health::default());
+    let admin_listener = match settings.admin_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!("couldn't bind admin address {addr}: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+
+    let pid_file = match &pid_path {
+        Some(path) => match daemon::PidFile::write(path) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::error!("couldn't write pid file: {}: {e}", path.display());
+                None
+            }
+        },
+        None => None,
+    };
+
+    if let Some(user) = &settings.user {
+        match privileges::drop_to_user(user) {
+            Ok(warnings) => warnings.iter().for_each(|w| tracing::warn!("{w}")),
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    if let Some(w) = privileges::root_warning_if_root() {
+        tracing::warn!("{w}");
+    }
+    if let Err(w) = check_temp_directory(&settings.temp_directory) {
+        tracing::warn!("{w}");
+    }
+
+    let drain_timeout = settings.drain_timeout;
+    let (settings_tx, settings_rx) = watch::channel(Arc::new(settings));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    if let Some(l) = admin_listener {
+        let health = health.clone();
+        // The admin server lives until the process exits, so probes see the drain.
+        tokio::spawn(admin::serve(l, health, std::future::pending::<()>()));
+    }
+
+    health.set_listener_bound();
+    health.set_config_loaded();
+    tokio::spawn(signals(args, settings_tx, shutdown_tx, health.clone()));
+
+    let mut rx = shutdown_rx.clone();
+    server::run(listener, settings_rx, drain_timeout, async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    })
+    .await;
+
+    tracing::info!("stopped");
+    if let Some(p) = pid_file {
+        if let Err(e) = p.remove() {
+            tracing::warn!("couldn't remove pid file: {e}");
+        }
+    }
+    if let Some(guard) = otel_guard {
+        guard.shutdown().await;
+    }
+    ExitCode::SUCCESS
+}
+
+/// SIGTERM and SIGINT drain and stop; SIGHUP reloads the configuration for new messages.
+async fn signals(
+    args: RunArgs,
+    settings_tx: watch::Sender<Arc<Settings>>,
+    shutdown_tx: watch::Sender<bool>,
+    health: Arc<Health>,
+) {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("couldn't install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&args, &settings_tx),
+        }
+    }
+    tracing::info!("shutting down: draining sessions");
+    health.set_draining();
+    let _ = shutdown_tx.send(true);
+}
+
+/// Applies a changed configuration to new messages; a broken one is refused and the
+/// running one stays.
+pub fn reload(args: &RunArgs, settings_tx: &watch::Sender<Arc<Settings>>) {
+    match load(args) {
+        Ok((settings, _)) => {
+            tracing::info!("configuration reloaded");
+            crate::metrics::global().config_reload(true);
+            let _ = settings_tx.send(Arc::new(settings));
+        }
+        Err(e) => {
+            tracing::error!("configuration reload refused, keeping the running one: {e}");
+            crate::metrics::global().config_reload(false);
+        }
+    }
+}
+
+/// A world-writable TempDirectory without the sticky bit lets other users replace spool
+/// files between the filter and delivery.
+fn check_temp_directory(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(dir).map_err(|e| format!("TempDirectory {}: {e}", dir.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+        return Err(format!(
+            "TempDirectory {} is world-writable without the sticky bit",
+            dir.display()
+        ));
+    }
+    Ok(())
+}

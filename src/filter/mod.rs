@@ -1,0 +1,13 @@
+//! The content filter: running FilterCommand, reading its verdict, and the Header line.
+//!
+//! - `run`: starts the filter process (pipe or file mode), enforces FilterTimeout, and
+//!   makes sure nothing it started outlives it.
+//! - `verdict`: turns the exit status and last stderr line into deliver, reply or error.
+//! - `header`: expands the Header template.
+pub mod header;
+pub mod run;
+pub mod verdict;
+
+pub use header::{expand as expand_header, format_date, is_received, HeaderContext};
+pub use run::{run, FilterJob, Mode, Outcome};
+pub use verdict::{decide, format_reply, Exit, ReplyKind, StderrTracker, Verdict};

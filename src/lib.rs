@@ -1,0 +1,28 @@
+//! proxsmtpd: an SMTP filtering proxy, a drop-in successor to proxsmtpd 1.10.
+//!
+//! Layout:
+//! - `smtp`: the protocol pieces, sans-IO (line framing, replies, commands, EHLO filter,
+//!   the DATA receiver and the wire encoder).
+//! - `session`: the per-connection relay state machine, sans-IO.
+//! - `filter`: the filter contract (running it, its verdict, the Header setting).
+//! - `proxy`: tokio moving bytes: listener, upstream connection, relay, message transaction.
+//! - `config`: settings, the proxsmtpd.conf reader and the layered configuration.
+//! - `admin`, `metrics`, `telemetry`, `logging`: what operators see.
+//! - `app`, `cli`, `daemon`, `privileges`, `sockopt`: the process around it all.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod filter;
+pub mod logging;
+pub mod metrics;
+pub mod privileges;
+pub mod proxy;
+pub mod session;
+pub mod smtp;
+pub mod sockopt;
+pub mod telemetry;

@@ -1,0 +1,28 @@
+//! `proxsmtpd`: the command line, start-up order and signals.
+
+use std::process::ExitCode;
+
+use proxsmtpd::cli::{self, Command};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--demo") {
+        return proxsmtpd::demo::main(&args[1..]);
+    }
+    match cli::parse(&args) {
+        Ok(Command::Version) => {
+            print!("{}", cli::version_text());
+            ExitCode::SUCCESS
+        }
+        Ok(Command::Run(run_args)) => proxsmtpd::app::run(run_args),
+        Err(e) => {
+            if !e.message.is_empty() {
+                eprintln!("proxsmtpd: {}", e.message);
+            }
+            if e.usage {
+                eprint!("{}", cli::usage_text());
+            }
+            ExitCode::from(e.exit_code.clamp(0, 255) as u8)
+        }
+    }
+}

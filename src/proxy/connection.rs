@@ -1,0 +1,379 @@
+//! One client connection: moves bytes between the client, the upstream and the session.
+//!
+//! The protocol decisions are made by [`Session`]; this module only reads, writes, waits
+//! and enforces the timeouts. The message body is handled in [`super::transaction`].
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::io::Stream;
+use super::observe::{self, ConnectionId};
+use super::transaction;
+use super::upstream::{self, ClientInfo};
+use crate::config::Settings;
+use crate::filter::verdict::format_reply;
+use crate::metrics::UpstreamStage;
+use crate::session::{Action, Policy, Session};
+use crate::smtp::line::{Framed, LineReader, COMMAND_LINE_LIMIT};
+use crate::smtp::reply::{Reply, ReplyAssembler};
+
+pub const REPLY_UPSTREAM_UNAVAILABLE: &[u8] =
+    b"421 4.4.1 Upstream server unavailable, try again later\r\n";
+pub const REPLY_TIMEOUT: &[u8] = b"421 4.4.2 Timeout exceeded, closing connection\r\n";
+pub const REPLY_UPSTREAM_LOST: &[u8] = b"421 4.4.2 Upstream connection lost\r\n";
+pub const REPLY_SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down\r\n";
+
+/// Upstream reply lines are limited far above what any server sends (RFC 5321 says 512).
+const REPLY_LINE_LIMIT: usize = 16 * 1024;
+const READ_BUFFER: usize = 16 * 1024;
+
+/// Why a connection ended early.
+#[derive(Debug)]
+pub enum Fatal {
+    ClientGone,
+    ClientTimeout,
+    /// The upstream failed; the client has been told (or cannot be).
+    Upstream(String),
+    Shutdown,
+}
+
+/// The two sides of one proxied connection and their buffers.
+pub struct Conn {
+    pub id: ConnectionId,
+    pub settings: Arc<Settings>,
+    pub info: ClientInfo,
+    pub client: Stream,
+    pub client_buf: BytesMut,
+    pub client_eof: bool,
+    pub upstream: Stream,
+    pub server: String,
+    upstream_buf: BytesMut,
+    upstream_lines: LineReader,
+    assembler: ReplyAssembler,
+    /// When the upstream last saw traffic from us, for KeepAlives.
+    pub upstream_active: Instant,
+}
+
+impl Conn {
+    pub async fn send_client(&mut self, bytes: &[u8]) -> Result<(), Fatal> {
+        observe::replies_sent(bytes);
+        let timeout = self.settings.timeout;
+        match tokio::time::timeout(timeout, self.client.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Fatal::ClientGone),
+        }
+    }
+
+    pub async fn send_upstream(&mut self, bytes: &[u8], stage: UpstreamStage) -> Result<(), Fatal> {
+        let timeout = self.settings.timeout;
+        self.upstream_active = Instant::now();
+        match tokio::time::timeout(timeout, self.upstream.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(upstream_failure(stage, format!("write failed: {e}"))),
+            Err(_) => Err(upstream_failure(stage, "write timed out".into())),
+        }
+    }
+
+    /// Takes the next complete reply already buffered, if any.
+    fn buffered_reply(&mut self) -> Result<Option<Reply>, String> {
+        while let Some(framed) = self.upstream_lines.next(&mut self.upstream_buf) {
+            let line = match framed {
+                Framed::Line(line) => line,
+                Framed::TooLong => return Err("reply line too long".into()),
+            };
+            if let Some(reply) = self
+                .assembler
+                .push(line)
+                .map_err(|_| "reply has too many lines".to_string())?
+            {
+                return Ok(Some(reply));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads one complete (multi-line) reply, waiting at most TimeOut.
+    pub async fn read_reply(&mut self, stage: UpstreamStage) -> Result<Reply, Fatal> {
+        let deadline = Instant::now() + self.settings.timeout;
+        loop {
+            match self.buffered_reply() {
+                Ok(Some(reply)) => return Ok(reply),
+                Ok(None) => {}
+                Err(e) => return Err(upstream_failure(stage, e)),
+            }
+            self.upstream_buf.reserve(READ_BUFFER);
+            match tokio::time::timeout_at(deadline, self.upstream.read_buf(&mut self.upstream_buf))
+                .await
+            {
+                Ok(Ok(0)) => {
+                    return Err(upstream_failure(
+                        stage,
+                        "server disconnected unexpectedly".into(),
+                    ))
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(upstream_failure(stage, format!("read failed: {e}"))),
+                Err(_) => {
+                    return Err(upstream_failure(
+                        stage,
+                        "network operation timed out".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Sends a command of our own and reads its whole reply.
+    pub async fn command(&mut self, line: &[u8], stage: UpstreamStage) -> Result<Reply, Fatal> {
+        self.send_upstream(line, stage).await?;
+        self.read_reply(stage).await
+    }
+
+    /// Sends a NOOP when the upstream has been quiet for KeepAlives seconds.
+    pub async fn keepalive_if_due(&mut self) -> Result<(), Fatal> {
+        if let Some(interval) = self.settings.keep_alives {
+            if self.upstream_active.elapsed() >= interval {
+                self.command(b"NOOP\r\n", UpstreamStage::Data).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// When the next keepalive is due, if KeepAlives is on.
+    pub fn next_keepalive(&self) -> Option<Instant> {
+        self.settings
+            .keep_alives
+            .map(|interval| self.upstream_active + interval)
+    }
+
+    /// Reads more client bytes into the buffer; waits at most TimeOut, sending keepalives
+    /// upstream meanwhile. Returns the number of bytes read (0 = the client closed).
+    pub async fn read_client(&mut self) -> Result<usize, Fatal> {
+        let deadline = Instant::now() + self.settings.timeout;
+        loop {
+            self.client_buf.reserve(READ_BUFFER);
+            let wake = match self.next_keepalive() {
+                Some(at) if at < deadline => at,
+                _ => deadline,
+            };
+            match tokio::time::timeout_at(wake, self.client.read_buf(&mut self.client_buf)).await {
+                Ok(Ok(n)) => return Ok(n),
+                Ok(Err(_)) => return Err(Fatal::ClientGone),
+                Err(_) if wake >= deadline => return Err(Fatal::ClientTimeout),
+                Err(_) => self.keepalive_if_due().await?,
+            }
+        }
+    }
+}
+
+pub fn upstream_failure(stage: UpstreamStage, reason: String) -> Fatal {
+    crate::metrics::global().upstream_error(stage);
+    Fatal::Upstream(reason)
+}
+
+/// Everything a connection needs from the server.
+pub struct Shared {
+    pub settings: watch::Receiver<Arc<Settings>>,
+    /// Set when draining starts: idle sessions are closed with 421.
+    pub shutdown: watch::Receiver<bool>,
+    /// Set at the drain deadline: every session is ended with 421.
+    pub hard_stop: watch::Receiver<bool>,
+}
+
+/// Serves one accepted client until it leaves.
+pub async fn serve(mut client: Stream, info: ClientInfo, id: ConnectionId, mut shared: Shared) {
+    let settings = shared.settings.borrow().clone();
+    let peer = info
+        .peer
+        .map(|p| p.ip().to_string())
+        .unwrap_or_else(|| "unix".into());
+    tracing::info!("{id}: accepted connection from: {peer}");
+
+    let upstream = match upstream::connect(&settings, &info, settings.timeout).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!("{id}: SERVER: couldn't connect to upstream: {e}");
+            crate::metrics::global().upstream_error(UpstreamStage::Connect);
+            observe::replies_sent(REPLY_UPSTREAM_UNAVAILABLE);
+            let _ = tokio::time::timeout(
+                settings.timeout,
+                client.write_all(REPLY_UPSTREAM_UNAVAILABLE),
+            )
+            .await;
+            let _ = client.shutdown().await;
+            return;
+        }
+    };
+    tracing::debug!("{id}: SERVER connected to: {}", upstream.server);
+
+    let mut conn = Conn {
+        id,
+        settings,
+        info,
+        client,
+        client_buf: BytesMut::with_capacity(READ_BUFFER),
+        client_eof: false,
+        upstream: upstream.stream,
+        server: upstream.server,
+        upstream_buf: BytesMut::with_capacity(READ_BUFFER),
+        upstream_lines: LineReader::new(REPLY_LINE_LIMIT),
+        assembler: ReplyAssembler::default(),
+        upstream_active: Instant::now(),
+    };
+    let mut hard_stop = shared.hard_stop.clone();
+    let result = tokio::select! {
+        result = relay(&mut conn, &mut shared) => result,
+        _ = hard_stop.wait_for(|stop| *stop) => Err(Fatal::Shutdown),
+    };
+    match result {
+        Ok(()) | Err(Fatal::ClientGone) => {}
+        Err(Fatal::ClientTimeout) => {
+            tracing::error!("{id}: network operation timed out");
+            let _ = conn.send_client(REPLY_TIMEOUT).await;
+        }
+        Err(Fatal::Upstream(reason)) => {
+            tracing::error!("{id}: {reason}");
+            let _ = conn.send_client(REPLY_UPSTREAM_LOST).await;
+        }
+        Err(Fatal::Shutdown) => {
+            let _ = conn.send_client(REPLY_SHUTTING_DOWN).await;
+        }
+    }
+    let _ = conn.client.shutdown().await;
+    let _ = conn.upstream.shutdown().await;
+}
+
+fn policy(settings: &Settings, info: &ClientInfo) -> Policy {
+    Policy {
+        filter_type: settings.filter_type,
+        filter_reject_reply: format_reply(&settings.filter_reject).into_bytes(),
+        skip_authenticated: settings.skip_authenticated,
+        xclient: settings.xclient,
+        client_ip: info.peer.map(|p| p.ip()),
+    }
+}
+
+/// The command phase: relays until either side leaves.
+async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
+    let mut session = Session::new(policy(&conn.settings, &conn.info));
+    let mut client_lines = LineReader::new(COMMAND_LINE_LIMIT);
+    let mut draining = *shared.shutdown.borrow();
+    loop {
+        // Feed every complete client line the session can take now.
+        while session.accepts_client_input() {
+            let framed = match client_lines.next(&mut conn.client_buf) {
+                Some(f) => Some(f),
+                None if conn.client_eof => client_lines.take_partial(&mut conn.client_buf),
+                None => None,
+            };
+            match framed {
+                Some(Framed::Line(line)) => {
+                    trace_line(conn.id, "CLIENT <", &line);
+                    session.client_line(line);
+                }
+                Some(Framed::TooLong) => session.client_line_too_long(),
+                None => break,
+            }
+            perform(conn, &mut session, &shared.settings).await?;
+        }
+        // Replies already buffered are handled before waiting for more input.
+        match conn.buffered_reply() {
+            Ok(Some(reply)) => {
+                session.upstream_reply(reply);
+                perform(conn, &mut session, &shared.settings).await?;
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => return Err(upstream_failure(UpstreamStage::Command, e)),
+        }
+        if conn.client_eof && !session.awaiting_upstream() {
+            return Ok(());
+        }
+        if draining && session.is_idle() {
+            return Err(Fatal::Shutdown);
+        }
+
+        let want_client = session.accepts_client_input() && !conn.client_eof;
+        conn.client_buf.reserve(READ_BUFFER);
+        conn.upstream_buf.reserve(READ_BUFFER);
+        tokio::select! {
+            read = conn.client.read_buf(&mut conn.client_buf), if want_client => {
+                match read {
+                    Ok(0) | Err(_) => conn.client_eof = true,
+                    Ok(_) => {}
+                }
+            }
+            read = conn.upstream.read_buf(&mut conn.upstream_buf) => {
+                match read {
+                    Ok(0) | Err(_) => {
+                        // Whatever the upstream said last has been relayed; a client still
+                        // waiting for an answer gets a 421 rather than a silent close.
+                        if session.awaiting_upstream() {
+                            return Err(upstream_failure(UpstreamStage::Command, "server disconnected unexpectedly".into()));
+                        }
+                        return Ok(());
+                    }
+                    Ok(_) => {}
+                }
+            }
+            _ = tokio::time::sleep(conn.settings.timeout) => {
+                if session.awaiting_upstream() {
+                    return Err(upstream_failure(UpstreamStage::Command, "network operation timed out".into()));
+                }
+                return Err(Fatal::ClientTimeout);
+            }
+            changed = shared.shutdown.changed(), if !draining => {
+                draining = changed.is_err() || *shared.shutdown.borrow();
+            }
+        }
+    }
+}
+
+/// Carries out the session's actions in order.
+async fn perform(
+    conn: &mut Conn,
+    session: &mut Session,
+    settings: &watch::Receiver<Arc<Settings>>,
+) -> Result<(), Fatal> {
+    loop {
+        let actions = session.take_actions();
+        if actions.is_empty() {
+            return Ok(());
+        }
+        for action in actions {
+            match action {
+                Action::ToUpstream(bytes) => {
+                    trace_line(conn.id, "SERVER >", &bytes);
+                    conn.send_upstream(&bytes, UpstreamStage::Command).await?;
+                }
+                Action::ToClient(bytes) => {
+                    trace_line(conn.id, "CLIENT >", &bytes);
+                    conn.send_client(&bytes).await?;
+                }
+                Action::PolicyReject => observe::policy_reject(conn, session.envelope()),
+                Action::BeginData(mode) => {
+                    // A reloaded configuration applies from the next message on.
+                    conn.settings = settings.borrow().clone();
+                    let result = transaction::run(conn, session.envelope(), mode).await;
+                    session.transaction_done();
+                    result?;
+                }
+            }
+        }
+    }
+}
+
+/// The original's debug trace of every relayed line, cut at 79 characters.
+fn trace_line(id: ConnectionId, direction: &str, bytes: &Bytes) {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        for line in bytes.split_inclusive(|&b| b == b'\n') {
+            let text = String::from_utf8_lossy(crate::smtp::line::trim_line_end(line));
+            let cut: String = text.chars().take(79).collect();
+            tracing::debug!("{id}: {direction} {cut}");
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! What the proxy tells operators about each connection and message: the original's
+//! per-message log line, metrics and span fields, from one place.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::connection::Conn;
+use crate::metrics::{self, MessageVerdict};
+use crate::session::Envelope;
+use crate::smtp::reply::{reply_code, Reply};
+use crate::telemetry;
+
+/// Connection ids as the original shows them: six hex digits from 100000 up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionId(u32);
+
+impl ConnectionId {
+    pub fn value(self) -> u64 {
+        u64::from(self.0)
+    }
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0x100000);
+
+impl ConnectionId {
+    pub fn next() -> Self {
+        ConnectionId(NEXT_ID.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:06X}", self.0)
+    }
+}
+
+/// How a message ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub verdict: MessageVerdict,
+    /// The `status=` item; `None` when no filter is configured (the original logs none).
+    pub status: Option<String>,
+    pub size: u64,
+    pub started: Instant,
+    pub filter_time: Option<Duration>,
+    pub upstream_code: Option<u16>,
+}
+
+impl Outcome {
+    pub fn new(verdict: MessageVerdict, status: String, size: u64, started: Instant) -> Self {
+        Outcome {
+            verdict,
+            status: Some(status),
+            size,
+            started,
+            filter_time: None,
+            upstream_code: None,
+        }
+    }
+
+    pub fn local_error(size: u64, started: Instant) -> Self {
+        Outcome::new(
+            MessageVerdict::LocalError,
+            "FILTER-ERROR".into(),
+            size,
+            started,
+        )
+    }
+
+    /// The upstream's final answer decides the verdict.
+    pub fn from_reply(reply: &Reply, size: u64, started: Instant) -> Self {
+        let verdict = match reply.code / 100 {
+            2 => MessageVerdict::Accepted,
+            4 => MessageVerdict::TempFailed,
+            _ => MessageVerdict::Rejected,
+        };
+        let mut outcome = Outcome::new(verdict, "FILTERED".into(), size, started);
+        outcome.upstream_code = Some(reply.code);
+        outcome
+    }
+
+    pub fn with_filter(mut self, time: Duration) -> Self {
+        self.filter_time = Some(time);
+        self
+    }
+
+    pub fn filtered(self, time: Duration) -> Self {
+        self.with_filter(time)
+    }
+
+    pub fn unfiltered(mut self) -> Self {
+        self.status = None;
+        self
+    }
+
+    pub fn skipped(mut self) -> Self {
+        self.status = Some("SKIPPED".into());
+        self
+    }
+}
+
+fn summary(conn: &Conn, envelope: &Envelope, status: Option<&str>) -> String {
+    let mut line = String::with_capacity(128);
+    if let Some(peer) = conn.info.peer {
+        line.push_str(&format!("client={}", peer.ip()));
+    } else {
+        line.push_str("client=");
+    }
+    if let Some(sender) = &envelope.sender {
+        line.push_str(&format!(", from={sender}"));
+    }
+    for rcpt in &envelope.recipients {
+        line.push_str(&format!(", to={rcpt}"));
+    }
+    if let Some(status) = status {
+        line.push_str(&format!(", status={status}"));
+    }
+    line
+}
+
+/// Logs the per-message line and records the message in metrics and its span.
+pub fn message(conn: &Conn, envelope: &Envelope, outcome: Outcome) {
+    let elapsed = outcome.started.elapsed();
+    let verdict = outcome.verdict.as_str();
+    telemetry::record_message(
+        &tracing::Span::current(),
+        &telemetry::MessageOutcome {
+            verdict: outcome.verdict,
+            size_bytes: outcome.size,
+            recipients: envelope.recipients.len(),
+            filter_duration: outcome.filter_time,
+            upstream_reply_code: outcome.upstream_code,
+        },
+    );
+    tracing::info!(
+        target: "proxsmtpd::message",
+        verdict,
+        size = outcome.size,
+        recipients = envelope.recipients.len(),
+        duration_ms = elapsed.as_millis() as u64,
+        filter_ms = outcome.filter_time.map(|t| t.as_millis() as u64),
+        upstream_code = outcome.upstream_code,
+        "{}: {}",
+        conn.id,
+        summary(conn, envelope, outcome.status.as_deref())
+    );
+    metrics::global().message(outcome.verdict, outcome.size);
+}
+
+/// FilterType reject refused a DATA.
+pub fn policy_reject(conn: &Conn, envelope: &Envelope) {
+    tracing::info!(
+        target: "proxsmtpd::message",
+        verdict = "rejected",
+        "{}: {}",
+        conn.id,
+        summary(conn, envelope, Some("REJECTED"))
+    );
+    metrics::global().message(MessageVerdict::Rejected, 0);
+}
+
+/// Counts every final reply line written to a client by its class.
+pub fn replies_sent(bytes: &[u8]) {
+    for line in bytes.split_inclusive(|&b| b == b'\n') {
+        if line.get(3) != Some(&b'-') {
+            if let Some(code) = reply_code(line) {
+                metrics::global().reply_sent(code);
+            }
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The SMTP listener: accepting clients within MaxConnections, and draining on shutdown.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpSocket, UnixListener};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::connection::{self, Shared};
+use super::io::Stream;
+use super::observe::ConnectionId;
+use super::upstream::ClientInfo;
+use crate::config::{ListenAddress, Settings, Transparent};
+use crate::sockopt;
+
+pub const REPLY_BUSY: &[u8] = b"421 Server busy, too many connections\r\n";
+
+/// The original listened with a backlog of 5, which refused bursts of clients.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// How long sessions get after the drain deadline to say 421 and close.
+const HARD_STOP_GRACE: Duration = Duration::from_secs(5);
+
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Binds the SMTP listener. Must run inside the tokio runtime.
+    pub fn bind(address: &ListenAddress, transparent: Transparent) -> io::Result<Listener> {
+        match address {
+            ListenAddress::Tcp(addr) => {
+                let socket = if addr.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                socket.set_reuseaddr(true)?;
+                if transparent == Transparent::Full {
+                    sockopt::set_ip_transparent(&socket)?;
+                }
+                socket.bind(*addr)?;
+                Ok(Listener::Tcp(socket.listen(LISTEN_BACKLOG)?))
+            }
+            ListenAddress::Unix(path) => {
+                // A socket file left by an earlier run would make bind fail.
+                let _ = std::fs::remove_file(path);
+                Ok(Listener::Unix(UnixListener::bind(path)?))
+            }
+        }
+    }
+
+    pub fn local_description(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(_) => "unix socket".into(),
+        }
+    }
+
+    async fn accept(&self, transparent: Transparent) -> io::Result<(Stream, ClientInfo)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                let local = stream.local_addr().ok();
+                let original_destination = match transparent {
+                    Transparent::Off => None,
+                    // With TPROXY there is no NAT entry: the local address is the
+                    // destination the client asked for.
+                    Transparent::Client => sockopt::original_destination(&stream).ok(),
+                    Transparent::Full => sockopt::original_destination(&stream).ok().or(local),
+                };
+                let info = ClientInfo {
+                    peer: Some(peer),
+                    local,
+                    original_destination,
+                };
+                Ok((Stream::Tcp(stream), info))
+            }
+            Listener::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                Ok((Stream::Unix(stream), ClientInfo::default()))
+            }
+        }
+    }
+}
+
+/// Accepts and serves clients until `shutdown` completes, then drains: idle sessions are
+/// closed at once with 421, sessions in a transaction may finish within DrainTimeout.
+pub async fn run(
+    listener: Listener,
+    settings: watch::Receiver<Arc<Settings>>,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let initial = settings.borrow().clone();
+    let slots = Arc::new(Semaphore::new(initial.max_connections));
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut sessions = JoinSet::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        // Finished sessions are collected as we go so the set stays small.
+        while sessions.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            accepted = listener.accept(initial.transparent) => accepted,
+            _ = &mut shutdown => break,
+        };
+        let (mut stream, info) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Typically out of file descriptors: wait rather than spin.
+                tracing::error!("couldn't accept connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::error!(
+                "too many connections open (max {}). sent busy response",
+                initial.max_connections
+            );
+            crate::metrics::global().connection_refused();
+            let timeout = initial.timeout;
+            sessions.spawn(async move {
+                let _ = tokio::time::timeout(timeout, stream.write_all(REPLY_BUSY)).await;
+                let _ = stream.shutdown().await;
+            });
+            continue;
+        };
+        let shared = Shared {
+            settings: settings.clone(),
+            shutdown: drain_rx.clone(),
+            hard_stop: stop_rx.clone(),
+        };
+        let id = ConnectionId::next();
+        let client_ip = info
+            .peer
+            .map(|p| p.ip())
+            .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+        let span = crate::telemetry::connection_span(id.value(), client_ip);
+        sessions.spawn(
+            async move {
+                let metrics = crate::metrics::global();
+                metrics.connection_opened();
+                connection::serve(stream, info, id, shared).await;
+                metrics.connection_closed();
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    drop(listener);
+    let _ = drain_tx.send(true);
+    let drained = tokio::time::timeout(drain_timeout, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "drain timeout: closing {} remaining sessions",
+            sessions.len()
+        );
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(HARD_STOP_GRACE, async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await;
+        sessions.shutdown().await;
+    }
+}

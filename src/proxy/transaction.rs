@@ -1,0 +1,425 @@
+//! One message: receive the body, run the filter, deliver or answer.
+//!
+//! The client gets 354 at once and its body is spooled (unstuffed, CRLF-normalised) to
+//! TempDirectory. The upstream sees DATA only after the filter accepted the message, so a
+//! reject or a failure is answered without anything reaching the upstream but an RSET.
+//! Whatever goes wrong locally, the rest of the body is read to its end before the client
+//! gets its answer: body lines are never taken as commands.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Buf;
+
+use super::connection::{Conn, Fatal};
+use super::observe::{self, Outcome};
+use crate::config::FilterType;
+use crate::filter::header::{self, HeaderContext};
+use crate::filter::run::{self as filter_run, FilterJob, Mode};
+use crate::filter::verdict::{self, ReplyKind, Verdict};
+use crate::metrics::{MessageVerdict, UpstreamStage};
+use crate::session::{DataMode, Envelope};
+use crate::smtp::data::DataReceiver;
+use crate::smtp::encode::{HeaderPlacement, WireEncoder};
+
+pub const REPLY_START_INPUT: &[u8] = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n";
+pub const REPLY_LOCAL_ERROR: &[u8] = b"451 Local Error\r\n";
+
+/// How much encoded data is gathered before a write upstream.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// Runs one message transaction inside its own `smtp.message` span.
+pub async fn run(conn: &mut Conn, envelope: &Envelope, mode: DataMode) -> Result<(), Fatal> {
+    use tracing::Instrument;
+    let span = crate::telemetry::message_span();
+    match mode {
+        DataMode::Passthrough => passthrough(conn, envelope).instrument(span).await,
+        DataMode::Filter => filtered(conn, envelope).instrument(span).await,
+    }
+}
+
+/// Receives the body into `sink`, reading the client until its terminating dot.
+/// Returns the content size. A failing sink does not stop the reading.
+async fn receive_body(
+    conn: &mut Conn,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<(u64, Option<std::io::Error>), Fatal> {
+    let mut receiver = DataReceiver::new();
+    let mut content = Vec::with_capacity(64 * 1024);
+    let mut sink_error = None;
+    loop {
+        let feed = receiver.feed(&conn.client_buf, &mut content);
+        conn.client_buf.advance(feed.consumed);
+        if !content.is_empty() && sink_error.is_none() {
+            if let Err(e) = sink(&content) {
+                sink_error = Some(e);
+            }
+        }
+        content.clear();
+        if feed.done {
+            if receiver.irregular_line_endings() > 0 {
+                tracing::info!(
+                    "{}: normalised {} bare CR/LF line ends in the message",
+                    conn.id,
+                    receiver.irregular_line_endings()
+                );
+            }
+            return Ok((receiver.content_bytes(), sink_error));
+        }
+        if conn.client_eof || conn.read_client().await? == 0 {
+            conn.client_eof = true;
+            tracing::error!("{}: unexpected end of data from client", conn.id);
+            return Err(Fatal::ClientGone);
+        }
+    }
+}
+
+async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
+    conn.send_client(REPLY_START_INPUT).await?;
+    let settings = conn.settings.clone();
+    let started = Instant::now();
+
+    let mut spool = tempfile::Builder::new()
+        .prefix("proxsmtpd.")
+        .tempfile_in(&settings.temp_directory);
+    let received = match spool.as_mut() {
+        Ok(file) => receive_body(conn, |chunk| file.write_all(chunk)).await,
+        Err(_) => receive_body(conn, |_| Ok(())).await,
+    };
+    let (size, write_error) = match received {
+        Ok(r) => r,
+        Err(fatal) => {
+            // The client left mid-body: the upstream never saw DATA, so RSET is enough.
+            let _ = conn.command(b"RSET\r\n", UpstreamStage::Command).await;
+            observe::message(conn, envelope, Outcome::local_error(0, started));
+            return Err(fatal);
+        }
+    };
+    let spool = match (spool, write_error) {
+        (Ok(file), None) => file,
+        (Err(e), _) | (_, Some(e)) => {
+            tracing::error!("{}: couldn't write cache file: {e}", conn.id);
+            return local_error(conn, envelope, size, started, None).await;
+        }
+    };
+
+    let Some(command) = settings.filter_command.clone() else {
+        tracing::warn!(
+            "{}: no filter command specified. passing message through",
+            conn.id
+        );
+        let outcome = deliver(conn, spool.path(), size, started).await?;
+        observe::message(conn, envelope, outcome.unfiltered());
+        return Ok(());
+    };
+
+    let (mode, output) = match settings.filter_type {
+        FilterType::File => (Mode::File, None),
+        _ => match tempfile::Builder::new()
+            .prefix("proxsmtpd.")
+            .tempfile_in(&settings.temp_directory)
+        {
+            Ok(out) => (Mode::Pipe, Some(out)),
+            Err(e) => {
+                tracing::error!("{}: couldn't open cache file: {e}", conn.id);
+                return local_error(conn, envelope, size, started, None).await;
+            }
+        },
+    };
+    let mut env = filter_environment(conn, envelope, &settings.temp_directory);
+    if mode == Mode::File {
+        env.push(("EMAIL".into(), spool.path().display().to_string()));
+    }
+    let stdout = match output.as_ref().map(|o| o.reopen()).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!("{}: couldn't open cache file: {e}", conn.id);
+            return local_error(conn, envelope, size, started, None).await;
+        }
+    };
+    let job = FilterJob {
+        command: &command,
+        mode,
+        timeout: settings.filter_timeout,
+        input: spool.path(),
+        output: stdout,
+        env,
+    };
+    let filter_started = Instant::now();
+    let result = {
+        let filter = filter_run::run(job);
+        tokio::pin!(filter);
+        // KeepAlives continue while the filter runs: the upstream has not seen DATA yet,
+        // so a NOOP is safe and keeps a slow filter from costing the upstream connection.
+        loop {
+            let wake = conn.next_keepalive();
+            tokio::select! {
+                outcome = &mut filter => break outcome,
+                _ = sleep_until_opt(wake) => conn.keepalive_if_due().await?,
+            }
+        }
+    };
+    let filter_time = filter_started.elapsed();
+    crate::metrics::global().filter_finished(filter_time);
+    match &result.exit {
+        verdict::Exit::TimedOut => crate::metrics::global().filter_timeout(),
+        verdict::Exit::SpawnFailed(e) => {
+            tracing::error!("{}: couldn't run filter command: {e}", conn.id);
+            crate::metrics::global().filter_spawn_failure();
+        }
+        verdict::Exit::Signal(sig) => {
+            tracing::error!(
+                "{}: filter command terminated abnormally (signal {sig})",
+                conn.id
+            )
+        }
+        verdict::Exit::Code(_) => {}
+    }
+
+    match verdict::decide(&result.exit, result.stderr_last.as_deref()) {
+        Verdict::Deliver => {
+            let path = match &output {
+                Some(out) => out.path(),
+                None => spool.path(),
+            };
+            let outcome = deliver(conn, path, size, started).await?;
+            observe::message(conn, envelope, outcome.filtered(filter_time));
+            Ok(())
+        }
+        Verdict::Reply { reply, kind } => {
+            conn.send_client(reply.as_bytes()).await?;
+            let verdict = match kind {
+                ReplyKind::Drop => MessageVerdict::Dropped,
+                ReplyKind::TempFail => MessageVerdict::TempFailed,
+                ReplyKind::Reject => MessageVerdict::Rejected,
+            };
+            let status = reply.trim_end().to_string();
+            let status = result.stderr_last.clone().unwrap_or(status);
+            observe::message(
+                conn,
+                envelope,
+                Outcome::new(verdict, status, size, started).with_filter(filter_time),
+            );
+            conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
+            Ok(())
+        }
+        Verdict::LocalError { reason } => {
+            tracing::error!("{}: {reason}", conn.id);
+            local_error(conn, envelope, size, started, Some(filter_time)).await
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `451 Local Error` to the client and RSET upstream.
+async fn local_error(
+    conn: &mut Conn,
+    envelope: &Envelope,
+    size: u64,
+    started: Instant,
+    filter_time: Option<Duration>,
+) -> Result<(), Fatal> {
+    conn.send_client(REPLY_LOCAL_ERROR).await?;
+    let mut outcome = Outcome::local_error(size, started);
+    if let Some(t) = filter_time {
+        outcome = outcome.with_filter(t);
+    }
+    observe::message(conn, envelope, outcome);
+    conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
+    Ok(())
+}
+
+/// The filter's environment, as the original sets it.
+fn filter_environment(conn: &Conn, envelope: &Envelope, tmpdir: &Path) -> Vec<(String, String)> {
+    let mut env = Vec::with_capacity(8);
+    if let Some(sender) = &envelope.sender {
+        env.push(("SENDER".into(), sender.clone()));
+    }
+    if !envelope.recipients.is_empty() {
+        env.push(("RECIPIENTS".into(), envelope.recipients.join("\n")));
+    }
+    let client = conn
+        .info
+        .peer
+        .map(|p| p.ip().to_string())
+        .unwrap_or_default();
+    env.push(("CLIENT".into(), client));
+    env.push(("SERVER".into(), conn.server.clone()));
+    if let Some(remote) = &envelope.remote {
+        env.push(("REMOTE".into(), remote.clone()));
+    }
+    if let Some(helo) = &envelope.remote_helo {
+        env.push(("REMOTE_HELO".into(), helo.clone()));
+    }
+    env.push(("TMPDIR".into(), tmpdir.display().to_string()));
+    env
+}
+
+/// The Header setting expanded now (so `%d` is the delivery time) and placed.
+fn header_placement(conn: &Conn) -> HeaderPlacement {
+    let Some(template) = conn.settings.header.as_deref() else {
+        return HeaderPlacement::None;
+    };
+    let client_ip = conn
+        .info
+        .peer
+        .map(|p| p.ip().to_string())
+        .unwrap_or_default();
+    let local_ip = conn
+        .info
+        .local
+        .map(|p| p.ip().to_string())
+        .unwrap_or_default();
+    let now = jiff::Zoned::now();
+    let ctx = HeaderContext {
+        client_ip: &client_ip,
+        local_ip: &local_ip,
+        now: &now,
+    };
+    let (expanded, warnings) = header::expand(template, &ctx);
+    for w in warnings {
+        tracing::warn!("{}: {w}", conn.id);
+    }
+    if expanded.is_empty() {
+        HeaderPlacement::None
+    } else if header::is_received(&expanded) {
+        HeaderPlacement::Prepend(expanded.into_bytes())
+    } else {
+        HeaderPlacement::EndOfHeaders(expanded.into_bytes())
+    }
+}
+
+/// Sends the message in `path` upstream: DATA, the encoded content, the final reply
+/// relayed to the client.
+async fn deliver(
+    conn: &mut Conn,
+    path: &Path,
+    size: u64,
+    started: Instant,
+) -> Result<Outcome, Fatal> {
+    // Opened before DATA: once the upstream said 354 there is no clean way back.
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!("{}: couldn't open cache file: {e}", conn.id);
+            conn.send_client(REPLY_LOCAL_ERROR).await?;
+            conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
+            return Ok(Outcome::local_error(size, started));
+        }
+    };
+    let reply = conn.command(b"DATA\r\n", UpstreamStage::Data).await?;
+    if reply.code != 354 {
+        tracing::debug!("{}: server refused data transfer", conn.id);
+        conn.send_client(&reply.raw()).await?;
+        return Ok(Outcome::from_reply(&reply, size, started));
+    }
+    let mut encoder = WireEncoder::new(header_placement(conn));
+    let mut buf = vec![0u8; WRITE_CHUNK];
+    let mut out = Vec::with_capacity(WRITE_CHUNK * 2);
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                // Part of the message is upstream without its terminator: only closing
+                // the connection keeps it from being delivered half.
+                tracing::error!("{}: couldn't read cache file: {e}", conn.id);
+                let _ = conn.send_client(REPLY_LOCAL_ERROR).await;
+                return Err(Fatal::Upstream("delivery aborted".into()));
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        encoder.encode(&buf[..n], &mut out);
+        if out.len() >= WRITE_CHUNK {
+            if let Err(e) = conn.send_upstream(&out, UpstreamStage::Data).await {
+                let _ = conn.send_client(REPLY_LOCAL_ERROR).await;
+                return Err(e);
+            }
+            out.clear();
+        }
+    }
+    encoder.finish(&mut out);
+    if let Err(e) = conn.send_upstream(&out, UpstreamStage::Data).await {
+        let _ = conn.send_client(REPLY_LOCAL_ERROR).await;
+        return Err(e);
+    }
+    match conn.read_reply(UpstreamStage::Final).await {
+        Ok(reply) => {
+            conn.send_client(&reply.raw()).await?;
+            Ok(Outcome::from_reply(&reply, size, started))
+        }
+        Err(e) => {
+            // The upstream's answer is unknown: a temporary failure lets the client retry.
+            let _ = conn.send_client(REPLY_LOCAL_ERROR).await;
+            Err(e)
+        }
+    }
+}
+
+/// `Skip: authenticated`: the body goes straight upstream, re-encoded so that nothing but
+/// the client's own terminator can end it.
+async fn passthrough(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
+    let started = Instant::now();
+    let reply = conn.command(b"DATA\r\n", UpstreamStage::Data).await?;
+    conn.send_client(&reply.raw()).await?;
+    if reply.code != 354 {
+        tracing::debug!("{}: server refused data transfer", conn.id);
+        return Ok(());
+    }
+    let mut receiver = DataReceiver::new();
+    let mut encoder = WireEncoder::new(HeaderPlacement::None);
+    let mut content = Vec::with_capacity(WRITE_CHUNK);
+    let mut out = Vec::with_capacity(WRITE_CHUNK * 2);
+    loop {
+        let feed = receiver.feed(&conn.client_buf, &mut content);
+        conn.client_buf.advance(feed.consumed);
+        encoder.encode(&content, &mut out);
+        content.clear();
+        if feed.done {
+            break;
+        }
+        if out.len() >= WRITE_CHUNK || conn.client_buf.is_empty() {
+            conn.send_upstream(&out, UpstreamStage::Data).await?;
+            out.clear();
+        }
+        // No keepalives here: a NOOP would become part of the message.
+        let deadline = conn.settings.timeout;
+        match tokio::time::timeout(deadline, read_more(conn)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => return Err(Fatal::ClientGone),
+            Err(_) => return Err(Fatal::ClientTimeout),
+        }
+    }
+    encoder.finish(&mut out);
+    conn.send_upstream(&out, UpstreamStage::Data).await?;
+    let size = receiver.content_bytes();
+    match conn.read_reply(UpstreamStage::Final).await {
+        Ok(reply) => {
+            conn.send_client(&reply.raw()).await?;
+            observe::message(
+                conn,
+                envelope,
+                Outcome::from_reply(&reply, size, started).skipped(),
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let _ = conn.send_client(REPLY_LOCAL_ERROR).await;
+            Err(e)
+        }
+    }
+}
+
+async fn read_more(conn: &mut Conn) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    conn.client_buf.reserve(WRITE_CHUNK);
+    conn.client.read_buf(&mut conn.client_buf).await
+}

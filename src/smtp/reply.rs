@@ -1,0 +1,129 @@
+//! Assembling upstream reply lines into complete (possibly multi-line) replies.
+
+use bytes::Bytes;
+
+/// One complete SMTP reply as the upstream sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The three-digit code of the last line; 0 when the line has no valid code.
+    pub code: u16,
+    /// The raw lines, each with its line end.
+    pub lines: Vec<Bytes>,
+}
+
+impl Reply {
+    pub fn is_positive(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+
+    pub fn raw(&self) -> Vec<u8> {
+        self.lines.concat()
+    }
+
+    /// A reply we make up ourselves, e.g. `Reply::local("451 Local Error")`.
+    pub fn local(text: &str) -> Reply {
+        let code = reply_code(text.as_bytes()).unwrap_or(0);
+        Reply {
+            code,
+            lines: vec![Bytes::from(format!("{text}\r\n"))],
+        }
+    }
+
+    /// The text of the first line without code and line end, for logs.
+    pub fn first_line_text(&self) -> String {
+        let line = self.lines.first().map(|l| &l[..]).unwrap_or(b"");
+        let line = crate::smtp::line::trim_line_end(line);
+        String::from_utf8_lossy(line).into_owned()
+    }
+}
+
+/// The code at the start of a reply line, if it has three digits.
+pub fn reply_code(line: &[u8]) -> Option<u16> {
+    match line {
+        [a, b, c, ..] if a.is_ascii_digit() && b.is_ascii_digit() && c.is_ascii_digit() => {
+            Some(u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0'))
+        }
+        _ => None,
+    }
+}
+
+/// Whether a line continues a multi-line reply (`250-...`).
+fn is_continuation(line: &[u8]) -> bool {
+    reply_code(line).is_some() && line.get(3) == Some(&b'-')
+}
+
+/// The most lines one reply may have; an upstream sending more is broken or hostile.
+pub const MAX_REPLY_LINES: usize = 1000;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReplyError {
+    TooManyLines,
+}
+
+/// Collects lines until a reply is complete. A line without a valid code ends a reply
+/// (code 0) so that a broken upstream cannot make the proxy wait forever.
+#[derive(Debug, Default)]
+pub struct ReplyAssembler {
+    lines: Vec<Bytes>,
+}
+
+impl ReplyAssembler {
+    pub fn push(&mut self, line: Bytes) -> Result<Option<Reply>, ReplyError> {
+        let more = is_continuation(&line);
+        let code = reply_code(&line).unwrap_or(0);
+        self.lines.push(line);
+        if more {
+            if self.lines.len() >= MAX_REPLY_LINES {
+                return Err(ReplyError::TooManyLines);
+            }
+            return Ok(None);
+        }
+        Ok(Some(Reply {
+            code,
+            lines: std::mem::take(&mut self.lines),
+        }))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assemble(lines: &[&'static [u8]]) -> Vec<Reply> {
+        let mut a = ReplyAssembler::default();
+        lines
+            .iter()
+            .filter_map(|l| a.push(Bytes::from_static(l)).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn single_and_multi_line_replies() {
+        let r = assemble(&[b"250-a\r\n", b"250-b\r\n", b"250 c\r\n", b"354 go\r\n"]);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].code, 250);
+        assert_eq!(r[0].lines.len(), 3);
+        assert_eq!(r[1].code, 354);
+    }
+
+    #[test]
+    fn bare_code_and_garbage_end_a_reply() {
+        let r = assemble(&[b"250\r\n", b"garbage\n", b"25\n"]);
+        let codes: Vec<u16> = r.iter().map(|r| r.code).collect();
+        assert_eq!(codes, vec![250, 0, 0]);
+    }
+
+    #[test]
+    fn too_many_lines_is_an_error() {
+        let mut a = ReplyAssembler::default();
+        let mut result = Ok(None);
+        for _ in 0..MAX_REPLY_LINES {
+            result = a.push(Bytes::from_static(b"250-x\r\n"));
+        }
+        assert_eq!(result, Err(ReplyError::TooManyLines));
+    }
+}
