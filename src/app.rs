@@ -7,16 +7,17 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::admin::{self, Health};
 use crate::cli::RunArgs;
-use crate::config::{self, ConfigError, LoadOptions, Settings};
+use crate::config::{self, ConfigError, LoadOptions, OutAddress, Settings};
 use crate::logging::{self, LogTarget};
 use crate::proxy::server::{self, Listener};
-use crate::{daemon, privileges, telemetry};
+use crate::{daemon, privileges, reload, telemetry};
 
 fn load(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
     let loaded = config::load(&LoadOptions {
@@ -119,7 +120,11 @@ async fn serve(
     };
     tracing::info!("listening on {}", listener.local_description());
 
-    let health = Arc::new(Health::default());
+    let mut health = Health::default();
+    if settings.readiness_check_upstream {
+        health = health.with_upstream_check(upstream_check(&settings), UPSTREAM_CHECK_TTL);
+    }
+    let health = Arc::new(health);
     let admin_listener = match settings.admin_listen {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => Some(l),
@@ -159,6 +164,7 @@ async fn serve(
     }
 
     let drain_timeout = settings.drain_timeout;
+    let reload_watch = settings.reload_watch;
     let (settings_tx, settings_rx) = watch::channel(Arc::new(settings));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
@@ -170,6 +176,10 @@ async fn serve(
 
     health.set_listener_bound();
     health.set_config_loaded();
+    let settings_tx = Arc::new(settings_tx);
+    if reload_watch {
+        tokio::spawn(watch_files(args.clone(), settings_tx.clone()));
+    }
     tokio::spawn(signals(args, settings_tx, shutdown_tx, health.clone()));
 
     let mut rx = shutdown_rx.clone();
@@ -193,7 +203,7 @@ async fn serve(
 /// SIGTERM and SIGINT drain and stop; SIGHUP reloads the configuration for new messages.
 async fn signals(
     args: RunArgs,
-    settings_tx: watch::Sender<Arc<Settings>>,
+    settings_tx: Arc<watch::Sender<Arc<Settings>>>,
     shutdown_tx: watch::Sender<bool>,
     health: Arc<Health>,
 ) {
@@ -231,6 +241,61 @@ pub fn reload(args: &RunArgs, settings_tx: &watch::Sender<Arc<Settings>>) {
             crate::metrics::global().config_reload(false);
         }
     }
+}
+
+/// Reloads when the configuration file or the filter script changes on disk (a ConfigMap
+/// update swaps a `..data` symlink under them).
+async fn watch_files(args: RunArgs, settings_tx: Arc<watch::Sender<Arc<Settings>>>) {
+    let watched = |settings: &Settings| {
+        let mut paths = vec![args.config_path.clone()];
+        if let Some(script) = settings
+            .filter_command
+            .as_deref()
+            .and_then(reload::filter_script)
+        {
+            paths.push(script);
+        }
+        paths
+    };
+    let mut watcher = reload::Watcher::new(watched(&settings_tx.borrow()));
+    loop {
+        tokio::time::sleep(reload::POLL_INTERVAL).await;
+        if watcher.changed() {
+            tracing::info!("configuration or filter changed on disk");
+            reload(&args, &settings_tx);
+            // The filter script may have moved with the new configuration.
+            watcher = reload::Watcher::new(watched(&settings_tx.borrow()));
+        }
+    }
+}
+
+/// How long a readiness answer about the upstream is reused.
+const UPSTREAM_CHECK_TTL: Duration = Duration::from_secs(10);
+
+/// ReadinessCheckUpstream: can a TCP (or unix) connection to the upstream be opened?
+fn upstream_check(settings: &Settings) -> admin::UpstreamCheck {
+    let target = settings.out_address.clone();
+    Arc::new(move || {
+        let target = target.clone();
+        Box::pin(async move {
+            match target {
+                Some(OutAddress::Ip(addr)) => tokio::net::TcpStream::connect(addr).await.is_ok(),
+                Some(OutAddress::Host { name, port }) => {
+                    tokio::net::TcpStream::connect((name.as_str(), port))
+                        .await
+                        .is_ok()
+                }
+                Some(OutAddress::ClientLoopback(port)) => {
+                    tokio::net::TcpStream::connect(("127.0.0.1", port))
+                        .await
+                        .is_ok()
+                }
+                Some(OutAddress::Unix(path)) => tokio::net::UnixStream::connect(path).await.is_ok(),
+                // Transparent mode has no single upstream to ask.
+                None => true,
+            }
+        })
+    })
 }
 
 /// A world-writable TempDirectory without the sticky bit lets other users replace spool

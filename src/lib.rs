@@ -22,6 +22,7 @@ pub mod logging;
 pub mod metrics;
 pub mod privileges;
 pub mod proxy;
+pub mod reload;
 pub mod session;
 pub mod smtp;
 pub mod sockopt;
