@@ -22,6 +22,7 @@ pub mod logging;
 pub mod metrics;
 pub mod privileges;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod session;
 pub mod smtp;

@@ -185,7 +185,13 @@ pub struct Shared {
 }
 
 /// Serves one accepted client until it leaves.
-pub async fn serve(mut client: Stream, info: ClientInfo, id: ConnectionId, mut shared: Shared) {
+pub async fn serve(
+    mut client: Stream,
+    info: ClientInfo,
+    received: BytesMut,
+    id: ConnectionId,
+    mut shared: Shared,
+) {
     let settings = shared.settings.borrow().clone();
     let peer = info
         .peer
@@ -215,7 +221,7 @@ pub async fn serve(mut client: Stream, info: ClientInfo, id: ConnectionId, mut s
         settings,
         info,
         client,
-        client_buf: BytesMut::with_capacity(READ_BUFFER),
+        client_buf: received,
         client_eof: false,
         upstream: upstream.stream,
         server: upstream.server,

@@ -2,9 +2,11 @@
 
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::{watch, Semaphore};
@@ -16,7 +18,7 @@ use super::io::Stream;
 use super::observe::ConnectionId;
 use super::upstream::ClientInfo;
 use crate::config::{ListenAddress, Settings, Transparent};
-use crate::sockopt;
+use crate::{proxy_protocol, sockopt};
 
 pub const REPLY_BUSY: &[u8] = b"421 Server busy, too many connections\r\n";
 
@@ -91,6 +93,41 @@ impl Listener {
     }
 }
 
+/// The longest wait for a PROXY protocol header from a trusted load balancer.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// With `ProxyProtocol` on, a trusted peer (a load balancer) must open with a PROXY header
+/// naming the real client, which then stands for the client everywhere: CLIENT, XCLIENT,
+/// `%i`, logs and traces. Untrusted peers are served as themselves: their word about
+/// addresses is never taken.
+async fn proxy_header(
+    settings: &Settings,
+    stream: &mut Stream,
+    mut info: ClientInfo,
+    received: &mut BytesMut,
+) -> Result<ClientInfo, proxy_protocol::ProxyError> {
+    let Some(peer) = info.peer else {
+        return Ok(info);
+    };
+    if !settings.proxy_protocol
+        || !proxy_protocol::is_trusted(peer.ip(), &settings.proxy_protocol_trusted)
+    {
+        return Ok(info);
+    }
+    let timeout = settings.timeout.min(PROXY_HEADER_TIMEOUT);
+    let header = proxy_protocol::read_header(stream, timeout, received).await?;
+    if let Some(source) = header.source {
+        info.peer = Some(SocketAddr::new(source.ip().to_canonical(), source.port()));
+    }
+    if let Some(destination) = header.destination {
+        info.local = Some(SocketAddr::new(
+            destination.ip().to_canonical(),
+            destination.port(),
+        ));
+    }
+    Ok(info)
+}
+
 /// Accepts and serves clients until `shutdown` completes, then drains: idle sessions are
 /// closed at once with 421, sessions in a transaction may finish within DrainTimeout.
 pub async fn run(
@@ -141,21 +178,31 @@ pub async fn run(
             hard_stop: stop_rx.clone(),
         };
         let id = ConnectionId::next();
-        let client_ip = info
-            .peer
-            .map(|p| p.ip())
-            .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
-        let span = crate::telemetry::connection_span(id.value(), client_ip);
-        sessions.spawn(
+        let settings = initial.clone();
+        sessions.spawn(async move {
+            let mut received = BytesMut::with_capacity(16 * 1024);
+            let info = match proxy_header(&settings, &mut stream, info, &mut received).await {
+                Ok(info) => info,
+                Err(e) => {
+                    tracing::warn!("{id}: refused connection: PROXY protocol: {e}");
+                    return;
+                }
+            };
+            let client_ip = info
+                .peer
+                .map(|p| p.ip())
+                .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+            let span = crate::telemetry::connection_span(id.value(), client_ip);
             async move {
                 let metrics = crate::metrics::global();
                 metrics.connection_opened();
-                connection::serve(stream, info, id, shared).await;
+                connection::serve(stream, info, received, id, shared).await;
                 metrics.connection_closed();
                 drop(permit);
             }
-            .instrument(span),
-        );
+            .instrument(span)
+            .await
+        });
     }
 
     drop(listener);
