@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# live-metrics.sh - a real Prometheus scrapes proxsmtpd under scripted traffic; then every
+# dashboard query and alert rule is evaluated through the Prometheus HTTP API.
+#
+# Usage: deploy/check/live-metrics.sh binary [PROXSMTPD_BINARY]   (default target/release/proxsmtpd)
+#        deploy/check/live-metrics.sh static
+#   binary  upstream smtp-sink <- proxsmtpd (AdminListen, test-filter.sh) <- smtp-source/swaks:
+#           accepted mail of three sizes, rejected, dropped and temp-failed mail, filter
+#           timeouts, upstream errors (the sink stopped for a moment), connections refused
+#           at MaxConnections, config reloads (SIGHUP, good and bad config).
+#   static  a generated exposition with the contract's metric names, growing over time,
+#           served by `python3 -m http.server` (for use before the binary has /metrics).
+# Prometheus (Debian prometheus) scrapes every second with the target labels a Kubernetes
+# ServiceMonitor gives (namespace, pod) and loads deploy/alerts/*.rules.yaml.
+# Checks: `promtool check metrics` on the exposition, then deploy/check/promql_check.py.
+# Env: DEPLOY_TOOLS_DIR (tools cache, for the venv python with PyYAML).
+set -euo pipefail
+exec </dev/null   # nothing below may wait for a terminal
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+SOURCE=${1:-binary}
+BINARY=${2:-$ROOT/target/release/proxsmtpd}
+TOOLS=${DEPLOY_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/proxsmtpd-deploy-tools}
+PY="$TOOLS/venv/bin/python"; [ -x "$PY" ] || PY=python3
+
+W=$(mktemp -d /tmp/proxsmtpd-live.XXXXXX)
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$W"
+}
+trap cleanup EXIT
+say() { printf '%s\n' "$*"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() {   # wait_http URL SECONDS: until it answers 200
+  local i
+  for ((i = 0; i < $2 * 10; i++)); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" 2>/dev/null)" = 200 ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+ADMIN=$(free_port) PROM=$(free_port) SMTP=$(free_port) SINK=$(free_port)
+
+# --- the metrics source -------------------------------------------------------------------
+start_sink() {
+  smtp-sink -u postfix "127.0.0.1:$SINK" 128 >> "$W/sink.log" 2>&1 &
+  SINK_PID=$!; PIDS+=("$SINK_PID")
+  for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$SINK") 2>/dev/null && return 0; sleep 0.1; done
+  say "FAIL smtp-sink did not start"; return 1
+}
+
+if [ "$SOURCE" = binary ]; then
+  [ -x "$BINARY" ] || { say "FAIL no proxsmtpd binary at $BINARY (cargo build --release)"; exit 1; }
+  mkdir -p "$W/spool"
+  cat > "$W/proxsmtpd.conf" <<EOF
+Listen: 127.0.0.1:$SMTP
+OutAddress: 127.0.0.1:$SINK
+AdminListen: 127.0.0.1:$ADMIN
+TempDirectory: $W/spool
+FilterCommand: $HERE/test-filter.sh
+FilterTimeout: 1
+MaxConnections: 4
+TimeOut: 10
+DrainTimeout: 5
+EOF
+  start_sink
+  # PROXSMTPD_* variables of the caller would override the config file: drop them
+  unset_args=(); for v in $(compgen -e | grep '^PROXSMTPD_' || true); do unset_args+=(-u "$v"); done
+  env "${unset_args[@]}" "$BINARY" -d 2 -f "$W/proxsmtpd.conf" > "$W/proxsmtpd.log" 2>&1 &
+  PROXY_PID=$!; PIDS+=("$PROXY_PID")
+  if ! wait_http "http://127.0.0.1:$ADMIN/readyz" 10; then
+    say "FAIL $BINARY did not answer 200 on /readyz (AdminListen 127.0.0.1:$ADMIN) within 10 s;"
+    say "     until the admin server exists, run with DEPLOY_CHECK_METRICS=static. Its log:"
+    tail -n 15 "$W/proxsmtpd.log" | sed 's/^/     /'
+    exit 1
+  fi
+  wait_http "http://127.0.0.1:$ADMIN/metrics" 5 || { say "FAIL no /metrics on the admin server"; exit 1; }
+elif [ "$SOURCE" = static ]; then
+  mkdir -p "$W/www"
+  "$PY" "$HERE/fake_exposition.py" "$W/www" 3600 0.5 &
+  PIDS+=("$!")
+  for _ in $(seq 1 50); do [ -f "$W/www/metrics" ] && break; sleep 0.1; done
+  (cd "$W/www" && exec python3 -m http.server --bind 127.0.0.1 "$ADMIN") > "$W/http.log" 2>&1 &
+  PIDS+=("$!")
+  wait_http "http://127.0.0.1:$ADMIN/metrics" 10 || { say "FAIL the static exposition is not served"; exit 1; }
+else
+  say "usage: $0 binary [BINARY] | static"; exit 2
+fi
+
+# --- Prometheus -------------------------------------------------------------------------
+mkdir -p "$W/rules"
+cp "$ROOT"/deploy/alerts/*.yaml "$W/rules/"
+cat > "$W/prometheus.yml" <<EOF
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+rule_files:
+  - $W/rules/*.yaml
+scrape_configs:
+  - job_name: proxsmtpd
+    static_configs:
+      - targets: ["127.0.0.1:$ADMIN"]
+        labels:
+          namespace: proxsmtpd-check
+          pod: proxsmtpd-check-0
+EOF
+prometheus --config.file="$W/prometheus.yml" --storage.tsdb.path="$W/tsdb" \
+  --web.listen-address="127.0.0.1:$PROM" --log.level=warn > "$W/prometheus.log" 2>&1 &
+PIDS+=("$!")
+wait_http "http://127.0.0.1:$PROM/-/ready" 20 || { say "FAIL prometheus did not start"; tail -n 20 "$W/prometheus.log"; exit 1; }
+START=$(date +%s)
+# two scrapes before any traffic, so that rates and increases see every change
+for _ in $(seq 1 100); do
+  n=$(curl -s "http://127.0.0.1:$PROM/api/v1/query" --data-urlencode 'query=count_over_time(up[1m])' \
+      | python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else 0)' 2>/dev/null || echo 0)
+  [ "${n%.*}" -ge 2 ] 2>/dev/null && break
+  sleep 0.2
+done
+
+# --- traffic ----------------------------------------------------------------------------
+swaks_to() {   # swaks_to RCPT [more swaks args]: one message, any reply is fine
+  swaks --silent 2 --server 127.0.0.1 --port "$SMTP" --from sender@example.org --to "$1" \
+    --timeout 15 "${@:2}" >> "$W/swaks.log" 2>&1 || true
+}
+if [ "$SOURCE" = binary ]; then
+  say "traffic: accepted mail of 3 sizes, rejected, dropped, temp-failed, filter timeouts"
+  for len in 800 20000 300000; do
+    smtp-source -s 2 -m 20 -l "$len" -f sender@example.org -t ok@example.net "127.0.0.1:$SMTP" \
+      >> "$W/source.log" 2>&1 || say "note: smtp-source -l $len: $(tail -n 1 "$W/source.log")"
+  done
+  for _ in $(seq 1 12); do swaks_to reject@example.net; done
+  for _ in $(seq 1 4); do swaks_to drop@example.net; swaks_to tempfail@example.net; done
+  swaks_to slow@example.net & s1=$!
+  swaks_to slow@example.net & s2=$!
+  wait "$s1" "$s2"
+  say "traffic: upstream stopped for a moment (upstream errors)"
+  kill "$SINK_PID"; wait "$SINK_PID" 2>/dev/null || true
+  for _ in $(seq 1 3); do swaks_to ok@example.net; done
+  start_sink
+  say "traffic: MaxConnections reached (refused connections)"
+  python3 - "$SMTP" <<'EOF'
+import socket, sys, time
+held = []
+for _ in range(7):
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+    held.append(s)
+time.sleep(1.5)
+for s in held:
+    s.close()
+EOF
+  say "traffic: config reloads (SIGHUP with a good and with a broken config)"
+  kill -HUP "$PROXY_PID"; sleep 1
+  cp "$W/proxsmtpd.conf" "$W/proxsmtpd.conf.good"
+  echo "NoSuchSetting: 1" >> "$W/proxsmtpd.conf"
+  kill -HUP "$PROXY_PID"; sleep 1
+  cp "$W/proxsmtpd.conf.good" "$W/proxsmtpd.conf"
+  kill -HUP "$PROXY_PID"
+  for _ in $(seq 1 10); do swaks_to ok@example.net; done
+  kill -0 "$PROXY_PID" 2>/dev/null || { say "FAIL proxsmtpd died during the traffic"; tail -n 20 "$W/proxsmtpd.log"; exit 1; }
+else
+  say "traffic: the static exposition grows for 12 s"
+  sleep 12
+fi
+sleep 3   # the last scrapes and rule evaluations
+END=$(date +%s)
+
+# --- checks -----------------------------------------------------------------------------
+status=0
+curl -s "http://127.0.0.1:$ADMIN/metrics" > "$W/exposition.txt"
+say "counters at the end: $(grep -E '^proxsmtpd_(messages_total|filter_timeouts_total|connections_refused_total|upstream_errors_total|config_reloads_total)' "$W/exposition.txt" \
+  | grep -v ' 0$' | sed -E 's/^proxsmtpd_//; s/_total//' | tr '\n' ' ')"
+if promtool check metrics < "$W/exposition.txt" > "$W/promtool.txt" 2>&1; then
+  say "PASS promtool check metrics on the /metrics exposition ($(grep -c '^proxsmtpd_' "$W/exposition.txt") samples)"
+else
+  say "FAIL promtool check metrics:"; sed 's/^/     /' "$W/promtool.txt"; status=1
+fi
+dash_args=(); for d in "$ROOT"/dashboards/*.json; do dash_args+=(--dashboard "$d"); done
+rule_args=(); for r in "$ROOT"/deploy/alerts/*.yaml; do rule_args+=(--rules "$r"); done
+"$PY" "$HERE/promql_check.py" --url "http://127.0.0.1:$PROM" --start "$START" --end "$END" \
+  --rate-interval 1m "${dash_args[@]}" "${rule_args[@]}" || status=1
+exit $status

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Checks on the rendered proxsmtpd pod, for scripts/deploy-check.sh.
+
+Given one rendered manifest file (helm template or kubectl kustomize output) and the layout
+it must have, finds the workload whose pod runs the container "proxsmtpd" and checks:
+  layout     standalone: the proxy is the pod's only container; sidecar-native: it is an
+             initContainer with restartPolicy Always next to the mail container(s);
+             sidecar-plain: a plain container next to them
+  security   runAsNonRoot, allowPrivilegeEscalation false, drop ALL, seccomp RuntimeDefault,
+             readOnlyRootFilesystem, not privileged
+  probes     liveness GET /livez and readiness GET /readyz on the admin port
+  shutdown   a preStop sleep; terminationGracePeriodSeconds >= preStop + DrainTimeout
+  config     -f names proxsmtpd.conf in a mounted ConfigMap of the same render; Listen and
+             AdminListen match the container ports, AdminListen not on loopback (the kubelet
+             probes the pod IP); TempDirectory is an emptyDir mount; FilterCommand, when it
+             names a mounted file, exists in its ConfigMap, mounted with mode 0755
+  rollout    a checksum/config annotation on the pod template, or every mounted ConfigMap
+             with a kustomize content-hash name, so a config or script change rolls the pods
+  resources  cpu and memory requests, a memory limit
+  env        PROXSMTPD_CONTAINER=on, no service-link variables
+  service    a Service selects the pod and sends a port to the proxy's SMTP port
+Prints one line per check; exit status 1 if any failed.
+
+Usage: pod_checks.py FILE standalone|sidecar-native|sidecar-plain
+"""
+import re
+import sys
+
+import yaml
+
+SPOOL = "/var/spool/proxsmtpd"
+
+
+class Checker:
+    def __init__(self, label):
+        self.label, self.failed, self.count = label, 0, 0
+
+    def check(self, ok, what):
+        self.count += 1
+        if not ok:
+            self.failed += 1
+        print(f"{'ok  ' if ok else 'FAIL'} {self.label}: {what}")
+        return ok
+
+
+def parse_conf(text):
+    """proxsmtpd.conf: Name: value lines; names case-insensitive; # comments."""
+    conf = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or ":" not in line:
+            continue
+        name, value = line.split(":", 1)
+        conf[name.strip().lower()] = value.strip()
+    return conf
+
+
+def port_of(addr):
+    m = re.search(r"(\d+)$", addr or "")
+    return int(m.group(1)) if m else None
+
+
+def main():
+    if len(sys.argv) != 3 or sys.argv[2] not in ("standalone", "sidecar-native", "sidecar-plain"):
+        print(__doc__.split("Usage: ")[1].strip(), file=sys.stderr)
+        return 2
+    path, layout = sys.argv[1], sys.argv[2]
+    docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if isinstance(d, dict)]
+    c = Checker(f"{path.rsplit('/', 1)[-1]} [{layout}]")
+    configmaps = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ConfigMap"}
+    workloads = [d for d in docs if d.get("kind") in ("Deployment", "StatefulSet", "DaemonSet")]
+
+    found = []
+    for w in workloads:
+        spec = w["spec"]["template"]["spec"]
+        for where in ("containers", "initContainers"):
+            for ctr in spec.get(where) or []:
+                if ctr.get("name") == "proxsmtpd":
+                    found.append((w, where, ctr))
+    if not c.check(len(found) == 1, f"exactly one workload runs the proxsmtpd container (found {len(found)})"):
+        return 1
+    w, where, ctr = found[0]
+    tmpl = w["spec"]["template"]
+    pod = tmpl["spec"]
+    others = [x for x in pod.get("containers") or [] if x.get("name") != "proxsmtpd"]
+
+    # --- layout ---
+    if layout == "standalone":
+        c.check(where == "containers" and not others, "standalone: the proxy is the only container")
+    elif layout == "sidecar-native":
+        c.check(where == "initContainers" and ctr.get("restartPolicy") == "Always",
+                "native sidecar: initContainer with restartPolicy Always")
+        c.check(len(others) >= 1, f"native sidecar: mail container(s) next to it ({[x['name'] for x in others]})")
+    else:
+        c.check(where == "containers" and "restartPolicy" not in ctr, "plain sidecar: a regular container")
+        c.check(len(others) >= 1, f"plain sidecar: mail container(s) next to it ({[x['name'] for x in others]})")
+
+    # --- security context ---
+    sc, psc = ctr.get("securityContext") or {}, pod.get("securityContext") or {}
+    c.check(sc.get("runAsNonRoot") is True or (psc.get("runAsNonRoot") is True and "runAsNonRoot" not in sc), "runAsNonRoot")
+    c.check(sc.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation: false")
+    c.check("ALL" in ((sc.get("capabilities") or {}).get("drop") or []), "capabilities drop ALL")
+    c.check(not (sc.get("capabilities") or {}).get("add"), "no capabilities added")
+    seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+    c.check(seccomp == "RuntimeDefault", f"seccompProfile RuntimeDefault ({seccomp})")
+    c.check(sc.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem: true")
+    c.check(not sc.get("privileged"), "not privileged")
+    uid = sc.get("runAsUser", psc.get("runAsUser"))
+    c.check(uid is None or uid != 0, f"runAsUser not 0 ({uid})")
+    if layout == "standalone":
+        c.check(psc.get("runAsNonRoot") is True and (psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
+                "pod securityContext restricted (runAsNonRoot, seccomp RuntimeDefault)")
+    c.check(pod.get("automountServiceAccountToken") is False, "no service account token mounted")
+    c.check(pod.get("enableServiceLinks") is False,
+            "enableServiceLinks: false (no service-link variables in the environment)")
+
+    # --- ports and probes ---
+    ports = {p.get("name"): p.get("containerPort") for p in ctr.get("ports") or []}
+    c.check("smtp" in ports and "admin" in ports, f"named ports smtp and admin ({ports})")
+
+    def probe_ok(probe, path):
+        get = (ctr.get(probe) or {}).get("httpGet") or {}
+        return get.get("path") == path and get.get("port") in ("admin", ports.get("admin"))
+    c.check(probe_ok("livenessProbe", "/livez"), "livenessProbe GET /livez on the admin port")
+    c.check(probe_ok("readinessProbe", "/readyz"), "readinessProbe GET /readyz on the admin port")
+
+    # --- config ---
+    mounts = {m["mountPath"].rstrip("/"): m for m in ctr.get("volumeMounts") or []}
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    args = (ctr.get("command") or []) + (ctr.get("args") or [])
+    conf_path = args[args.index("-f") + 1] if "-f" in args[:-1] else "/etc/proxsmtpd/proxsmtpd.conf"
+    conf_dir, conf_file = conf_path.rsplit("/", 1)
+    conf_mount = mounts.get(conf_dir)
+    conf_cm = None
+    if conf_mount:
+        cm_name = (volumes.get(conf_mount["name"], {}).get("configMap") or {}).get("name")
+        conf_cm = configmaps.get(cm_name)
+    if not c.check(conf_cm is not None and conf_file in (conf_cm.get("data") or {}),
+                   f"-f {conf_path} is a key of a ConfigMap in this render, mounted at {conf_dir}"):
+        conf = {}
+    else:
+        conf = parse_conf(conf_cm["data"][conf_file])
+    env = {e["name"]: e.get("value") for e in ctr.get("env") or []}
+    c.check(env.get("PROXSMTPD_CONTAINER") == "on", "env PROXSMTPD_CONTAINER=on")
+    c.check(port_of(conf.get("listen")) == ports.get("smtp"), f"Listen {conf.get('listen')} matches port smtp")
+    admin = conf.get("adminlisten", "")
+    c.check(port_of(admin) == ports.get("admin") and not admin.startswith(("127.", "localhost", "[::1]")),
+            f"AdminListen {admin} matches port admin, not on loopback")
+    c.check(bool(conf.get("outaddress")), f"OutAddress set ({conf.get('outaddress')})")
+    spool = conf.get("tempdirectory", "").rstrip("/")
+    spool_mount = mounts.get(spool)
+    c.check(spool == SPOOL and spool_mount is not None and "emptyDir" in volumes.get(spool_mount["name"], {}),
+            f"TempDirectory {spool} is an emptyDir mount")
+    cmd = conf.get("filtercommand", "")
+    script = cmd.split()[0] if cmd else ""
+    if script.startswith("/etc/"):
+        sdir, sname = script.rsplit("/", 1)
+        smount = mounts.get(sdir)
+        svol = volumes.get(smount["name"], {}) if smount else {}
+        scm = configmaps.get((svol.get("configMap") or {}).get("name"))
+        c.check(scm is not None and sname in (scm.get("data") or {}), f"FilterCommand {script} is in a mounted ConfigMap")
+        c.check((svol.get("configMap") or {}).get("defaultMode") == 0o755, "filter scripts mounted with mode 0755")
+    elif cmd:
+        c.check(True, f"FilterCommand {cmd} (not a mounted file)")
+
+    # --- shutdown ---
+    pre = (ctr.get("lifecycle") or {}).get("preStop") or {}
+    sleep = None
+    if "sleep" in pre:
+        sleep = int(pre["sleep"].get("seconds", 0))
+    elif (pre.get("exec") or {}).get("command", [""])[0].endswith("sleep"):
+        sleep = int(pre["exec"]["command"][1])
+    c.check(sleep is not None and sleep > 0, f"preStop sleep ({sleep}s)")
+    drain = int(conf.get("draintimeout", 30))
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    c.check(grace >= (sleep or 0) + drain + 1,
+            f"terminationGracePeriodSeconds {grace} >= preStop {sleep} + DrainTimeout {drain} + margin")
+
+    # --- rollout on config change ---
+    checksum = (tmpl.get("metadata", {}).get("annotations") or {}).get("checksum/config", "")
+    cm_volumes = [v["configMap"]["name"] for v in volumes.values() if "configMap" in v]
+    ours = [n for n in cm_volumes if n in configmaps]
+    hashed = ours and all(re.search(r"-[a-z0-9]{10}$", n) for n in ours)
+    c.check(bool(re.fullmatch(r"[0-9a-f]{64}", checksum)) or hashed,
+            "config change rolls the pods (checksum/config annotation or kustomize hash-named ConfigMaps)")
+
+    # --- resources ---
+    res = ctr.get("resources") or {}
+    c.check(all(k in (res.get("requests") or {}) for k in ("cpu", "memory")) and "memory" in (res.get("limits") or {}),
+            "resources: cpu+memory requests, memory limit")
+
+    # --- service ---
+    labels = tmpl.get("metadata", {}).get("labels") or {}
+    ok = False
+    for s in (d for d in docs if d.get("kind") == "Service"):
+        sel = s["spec"].get("selector") or {}
+        if sel and all(labels.get(k) == v for k, v in sel.items()):
+            if any(p.get("targetPort") in ("smtp", ports.get("smtp")) for p in s["spec"].get("ports") or []):
+                ok = True
+    c.check(ok, "a Service selects the pod and targets the proxy's smtp port")
+
+    print(f"{c.label}: {c.count - c.failed} of {c.count} pod checks passed")
+    return 1 if c.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# deploy-check.sh - check the deployment artefacts with the real tools their users run.
+#
+#   chart      helm lint --strict and helm template (helm v4.1.4) with the default values and
+#              every helm/proxsmtpd/ci/*.yaml; values.schema.json refusing bad values;
+#              the checksum annotation following a filter script change; every rendered
+#              object validated strictly (Kubernetes 1.29 and 1.35 schemas, unknown fields
+#              are errors; ServiceMonitor/PrometheusRule type-checked); checks on the
+#              rendered pod (deploy/check/pod_checks.py); the rendered PrometheusRule
+#              through promtool; the README lists every value
+#   kustomize  kubectl kustomize k8s/base and k8s/examples/*, validated and checked the same way
+#   image      hadolint on the Dockerfile (building the image: scripts/image-build.sh)
+#   alerts     promtool check rules; dashboards and rules use only contract metrics; the
+#              chart's copies are identical to dashboards/ and deploy/alerts/
+#   live       a real Prometheus scrapes a running proxsmtpd under scripted traffic, then every
+#              dashboard query and alert rule is evaluated over its HTTP API
+#              (deploy/check/live-metrics.sh)
+#
+# Usage: scripts/deploy-check.sh [--metrics-source binary|static] [--binary PATH] [--no-live]
+#   --metrics-source  binary (default): target/release/proxsmtpd (else target/debug/proxsmtpd,
+#                     else `cargo build --release`) and its admin /metrics; static: a generated
+#                     exposition with the contract's metric names, for use while the binary has
+#                     no /metrics. Env DEPLOY_CHECK_METRICS.
+#   --binary          the proxsmtpd binary for the live part. Env DEPLOY_CHECK_BINARY.
+# Prints one line per check and `N passed, M failed` last; exit status 1 if any check failed.
+# Tools are installed on first use by scripts/install-deploy-tools.sh.
+set -uo pipefail
+exec </dev/null
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT" || exit 1
+SOURCE=${DEPLOY_CHECK_METRICS:-binary}
+BINARY=${DEPLOY_CHECK_BINARY:-}
+LIVE=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --metrics-source) SOURCE=$2; shift 2 ;;
+    --binary) BINARY=$2; shift 2 ;;
+    --no-live) LIVE=0; shift ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+PASSED=0 FAILED=0
+W=$(mktemp -d /tmp/proxsmtpd-deploy-check.XXXXXX)
+trap 'rm -rf "$W"' EXIT
+
+# check NAME CMD...: run CMD, one pass/fail line; on failure the end of its output.
+check() {
+  local name=$1; shift
+  if "$@" > "$W/out" 2>&1; then
+    PASSED=$((PASSED + 1)); printf 'ok   %s\n' "$name"
+  else
+    FAILED=$((FAILED + 1)); printf 'FAIL %s\n' "$name"
+    grep -v '^OK \|^ok \|^PASS ' "$W/out" | tail -n 25 | sed 's/^/     /'
+  fi
+}
+# to_file OUT CMD...: CMD's standard output into OUT.
+to_file() { local o=$1; shift; "$@" > "$o"; }
+# refuse NAME CMD...: CMD must fail (a bad value must be rejected).
+refuse() {
+  local name=$1; shift
+  if "$@" > "$W/out" 2>&1; then
+    FAILED=$((FAILED + 1)); printf 'FAIL %s (accepted)\n' "$name"
+  else
+    PASSED=$((PASSED + 1)); printf 'ok   %s: %s\n' "$name" "$(grep -m1 -i 'error\|fail' "$W/out" | cut -c1-110)"
+  fi
+}
+
+# --- tools ----------------------------------------------------------------------------
+echo "== tools"
+if ! T=$(QUIET=1 scripts/install-deploy-tools.sh 2> "$W/install.log" | tail -n 1); then
+  cat "$W/install.log"; echo "0 passed, 1 failed"; exit 1
+fi
+HELM="$T/bin/helm" KUBECTL="$T/bin/kubectl" HADOLINT="$T/bin/hadolint" PY="$T/venv/bin/python"
+export HELM_CACHE_HOME="$T/helm/cache" HELM_CONFIG_HOME="$T/helm/config" HELM_DATA_HOME="$T/helm/data"
+export DEPLOY_TOOLS_DIR="$T"
+echo "$("$HELM" version --short) / kubectl $("$KUBECTL" version --client 2>/dev/null | head -n1 | awk '{print $3}')" \
+     "/ hadolint $("$HADOLINT" --version | awk '{print $NF}') / $(promtool --version 2>&1 | head -n1 | awk '{print $1, $3}')"
+VALIDATE=("$PY" deploy/check/k8s_strict.py -q -k 1.29.0 -k 1.35.0 --prom-models "$T/node")
+
+# --- sources and copies -----------------------------------------------------------------
+echo "== dashboards and alert rules"
+check "chart copies identical to dashboards/ and deploy/alerts/" deploy/sync-chart-files.sh --check
+check "dashboard JSON structure, contract metrics only" "$PY" deploy/check/static_checks.py dashboard dashboards/*.json
+check "alert rules: contract metrics, severity, summary, description" "$PY" deploy/check/static_checks.py rules deploy/alerts/*.yaml
+for r in deploy/alerts/*.yaml; do check "promtool check rules $r" promtool check rules "$r"; done
+
+# --- Helm chart ---------------------------------------------------------------------------
+echo "== helm chart"
+CHART=helm/proxsmtpd
+layout_of() {   # the pod layout a values file asks for
+  case "$(basename "$1")" in
+    sidecar-native*) echo sidecar-native ;; sidecar-plain*) echo sidecar-plain ;; *) echo standalone ;;
+  esac
+}
+# promtool on the rules of every rendered PrometheusRule
+prometheusrule_rules() {
+  "$PY" - "$1" "$2" <<'EOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if isinstance(d, dict) and d.get("kind") == "PrometheusRule"]
+if not docs:
+    sys.exit(3)
+yaml.safe_dump({"groups": [g for d in docs for g in d["spec"]["groups"]]}, open(sys.argv[2], "w"), sort_keys=False)
+EOF
+}
+check "chart README lists every value" "$PY" deploy/check/static_checks.py values-doc "$CHART"
+for values in default "$CHART"/ci/*.yaml; do
+  name=$(basename "$values" .yaml); args=(); [ "$values" = default ] || args=(-f "$values")
+  out="$W/render-$name.yaml"
+  check "helm lint --strict [$name]" "$HELM" lint --strict "$CHART" "${args[@]}"
+  if check "helm template [$name]" to_file "$out" "$HELM" template proxsmtpd "$CHART" -n mail "${args[@]}"; then
+    check "strict schemas k8s 1.29+1.35 [$name] ($(grep -c '^kind:' "$out") objects)" "${VALIDATE[@]}" "$out"
+    check "pod checks [$name] ($(layout_of "$values"))" "$PY" deploy/check/pod_checks.py "$out" "$(layout_of "$values")"
+    if prometheusrule_rules "$out" "$W/rules-$name.yaml" 2>/dev/null; then
+      check "promtool check rules on the rendered PrometheusRule [$name]" promtool check rules "$W/rules-$name.yaml"
+    fi
+  fi
+done
+# the schema and the templates refuse what would break a pod
+refuse "schema refuses an unknown top-level key" "$HELM" template x "$CHART" --set bogus=1
+refuse "schema refuses an unknown nested key" "$HELM" template x "$CHART" --set config.filterTimeOut=5
+refuse "schema refuses a wrong type" "$HELM" template x "$CHART" --set config.filterTimeout=soon
+refuse "schema refuses a newline in a config value" "$HELM" template x "$CHART" --set-string 'config.header=a
+Listen: 0.0.0.0:25'
+refuse "sidecar mode without mail containers" "$HELM" template x "$CHART" --set mode=sidecar
+refuse "native sidecar on Kubernetes 1.28" "$HELM" template x "$CHART" -f "$CHART/ci/sidecar-native-postfix.yaml" --kube-version 1.28.0
+refuse "terminationGracePeriodSeconds below preStop + drain" "$HELM" template x "$CHART" --set terminationGracePeriodSeconds=20
+refuse "FilterCommand naming a script that is not shipped" "$HELM" template x "$CHART" -f "$CHART/ci/standalone-minimal.yaml" --set filters.command=/etc/proxsmtpd/filters/missing.sh
+checksum_of() { "$HELM" template x "$CHART" -f "$CHART/ci/standalone-minimal.yaml" "$@" | sed -n 's/.*checksum\/config: //p'; }
+checksum_changes() {
+  local a b c
+  a=$(checksum_of) b=$(checksum_of --set-string 'filters.scripts.check\.sh=#!/bin/sh
+exec cat') c=$(checksum_of --set config.maxConnections=99)
+  echo "base $a, script changed $b, setting changed $c"
+  [ -n "$a" ] && [ "$a" != "$b" ] && [ "$a" != "$c" ]
+}
+check "checksum/config changes with a filter script or a setting" checksum_changes
+
+# --- kustomize ----------------------------------------------------------------------------
+echo "== kustomize"
+for dir in k8s/base k8s/examples/*/; do
+  dir=${dir%/}; name=${dir#k8s/}; out="$W/kustomize-${name//\//-}.yaml"
+  layout=standalone; [ "$dir" = k8s/base ] || layout=sidecar-native
+  if check "kubectl kustomize $dir" to_file "$out" "$KUBECTL" kustomize "$dir"; then
+    check "strict schemas k8s 1.29+1.35 [$dir] ($(grep -c '^kind:' "$out") objects)" "${VALIDATE[@]}" "$out"
+    check "pod checks [$dir] ($layout)" "$PY" deploy/check/pod_checks.py "$out" "$layout"
+  fi
+done
+
+# --- image --------------------------------------------------------------------------------
+echo "== image"
+check "hadolint Dockerfile" "$HADOLINT" Dockerfile
+
+# --- live: Prometheus, dashboards and alerts on real metrics ------------------------------
+if [ "$LIVE" = 1 ]; then
+  echo "== live metrics ($SOURCE)"
+  live_args=("$SOURCE")
+  if [ "$SOURCE" = binary ]; then
+    if [ -z "$BINARY" ]; then
+      # the release binary; else a debug one a test run left; else build the release one
+      BINARY=target/release/proxsmtpd
+      [ -x "$BINARY" ] || [ ! -x target/debug/proxsmtpd ] || BINARY=target/debug/proxsmtpd
+      if [ ! -x "$BINARY" ]; then
+        echo "building $BINARY (cargo build --release --locked)"
+        cargo build --release --locked --quiet > "$W/cargo.log" 2>&1 || tail -n 20 "$W/cargo.log"
+      fi
+    fi
+    echo "binary: $BINARY"
+    live_args+=("$BINARY")
+  fi
+  deploy/check/live-metrics.sh "${live_args[@]}" > "$W/live.log" 2>&1
+  live_rc=$?
+  while IFS= read -r line; do
+    case "$line" in
+      PASS\ *) PASSED=$((PASSED + 1)); printf 'ok   live: %s\n' "${line#PASS }" ;;
+      FAIL\ *) FAILED=$((FAILED + 1)); printf 'FAIL live: %s\n' "${line#FAIL }" ;;
+      "     "*) printf '%s\n' "$line" ;;
+      *) printf '     %s\n' "$line" ;;
+    esac
+  done < "$W/live.log"
+  if [ "$live_rc" != 0 ] && ! grep -q '^FAIL ' "$W/live.log"; then
+    FAILED=$((FAILED + 1)); echo "FAIL live metrics check (exit $live_rc)"
+  fi
+fi
+
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" = 0 ]
