@@ -25,12 +25,13 @@ fn load(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
         env: std::env::vars().collect(),
         overrides: args.overrides.clone(),
     })?;
-    let mut warnings = loaded.warnings;
+    let warnings = loaded.warnings;
     if !loaded.file_found {
-        warnings.push(format!(
-            "configuration file not found: {}",
+        // Said at once, like the original: the next error may well be its consequence.
+        eprintln!(
+            "proxsmtpd: configuration file not found: {}",
             args.config_path.display()
-        ));
+        );
     }
     warnings.extend(config::validate(&loaded.settings)?);
     Ok((loaded.settings, warnings))

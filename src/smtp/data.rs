@@ -7,7 +7,8 @@
 //!   `\r\n.\n`, `\r.\r` and `\r\n.\r` are all data.
 //! * The end of data is only `.` CRLF at the start of a line. Bytes after it are left to the
 //!   caller (they are pipelined commands).
-//! * A `.` at the start of a line is removed (dot-unstuffing).
+//! * A `.` at the start of a line is removed (dot-unstuffing), unless a bare CR or LF
+//!   follows it: a stuffed line would start with `..`, so that dot is content.
 //! * Line length is unlimited; state carries across `feed` calls, so the result does not
 //!   depend on how the input is chunked.
 
@@ -117,6 +118,9 @@ impl DataReceiver {
                         self.state = State::DotCr;
                     }
                     b'\n' => {
+                        // `.` + bare LF is no stuffing (that would be `..`) but a
+                        // smuggling attempt: keep the dot as content.
+                        out.push(b'.');
                         self.bare_line_end(out);
                         i += 1;
                         run = i;
@@ -130,7 +134,8 @@ impl DataReceiver {
                         run = i;
                         self.state = State::Done;
                     } else {
-                        // `.` + bare CR: the dot was stuffing, the CR a line end.
+                        // `.` + bare CR: as `.` + bare LF, the dot is content.
+                        out.push(b'.');
                         self.bare_line_end(out);
                         self.state = State::Mid;
                     }
@@ -213,6 +218,12 @@ mod tests {
                     return (out, true, i + 3, irregular);
                 }
                 if wire[i] == b'.' {
+                    // A dot before a bare CR/LF is content; before anything else, stuffing.
+                    match (wire.get(i + 1), wire.get(i + 2)) {
+                        (None, _) | (Some(b'\r'), None) => break,
+                        (Some(b'\n'), _) | (Some(b'\r'), Some(_)) => out.push(b'.'),
+                        _ => {}
+                    }
                     i += 1;
                 }
                 line_start = false;
@@ -283,18 +294,18 @@ mod tests {
             // Smuggling vectors: never an end of data.
             (b"a\n.\n", b"a\r\n.\r\n", false, 4, 2),
             (b"a\n.\r\n", b"a\r\n.\r\n", false, 5, 1),
-            (b"a\r\n.\n", b"a\r\n\r\n", false, 5, 1),
+            (b"a\r\n.\n", b"a\r\n.\r\n", false, 5, 1),
             (b"a\r.\r", b"a\r\n.", false, 4, 1),
             (b"a\r.\rb", b"a\r\n.\r\nb", false, 5, 2),
             (b"a\r\n.\r", b"a\r\n", false, 5, 0),
-            (b"a\r\n.\rb", b"a\r\n\r\nb", false, 6, 1),
-            (b"a\r\n.\r.\r\n", b"a\r\n\r\n.\r\n", false, 8, 1),
+            (b"a\r\n.\rb", b"a\r\n.\r\nb", false, 6, 1),
+            (b"a\r\n.\r.\r\n", b"a\r\n.\r\n.\r\n", false, 8, 1),
             (b"\n.\r\n", b"\r\n.\r\n", false, 4, 1),
             (b"\n.\n", b"\r\n.\r\n", false, 3, 2),
             (b"\r.\r\n", b"\r\n.\r\n", false, 4, 1),
-            (b".\n", b"\r\n", false, 2, 1),
-            (b".\r.\r\n", b"\r\n.\r\n", false, 5, 1),
-            (b".\r\r\n.\r\n", b"\r\n\r\n", true, 7, 1),
+            (b".\n", b".\r\n", false, 2, 1),
+            (b".\r.\r\n", b".\r\n.\r\n", false, 5, 1),
+            (b".\r\r\n.\r\n", b".\r\n\r\n", true, 7, 1),
             (b"a\n.\nb\r\n.\r\n", b"a\r\n.\r\nb\r\n", true, 10, 2),
             (b"a\n\r\n.\r\n", b"a\r\n\r\n", true, 7, 1),
             (b"a\r\r\n.\r\n", b"a\r\n\r\n", true, 7, 1),
