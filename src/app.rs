@@ -25,7 +25,7 @@ fn load(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
         env: std::env::vars().collect(),
         overrides: args.overrides.clone(),
     })?;
-    let warnings = loaded.warnings;
+    let mut warnings = loaded.warnings;
     if !loaded.file_found {
         // Said at once, like the original: the next error may well be its consequence.
         eprintln!(
