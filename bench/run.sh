@@ -1,0 +1,526 @@
+#!/usr/bin/env bash
+# bench/run.sh: proxsmtpd's benchmark.
+#
+#   bench/run.sh [--smoke] [--runs N] [--only SCENARIOS] [--setups SETUPS]
+#                [--secs S] [--msgs N] [--profile perf|callgrind] [--out DIR]
+#                [--no-install] [OURS_BINARY]
+#
+# Runs every scenario for each setup, interleaved round by round in one run:
+#   original  the C proxsmtpd 1.10 (/usr/sbin/proxsmtpd, Debian package proxsmtp)
+#   ours      OURS_BINARY (default: target/release/proxsmtpd of this tree)
+#   direct    smtp-source -> smtp-sink with no proxy (the machine's SMTP limit)
+#   spawn     in the filter scenarios only: the spawn limit, the rate at which
+#             this machine runs `sh -c cat` on the same message size at the
+#             same concurrency, with no SMTP at all (spawn.py)
+# Load: Postfix's smtp-source, one connection per message; upstream: smtp-sink.
+# Everything listens on 127.0.0.1 only.
+#
+# Prints medians and ratios as markdown tables on stdout (progress on stderr)
+# and writes, under --out (default bench/results):
+#   latest.tsv         medians, one row per scenario and setup
+#   latest-ratios.tsv  ratios (median over rounds of the ratio in a round), targets
+#   latest-runs.tsv    every run
+#   latest-meta.txt    the machine, the load, the versions
+#   latest.md          the printed tables
+# (bench/report.py --runs OUT/latest-runs.tsv --meta OUT/latest-meta.txt
+#  --out OUT renders them again.)
+# (--smoke writes smoke*.tsv / smoke.md instead.) BENCHMARKS.md explains them.
+#
+# --smoke: one tiny run of every scenario, for ours, direct and spawn unless
+# --setups says otherwise; checks that each completes with no error and says
+# nothing about speed (it takes about 15 s). Exit status: 0 when no run of
+# ours, of the direct path or of the spawn driver had an error, 1 otherwise
+# (the original's errors are reported, not fatal: it is the reference, and
+# cannot hold 2,000 sessions), 2 on bad usage or a missing tool.
+#
+# --profile perf|callgrind: one run per scenario of ours only, with a fixed
+# message count (--msgs, default 200 at concurrency 1 and 1000 at 32), while
+# `perf record` samples the proxy or the proxy runs under callgrind; the
+# profiles land in OUT/profile/. Figures from such a run mean nothing.
+#
+# SCENARIOS is a comma-separated list of names or shell patterns (cat_*).
+# Environment: BENCH_PORT (first port tried for the proxy, default 24525; the
+# sink uses the next one).
+set -u -o pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$HERE")
+ORIGINAL=/usr/sbin/proxsmtpd
+SOURCE=/usr/sbin/smtp-source
+SINK=/usr/sbin/smtp-sink
+HOST=127.0.0.1
+
+SMOKE=0 RUNS=5 ONLY="" SETUPS="" SECS=2 INSTALL=1 MSGS="" PROFILE=""
+OUT=$HERE/results OURS=$ROOT/target/release/proxsmtpd
+
+usage() { sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
+
+while [ $# -gt 0 ]; do
+  case $1 in
+    --smoke) SMOKE=1 ;;
+    --runs) RUNS=${2:?--runs needs a number}; shift ;;
+    --only) ONLY=${2:?--only needs scenario names}; shift ;;
+    --setups) SETUPS=${2:?--setups needs a list}; shift ;;
+    --secs) SECS=${2:?--secs needs seconds}; shift ;;
+    --msgs) MSGS=${2:?--msgs needs a number}; shift ;;
+    --profile) PROFILE=${2:?--profile needs perf or callgrind}; shift ;;
+    --out) OUT=${2:?--out needs a directory}; shift ;;
+    --no-install) INSTALL=0 ;;
+    -h|--help) usage 0 ;;
+    -*) echo "run.sh: unknown option $1" >&2; usage 2 ;;
+    *) OURS=$1 ;;
+  esac
+  shift
+done
+case $RUNS in ''|*[!0-9]*|0) echo "run.sh: --runs must be a positive integer" >&2; exit 2 ;; esac
+case $SECS in ''|*[!0-9.]*|*.*.*) echo "run.sh: --secs must be a number of seconds" >&2; exit 2 ;; esac
+case $MSGS in ''|[1-9]|[1-9]*[0-9]) ;; *) echo "run.sh: --msgs must be a positive integer" >&2; exit 2 ;; esac
+case $PROFILE in ''|perf|callgrind) ;; *) echo "run.sh: --profile takes perf or callgrind" >&2; exit 2 ;; esac
+# The smoke run checks our binary and the harness, so by default it leaves
+# out the original (whose c32 runs alone take seconds: its listen backlog is 5).
+if [ -z "$SETUPS" ]; then
+  if [ -n "$PROFILE" ]; then SETUPS=ours
+  elif [ $SMOKE = 1 ]; then SETUPS="ours,direct,spawn"
+  else SETUPS="original,ours,direct,spawn"; fi
+fi
+SETUPS=${SETUPS//,/ }
+for s in $SETUPS; do
+  case $s in original|ours|direct|spawn) ;; *) echo "run.sh: unknown setup $s" >&2; exit 2 ;; esac
+done
+has_setup() { [[ " $SETUPS " == *" $1 "* ]]; }
+
+# --- scenarios --------------------------------------------------------------
+# name            kind      concurrency  body bytes  filter
+SCENARIO_TABLE="
+nofilter_c1_1k    smtp      1            1024        none
+nofilter_c32_1k   smtp      32           1024        none
+cat_c1_4k         smtp      1            4096        pipe
+cat_c32_4k        smtp      32           4096        pipe
+file_c1_4k        smtp      1            4096        file
+file_c32_4k       smtp      32           4096        file
+big_cat_20m       smtp      1            20000000    pipe
+sessions_2000     sessions  2000         0           none
+"
+# The file filter is a scanner's minimum: it reads the whole spooled message
+# and accepts it. It has shell syntax, so every proxy runs it through /bin/sh.
+# shellcheck disable=SC2016  # $EMAIL is for the filter's shell, not this one
+FILE_FILTER='cat "$EMAIL" >/dev/null'
+
+declare -A KIND CONC SIZE FILTER
+NAMES=()
+while read -r name kind conc size filter; do
+  [ -z "$name" ] && continue
+  if [ -n "$ONLY" ]; then
+    keep=0
+    for pat in ${ONLY//,/ }; do
+      # shellcheck disable=SC2053  # patterns are wanted here
+      [[ $name == $pat ]] && keep=1
+    done
+    [ $keep = 1 ] || continue
+  fi
+  NAMES+=("$name"); KIND[$name]=$kind CONC[$name]=$conc SIZE[$name]=$size FILTER[$name]=$filter
+done <<<"$SCENARIO_TABLE"
+[ ${#NAMES[@]} -gt 0 ] || { echo "run.sh: --only '$ONLY' matches no scenario" >&2; exit 2; }
+
+if [ $SMOKE = 1 ]; then
+  RUNS=1
+  SESSIONS=50           # sessions held open in sessions_2000
+  RUN_MAX_S=20          # a tiny run that takes this long has hung
+  LAT_SECS=0.5 SPAWN_SECS=0.5
+  PREFIX=smoke
+else
+  SESSIONS=2000
+  RUN_MAX_S=300
+  LAT_SECS=$SECS SPAWN_SECS=$SECS
+  PREFIX=latest
+fi
+LISTEN_WAIT=100         # times 0.05 s for a proxy to listen
+if [ -n "$PROFILE" ]; then
+  RUNS=1 PREFIX=profile LISTEN_WAIT=600 RUN_MAX_S=900
+  command -v "${PROFILE/callgrind/valgrind}" >/dev/null ||
+    { echo "run.sh: $PROFILE not found (apt-get install ${PROFILE/callgrind/valgrind})" >&2; exit 2; }
+fi
+MAX_MSGS=60000
+
+# --- tools --------------------------------------------------------------------
+install_missing() {
+  local pkgs=()
+  { [ -x "$SOURCE" ] && [ -x "$SINK" ]; } || pkgs+=(postfix)
+  if has_setup original && [ ! -x "$ORIGINAL" ]; then pkgs+=(proxsmtp); fi
+  command -v ps >/dev/null || pkgs+=(procps)
+  [ -x /usr/bin/time ] || pkgs+=(time)
+  command -v ss >/dev/null || pkgs+=(iproute2)
+  command -v timeout >/dev/null || pkgs+=(coreutils)
+  command -v python3 >/dev/null || pkgs+=(python3)
+  [ ${#pkgs[@]} -eq 0 ] && return 0
+  if [ $INSTALL = 0 ] || [ "$(id -u)" != 0 ]; then
+    echo "run.sh: missing packages: ${pkgs[*]} (install them as root, e.g. apt-get install ${pkgs[*]})" >&2
+    return 1
+  fi
+  echo "run.sh: installing ${pkgs[*]}" >&2
+  # Postfix is wanted only for smtp-source and smtp-sink: leave it
+  # unconfigured and keep its daemon from being started by the install.
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null
+  local policy=/usr/sbin/policy-rc.d made_policy=0 rc
+  if [ ! -e $policy ]; then
+    printf '#!/bin/sh\nexit 101\n' >$policy && chmod 755 $policy && made_policy=1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y --no-install-recommends "${pkgs[@]}" >&2 ||
+    { apt-get update >&2 && apt-get install -y --no-install-recommends "${pkgs[@]}" >&2; }
+  rc=$?
+  [ $made_policy = 1 ] && rm -f $policy
+  return $rc
+}
+install_missing || exit 2
+if has_setup ours && [ ! -x "$OURS" ]; then
+  echo "run.sh: $OURS is not an executable (build it with: cargo build --release)" >&2
+  exit 2
+fi
+
+# --- work area, ports, cleanup -------------------------------------------------
+WORK=$(mktemp -d /tmp/proxsmtpd-bench.XXXXXX) || exit 2
+mkdir -p "$WORK/spool" "$OUT" || exit 2
+chmod 755 "$WORK"
+RUNLOG=$WORK/runs.txt
+: >"$RUNLOG"
+# Run a copy of ours, so that a rebuild during the run cannot mix two binaries.
+OURS_SHA=none
+if has_setup ours; then
+  cp "$OURS" "$WORK/proxsmtpd" || exit 2
+  OURS_SHA=$(sha256sum "$WORK/proxsmtpd" | cut -c1-16)
+fi
+SINK_PID="" PROXY_PID="" CHILD_PID="" PERF_PID=""
+
+stop_pid() { # stop one process we started, by its PID only
+  local pid=$1
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null; return 0; }
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+  return 0
+}
+# shellcheck disable=SC2329  # called by the EXIT trap
+cleanup() {
+  stop_pid "$CHILD_PID"; stop_pid "$PERF_PID"; stop_pid "$PROXY_PID"; stop_pid "$SINK_PID"
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+
+# 2,000 sessions through a proxy take 4,000 descriptors in it and 2,000 in
+# the sink and in the client; children inherit the limit.
+hard=$(ulimit -Hn)
+if [ "$hard" = unlimited ] || [ "$hard" -ge 65536 ]; then ulimit -n 65536; else ulimit -n "$hard"; fi
+if [ "$(ulimit -n)" -lt $((2 * SESSIONS + 256)) ]; then
+  echo "run.sh: warning: open-file limit $(ulimit -n) is too low for $SESSIONS sessions" >&2
+fi
+
+listening() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
+PPORT=${BENCH_PORT:-24525}
+for _ in $(seq 30); do
+  listening "$PPORT" || listening $((PPORT + 1)) || break
+  PPORT=$((PPORT + 10))
+done
+SPORT=$((PPORT + 1))
+if listening "$PPORT" || listening "$SPORT"; then echo "run.sh: no free port pair found" >&2; exit 2; fi
+
+START_S=$SECONDS
+
+wait_listen() { # port pid: wait until pid listens on port
+  for _ in $(seq "$LISTEN_WAIT"); do
+    listening "$1" && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.05
+  done
+  return 1
+}
+
+start_sink() {
+  local user=(); [ "$(id -u)" = 0 ] && user=(-u nobody)
+  # Fast sink: no delays, accepts everything; -c counts messages on stdout.
+  "$SINK" -c "${user[@]}" -m 8192 "$HOST:$SPORT" 4096 >"$WORK/sink.out" 2>>"$WORK/sink.err" &
+  SINK_PID=$!
+  wait_listen "$SPORT" "$SINK_PID" || { echo "run.sh: smtp-sink did not start:" >&2; cat "$WORK/sink.err" >&2; exit 2; }
+}
+sink_alive() { # restarts the sink if it has gone; false if it had
+  kill -0 "$SINK_PID" 2>/dev/null && return 0
+  wait "$SINK_PID" 2>/dev/null
+  echo "run.sh: smtp-sink exited (status $?): $(tail -2 "$WORK/sink.err" | tr '\n' ' ')" >&2
+  start_sink
+  return 1
+}
+sink_count() { # messages received so far (last mesg= counter of smtp-sink -c)
+  tail -c 300 "$WORK/sink.out" | tr '\r' '\n' | sed -n 's/.*mesg=\([0-9]*\).*/\1/p' | tail -1
+}
+
+binary_of() { case $1 in original) echo "$ORIGINAL" ;; ours) echo "$WORK/proxsmtpd" ;; esac; }
+
+start_proxy() { # setup filter -> PROXY_PID, or returns 1
+  local bin conf=$WORK/proxy.conf wrap=()
+  bin=$(binary_of "$1")
+  if [ "$PROFILE" = callgrind ] && [ "$1" = ours ]; then
+    # callgrind runs the proxy in the same process: PROXY_PID stays its pid.
+    wrap=(valgrind --tool=callgrind --quiet "--callgrind-out-file=$OUT/profile/callgrind.$SCENARIO.out")
+  fi
+  {
+    echo "Listen: $HOST:$PPORT"
+    echo "OutAddress: $HOST:$SPORT"
+    echo "MaxConnections: 10000"
+    echo "TempDirectory: $WORK/spool"
+    case $2 in
+      pipe) echo "FilterType: pipe"; echo "FilterCommand: cat" ;;
+      file) echo "FilterType: file"; echo "FilterCommand: $FILE_FILTER" ;;
+    esac
+  } >"$conf"
+  echo "=== $(date -u +%T) $1 $2" >>"$WORK/proxy-$1.log"
+  "${wrap[@]}" "$bin" -d 1 -f "$conf" -p "$WORK/proxy.pid" >>"$WORK/proxy-$1.log" 2>&1 &
+  PROXY_PID=$!
+  if ! wait_listen "$PPORT" "$PROXY_PID"; then
+    echo "run.sh: $1 proxy did not listen on $PPORT:" >&2
+    tail -5 "$WORK/proxy-$1.log" >&2
+    stop_pid "$PROXY_PID"; PROXY_PID=""
+    return 1
+  fi
+  if [ "$PROFILE" = perf ] && [ "$1" = ours ]; then
+    perf record -q -F 499 --call-graph dwarf -p "$PROXY_PID" \
+      -o "$OUT/profile/perf.$SCENARIO.data" >>"$WORK/perf.log" 2>&1 &
+    PERF_PID=$!
+    sleep 0.5  # perf attaches asynchronously
+  fi
+}
+stop_proxy() {
+  if [ -n "$PERF_PID" ]; then
+    kill -INT "$PERF_PID" 2>/dev/null; wait "$PERF_PID" 2>/dev/null; PERF_PID=""
+  fi
+  stop_pid "$PROXY_PID"; PROXY_PID=""
+}
+
+cpu_ticks() { # pid -> "self children" clock ticks (all threads; reaped children)
+  local s
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo "0 0"; return; }
+  s=${s##*) }
+  # shellcheck disable=SC2086  # split into fields on purpose
+  set -- $s
+  echo "$(( ${12} + ${13} )) $(( ${14} + ${15} ))"
+}
+vm_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status" 2>/dev/null; }
+overflows() { # system-wide TcpExt ListenOverflows (SYNs dropped: accept queue full)
+  awk '/^TcpExt:/ { if (!h) { n = split($0, k); h = 1 } else { split($0, v); for (i = 1; i <= n; i++) if (k[i] == "ListenOverflows") print v[i] } }' /proc/net/netstat
+}
+HZ=$(getconf CLK_TCK)
+
+# Runs a helper in the background so that the EXIT trap can stop it.
+run_child() { # timeout_s outfile cmd...
+  local tmo=$1 out=$2 rc; shift 2
+  timeout -k 2 "$tmo" "$@" >"$out" 2>&1 &
+  CHILD_PID=$!
+  wait "$CHILD_PID"; rc=$?
+  CHILD_PID=""
+  return $rc
+}
+
+# --- one run of each kind ---------------------------------------------------------
+# Each sets RESULT to one line of key=value pairs. They run in this shell, not
+# in $(...), so that the EXIT trap knows every process they start.
+RESULT=""
+run_smtp() { # scenario setup msgs
+  local sc=$1 setup=$2 n=$3 conc=${CONC[$1]} size=${SIZE[$1]} port=$SPORT
+  local tmo rc c0="0 0" c1="0 0" rss=0 o0 o1 s0 s1 t0 t1 lat="" err="" errors=0
+  tmo=$RUN_MAX_S
+  [ "$conc" -gt "$n" ] && conc=$n
+  if [ "$setup" != direct ]; then
+    start_proxy "$setup" "${FILTER[$sc]}" ||
+      { RESULT="scenario=$sc setup=$setup msgs=$n errors=1 error=proxy_did_not_start"; return; }
+    port=$PPORT
+    c0=$(cpu_ticks "$PROXY_PID")
+  fi
+  s0=$(sink_count); o0=$(overflows)
+  t0=$EPOCHREALTIME
+  run_child "$tmo" "$WORK/source.out" "$SOURCE" -s "$conc" -m "$n" -l "$size" -M bench.example \
+    -f sender@bench.example -t rcpt@bench.example "$HOST:$port"
+  rc=$?
+  t1=$EPOCHREALTIME
+  o1=$(overflows)
+  if [ -n "$PROXY_PID" ]; then
+    c1=$(cpu_ticks "$PROXY_PID")
+    rss=$(vm_kb "$PROXY_PID" VmHWM)
+  fi
+  # smtp-sink counts a message when it sees the final dot: every one must arrive.
+  for _ in $(seq 40); do
+    s1=$(sink_count)
+    [ $(( ${s1:-0} - ${s0:-0} )) -ge "$n" ] && break
+    sleep 0.05
+  done
+  if [ $rc -ne 0 ]; then
+    errors=1; err="smtp-source_rc_$rc:$(tail -1 "$WORK/source.out" | tr -c 'A-Za-z0-9:._\n-' '_' | cut -c1-80)"
+  elif [ $(( ${s1:-0} - ${s0:-0} )) -ne "$n" ]; then
+    errors=1; err="sink_got_$(( ${s1:-0} - ${s0:-0} ))_of_$n"
+  fi
+  # Latency at concurrency 1: sequential messages from the latency client
+  # (not when profiling, so that a profile's counts are smtp-source's messages).
+  if [ "$conc" = 1 ] && [ "$size" -le 65536 ] && [ $errors = 0 ] && [ -z "$PROFILE" ]; then
+    if run_child "$tmo" "$WORK/latency.out" python3 "$HERE/latency.py" --port "$port" \
+         --size "$size" --secs "$LAT_SECS" --count 20000; then
+      lat=$(tail -1 "$WORK/latency.out")
+    else
+      errors=1; err="latency:$(tail -1 "$WORK/latency.out" | tr ' ' '_' | cut -c1-80)"
+    fi
+  fi
+  stop_proxy
+  RESULT=$(awk -v sc="$sc" -v setup="$setup" -v n="$n" -v conc="$conc" -v t0="$t0" -v t1="$t1" \
+      -v c0="$c0" -v c1="$c1" -v hz="$HZ" -v rss="${rss:-0}" -v o0="${o0:-0}" -v o1="${o1:-0}" \
+      -v errors="$errors" -v err="$err" -v lat="$lat" 'BEGIN {
+    split(c0, a, " "); split(c1, b, " ");
+    secs = t1 - t0; if (secs <= 0) secs = 1e-6
+    self = (b[1] - a[1]) / hz; kids = (b[2] - a[2]) / hz
+    printf "scenario=%s setup=%s msgs=%d conc=%d secs=%.4f mps=%.2f cpu_self_s=%.3f cpu_child_s=%.3f", sc, setup, n, conc, secs, n / secs, self, kids
+    printf " cpu_us_per_msg=%.1f child_us_per_msg=%.1f rss_kb=%d overflows=%d errors=%d", self * 1e6 / n, kids * 1e6 / n, rss, o1 - o0, errors
+    if (lat != "") printf " %s", lat
+    if (err != "") printf " error=%s", err
+    printf "\n" }')
+}
+
+run_sessions() { # scenario setup
+  local sc=$1 setup=$2 port=$SPORT pid=0 tmo line rc rss=""
+  tmo=$RUN_MAX_S
+  if [ "$setup" != direct ]; then
+    start_proxy "$setup" none ||
+      { RESULT="scenario=$sc setup=$setup errors=1 error=proxy_did_not_start"; return; }
+    port=$PPORT pid=$PROXY_PID
+  fi
+  run_child "$tmo" "$WORK/sessions.out" python3 "$HERE/sessions.py" --port "$port" \
+    --upstream-port "$SPORT" --count "$SESSIONS" --pid "$pid" --deadline $((tmo - 3))
+  rc=$?
+  line=$(tail -1 "$WORK/sessions.out")
+  [ "$pid" != 0 ] && rss=$(vm_kb "$pid" VmHWM)
+  if [ "$pid" != 0 ] && ! kill -0 "$pid" 2>/dev/null; then line="$line proxy_died=1"; fi
+  stop_proxy
+  case $line in *errors=*) ;; *) line="errors=1 error=sessions_rc_$rc" ;; esac
+  [ $rc -ne 0 ] && case $line in *errors=0*) line="${line/errors=0/errors=1}" ;; esac
+  RESULT="scenario=$sc setup=$setup rss_kb=${rss:-nan} $line"
+}
+
+run_spawn() { # scenario
+  local sc=$1 tmo line
+  tmo=$RUN_MAX_S
+  if run_child "$tmo" "$WORK/spawn.out" python3 "$HERE/spawn.py" --conc "${CONC[$sc]}" \
+       --size "${SIZE[$sc]}" --secs "$SPAWN_SECS" --command cat; then
+    line=$(tail -1 "$WORK/spawn.out")
+  else
+    line="$(tail -1 "$WORK/spawn.out") errors=1"
+  fi
+  RESULT="scenario=$sc setup=spawn $line"
+}
+
+field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $2"; }
+
+# Message count for one smtp run: about SECS seconds, at least two messages
+# per session. Probe runs double as warm-up and are not recorded: the first
+# one is never trusted alone (a cold start can be ten times slower).
+NMSG=0
+calibrate() { # scenario setup -> NMSG
+  local sc=$1 setup=$2 conc=${CONC[$1]} n line secs floor k
+  if [ "${SIZE[$sc]}" -gt 1000000 ]; then NMSG=1; return; fi
+  floor=$(( conc > 1 ? 2 * conc : 10 ))
+  if [ -n "$MSGS" ]; then NMSG=$MSGS; return; fi
+  if [ -n "$PROFILE" ]; then NMSG=$(( conc > 1 ? 1000 : 200 )); return; fi
+  if [ $SMOKE = 1 ]; then NMSG=$(( conc > 1 ? conc : 5 )); return; fi
+  n=$(( floor > 20 ? floor : 20 ))
+  for k in 1 2 3 4; do
+    run_smtp "$sc" "$setup" "$n"; line=$RESULT
+    echo "probe: $line" >&2
+    secs=$(field secs "$line")
+    [ "$(field errors "$line")" = 0 ] || break
+    awk -v s="${secs:-0}" -v k="$k" 'BEGIN { exit !((k >= 2 && s >= 0.3) || s >= 1.5) }' && break
+    n=$(awk -v n="$n" -v s="${secs:-0}" -v lo="$floor" -v m=$MAX_MSGS 'BEGIN {
+      f = (s > 0.003) ? 0.5 / s : 100; if (f > 100) f = 100; v = int(n * f) + 1
+      if (v < lo) v = lo; print (v > m) ? m : v }')
+  done
+  NMSG=$(awk -v n="$n" -v s="${secs:-0}" -v t="$SECS" -v lo="$floor" -v hi=$MAX_MSGS 'BEGIN {
+    v = (s > 0) ? int(n * t / s) : n; if (v < lo) v = lo; if (v > hi) v = hi; print v }')
+}
+
+# --- the run ----------------------------------------------------------------------
+echo "run.sh: setups: $SETUPS; ours: $OURS; runs: $RUNS; ports $PPORT/$SPORT; work $WORK" >&2
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+start_sink
+
+record() { echo "round=$1 $2" >>"$RUNLOG"; echo "run: round=$1 $2" >&2; }
+
+[ -n "$PROFILE" ] && mkdir -p "$OUT/profile"
+for sc in "${NAMES[@]}"; do
+  SCENARIO=$sc
+  kind=${KIND[$sc]}
+  setups_here=$SETUPS
+  # The spawn limit belongs to the scenarios that spawn a filter per message.
+  if [ "${FILTER[$sc]}" = none ] || [ "${SIZE[$sc]}" -gt 1000000 ]; then
+    setups_here=${setups_here/spawn/}
+  fi
+  # shellcheck disable=SC2086
+  set -- $setups_here
+  [ $# -gt 0 ] || continue
+  declare -A N=()
+  if [ "$kind" = smtp ]; then
+    for setup in $setups_here; do
+      [ "$setup" = spawn ] && continue
+      calibrate "$sc" "$setup"; N[$setup]=$NMSG
+    done
+  fi
+  for round in $(seq "$RUNS"); do
+    # Rotate the order each round so that no setup always runs first.
+    # shellcheck disable=SC2206
+    order=($setups_here)
+    shift_by=$(( (round - 1) % ${#order[@]} ))
+    order=("${order[@]:shift_by}" "${order[@]:0:shift_by}")
+    for setup in "${order[@]}"; do
+      # A run during which the sink went away says nothing about the proxy:
+      # it is done once more with a new sink.
+      for attempt in 1 2; do
+        case $kind/$setup in
+          */spawn) run_spawn "$sc" ;;
+          smtp/*) run_smtp "$sc" "$setup" "${N[$setup]}" ;;
+          sessions/*) run_sessions "$sc" "$setup" ;;
+        esac
+        sink_alive && break
+        [ $attempt = 1 ] && echo "run.sh: repeating $sc/$setup round $round" >&2
+      done
+      record "$round" "$RESULT"
+    done
+  done
+  unset N
+done
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# --- report -----------------------------------------------------------------------
+{
+  echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "kernel=$(uname -r)"
+  echo "cpus=$(nproc)"
+  echo "load_start=$LOAD_START"
+  echo "load_end=$LOAD_END"
+  echo "runs=$RUNS"
+  echo "secs_per_run=$SECS"
+  echo "smoke=$SMOKE"
+  echo "profile=$PROFILE"
+  echo "wall_s=$((SECONDS - START_S))"
+  echo "ours=$OURS"
+  echo "ours_sha256=$OURS_SHA"
+  echo "tree=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo none)"
+  echo "postfix=$(dpkg-query -W -f '${Version}' postfix 2>/dev/null)"
+  echo "proxsmtp=$(dpkg-query -W -f '${Version}' proxsmtp 2>/dev/null)"
+  echo "file_filter=$FILE_FILTER"
+  echo "sessions=$SESSIONS"
+} >"$WORK/meta.txt"
+cp "$WORK/meta.txt" "$OUT/$PREFIX-meta.txt"
+python3 "$HERE/report.py" --runs "$RUNLOG" --meta "$WORK/meta.txt" --out "$OUT" --prefix "$PREFIX"
+rc=$?
+if [ -n "$PROFILE" ]; then
+  echo "run.sh: profiles in $OUT/profile/:" >&2
+  ls -1 "$OUT/profile" >&2
+  [ "$PROFILE" = perf ] && echo "  read with: perf report -i $OUT/profile/perf.SCENARIO.data --no-children" >&2
+  [ "$PROFILE" = callgrind ] && echo "  read with: callgrind_annotate $OUT/profile/callgrind.SCENARIO.out | head -40" >&2
+fi
+echo "run.sh: done in $((SECONDS - START_S)) s; results in $OUT/$PREFIX.tsv" >&2
+exit $rc
