@@ -17,6 +17,7 @@ use crate::cli::RunArgs;
 use crate::config::{self, ConfigError, LoadOptions, OutAddress, Settings};
 use crate::logging::{self, LogTarget};
 use crate::proxy::server::{self, Listener};
+use crate::tls::Tls;
 use crate::{daemon, privileges, reload, telemetry};
 
 fn load(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
@@ -50,6 +51,15 @@ pub fn run(args: RunArgs) -> ExitCode {
     for w in &warnings {
         eprintln!("proxsmtpd: {w}");
     }
+    // Before daemonising and the privilege drop: errors reach the terminal, and key files
+    // readable only by root can be read.
+    let tls = match Tls::from_settings(&settings) {
+        Ok(tls) => Arc::new(tls),
+        Err(e) => {
+            eprintln!("proxsmtpd: TLS: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let mut pid_path = args.pid_file.clone();
     if let Some(p) = &settings.pid_file {
         if pid_path.is_some() {
@@ -76,12 +86,13 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(serve(args, settings, pid_path, foreground))
+    runtime.block_on(serve(args, settings, tls, pid_path, foreground))
 }
 
 async fn serve(
     args: RunArgs,
     settings: Settings,
+    tls: Arc<Tls>,
     pid_path: Option<PathBuf>,
     foreground: bool,
 ) -> ExitCode {
@@ -120,6 +131,19 @@ async fn serve(
         }
     };
     tracing::info!("listening on {}", listener.local_description());
+    let tls_listener = match &settings.tls_listen {
+        Some(address) => match Listener::bind(address, settings.transparent) {
+            Ok(l) => {
+                tracing::info!("listening for implicit TLS on {}", l.local_description());
+                Some(l)
+            }
+            Err(e) => {
+                tracing::error!("couldn't bind to TlsListen address: {address:?}: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
 
     let mut health = Health::default();
     if settings.readiness_check_upstream {
@@ -182,11 +206,24 @@ async fn serve(
         tokio::spawn(watch_files(args.clone(), settings_tx.clone()));
     }
     tokio::spawn(signals(args, settings_tx, shutdown_tx, health.clone()));
+    // Certificates are watched whatever ReloadWatch says: they are rotated behind the
+    // proxy's back (cert-manager, a renewed Secret) and an expired one fails every client.
+    tokio::spawn(crate::tls::watch_certificates(
+        tls.clone(),
+        settings_rx.clone(),
+    ));
 
     let mut rx = shutdown_rx.clone();
-    server::run(listener, settings_rx, drain_timeout, async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    })
+    server::run(
+        listener,
+        tls_listener,
+        tls,
+        settings_rx,
+        drain_timeout,
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        },
+    )
     .await;
 
     tracing::info!("stopped");

@@ -7,6 +7,7 @@
 //! - `filter`: the filter contract (running it, its verdict, the Header setting).
 //! - `proxy`: tokio moving bytes: listener, upstream connection, relay, message transaction.
 //! - `config`: settings, the proxsmtpd.conf reader and the layered configuration.
+//! - `tls`: certificates (reloaded when they change) and TLS configurations for both sides.
 //! - `admin`, `metrics`, `telemetry`, `logging`: what operators see.
 //! - `app`, `cli`, `daemon`, `privileges`, `sockopt`: the process around it all.
 #![forbid(unsafe_code)]
@@ -28,3 +29,4 @@ pub mod session;
 pub mod smtp;
 pub mod sockopt;
 pub mod telemetry;
+pub mod tls;

@@ -115,6 +115,9 @@ pub struct Metrics {
     config_reload_success: IntCounter,
     config_reload_failure: IntCounter,
     draining: IntGauge,
+    tls_sessions: IntCounterVec,
+    tls_handshake_failures: IntCounterVec,
+    tls_certificate_reloads: IntCounterVec,
 }
 
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();
@@ -209,8 +212,35 @@ impl Metrics {
                 "proxsmtpd_draining",
                 "1 while the process drains connections before exiting.",
             ),
+            // `side` tells client TLS (STARTTLS or the implicit-TLS listener) from the
+            // proxy's own TLS towards the upstream; `version` shows what is left to retire.
+            tls_sessions: reg.counter_vec(
+                "proxsmtpd_tls_sessions_total",
+                "TLS handshakes completed, by side (client, upstream) and protocol version.",
+                &["side", "version"],
+            ),
+            tls_handshake_failures: reg.counter_vec(
+                "proxsmtpd_tls_handshake_failures_total",
+                "TLS handshakes that failed, by side (client, upstream).",
+                &["side"],
+            ),
+            tls_certificate_reloads: reg.counter_vec(
+                "proxsmtpd_tls_certificate_reloads_total",
+                "Loads of a changed TLS certificate, by result.",
+                &["result"],
+            ),
             registry,
         };
+        // Every TLS series starts at zero, so that rates and alerts work from the start.
+        for side in ["client", "upstream"] {
+            for version in ["TLSv1.2", "TLSv1.3"] {
+                metrics.tls_sessions.with_label_values(&[side, version]);
+            }
+            metrics.tls_handshake_failures.with_label_values(&[side]);
+        }
+        for result in ["success", "failure"] {
+            metrics.tls_certificate_reloads.with_label_values(&[result]);
+        }
         metrics.register_process_collector();
         metrics
     }
@@ -286,6 +316,22 @@ impl Metrics {
         } else {
             self.config_reload_failure.inc();
         }
+    }
+
+    /// A TLS handshake completed; `side` is `client` or `upstream`, `version` e.g. `TLSv1.3`.
+    pub fn tls_session(&self, side: &str, version: &str) {
+        self.tls_sessions.with_label_values(&[side, version]).inc();
+    }
+
+    pub fn tls_handshake_failure(&self, side: &str) {
+        self.tls_handshake_failures.with_label_values(&[side]).inc();
+    }
+
+    pub fn tls_certificate_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.tls_certificate_reloads
+            .with_label_values(&[result])
+            .inc();
     }
 
     pub fn set_draining(&self, draining: bool) {

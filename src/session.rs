@@ -9,6 +9,13 @@
 //! The body of a message is not handled here: when the client's DATA reaches the head of
 //! the queue, the session emits [`Action::BeginData`], the caller runs the transaction and
 //! then calls [`Session::transaction_done`].
+//!
+//! STARTTLS (RFC 3207) is decided here too: it is offered and accepted only when the proxy
+//! has a certificate ([`TlsPolicy`]); its `220` waits for its turn like any reply, then
+//! [`Action::StartTls`] tells the caller to throw away whatever the client sent after the
+//! command (the STARTTLS command-injection attack) and to run the handshake. After
+//! [`Session::tls_established`] the session starts over: nothing learnt before TLS is kept,
+//! and the upstream is told to forget its transaction too.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -23,6 +30,12 @@ use crate::smtp::reply::Reply;
 pub const REPLY_LINE_TOO_LONG: &[u8] = b"500 Line too long\r\n";
 pub const REPLY_NOT_IMPLEMENTED: &[u8] = b"502 Command not implemented\r\n";
 pub const REPLY_XCLIENT_REFUSED: &[u8] = b"554 Insufficient authorization\r\n";
+pub const REPLY_READY_TO_START_TLS: &[u8] = b"220 2.0.0 Ready to start TLS\r\n";
+pub const REPLY_TLS_REQUIRED: &[u8] = b"530 5.7.0 Must issue a STARTTLS command first\r\n";
+pub const REPLY_TLS_ACTIVE: &[u8] = b"503 5.5.1 TLS already active\r\n";
+pub const REPLY_STARTTLS_SYNTAX: &[u8] = b"501 5.5.4 Syntax error (no parameters allowed)\r\n";
+/// The greeting when the proxy read the upstream's own (to start TLS with it).
+pub const REPLY_GREETING: &[u8] = b"220 smtp.passthru\r\n";
 
 /// What the session needs to know of the configuration.
 #[derive(Debug, Clone)]
@@ -34,6 +47,17 @@ pub struct Policy {
     pub xclient: bool,
     /// The client's address, for XCLIENT; `None` for unix-socket clients.
     pub client_ip: Option<IpAddr>,
+}
+
+/// TLS towards the client, as far as the session is concerned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TlsPolicy {
+    /// A certificate is loaded: STARTTLS is advertised and accepted.
+    pub offer_starttls: bool,
+    /// `TlsRequired`: MAIL, RCPT, DATA and AUTH before TLS are refused with 530.
+    pub required: bool,
+    /// The connection is TLS from its first byte (the implicit-TLS listener).
+    pub implicit: bool,
 }
 
 /// How the body of a message is handled.
@@ -53,6 +77,10 @@ pub enum Action {
     BeginData(DataMode),
     /// FilterType reject refused a DATA: log it as a rejected message.
     PolicyReject,
+    /// The client's STARTTLS was answered `220` (in the actions before this one): discard
+    /// every client byte received after the STARTTLS line, run the TLS handshake, then call
+    /// [`Session::tls_established`], or end the connection if the handshake fails.
+    StartTls,
 }
 
 /// The transaction as the upstream accepted it.
@@ -91,11 +119,16 @@ enum Pending {
     /// A reply of our own, sent to the client when its turn comes.
     Local(Bytes),
     Data(DataMode),
+    /// The client's STARTTLS, answered when its turn comes.
+    StartTls,
 }
 
 impl Pending {
     fn is_upstream(&self) -> bool {
-        !matches!(self, Pending::Local(_) | Pending::Data(_))
+        !matches!(
+            self,
+            Pending::Local(_) | Pending::Data(_) | Pending::StartTls
+        )
     }
 }
 
@@ -114,10 +147,18 @@ pub struct Session {
     last_helo: Option<Bytes>,
     /// A client line held back while XCLIENT is being negotiated.
     held: Option<Bytes>,
+    tls: TlsPolicy,
+    tls_active: bool,
+    /// Between our `220` to STARTTLS and the end of the handshake.
+    tls_handshake: bool,
 }
 
 impl Session {
     pub fn new(policy: Policy) -> Self {
+        Session::with_tls(policy, TlsPolicy::default())
+    }
+
+    pub fn with_tls(policy: Policy, tls: TlsPolicy) -> Self {
         Session {
             policy,
             pending: VecDeque::from([Pending::Greeting]),
@@ -131,14 +172,46 @@ impl Session {
             xclient_sent: false,
             last_helo: None,
             held: None,
+            tls,
+            tls_active: tls.implicit,
+            tls_handshake: false,
         }
+    }
+
+    /// The proxy read the upstream's `220` greeting itself (to start TLS with it before
+    /// relaying): the client is greeted at once.
+    pub fn upstream_greeted(&mut self) {
+        if matches!(self.pending.front(), Some(Pending::Greeting)) {
+            self.pending.pop_front();
+            self.reply_to_client(Bytes::from_static(REPLY_GREETING));
+        }
+    }
+
+    /// Whether the client is speaking TLS.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// The TLS handshake after [`Action::StartTls`] succeeded. As RFC 3207 requires, the
+    /// session returns to its state after the greeting: everything the client said before
+    /// (EHLO, the transaction, AUTH) is forgotten, and the upstream is told RSET so that a
+    /// transaction begun in clear text cannot be continued under TLS.
+    pub fn tls_established(&mut self) {
+        self.tls_handshake = false;
+        self.tls_active = true;
+        self.envelope = Envelope::default();
+        self.auth_attempted = false;
+        self.authenticated = false;
+        self.auth_continuation = false;
+        self.last_helo = None;
+        self.forward(Bytes::from_static(b"RSET\r\n"), Pending::Swallow);
     }
 
     /// Whether the next client line may be processed now. After DATA the following bytes
     /// are the body; during the XCLIENT exchange commands wait so they reach the upstream
     /// after it.
     pub fn accepts_client_input(&self) -> bool {
-        if self.in_data || self.held.is_some() {
+        if self.in_data || self.held.is_some() || self.tls_handshake {
             return false;
         }
         let waiting_for_helo = self.policy.xclient
@@ -148,10 +221,12 @@ impl Session {
                 .iter()
                 .any(|p| matches!(p, Pending::Helo { .. }));
         !waiting_for_helo
-            && !self
-                .pending
-                .iter()
-                .any(|p| matches!(p, Pending::Data(_) | Pending::Xclient | Pending::HeloAgain))
+            && !self.pending.iter().any(|p| {
+                matches!(
+                    p,
+                    Pending::Data(_) | Pending::Xclient | Pending::HeloAgain | Pending::StartTls
+                )
+            })
     }
 
     /// Whether the upstream owes us a reply.
@@ -204,7 +279,19 @@ impl Session {
     fn command(&mut self, line: Bytes) {
         let skipped = self.policy.skip_authenticated && self.authenticated;
         let reject_mode = self.policy.filter_type == FilterType::Reject && !skipped;
+        let tls_missing = self.tls.required && !self.tls_active;
         match command::classify(&line) {
+            Verb::Mail | Verb::Rcpt | Verb::Data | Verb::Auth if tls_missing => {
+                self.local_reply(REPLY_TLS_REQUIRED)
+            }
+            Verb::Starttls if self.tls_active => self.local_reply(REPLY_TLS_ACTIVE),
+            Verb::Starttls if self.tls.offer_starttls => {
+                if has_parameters(&line) {
+                    self.local_reply(REPLY_STARTTLS_SYNTAX);
+                } else {
+                    self.pending.push_back(Pending::StartTls);
+                }
+            }
             Verb::Data if reject_mode => {
                 let reply = Bytes::from(self.policy.filter_reject_reply.clone());
                 self.pending.push_back(Pending::Local(reply));
@@ -280,7 +367,8 @@ impl Session {
             }
             Pending::Helo { ehlo, line } => {
                 if positive {
-                    let filtered = ehlo::filter_helo_reply(&reply, ehlo);
+                    let offer_starttls = self.tls.offer_starttls && !self.tls_active;
+                    let filtered = ehlo::filter_helo_reply(&reply, ehlo, offer_starttls);
                     // HELO clients get XCLIENT on trust, as the original does.
                     self.xclient_supported = filtered.offers_xclient || !ehlo;
                     self.last_helo = Some(line);
@@ -349,7 +437,9 @@ impl Session {
             }
             Pending::HeloAgain => self.resume_held(),
             Pending::Swallow => {}
-            Pending::Local(_) | Pending::Data(_) => unreachable!("not an upstream entry"),
+            Pending::Local(_) | Pending::Data(_) | Pending::StartTls => {
+                unreachable!("not an upstream entry")
+            }
         }
         self.release();
     }
@@ -415,6 +505,13 @@ impl Session {
                     self.actions.push(Action::BeginData(mode));
                     return;
                 }
+                Pending::StartTls => {
+                    self.pending.pop_front();
+                    self.tls_handshake = true;
+                    self.reply_to_client(Bytes::from_static(REPLY_READY_TO_START_TLS));
+                    self.actions.push(Action::StartTls);
+                    return;
+                }
                 _ => return,
             }
         }
@@ -423,6 +520,19 @@ impl Session {
     fn reset_transaction(&mut self) {
         self.envelope = Envelope::default();
     }
+}
+
+/// Whether a command line has anything after its verb.
+fn has_parameters(line: &[u8]) -> bool {
+    let text = crate::smtp::line::trim_line_end(line);
+    let start = text
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(text.len());
+    text[start..]
+        .iter()
+        .position(|b| b.is_ascii_whitespace())
+        .is_some_and(|end| text[start + end..].iter().any(|b| !b.is_ascii_whitespace()))
 }
 
 #[cfg(test)]
@@ -453,7 +563,9 @@ mod tests {
     fn run(session: &mut Session, script: &[&str]) -> Vec<String> {
         let mut out = Vec::new();
         for step in script {
-            if let Some(line) = step.strip_prefix("C: ") {
+            if *step == "TLS" {
+                session.tls_established();
+            } else if let Some(line) = step.strip_prefix("C: ") {
                 session.client_line(Bytes::from(format!("{line}\r\n")));
             } else if let Some(text) = step.strip_prefix("S: ") {
                 session.upstream_reply(reply(text));
@@ -471,6 +583,7 @@ mod tests {
                     ),
                     Action::BeginData(mode) => format!("DATA {mode:?}"),
                     Action::PolicyReject => "POLICY-REJECT".to_string(),
+                    Action::StartTls => "START-TLS".to_string(),
                 });
             }
         }
@@ -716,5 +829,220 @@ mod tests {
         let mut s = Session::new(policy());
         let out = run(&mut s, &["S: 220 x", "S: 421 shutting down"]);
         assert_eq!(out, vec![">cl 220 smtp.passthru", ">cl 421 shutting down"]);
+    }
+
+    fn tls(offer: bool, required: bool, implicit: bool) -> TlsPolicy {
+        TlsPolicy {
+            offer_starttls: offer,
+            required,
+            implicit,
+        }
+    }
+
+    #[test]
+    fn starttls_restarts_the_session() {
+        let mut s = Session::with_tls(policy(), tls(true, false, false));
+        let out = run(
+            &mut s,
+            &[
+                "S: 220 x",
+                "C: EHLO c",
+                "S: 250-x|250 SIZE 10",
+                "C: MAIL FROM:<a@x>",
+                "S: 250 ok",
+                "C: STARTTLS",
+            ],
+        );
+        assert_eq!(
+            out[out.len() - 2..],
+            [">cl 220 2.0.0 Ready to start TLS", "START-TLS"]
+        );
+        assert_eq!(out[2], ">cl 250-smtp.passthru|250-SIZE 10|250 STARTTLS");
+        assert!(
+            !s.accepts_client_input(),
+            "nothing is read until the handshake is done"
+        );
+        assert_eq!(s.envelope().sender.as_deref(), Some("a@x"));
+        let out = run(
+            &mut s,
+            &[
+                "TLS",
+                "C: EHLO c",
+                "S: 250 reset",
+                "S: 250-x|250 SIZE 10",
+                "C: STARTTLS",
+                "C: RCPT TO:<b@y>",
+                "S: 503 need MAIL",
+            ],
+        );
+        assert_eq!(
+            out,
+            vec![
+                ">up RSET",
+                ">up EHLO c",
+                ">cl 250-smtp.passthru|250 SIZE 10",
+                ">cl 503 5.5.1 TLS already active",
+                ">up RCPT TO:<b@y>",
+                ">cl 503 need MAIL",
+            ]
+        );
+        assert!(s.tls_active());
+        assert_eq!(s.envelope(), &Envelope::default());
+    }
+
+    #[test]
+    fn starttls_waits_for_earlier_replies_and_blocks_later_commands() {
+        let mut s = Session::with_tls(policy(), tls(true, false, false));
+        run(&mut s, &["S: 220 x"]);
+        s.client_line(Bytes::from_static(b"NOOP\r\n"));
+        assert!(s.accepts_client_input());
+        s.client_line(Bytes::from_static(b"STARTTLS\r\n"));
+        assert!(!s.accepts_client_input(), "lines after STARTTLS must wait");
+        let out = run(&mut s, &["S: 250 noop"]);
+        assert_eq!(
+            out,
+            vec![
+                ">up NOOP",
+                ">cl 250 noop",
+                ">cl 220 2.0.0 Ready to start TLS",
+                "START-TLS"
+            ]
+        );
+        assert!(!s.accepts_client_input());
+        assert!(!s.awaiting_upstream());
+    }
+
+    #[test]
+    fn starttls_answers() {
+        let cases: &[(TlsPolicy, &str, &str)] = &[
+            (
+                tls(false, false, false),
+                "STARTTLS",
+                ">cl 502 Command not implemented",
+            ),
+            (
+                tls(true, false, false),
+                "STARTTLS now",
+                ">cl 501 5.5.4 Syntax error (no parameters allowed)",
+            ),
+            (
+                tls(true, false, false),
+                " starttls \t",
+                ">cl 220 2.0.0 Ready to start TLS",
+            ),
+            (
+                tls(false, false, true),
+                "STARTTLS",
+                ">cl 503 5.5.1 TLS already active",
+            ),
+        ];
+        for (t, line, want) in cases {
+            let mut s = Session::with_tls(policy(), *t);
+            let out = run(&mut s, &["S: 220 x", &format!("C: {line}")]);
+            assert_eq!(out[1], *want, "{line:?} with {t:?}");
+        }
+    }
+
+    #[test]
+    fn required_tls_refuses_the_transaction_before_starttls() {
+        let mut s = Session::with_tls(policy(), tls(true, true, false));
+        let out = run(
+            &mut s,
+            &[
+                "S: 220 x",
+                "C: EHLO c",
+                "S: 250 x",
+                "C: MAIL FROM:<a@x>",
+                "C: RCPT TO:<b@y>",
+                "C: DATA",
+                "C: AUTH PLAIN AGFiAGM=",
+                "C: NOOP",
+                "S: 250 noop",
+                "C: STARTTLS",
+                "TLS",
+                "C: MAIL FROM:<a@x>",
+                "S: 250 reset",
+                "S: 250 ok",
+            ],
+        );
+        let refused = ">cl 530 5.7.0 Must issue a STARTTLS command first";
+        assert_eq!(
+            out,
+            vec![
+                ">cl 220 smtp.passthru",
+                ">up EHLO c",
+                ">cl 250-smtp.passthru|250 STARTTLS",
+                refused,
+                refused,
+                refused,
+                refused,
+                ">up NOOP",
+                ">cl 250 noop",
+                ">cl 220 2.0.0 Ready to start TLS",
+                "START-TLS",
+                ">up RSET",
+                ">up MAIL FROM:<a@x>",
+                ">cl 250 ok",
+            ]
+        );
+        // Implicit TLS satisfies the requirement from the start.
+        let mut s = Session::with_tls(policy(), tls(false, true, true));
+        let out = run(
+            &mut s,
+            &[
+                "S: 220 x",
+                "C: EHLO c",
+                "S: 250-x|250 STARTTLS",
+                "C: MAIL FROM:<a@x>",
+            ],
+        );
+        assert_eq!(
+            out[2..],
+            [">cl 250-smtp.passthru|250 XFILTERED", ">up MAIL FROM:<a@x>"]
+        );
+    }
+
+    #[test]
+    fn starttls_forgets_authentication() {
+        let mut s = Session::with_tls(
+            Policy {
+                skip_authenticated: true,
+                ..policy()
+            },
+            tls(true, false, false),
+        );
+        run(&mut s, &["S: 220 x", "C: AUTH PLAIN AGFiAGM=", "S: 235 ok"]);
+        assert!(s.authenticated());
+        run(&mut s, &["C: STARTTLS", "TLS"]);
+        assert!(!s.authenticated());
+    }
+
+    #[test]
+    fn greeting_read_by_the_proxy() {
+        let mut s = Session::new(policy());
+        s.upstream_greeted();
+        let out = run(&mut s, &["C: EHLO c", "S: 250 x"]);
+        assert_eq!(
+            out,
+            vec![
+                ">cl 220 smtp.passthru",
+                ">up EHLO c",
+                ">cl 250 smtp.passthru"
+            ]
+        );
+    }
+
+    #[test]
+    fn parameters() {
+        for (line, want) in [
+            (&b"STARTTLS\r\n"[..], false),
+            (b"STARTTLS \r\n", false),
+            (b"  STARTTLS\t \n", false),
+            (b"STARTTLS x\r\n", true),
+            (b"STARTTLS\tx", true),
+            (b"", false),
+        ] {
+            assert_eq!(has_parameters(line), want, "{line:?}");
+        }
     }
 }

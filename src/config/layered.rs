@@ -20,7 +20,7 @@ use figment::{Figment, Metadata, Profile, Provider};
 use super::address::resolve;
 use super::legacy::{apply_setting, read_legacy};
 use super::names::{self, Kind, SettingName, ENV_PREFIX, SETTINGS};
-use super::settings::{OutAddress, Settings, Transparent, DEFAULT_OUT_PORT};
+use super::settings::{OutAddress, Settings, Transparent, UpstreamTls, DEFAULT_OUT_PORT};
 use super::{ConfigError, EXIT_UNREADABLE};
 
 /// What to load.
@@ -175,6 +175,46 @@ pub fn validate(s: &Settings) -> Result<Vec<String>, ConfigError> {
     }
     if !s.proxy_protocol && !s.proxy_protocol_trusted.is_empty() {
         warnings.push("ProxyProtocolTrusted has no effect while ProxyProtocol is off".to_string());
+    }
+    match (&s.tls_certificate, &s.tls_key) {
+        (Some(_), None) => {
+            return Err(
+                ConfigError::new("", "TlsCertificate is set but TlsKey is not")
+                    .with_setting("TlsKey"),
+            )
+        }
+        (None, Some(_)) => {
+            return Err(
+                ConfigError::new("", "TlsKey is set but TlsCertificate is not")
+                    .with_setting("TlsCertificate"),
+            )
+        }
+        _ => {}
+    }
+    let certificate = s.tls_certificate.is_some();
+    if s.tls_required && !certificate {
+        return Err(
+            ConfigError::new("", "TlsRequired is on but no TlsCertificate is set")
+                .with_setting("TlsRequired"),
+        );
+    }
+    if s.tls_listen.is_some() && !certificate {
+        return Err(
+            ConfigError::new("", "TlsListen is set but no TlsCertificate is set")
+                .with_setting("TlsListen"),
+        );
+    }
+    if s.tls_listen.is_some() && s.tls_listen.as_ref() == Some(&s.listen) {
+        return Err(
+            ConfigError::new("", "TlsListen must differ from Listen").with_setting("TlsListen")
+        );
+    }
+    if s.upstream_tls == UpstreamTls::Off && (s.upstream_tls_ca.is_some() || !s.upstream_tls_verify)
+    {
+        warnings.push(
+            "UpstreamTlsCa and UpstreamTlsVerify have no effect while UpstreamTls is off"
+                .to_string(),
+        );
     }
     Ok(warnings)
 }
@@ -996,6 +1036,12 @@ reload_watch: no
             "ProxyProtocolTrusted" => "10.0.0.0/8",
             "LogFormat" => "json",
             "ReloadWatch" => "off",
+            "TlsCertificate" => "/etc/tls/tls.crt",
+            "TlsKey" => "/etc/tls/tls.key",
+            "TlsListen" => "[::1]:2465",
+            "UpstreamTls" => "required",
+            "UpstreamTlsCa" => "/etc/ssl/ca.pem",
+            "UpstreamTlsVerify" => "off",
             _ => "on",
         };
         let none = Path::new("/nonexistent/p.conf");
@@ -1106,8 +1152,78 @@ reload_watch: no
         let trusted_only = Settings {
             out_address: Some(OutAddress::ClientLoopback(25)),
             proxy_protocol_trusted: vec!["10.0.0.0/8".parse().unwrap()],
-            ..base
+            ..base.clone()
         };
         assert_eq!(validate(&trusted_only).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn tls_validation() {
+        let base = Settings {
+            out_address: Some(OutAddress::ClientLoopback(25)),
+            ..Settings::default()
+        };
+        let with = |f: fn(&mut Settings)| {
+            let mut s = base.clone();
+            f(&mut s);
+            validate(&s)
+        };
+        let pair = |s: &mut Settings| {
+            s.tls_certificate = Some("/t/tls.crt".into());
+            s.tls_key = Some("/t/tls.key".into());
+        };
+        type Case = (fn(&mut Settings), Option<&'static str>);
+        let cases: &[Case] = &[
+            (
+                |s| s.tls_certificate = Some("/t/tls.crt".into()),
+                Some("TlsCertificate is set but TlsKey is not"),
+            ),
+            (
+                |s| s.tls_key = Some("/t/tls.key".into()),
+                Some("TlsKey is set but TlsCertificate is not"),
+            ),
+            (
+                |s| s.tls_required = true,
+                Some("TlsRequired is on but no TlsCertificate is set"),
+            ),
+            (
+                |s| s.tls_listen = Some(ListenAddress::Tcp("127.0.0.1:465".parse().unwrap())),
+                Some("TlsListen is set but no TlsCertificate is set"),
+            ),
+            (
+                |s| {
+                    s.tls_certificate = Some("/t/tls.crt".into());
+                    s.tls_key = Some("/t/tls.key".into());
+                    s.tls_listen = Some(s.listen.clone());
+                },
+                Some("TlsListen must differ from Listen"),
+            ),
+            (
+                |s| {
+                    s.tls_certificate = Some("/t/tls.crt".into());
+                    s.tls_key = Some("/t/tls.key".into());
+                    s.tls_required = true;
+                    s.tls_listen = Some(ListenAddress::Tcp("127.0.0.1:465".parse().unwrap()));
+                },
+                None,
+            ),
+        ];
+        for (change, error) in cases {
+            match (with(*change), error) {
+                (Err(e), Some(want)) => assert_eq!(e.to_string(), *want),
+                (Ok(w), None) => assert!(w.is_empty(), "{w:?}"),
+                (got, want) => panic!("{got:?}, expected {want:?}"),
+            }
+        }
+        let mut s = base.clone();
+        pair(&mut s);
+        s.upstream_tls_verify = false;
+        assert_eq!(
+            validate(&s).unwrap().len(),
+            1,
+            "UpstreamTlsVerify without UpstreamTls"
+        );
+        s.upstream_tls = UpstreamTls::Opportunistic;
+        assert_eq!(validate(&s), Ok(vec![]));
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use super::address::{parse_listen, parse_out_address};
 use super::cidr::parse_cidr_list;
 use super::names::{self, SettingName};
-use super::settings::{FilterType, LogFormat, Settings, Transparent};
+use super::settings::{FilterType, LogFormat, Settings, Transparent, UpstreamTls};
 use super::ConfigError;
 
 /// Longest duration a setting can hold (2^32-1 s, about 136 years): large enough to mean
@@ -25,6 +25,8 @@ const MAX_SECONDS: u64 = u32::MAX as u64;
 const INVALID_FILTER_TYPE: &str =
     "invalid value for FilterType (must specify 'pipe' or 'file' or 'reject')";
 const INVALID_LOG_FORMAT: &str = "invalid value for LogFormat (must specify 'text' or 'json')";
+const INVALID_UPSTREAM_TLS: &str =
+    "invalid value for UpstreamTls (must specify 'off' or 'opportunistic' or 'required')";
 
 /// One accepted line of a `proxsmtpd.conf` file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,6 +186,25 @@ pub fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result
             }
         }
         "ReloadWatch" => s.reload_watch = boolean(v).ok_or_else(invalid_value)?,
+        "TlsCertificate" => s.tls_certificate = non_empty(v).map(PathBuf::from),
+        "TlsKey" => s.tls_key = non_empty(v).map(PathBuf::from),
+        "TlsRequired" => s.tls_required = boolean(v).ok_or_else(invalid_value)?,
+        "TlsListen" => {
+            s.tls_listen = match v {
+                "" => None,
+                v => Some(parse_listen(v).map_err(|e| e.replacen("Listen", "TlsListen", 1))?),
+            }
+        }
+        "UpstreamTls" => {
+            s.upstream_tls = match v.to_ascii_lowercase().as_str() {
+                "off" => UpstreamTls::Off,
+                "opportunistic" => UpstreamTls::Opportunistic,
+                "required" => UpstreamTls::Required,
+                _ => return Err(INVALID_UPSTREAM_TLS.into()),
+            }
+        }
+        "UpstreamTlsCa" => s.upstream_tls_ca = non_empty(v).map(PathBuf::from),
+        "UpstreamTlsVerify" => s.upstream_tls_verify = boolean(v).ok_or_else(invalid_value)?,
         other => return Err(format!("invalid config line: {other}")),
     }
     Ok(())
@@ -390,6 +411,29 @@ mod tests {
             ("LogFormat", "json", |s| s.log_format == LogFormat::Json),
             ("LogFormat", "Text", |s| s.log_format == LogFormat::Text),
             ("ReloadWatch", "off", |s| !s.reload_watch),
+            ("TlsCertificate", "/etc/tls/tls.crt", |s| {
+                s.tls_certificate == Some(PathBuf::from("/etc/tls/tls.crt"))
+            }),
+            ("TlsCertificate", "", |s| s.tls_certificate.is_none()),
+            ("TlsKey", "/etc/tls/tls.key", |s| {
+                s.tls_key == Some(PathBuf::from("/etc/tls/tls.key"))
+            }),
+            ("TlsRequired", "yes", |s| s.tls_required),
+            ("TlsListen", "127.0.0.1:10465", |s| {
+                s.tls_listen == Some(ListenAddress::Tcp("127.0.0.1:10465".parse().unwrap()))
+            }),
+            ("TlsListen", "", |s| s.tls_listen.is_none()),
+            ("UpstreamTls", "Opportunistic", |s| {
+                s.upstream_tls == UpstreamTls::Opportunistic
+            }),
+            ("UpstreamTls", "required", |s| {
+                s.upstream_tls == UpstreamTls::Required
+            }),
+            ("UpstreamTls", "off", |s| s.upstream_tls == UpstreamTls::Off),
+            ("UpstreamTlsCa", "/etc/ssl/ca.pem", |s| {
+                s.upstream_tls_ca == Some(PathBuf::from("/etc/ssl/ca.pem"))
+            }),
+            ("UpstreamTlsVerify", "off", |s| !s.upstream_tls_verify),
             // Names are case-insensitive; values are trimmed of C whitespace.
             ("filtertimeout", " 9\r", |s| s.filter_timeout == secs(9)),
             ("MAXCONNECTIONS", "\t100 ", |s| s.max_connections == 100),
@@ -445,6 +489,10 @@ mod tests {
             ("ProxyProtocolTrusted", "lb.example", "invalid setting: ProxyProtocolTrusted (\"lb.example\" is not an IP address or network)"),
             ("ReadinessCheckUpstream", "2", "invalid value for ReadinessCheckUpstream"),
             ("LogFormat", "xml", "invalid value for LogFormat (must specify 'text' or 'json')"),
+            ("TlsRequired", "maybe", "invalid value for TlsRequired"),
+            ("TlsListen", "x y", "invalid TlsListen socket name or ip: x y"),
+            ("UpstreamTls", "yes", "invalid value for UpstreamTls (must specify 'off' or 'opportunistic' or 'required')"),
+            ("UpstreamTlsVerify", "", "invalid value for UpstreamTlsVerify"),
             ("LogFormat", "", "invalid value for LogFormat (must specify 'text' or 'json')"),
             ("ReloadWatch", "", "invalid value for ReloadWatch"),
             ("DebugFiles", "1", "invalid config line: DebugFiles"),

@@ -74,6 +74,13 @@ pub const SETTINGS: &[SettingName] = &[
     s("ReadinessCheckUpstream", "readiness_check_upstream"),
     s("LogFormat", "log_format"),
     s("ReloadWatch", "reload_watch"),
+    s("TlsCertificate", "tls_certificate"),
+    s("TlsKey", "tls_key"),
+    s("TlsRequired", "tls_required"),
+    s("TlsListen", "tls_listen"),
+    s("UpstreamTls", "upstream_tls"),
+    s("UpstreamTlsCa", "upstream_tls_ca"),
+    s("UpstreamTlsVerify", "upstream_tls_verify"),
 ];
 
 /// Looks up a `proxsmtpd.conf` / command line name, case-insensitively.

@@ -47,6 +47,18 @@ pub enum OutAddress {
     Unix(PathBuf),
 }
 
+/// `UpstreamTls`: STARTTLS towards the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamTls {
+    /// Plain text, as the original (the upstream's STARTTLS is hidden from the client).
+    Off,
+    /// STARTTLS when the upstream offers it; plain text when it does not.
+    Opportunistic,
+    /// STARTTLS or no delivery: an upstream that does not offer it, or refuses it, fails the
+    /// session with `421`.
+    Required,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -121,6 +133,29 @@ pub struct Settings {
     /// `ReloadWatch` (default on): watch the config file and the filter command's files and
     /// apply changes to new messages, as SIGHUP does.
     pub reload_watch: bool,
+    /// `TlsCertificate`: PEM certificate chain (leaf first) offered to clients, e.g. a
+    /// Kubernetes TLS Secret's `tls.crt`. With `TlsKey` it turns on STARTTLS; without them
+    /// STARTTLS is hidden and refused with 502, as in the original. Reloaded when the file
+    /// changes; a broken new pair is refused and the running one kept.
+    pub tls_certificate: Option<PathBuf>,
+    /// `TlsKey`: the PEM private key of `TlsCertificate` (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
+    /// `TlsRequired` (default off): refuse MAIL, RCPT, DATA and AUTH before STARTTLS with
+    /// `530 5.7.0 Must issue a STARTTLS command first`.
+    pub tls_required: bool,
+    /// `TlsListen`: a second listener (same syntax as `Listen`, give the port, e.g.
+    /// `0.0.0.0:10465`) where clients speak TLS from the first byte (implicit TLS, the port
+    /// 465 style). `None` (default, or an empty value) opens none.
+    pub tls_listen: Option<ListenAddress>,
+    /// `UpstreamTls`: `off` (default), `opportunistic` or `required`.
+    pub upstream_tls: UpstreamTls,
+    /// `UpstreamTlsCa`: PEM bundle of the CAs trusted for the upstream's certificate;
+    /// `None` (default) uses the system's store (`/etc/ssl/certs`).
+    pub upstream_tls_ca: Option<PathBuf>,
+    /// `UpstreamTlsVerify` (default on): check the upstream's certificate against the CAs
+    /// and its name (the `OutAddress` host name or IP address). Turn off only for an
+    /// upstream on the same host or pod.
+    pub upstream_tls_verify: bool,
 }
 
 pub const DEFAULT_LISTEN_PORT: u16 = 10025;
@@ -155,6 +190,13 @@ impl Default for Settings {
             readiness_check_upstream: false,
             log_format: LogFormat::Text,
             reload_watch: true,
+            tls_certificate: None,
+            tls_key: None,
+            tls_required: false,
+            tls_listen: None,
+            upstream_tls: UpstreamTls::Off,
+            upstream_tls_ca: None,
+            upstream_tls_verify: true,
         }
     }
 }

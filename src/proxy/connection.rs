@@ -2,6 +2,11 @@
 //!
 //! The protocol decisions are made by [`Session`]; this module only reads, writes, waits
 //! and enforces the timeouts. The message body is handled in [`super::transaction`].
+//!
+//! TLS handshakes happen here too: the client's after the session says so (STARTTLS) or at
+//! once on the implicit-TLS listener, and the upstream's (`UpstreamTls`) before the client's
+//! conversation is relayed: the proxy then greets the upstream itself (EHLO, STARTTLS,
+//! handshake) and the session greets the client on its own.
 
 use std::sync::Arc;
 
@@ -10,16 +15,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::io::Stream;
+use super::io::{Rewound, Stream};
 use super::observe::{self, ConnectionId};
 use super::transaction;
-use super::upstream::{self, ClientInfo};
-use crate::config::Settings;
+use super::upstream::{self, ClientInfo, TlsStep};
+use crate::config::{Settings, UpstreamTls};
 use crate::filter::verdict::format_reply;
 use crate::metrics::UpstreamStage;
-use crate::session::{Action, Policy, Session};
+use crate::session::{Action, Policy, Session, TlsPolicy};
 use crate::smtp::line::{Framed, LineReader, COMMAND_LINE_LIMIT};
 use crate::smtp::reply::{Reply, ReplyAssembler};
+use crate::tls::{self, ClientTls, ServerTls, Tls, TlsInfo};
 
 pub const REPLY_UPSTREAM_UNAVAILABLE: &[u8] =
     b"421 4.4.1 Upstream server unavailable, try again later\r\n";
@@ -38,6 +44,8 @@ pub enum Fatal {
     ClientTimeout,
     /// The upstream failed; the client has been told (or cannot be).
     Upstream(String),
+    /// The upstream cannot be used before the client is greeted (its TLS failed).
+    UpstreamUnavailable(String),
     Shutdown,
 }
 
@@ -48,9 +56,14 @@ pub struct Conn {
     pub info: ClientInfo,
     pub client: Stream,
     pub client_buf: BytesMut,
+    client_lines: LineReader,
     pub client_eof: bool,
+    /// The client's TLS, once established.
+    pub tls: Option<TlsInfo>,
     pub upstream: Stream,
     pub server: String,
+    /// The name the upstream's TLS certificate must carry.
+    upstream_tls_name: String,
     upstream_buf: BytesMut,
     upstream_lines: LineReader,
     assembler: ReplyAssembler,
@@ -182,13 +195,202 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Set at the drain deadline: every session is ended with 421.
     pub hard_stop: watch::Receiver<bool>,
+    pub tls: Arc<Tls>,
+}
+
+/// Runs a TLS handshake as the server on `stream`, `received` being bytes already read
+/// from it.
+async fn accept_tls(
+    server: &ServerTls,
+    stream: Stream,
+    received: Bytes,
+    timeout: std::time::Duration,
+) -> Result<Stream, String> {
+    let acceptor = server
+        .acceptor()
+        .ok_or_else(|| "no TLS certificate loaded".to_string())?;
+    let handshake = acceptor.accept(Rewound::new(received, stream));
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(tls)) => Ok(Stream::TlsServer(Box::new(tls))),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+/// Logs and counts an established TLS session.
+fn tls_established(id: ConnectionId, side: &str, info: &TlsInfo) {
+    tracing::info!(
+        tls_side = side,
+        tls_version = info.version,
+        tls_cipher = %info.cipher,
+        "{id}: {side} TLS established: {} {}",
+        info.version,
+        info.cipher
+    );
+    crate::metrics::global().tls_session(side, info.version);
+}
+
+impl Conn {
+    /// The client's STARTTLS was answered 220: the handshake, on a clean slate.
+    async fn start_client_tls(&mut self, server: &ServerTls) -> Result<(), Fatal> {
+        // Anything after the STARTTLS line came in clear text before the handshake; taking
+        // it as commands under TLS is the STARTTLS command-injection attack.
+        if !self.client_buf.is_empty() {
+            tracing::warn!(
+                "{}: discarded {} bytes the client sent after STARTTLS",
+                self.id,
+                self.client_buf.len()
+            );
+        }
+        self.client_buf.clear();
+        self.client_lines = LineReader::new(COMMAND_LINE_LIMIT);
+        let stream = self.client.detach();
+        match accept_tls(server, stream, Bytes::new(), self.settings.timeout).await {
+            Ok(stream) => {
+                self.client = stream;
+                self.tls = self.client.tls_info();
+                if let Some(info) = &self.tls {
+                    tls_established(self.id, "client", info);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!("{}: client TLS handshake failed: {e}", self.id);
+                crate::metrics::global().tls_handshake_failure("client");
+                Err(Fatal::ClientGone)
+            }
+        }
+    }
+
+    /// `UpstreamTls`: greets the upstream and starts TLS with it when it can (or must).
+    async fn start_upstream_tls(&mut self, client: &ClientTls) -> Result<Greeting, String> {
+        let result = self.negotiate_upstream_tls(client).await;
+        if let Err(Refusal::Tls(_)) = &result {
+            // Read and write failures were counted at their stage already.
+            crate::metrics::global().upstream_error(UpstreamStage::Connect);
+        }
+        result.map_err(|r| match r {
+            Refusal::Io(reason) | Refusal::Tls(reason) => reason,
+        })
+    }
+
+    async fn negotiate_upstream_tls(&mut self, client: &ClientTls) -> Result<Greeting, Refusal> {
+        let mode = self.settings.upstream_tls;
+        let fail = |f: Fatal| {
+            Refusal::Io(match f {
+                Fatal::Upstream(reason) => reason,
+                other => format!("{other:?}"),
+            })
+        };
+        let greeting = self
+            .read_reply(UpstreamStage::Greeting)
+            .await
+            .map_err(fail)?;
+        if greeting.code != 220 {
+            // A refusal: the client sees it as the greeting, as without TLS.
+            return Ok(Greeting::Read(greeting));
+        }
+        let ehlo = format!("EHLO {}\r\n", local_name());
+        let reply = self
+            .command(ehlo.as_bytes(), UpstreamStage::Greeting)
+            .await
+            .map_err(fail)?;
+        match upstream::after_ehlo(mode, &reply) {
+            TlsStep::Go => {}
+            TlsStep::Plain => {
+                tracing::info!(
+                    "{}: SERVER: no STARTTLS offered, going on in clear text",
+                    self.id
+                );
+                return Ok(Greeting::Consumed);
+            }
+            TlsStep::Fail(reason) => return Err(Refusal::Tls(reason)),
+        }
+        let reply = self
+            .command(b"STARTTLS\r\n", UpstreamStage::Greeting)
+            .await
+            .map_err(fail)?;
+        match upstream::after_starttls(mode, &reply) {
+            TlsStep::Go => {}
+            TlsStep::Plain => {
+                tracing::warn!(
+                    "{}: SERVER: STARTTLS refused ({}), going on in clear text",
+                    self.id,
+                    reply.code
+                );
+                return Ok(Greeting::Consumed);
+            }
+            TlsStep::Fail(reason) => return Err(Refusal::Tls(reason)),
+        }
+        if !self.upstream_buf.is_empty() {
+            // Replies cannot be pipelined behind 220 to STARTTLS: someone injected them.
+            return Err(Refusal::Tls(
+                "the upstream sent data after its 220 to STARTTLS".into(),
+            ));
+        }
+        let connector = client
+            .connector(&self.settings)
+            .map_err(|e| Refusal::Tls(e.to_string()))?;
+        let name =
+            tls::server_name(&self.upstream_tls_name).map_err(|e| Refusal::Tls(e.to_string()))?;
+        let stream = self.upstream.detach();
+        let handshake = connector.connect(name, stream);
+        let result = match tokio::time::timeout(self.settings.timeout, handshake).await {
+            Ok(Ok(tls)) => Ok(Stream::TlsClient(Box::new(tls))),
+            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+            Err(_) => Err("TLS handshake timed out".into()),
+        };
+        match result {
+            Ok(stream) => {
+                self.upstream = stream;
+                self.upstream_lines = LineReader::new(REPLY_LINE_LIMIT);
+                self.assembler = ReplyAssembler::default();
+                self.upstream_active = Instant::now();
+                if let Some(info) = self.upstream.tls_info() {
+                    tls_established(self.id, "upstream", &info);
+                }
+                Ok(Greeting::Consumed)
+            }
+            Err(e) => {
+                crate::metrics::global().tls_handshake_failure("upstream");
+                Err(Refusal::Tls(e))
+            }
+        }
+    }
+}
+
+/// Why the proxy's STARTTLS with the upstream did not happen.
+enum Refusal {
+    /// Reading or writing failed (already counted).
+    Io(String),
+    /// The upstream or its certificate is not acceptable.
+    Tls(String),
+}
+
+/// How the upstream's greeting was dealt with before relaying began.
+enum Greeting {
+    /// Not read yet: the session relays it.
+    Pending,
+    /// Read by the proxy: the session relays this reply as the greeting.
+    Read(Reply),
+    /// Read and answered by the proxy (EHLO, maybe STARTTLS): the session greets the client.
+    Consumed,
+}
+
+/// The name the proxy gives itself in its EHLO to the upstream.
+fn local_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|n| n.into_string().ok())
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic()))
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Serves one accepted client until it leaves.
 pub async fn serve(
     mut client: Stream,
     info: ClientInfo,
-    received: BytesMut,
+    mut received: BytesMut,
     id: ConnectionId,
     mut shared: Shared,
 ) {
@@ -198,6 +400,25 @@ pub async fn serve(
         .map(|p| p.ip().to_string())
         .unwrap_or_else(|| "unix".into());
     tracing::info!("{id}: accepted connection from: {peer}");
+
+    let mut client_tls = None;
+    if info.implicit_tls {
+        let prefix = received.split().freeze();
+        match accept_tls(&shared.tls.server, client, prefix, settings.timeout).await {
+            Ok(stream) => {
+                client = stream;
+                client_tls = client.tls_info();
+                if let Some(tls) = &client_tls {
+                    tls_established(id, "client", tls);
+                }
+            }
+            Err(e) => {
+                tracing::warn!("{id}: client TLS handshake failed: {e}");
+                crate::metrics::global().tls_handshake_failure("client");
+                return;
+            }
+        }
+    }
 
     let upstream = match upstream::connect(&settings, &info, settings.timeout).await {
         Ok(u) => u,
@@ -222,9 +443,12 @@ pub async fn serve(
         info,
         client,
         client_buf: received,
+        client_lines: LineReader::new(COMMAND_LINE_LIMIT),
         client_eof: false,
+        tls: client_tls,
         upstream: upstream.stream,
         server: upstream.server,
+        upstream_tls_name: upstream.tls_name,
         upstream_buf: BytesMut::with_capacity(READ_BUFFER),
         upstream_lines: LineReader::new(REPLY_LINE_LIMIT),
         assembler: ReplyAssembler::default(),
@@ -245,6 +469,15 @@ pub async fn serve(
             tracing::error!("{id}: {reason}");
             let _ = conn.send_client(REPLY_UPSTREAM_LOST).await;
         }
+        Err(Fatal::UpstreamUnavailable(reason)) => {
+            tracing::error!("{id}: SERVER: upstream TLS: {reason}");
+            let _ = conn.send_client(REPLY_UPSTREAM_UNAVAILABLE).await;
+            if !matches!(conn.upstream, Stream::Detached) {
+                let _ = conn
+                    .send_upstream(b"QUIT\r\n", UpstreamStage::Connect)
+                    .await;
+            }
+        }
         Err(Fatal::Shutdown) => {
             let _ = conn.send_client(REPLY_SHUTTING_DOWN).await;
         }
@@ -263,17 +496,40 @@ fn policy(settings: &Settings, info: &ClientInfo) -> Policy {
     }
 }
 
+fn tls_policy(settings: &Settings, tls: &Tls, conn: &Conn) -> TlsPolicy {
+    TlsPolicy {
+        offer_starttls: tls.server.has_certificate(),
+        required: settings.tls_required,
+        implicit: conn.tls.is_some(),
+    }
+}
+
 /// The command phase: relays until either side leaves.
 async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
-    let mut session = Session::new(policy(&conn.settings, &conn.info));
-    let mut client_lines = LineReader::new(COMMAND_LINE_LIMIT);
+    let greeting = match conn.settings.upstream_tls {
+        UpstreamTls::Off => Greeting::Pending,
+        _ => conn
+            .start_upstream_tls(&shared.tls.client)
+            .await
+            .map_err(Fatal::UpstreamUnavailable)?,
+    };
+    let mut session = Session::with_tls(
+        policy(&conn.settings, &conn.info),
+        tls_policy(&conn.settings, &shared.tls, conn),
+    );
+    match greeting {
+        Greeting::Pending => {}
+        Greeting::Read(reply) => session.upstream_reply(reply),
+        Greeting::Consumed => session.upstream_greeted(),
+    }
+    perform(conn, &mut session, shared).await?;
     let mut draining = *shared.shutdown.borrow();
     loop {
         // Feed every complete client line the session can take now.
         while session.accepts_client_input() {
-            let framed = match client_lines.next(&mut conn.client_buf) {
+            let framed = match conn.client_lines.next(&mut conn.client_buf) {
                 Some(f) => Some(f),
-                None if conn.client_eof => client_lines.take_partial(&mut conn.client_buf),
+                None if conn.client_eof => conn.client_lines.take_partial(&mut conn.client_buf),
                 None => None,
             };
             match framed {
@@ -284,13 +540,13 @@ async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
                 Some(Framed::TooLong) => session.client_line_too_long(),
                 None => break,
             }
-            perform(conn, &mut session, &shared.settings).await?;
+            perform(conn, &mut session, shared).await?;
         }
         // Replies already buffered are handled before waiting for more input.
         match conn.buffered_reply() {
             Ok(Some(reply)) => {
                 session.upstream_reply(reply);
-                perform(conn, &mut session, &shared.settings).await?;
+                perform(conn, &mut session, shared).await?;
                 continue;
             }
             Ok(None) => {}
@@ -340,11 +596,7 @@ async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
 }
 
 /// Carries out the session's actions in order.
-async fn perform(
-    conn: &mut Conn,
-    session: &mut Session,
-    settings: &watch::Receiver<Arc<Settings>>,
-) -> Result<(), Fatal> {
+async fn perform(conn: &mut Conn, session: &mut Session, shared: &Shared) -> Result<(), Fatal> {
     loop {
         let actions = session.take_actions();
         if actions.is_empty() {
@@ -363,10 +615,14 @@ async fn perform(
                 Action::PolicyReject => observe::policy_reject(conn, session.envelope()),
                 Action::BeginData(mode) => {
                     // A reloaded configuration applies from the next message on.
-                    conn.settings = settings.borrow().clone();
+                    conn.settings = shared.settings.borrow().clone();
                     let result = transaction::run(conn, session.envelope(), mode).await;
                     session.transaction_done();
                     result?;
+                }
+                Action::StartTls => {
+                    conn.start_client_tls(&shared.tls.server).await?;
+                    session.tls_established();
                 }
             }
         }

@@ -1,14 +1,56 @@
-//! One stream type for TCP and unix sockets on either side of the proxy.
+//! One stream type for TCP and unix sockets, plain or TLS, on either side of the proxy.
 
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A client speaking TLS (after STARTTLS, or on the implicit-TLS listener).
+    TlsServer(Box<tokio_rustls::server::TlsStream<Rewound>>),
+    /// The upstream after the proxy's STARTTLS.
+    TlsClient(Box<tokio_rustls::client::TlsStream<Stream>>),
+    /// Taken out for a TLS handshake (see [`Stream::detach`]); every operation fails.
+    Detached,
+}
+
+impl Stream {
+    /// Takes the stream out for a TLS handshake, leaving [`Stream::Detached`] in its place
+    /// until the TLS stream is put back (a failed handshake leaves it detached).
+    pub fn detach(&mut self) -> Stream {
+        std::mem::replace(self, Stream::Detached)
+    }
+
+    /// The negotiated TLS parameters, when this is a TLS stream.
+    pub fn tls_info(&self) -> Option<crate::tls::TlsInfo> {
+        match self {
+            Stream::TlsServer(s) => Some(crate::tls::TlsInfo::of(s.get_ref().1)),
+            Stream::TlsClient(s) => Some(crate::tls::TlsInfo::of(s.get_ref().1)),
+            _ => None,
+        }
+    }
+}
+
+fn detached() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "stream detached for TLS")
+}
+
+/// Calls the same method on whichever stream this is.
+macro_rules! each {
+    ($self:expr, $s:ident => $call:expr, $detached:expr) => {
+        match $self {
+            Stream::Tcp($s) => $call,
+            Stream::Unix($s) => $call,
+            Stream::TlsServer($s) => $call,
+            Stream::TlsClient($s) => $call,
+            Stream::Detached => $detached,
+        }
+    };
 }
 
 impl AsyncRead for Stream {
@@ -16,11 +58,8 @@ impl AsyncRead for Stream {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
+    ) -> Poll<io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf), Poll::Ready(Err(detached())))
     }
 }
 
@@ -29,42 +68,119 @@ impl AsyncWrite for Stream {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
+    ) -> Poll<io::Result<usize>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf), Poll::Ready(Err(detached())))
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_flush(cx), Poll::Ready(Err(detached())))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx), Poll::Ready(Err(detached())))
     }
 
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each!(
+            self.get_mut(),
+            s => Pin::new(s).poll_write_vectored(cx, bufs),
+            Poll::Ready(Err(detached()))
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Tcp(s) => s.is_write_vectored(),
-            Stream::Unix(s) => s.is_write_vectored(),
+        each!(self, s => s.is_write_vectored(), false)
+    }
+}
+
+/// A stream with bytes already read from it put back in front: reading a PROXY protocol
+/// header may have taken the start of an implicit-TLS client's handshake with it.
+pub struct Rewound {
+    buffered: Bytes,
+    inner: Stream,
+}
+
+impl Rewound {
+    pub fn new(buffered: Bytes, inner: Stream) -> Rewound {
+        Rewound { buffered, inner }
+    }
+}
+
+impl AsyncRead for Rewound {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.buffered.is_empty() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
+        let n = this.buffered.len().min(buf.remaining());
+        buf.put_slice(&this.buffered[..n]);
+        this.buffered.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Rewound {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn rewound_reads_the_buffered_bytes_first() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut r = Rewound::new(Bytes::from_static(b"hello "), Stream::Unix(a));
+        b.write_all(b"world").await.unwrap();
+        drop(b);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello world");
+    }
+
+    #[tokio::test]
+    async fn detached_streams_fail() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut s = Stream::Unix(a);
+        let taken = s.detach();
+        assert!(matches!(taken, Stream::Unix(_)));
+        assert!(s.write_all(b"x").await.is_err());
+        assert!(s.read(&mut [0u8; 4]).await.is_err());
+        assert!(s.tls_info().is_none());
     }
 }

@@ -133,6 +133,8 @@ pub fn message(conn: &Conn, envelope: &Envelope, outcome: Outcome) {
             upstream_reply_code: outcome.upstream_code,
         },
     );
+    let tls = conn.tls.as_ref();
+    telemetry::record_tls(&tracing::Span::current(), tls);
     tracing::info!(
         target: "proxsmtpd::message",
         verdict,
@@ -141,6 +143,9 @@ pub fn message(conn: &Conn, envelope: &Envelope, outcome: Outcome) {
         duration_ms = elapsed.as_millis() as u64,
         filter_ms = outcome.filter_time.map(|t| t.as_millis() as u64),
         upstream_code = outcome.upstream_code,
+        tls = tls.is_some(),
+        tls_version = tls.map(|t| t.version),
+        tls_cipher = tls.map(|t| t.cipher.as_str()),
         "{}: {}",
         conn.id,
         summary(conn, envelope, outcome.status.as_deref())

@@ -1,4 +1,5 @@
-//! The SMTP listener: accepting clients within MaxConnections, and draining on shutdown.
+//! The SMTP listeners (`Listen`, and `TlsListen` for implicit TLS): accepting clients
+//! within MaxConnections, and draining on shutdown.
 
 use std::future::Future;
 use std::io;
@@ -18,6 +19,7 @@ use super::io::Stream;
 use super::observe::ConnectionId;
 use super::upstream::ClientInfo;
 use crate::config::{ListenAddress, Settings, Transparent};
+use crate::tls::Tls;
 use crate::{proxy_protocol, sockopt};
 
 pub const REPLY_BUSY: &[u8] = b"421 Server busy, too many connections\r\n";
@@ -82,6 +84,7 @@ impl Listener {
                     peer: Some(peer),
                     local,
                     original_destination,
+                    implicit_tls: false,
                 };
                 Ok((Stream::Tcp(stream), info))
             }
@@ -90,6 +93,26 @@ impl Listener {
                 Ok((Stream::Unix(stream), ClientInfo::default()))
             }
         }
+    }
+}
+
+/// Accepts on the implicit-TLS listener, if there is one (else never).
+async fn accept_implicit_tls(
+    listener: Option<&Listener>,
+    transparent: Transparent,
+) -> io::Result<(Stream, ClientInfo)> {
+    match listener {
+        Some(l) => {
+            let (stream, info) = l.accept(transparent).await?;
+            Ok((
+                stream,
+                ClientInfo {
+                    implicit_tls: true,
+                    ..info
+                },
+            ))
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -128,10 +151,13 @@ async fn proxy_header(
     Ok(info)
 }
 
-/// Accepts and serves clients until `shutdown` completes, then drains: idle sessions are
-/// closed at once with 421, sessions in a transaction may finish within DrainTimeout.
+/// Accepts and serves clients on `listener` (and on `tls_listener`, whose clients speak TLS
+/// from the first byte) until `shutdown` completes, then drains: idle sessions are closed
+/// at once with 421, sessions in a transaction may finish within DrainTimeout.
 pub async fn run(
     listener: Listener,
+    tls_listener: Option<Listener>,
+    tls: Arc<Tls>,
     settings: watch::Receiver<Arc<Settings>>,
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()>,
@@ -148,6 +174,7 @@ pub async fn run(
         while sessions.try_join_next().is_some() {}
         let accepted = tokio::select! {
             accepted = listener.accept(initial.transparent) => accepted,
+            accepted = accept_implicit_tls(tls_listener.as_ref(), initial.transparent) => accepted,
             _ = &mut shutdown => break,
         };
         let (mut stream, info) = match accepted {
@@ -167,7 +194,10 @@ pub async fn run(
             crate::metrics::global().connection_refused();
             let timeout = initial.timeout;
             sessions.spawn(async move {
-                let _ = tokio::time::timeout(timeout, stream.write_all(REPLY_BUSY)).await;
+                // A TLS client could not read a clear-text reply: it only sees the close.
+                if !info.implicit_tls {
+                    let _ = tokio::time::timeout(timeout, stream.write_all(REPLY_BUSY)).await;
+                }
                 let _ = stream.shutdown().await;
             });
             continue;
@@ -176,6 +206,7 @@ pub async fn run(
             settings: settings.clone(),
             shutdown: drain_rx.clone(),
             hard_stop: stop_rx.clone(),
+            tls: tls.clone(),
         };
         let id = ConnectionId::next();
         let settings = initial.clone();
@@ -206,6 +237,7 @@ pub async fn run(
     }
 
     drop(listener);
+    drop(tls_listener);
     let _ = drain_tx.send(true);
     let drained = tokio::time::timeout(drain_timeout, async {
         while sessions.join_next().await.is_some() {}

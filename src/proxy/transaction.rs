@@ -236,7 +236,8 @@ async fn local_error(
     Ok(())
 }
 
-/// The filter's environment, as the original sets it.
+/// The filter's environment, as the original sets it, plus `TLS`, `TLS_VERSION` and
+/// `TLS_CIPHER` when the client used TLS.
 fn filter_environment(conn: &Conn, envelope: &Envelope, tmpdir: &Path) -> Vec<(String, String)> {
     let mut env = Vec::with_capacity(8);
     if let Some(sender) = &envelope.sender {
@@ -259,6 +260,13 @@ fn filter_environment(conn: &Conn, envelope: &Envelope, tmpdir: &Path) -> Vec<(S
         env.push(("REMOTE_HELO".into(), helo.clone()));
     }
     env.push(("TMPDIR".into(), tmpdir.display().to_string()));
+    // Only when the client used TLS, so that filters written for the original see the
+    // same environment as before.
+    if let Some(tls) = &conn.tls {
+        env.push(("TLS".into(), "yes".into()));
+        env.push(("TLS_VERSION".into(), tls.version.into()));
+        env.push(("TLS_CIPHER".into(), tls.cipher.clone()));
+    }
     env
 }
 

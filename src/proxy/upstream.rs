@@ -1,4 +1,5 @@
-//! Choosing and connecting to the upstream server for a session.
+//! Choosing and connecting to the upstream server for a session, and what to do about TLS
+//! with it (`UpstreamTls`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -7,7 +8,9 @@ use std::time::Duration;
 use tokio::net::{TcpStream, UnixStream};
 
 use super::io::Stream;
-use crate::config::{OutAddress, Settings, Transparent};
+use crate::config::{OutAddress, Settings, Transparent, UpstreamTls};
+use crate::smtp::ehlo;
+use crate::smtp::reply::Reply;
 use crate::sockopt;
 
 /// What the proxy knows about an accepted client connection.
@@ -19,12 +22,17 @@ pub struct ClientInfo {
     pub local: Option<SocketAddr>,
     /// The intercepted connection's original destination (transparent mode).
     pub original_destination: Option<SocketAddr>,
+    /// Accepted on the implicit-TLS listener (`TlsListen`): TLS from the first byte.
+    pub implicit_tls: bool,
 }
 
 pub struct Upstream {
     pub stream: Stream,
     /// The upstream as the filter sees it in `SERVER`: an IP address or a socket path.
     pub server: String,
+    /// The name its TLS certificate must carry: the `OutAddress` host name, else the IP
+    /// address connected to (`localhost` for a unix socket).
+    pub tls_name: String,
 }
 
 fn tcp(stream: TcpStream) -> io::Result<Upstream> {
@@ -33,6 +41,7 @@ fn tcp(stream: TcpStream) -> io::Result<Upstream> {
     let server = stream.peer_addr()?.ip().to_string();
     Ok(Upstream {
         stream: Stream::Tcp(stream),
+        tls_name: server.clone(),
         server,
     })
 }
@@ -79,7 +88,9 @@ async fn connect_inner(settings: &Settings, client: &ClientInfo) -> io::Result<U
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), *port))
                 .await?
                 .collect();
-            tcp(connect_tcp(&addrs).await?)
+            let mut upstream = tcp(connect_tcp(&addrs).await?)?;
+            upstream.tls_name = name.clone();
+            Ok(upstream)
         }
         Some(OutAddress::ClientLoopback(port)) => {
             let peer = client.peer.ok_or_else(|| {
@@ -95,6 +106,7 @@ async fn connect_inner(settings: &Settings, client: &ClientInfo) -> io::Result<U
             Ok(Upstream {
                 stream: Stream::Unix(stream),
                 server: path.display().to_string(),
+                tls_name: "localhost".into(),
             })
         }
     }
@@ -120,4 +132,83 @@ async fn connect_transparent(mode: Transparent, client: &ClientInfo) -> io::Resu
         }
     }
     tcp(TcpStream::connect(dest).await?)
+}
+
+/// The next step of the proxy's own STARTTLS with the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsStep {
+    /// Send STARTTLS (after EHLO) or start the handshake (after its 220).
+    Go,
+    /// Go on in clear text (opportunistic mode, TLS not available).
+    Plain,
+    /// Give up the session (required mode, TLS not available).
+    Fail(String),
+}
+
+/// After the proxy's EHLO: does the upstream offer STARTTLS, and does it matter?
+pub fn after_ehlo(mode: UpstreamTls, reply: &Reply) -> TlsStep {
+    if ehlo::offers(reply, b"STARTTLS") {
+        TlsStep::Go
+    } else if mode == UpstreamTls::Required {
+        TlsStep::Fail(format!(
+            "the upstream does not offer STARTTLS (EHLO reply {})",
+            reply.code
+        ))
+    } else {
+        TlsStep::Plain
+    }
+}
+
+/// After the proxy's STARTTLS: may the handshake begin?
+pub fn after_starttls(mode: UpstreamTls, reply: &Reply) -> TlsStep {
+    if reply.code == 220 {
+        TlsStep::Go
+    } else if mode == UpstreamTls::Required {
+        TlsStep::Fail(format!(
+            "the upstream refused STARTTLS: {}",
+            String::from_utf8_lossy(&reply.raw()).trim_end()
+        ))
+    } else {
+        TlsStep::Plain
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn reply(text: &str) -> Reply {
+        let lines: Vec<Bytes> = text
+            .split('|')
+            .map(|l| Bytes::from(format!("{l}\r\n")))
+            .collect();
+        let code = crate::smtp::reply::reply_code(&lines[lines.len() - 1]).unwrap_or(0);
+        Reply { code, lines }
+    }
+
+    #[test]
+    fn tls_steps() {
+        use UpstreamTls::{Opportunistic as O, Required as R};
+        let offered = reply("250-up|250-SIZE 1|250 STARTTLS");
+        let not_offered = reply("250-up|250 SIZE 1");
+        let refused = reply("502 no EHLO");
+        assert_eq!(after_ehlo(O, &offered), TlsStep::Go);
+        assert_eq!(after_ehlo(R, &offered), TlsStep::Go);
+        assert_eq!(after_ehlo(O, &not_offered), TlsStep::Plain);
+        assert_eq!(after_ehlo(O, &refused), TlsStep::Plain);
+        assert!(
+            matches!(after_ehlo(R, &not_offered), TlsStep::Fail(e) if e.contains("does not offer"))
+        );
+        assert!(matches!(after_ehlo(R, &refused), TlsStep::Fail(_)));
+        assert_eq!(after_starttls(R, &reply("220 go ahead")), TlsStep::Go);
+        assert_eq!(
+            after_starttls(O, &reply("454 TLS not available")),
+            TlsStep::Plain
+        );
+        assert!(matches!(
+            after_starttls(R, &reply("454 TLS not available")),
+            TlsStep::Fail(e) if e.ends_with("454 TLS not available")
+        ));
+    }
 }

@@ -48,13 +48,32 @@ pub struct Filtered {
     pub offers_xclient: bool,
 }
 
-pub fn filter_helo_reply(reply: &Reply, ehlo: bool) -> Filtered {
-    let mut out = Vec::with_capacity(reply.lines.iter().map(|l| l.len()).sum());
+/// The reply line `code` + `-` or space + the text of `line` (its own separator replaced).
+fn with_separator(line: &[u8], last: bool) -> Vec<u8> {
+    let (code, rest) = line.split_at(line.len().min(3));
+    let text = match rest.first() {
+        Some(b' ' | b'-') => &rest[1..],
+        _ => rest,
+    };
+    let mut out = Vec::with_capacity(line.len() + 1);
+    out.extend_from_slice(code);
+    out.push(if last { b' ' } else { b'-' });
+    out.extend_from_slice(text);
+    out
+}
+
+/// Rewrites a 2xx HELO/EHLO reply for the client. `offer_starttls` (an EHLO while the proxy
+/// has a certificate and the client is not yet using TLS) adds the proxy's own STARTTLS;
+/// without it the upstream's lines that are kept pass through byte for byte.
+pub fn filter_helo_reply(reply: &Reply, ehlo: bool, offer_starttls: bool) -> Filtered {
+    let mut out = Vec::with_capacity(reply.lines.iter().map(|l| l.len()).sum::<usize>() + 16);
     let mut offers_xclient = false;
     let last = reply.lines.len() - 1;
+    let trailer: Option<&[u8]> = (ehlo && offer_starttls).then_some(b"250 STARTTLS\r\n");
     for (i, line) in reply.lines.iter().enumerate() {
+        let is_last = i == last && trailer.is_none();
         if i == 0 {
-            out.extend_from_slice(if last == 0 {
+            out.extend_from_slice(if is_last {
                 b"250 smtp.passthru\r\n"
             } else {
                 b"250-smtp.passthru\r\n"
@@ -66,17 +85,35 @@ pub fn filter_helo_reply(reply: &Reply, ehlo: bool) -> Filtered {
             offers_xclient = true;
         }
         if ehlo && HIDDEN.iter().any(|h| word.eq_ignore_ascii_case(h)) {
-            if i == last {
+            if is_last {
                 out.extend_from_slice(b"250 XFILTERED\r\n");
             }
             continue;
         }
-        out.extend_from_slice(line);
+        if i == last && !is_last {
+            // The upstream's last line is followed by our STARTTLS.
+            out.extend_from_slice(&with_separator(line, false));
+        } else {
+            out.extend_from_slice(line);
+        }
+    }
+    if let Some(trailer) = trailer {
+        out.extend_from_slice(trailer);
     }
     Filtered {
         client_reply: out,
         offers_xclient,
     }
+}
+
+/// Whether a 2xx EHLO reply lists the extension `word` (e.g. `STARTTLS`).
+pub fn offers(reply: &Reply, word: &[u8]) -> bool {
+    reply.code / 100 == 2
+        && reply
+            .lines
+            .iter()
+            .skip(1)
+            .any(|line| keyword(line).eq_ignore_ascii_case(word))
 }
 
 #[cfg(test)]
@@ -112,7 +149,7 @@ mod tests {
             "250-SMTPUTF8",
             "250 CHUNKING",
         ]);
-        let f = filter_helo_reply(&r, true);
+        let f = filter_helo_reply(&r, true, false);
         assert!(f.offers_xclient);
         assert_eq!(
             String::from_utf8(f.client_reply).unwrap(),
@@ -124,14 +161,67 @@ mod tests {
 
     #[test]
     fn helo_reply_first_line_rewritten() {
-        let f = filter_helo_reply(&reply(&["250 sink.example Hello"]), false);
+        let f = filter_helo_reply(&reply(&["250 sink.example Hello"]), false, false);
         assert_eq!(f.client_reply, b"250 smtp.passthru\r\n");
         assert!(!f.offers_xclient);
     }
 
     #[test]
     fn keyword_must_be_whole_word() {
-        let f = filter_helo_reply(&reply(&["250-x", "250 PIPELININGX"]), true);
+        let f = filter_helo_reply(&reply(&["250-x", "250 PIPELININGX"]), true, false);
         assert_eq!(f.client_reply, b"250-smtp.passthru\r\n250 PIPELININGX\r\n");
+    }
+
+    #[test]
+    fn starttls_offered_by_the_proxy() {
+        let cases: &[(&[&str], bool, &str)] = &[
+            (&["250 sink"], true, "250-smtp.passthru|250 STARTTLS"),
+            (&["250 sink"], false, "250 smtp.passthru"),
+            (
+                &["250-sink", "250-SIZE 10", "250 8BITMIME"],
+                true,
+                "250-smtp.passthru|250-SIZE 10|250-8BITMIME|250 STARTTLS",
+            ),
+            // The upstream's own STARTTLS is hidden; ours takes the place of XFILTERED.
+            (
+                &["250-sink", "250-SIZE 10", "250 STARTTLS"],
+                true,
+                "250-smtp.passthru|250-SIZE 10|250 STARTTLS",
+            ),
+            (
+                &["250-sink", "250 STARTTLS"],
+                false,
+                "250-smtp.passthru|250 XFILTERED",
+            ),
+            (
+                &["250-sink", "250"],
+                true,
+                "250-smtp.passthru|250-|250 STARTTLS",
+            ),
+        ];
+        for (lines, offer, want) in cases {
+            let f = filter_helo_reply(&reply(lines), true, *offer);
+            let got = String::from_utf8(f.client_reply).unwrap();
+            assert_eq!(
+                got,
+                format!("{}\r\n", want.replace('|', "\r\n")),
+                "{lines:?}"
+            );
+        }
+        // HELO replies carry no extensions.
+        let f = filter_helo_reply(&reply(&["250 sink"]), false, true);
+        assert_eq!(f.client_reply, b"250 smtp.passthru\r\n");
+    }
+
+    #[test]
+    fn offers_finds_whole_keywords() {
+        let r = reply(&["250-sink", "250-STARTTLSX", "250 starttls"]);
+        assert!(offers(&r, b"STARTTLS"));
+        assert!(!offers(&reply(&["250-STARTTLS", "250 SIZE"]), b"STARTTLS"));
+        let refused = Reply {
+            code: 502,
+            ..reply(&["502-x", "502 STARTTLS"])
+        };
+        assert!(!offers(&refused, b"STARTTLS"));
     }
 }
