@@ -229,6 +229,11 @@ impl Session {
             })
     }
 
+    /// Whether the upstream's greeting is still awaited (for the error's stage).
+    pub fn awaiting_greeting(&self) -> bool {
+        self.pending.iter().any(|p| matches!(p, Pending::Greeting))
+    }
+
     /// Whether the upstream owes us a reply.
     pub fn awaiting_upstream(&self) -> bool {
         self.pending.iter().any(Pending::is_upstream)

@@ -507,7 +507,9 @@ fn env_layer(env: &[(String, String)]) -> Result<LayerValues, ConfigError> {
     let mut layer = LayerValues::new(Layer::Env, "environment".to_string());
     let mut vars: Vec<&(String, String)> = env
         .iter()
-        .filter(|(name, _)| name.starts_with(ENV_PREFIX) && !is_service_link(name))
+        .filter(|(name, _)| {
+            name.starts_with(ENV_PREFIX) && !is_service_link(name) && !is_process_option(name)
+        })
         .collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let mut scratch = Settings::default();
@@ -523,6 +525,12 @@ fn env_layer(env: &[(String, String)]) -> Result<LayerValues, ConfigError> {
         layer.push(&mut scratch, setting, value, Origin::at(var))?;
     }
     Ok(layer)
+}
+
+/// Variables read by other parts of the process rather than the configuration:
+/// `PROXSMTPD_TRACE_ADDRESSES` (client addresses in traces, see `telemetry`).
+fn is_process_option(var: &str) -> bool {
+    var == "PROXSMTPD_TRACE_ADDRESSES"
 }
 
 /// Kubernetes puts `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT`, `<SERVICE>_PORT_25_TCP...`

@@ -575,7 +575,7 @@ async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
                         // Whatever the upstream said last has been relayed; a client still
                         // waiting for an answer gets a 421 rather than a silent close.
                         if session.awaiting_upstream() {
-                            return Err(upstream_failure(UpstreamStage::Command, "server disconnected unexpectedly".into()));
+                            return Err(upstream_failure(stage_of(&session), "server disconnected unexpectedly".into()));
                         }
                         return Ok(());
                     }
@@ -584,7 +584,7 @@ async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
             }
             _ = tokio::time::sleep(conn.settings.timeout) => {
                 if session.awaiting_upstream() {
-                    return Err(upstream_failure(UpstreamStage::Command, "network operation timed out".into()));
+                    return Err(upstream_failure(stage_of(&session), "network operation timed out".into()));
                 }
                 return Err(Fatal::ClientTimeout);
             }
@@ -592,6 +592,15 @@ async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
                 draining = changed.is_err() || *shared.shutdown.borrow();
             }
         }
+    }
+}
+
+/// Which stage an upstream failure in the command phase belongs to.
+fn stage_of(session: &Session) -> UpstreamStage {
+    if session.awaiting_greeting() {
+        UpstreamStage::Greeting
+    } else {
+        UpstreamStage::Command
     }
 }
 

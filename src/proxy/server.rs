@@ -196,6 +196,7 @@ pub async fn run(
             sessions.spawn(async move {
                 // A TLS client could not read a clear-text reply: it only sees the close.
                 if !info.implicit_tls {
+                    super::observe::replies_sent(REPLY_BUSY);
                     let _ = tokio::time::timeout(timeout, stream.write_all(REPLY_BUSY)).await;
                 }
                 let _ = stream.shutdown().await;

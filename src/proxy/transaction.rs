@@ -109,7 +109,7 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
             "{}: no filter command specified. passing message through",
             conn.id
         );
-        let outcome = deliver(conn, spool.path(), size, started).await?;
+        let outcome = deliver_recorded(conn, envelope, spool.path(), size, started).await?;
         observe::message(conn, envelope, outcome.unfiltered());
         return Ok(());
     };
@@ -174,6 +174,8 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
                 conn.id
             )
         }
+        // The shell's "not found" / "not executable": the filter could not be started.
+        verdict::Exit::Code(126 | 127) => crate::metrics::global().filter_spawn_failure(),
         verdict::Exit::Code(_) => {}
     }
 
@@ -183,7 +185,7 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
                 Some(out) => out.path(),
                 None => spool.path(),
             };
-            let outcome = deliver(conn, path, size, started).await?;
+            let outcome = deliver_recorded(conn, envelope, path, size, started).await?;
             observe::message(conn, envelope, outcome.filtered(filter_time));
             Ok(())
         }
@@ -304,6 +306,34 @@ fn header_placement(conn: &Conn) -> HeaderPlacement {
     }
 }
 
+/// The upstream's answer to the message goes to the client. The outcome is the upstream's
+/// even when the client is gone by then; the relay loop notices the closed client next.
+async fn send_final_reply(conn: &mut Conn, reply: &crate::smtp::reply::Reply) {
+    if conn.send_client(&reply.raw()).await.is_err() {
+        conn.client_eof = true;
+    }
+}
+
+/// [`deliver`], and when the upstream fails on the way (the client then gets a 4xx),
+/// the message is still counted as temporarily failed before the connection ends.
+async fn deliver_recorded(
+    conn: &mut Conn,
+    envelope: &Envelope,
+    path: &Path,
+    size: u64,
+    started: Instant,
+) -> Result<Outcome, Fatal> {
+    match deliver(conn, path, size, started).await {
+        Ok(outcome) => Ok(outcome),
+        Err(fatal) => {
+            let outcome =
+                Outcome::new(MessageVerdict::TempFailed, "FILTERED".into(), size, started);
+            observe::message(conn, envelope, outcome);
+            Err(fatal)
+        }
+    }
+}
+
 /// Sends the message in `path` upstream: DATA, the encoded content, the final reply
 /// relayed to the client.
 async fn deliver(
@@ -325,7 +355,7 @@ async fn deliver(
     let reply = conn.command(b"DATA\r\n", UpstreamStage::Data).await?;
     if reply.code != 354 {
         tracing::debug!("{}: server refused data transfer", conn.id);
-        conn.send_client(&reply.raw()).await?;
+        send_final_reply(conn, &reply).await;
         return Ok(Outcome::from_reply(&reply, size, started));
     }
     let mut encoder = WireEncoder::new(header_placement(conn));
@@ -361,7 +391,7 @@ async fn deliver(
     }
     match conn.read_reply(UpstreamStage::Final).await {
         Ok(reply) => {
-            conn.send_client(&reply.raw()).await?;
+            send_final_reply(conn, &reply).await;
             Ok(Outcome::from_reply(&reply, size, started))
         }
         Err(e) => {

@@ -1,0 +1,343 @@
+//! The admin server against the real binary: `/livez`, `/readyz`, `/healthz` (with
+//! `?verbose`) through start, steady state, drain and exit, and the opt-in upstream check.
+
+mod common;
+
+use std::fs::{self, File};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+use common::metrics::{http_get, metric};
+use common::proxy::{free_port, pid_listens_on};
+use common::{
+    default_message, ms, secs, timed, wait_for, wait_until, Client, ProxyBuilder, Upstream,
+};
+
+/// The binary started directly, so that the test can watch it from its first instant (the
+/// harness returns only once the proxy listens).
+struct Daemon {
+    child: Option<Child>,
+    pid: i32,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(args: &[&str], dir: &Path) -> Daemon {
+        let log = dir.join("daemon.log");
+        let out = File::create(&log).expect("log file");
+        let child = Command::new(common::binary())
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .env("LANG", "C")
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone"))
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .expect("spawn proxsmtpd");
+        let pid = child.id() as i32;
+        common::register_process_group(pid);
+        Daemon {
+            child: Some(child),
+            pid,
+            log,
+        }
+    }
+
+    fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_for(timeout, || self.exit_status())
+    }
+
+    fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.pid), sig);
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+            let _ = c.wait();
+            common::unregister_process_group(self.pid);
+        }
+        if std::thread::panicking() {
+            eprintln!("---- proxsmtpd output ----\n{}\n----", self.log());
+        }
+    }
+}
+
+fn admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// GET returning (status, body); status 0 when the connection failed.
+fn get(admin: &SocketAddr, path: &str) -> (u16, String) {
+    http_get(admin, path).unwrap_or((0, String::new()))
+}
+
+fn assert_lines(body: &str, lines: &[&str], what: &str) {
+    for l in lines {
+        assert!(
+            body.lines().any(|b| b == *l),
+            "{what}: no line {l:?} in {body:?}"
+        );
+    }
+}
+
+/// Start: never ready before the SMTP listener is bound. Steady state: every probe 200.
+/// Drain: readiness 503 as soon as SIGTERM arrives while a message is still in its
+/// transaction, liveness 200 until the process is gone; the message is still delivered and
+/// the process exits 0.
+#[test]
+fn probes_follow_start_steady_state_drain_and_exit() {
+    timed(40, || {
+        let up = Upstream::start();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("out");
+        fs::create_dir(&out).unwrap();
+        fs::create_dir(dir.path().join("tmp")).unwrap();
+        let filter = dir.path().join("slow.sh");
+        fs::write(
+            &filter,
+            format!(
+                "#!/bin/sh\n: > {o}/started\nsleep 2\ncat\n: > {o}/finished\n",
+                o = out.display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&filter, fs::Permissions::from_mode(0o755)).unwrap();
+        let admin = admin_addr();
+        let port = free_port();
+        let conf = dir.path().join("proxsmtpd.conf");
+        fs::write(
+            &conf,
+            format!(
+                "Listen: 127.0.0.1:{port}\nOutAddress: {}\nAdminListen: {admin}\nTempDirectory: {}\n\
+                 FilterCommand: {}\nDrainTimeout: 15\nTimeOut: 20\n",
+                up.out_address(),
+                dir.path().join("tmp").display(),
+                filter.display()
+            ),
+        )
+        .unwrap();
+        let mut d = Daemon::spawn(&["-d", "3", "-f", conf.to_str().unwrap()], dir.path());
+
+        // Start: poll as fast as possible; the first 200 must find the listener bound.
+        let started = Instant::now();
+        let mut seen = Vec::new();
+        loop {
+            let (status, _) = get(&admin, "/readyz");
+            if status == 200 {
+                assert!(
+                    pid_listens_on(d.pid, port),
+                    "/readyz said 200 before the SMTP listener was bound"
+                );
+                break;
+            }
+            if status != 0 {
+                seen.push(status);
+            }
+            assert!(d.exit_status().is_none(), "proxsmtpd exited at start");
+            assert!(
+                started.elapsed() < secs(10),
+                "never ready; answers: {seen:?}"
+            );
+            std::thread::sleep(ms(5));
+        }
+        assert!(
+            seen.iter().all(|s| *s == 503),
+            "before ready, /readyz must answer 503: {seen:?}"
+        );
+
+        // Steady state.
+        assert_eq!(get(&admin, "/livez"), (200, "ok\n".to_string()));
+        assert_eq!(get(&admin, "/readyz"), (200, "ok\n".to_string()));
+        assert_eq!(get(&admin, "/healthz"), (200, "ok\n".to_string()));
+        let (s, body) = get(&admin, "/readyz?verbose");
+        assert_eq!(s, 200, "{body}");
+        assert_lines(
+            &body,
+            &[
+                "[+]listener ok",
+                "[+]config ok",
+                "[+]draining ok",
+                "readyz check passed",
+            ],
+            "/readyz?verbose",
+        );
+        let (s, body) = get(&admin, "/healthz?verbose");
+        assert_eq!(s, 200, "{body}");
+        assert_lines(
+            &body,
+            &["[+]draining ok", "healthz check passed"],
+            "/healthz?verbose",
+        );
+        let (s, body) = get(&admin, "/livez?verbose");
+        assert_eq!(s, 200);
+        assert_lines(
+            &body,
+            &["[+]ping ok", "livez check passed"],
+            "/livez?verbose",
+        );
+        assert_eq!(get(&admin, "/no-such-page").0, 404);
+        metric("proxsmtpd_draining").value(0.0).assert_in(&admin);
+
+        // A message whose filter is still running when SIGTERM arrives.
+        let mut c = Client::open(SocketAddr::from(([127, 0, 0, 1], port)));
+        c.set_timeout(secs(15));
+        assert_eq!(c.cmd("MAIL FROM:<alice@example.org>").code, 250);
+        assert_eq!(c.cmd("RCPT TO:<bob@example.net>").code, 250);
+        assert_eq!(c.cmd("DATA").code, 354);
+        c.send(common::stuff(&default_message()));
+        assert!(
+            wait_until(secs(5), || out.join("started").exists()),
+            "the filter never started"
+        );
+        d.signal(Signal::SIGTERM);
+        let term_at = Instant::now();
+        assert!(
+            wait_until(secs(1), || get(&admin, "/readyz").0 == 503),
+            "/readyz still not 503 one second after SIGTERM"
+        );
+        assert!(
+            !out.join("finished").exists(),
+            "the filter finished before readiness turned 503 (test too slow to show the order)"
+        );
+        let (s, body) = get(&admin, "/readyz");
+        assert_eq!(s, 503);
+        assert_lines(
+            &body,
+            &["[-]draining failed", "readyz check failed"],
+            "/readyz draining",
+        );
+        let (s, body) = get(&admin, "/readyz?verbose");
+        assert_eq!(s, 503);
+        assert_lines(
+            &body,
+            &[
+                "[+]listener ok",
+                "[+]config ok",
+                "[-]draining failed",
+                "readyz check failed",
+            ],
+            "/readyz?verbose draining",
+        );
+        assert_eq!(get(&admin, "/healthz").0, 503);
+        assert_eq!(get(&admin, "/livez"), (200, "ok\n".to_string()));
+        metric("proxsmtpd_draining").value(1.0).assert_in(&admin);
+        eprintln!("readiness turned 503 {:?} after SIGTERM", term_at.elapsed());
+
+        // The message in flight is delivered, then the idle session is told to go.
+        let r = c.reply();
+        assert_eq!(r.code, 250, "final reply of the message in flight: {r:?}");
+        let bye = c.reply();
+        assert_eq!(bye.code, 421, "{bye:?}");
+        assert!(bye.text().starts_with("4.3.2"), "{bye:?}");
+        assert_eq!(up.expect_one().content, default_message());
+
+        // Liveness stays 200 until the process is gone.
+        let mut last_ok = Instant::now();
+        loop {
+            match get(&admin, "/livez") {
+                (200, _) => last_ok = Instant::now(),
+                (0, _) => break,
+                (s, b) => panic!("/livez answered {s} {b:?} while draining"),
+            }
+            assert!(term_at.elapsed() < secs(20), "proxsmtpd did not exit");
+            std::thread::sleep(ms(20));
+        }
+        let status = d.wait_exit(secs(3)).unwrap_or_else(|| {
+            panic!(
+                "the admin server stopped answering {:?} ago but the process is still running",
+                last_ok.elapsed()
+            )
+        });
+        assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    });
+}
+
+/// `ReadinessCheckUpstream` is opt-in: an unreachable upstream fails readiness only when
+/// the operator asks for the check.
+#[test]
+fn upstream_readiness_check_is_opt_in() {
+    timed(30, || {
+        let up = Upstream::start();
+        let closed = format!("127.0.0.1:{}", free_port());
+
+        let a1 = admin_addr();
+        let _p1 = ProxyBuilder::new()
+            .upstream(&up)
+            .set("AdminListen", &a1.to_string())
+            .set("ReadinessCheckUpstream", "on")
+            .start();
+        let a2 = admin_addr();
+        let _p2 = ProxyBuilder::new()
+            .set("OutAddress", &closed)
+            .set("AdminListen", &a2.to_string())
+            .set("ReadinessCheckUpstream", "on")
+            .start();
+        let a3 = admin_addr();
+        let _p3 = ProxyBuilder::new()
+            .set("OutAddress", &closed)
+            .set("AdminListen", &a3.to_string())
+            .start();
+
+        assert!(wait_until(secs(5), || get(&a1, "/readyz").0 == 200));
+        let (s, body) = get(&a1, "/readyz?verbose");
+        assert_eq!(s, 200, "{body}");
+        assert_lines(&body, &["[+]upstream ok"], "check on, upstream up");
+
+        assert!(wait_until(secs(5), || get(&a2, "/livez").0 == 200));
+        let (s, body) = get(&a2, "/readyz");
+        assert_eq!(s, 503, "check on, upstream down: {body}");
+        assert_lines(&body, &["[-]upstream failed"], "check on, upstream down");
+        assert_eq!(
+            get(&a2, "/livez").0,
+            200,
+            "liveness never depends on the upstream"
+        );
+
+        assert!(wait_until(secs(5), || get(&a3, "/livez").0 == 200));
+        let (s, body) = get(&a3, "/readyz?verbose");
+        assert_eq!(s, 200, "check off, upstream down: {body}");
+        assert!(!body.contains("upstream"), "{body}");
+    });
+}
+
+/// `PROXSMTPD_ADMIN_LISTEN` alone starts the admin server, on its own port.
+#[test]
+fn admin_listen_from_the_environment() {
+    timed(20, || {
+        let up = Upstream::start();
+        let admin = admin_addr();
+        let p = ProxyBuilder::new()
+            .upstream(&up)
+            .env("PROXSMTPD_ADMIN_LISTEN", &admin.to_string())
+            .start();
+        assert!(wait_until(secs(5), || get(&admin, "/livez").0 == 200));
+        assert_eq!(get(&admin, "/readyz").0, 200);
+        assert_ne!(admin.port(), p.port);
+        // The SMTP port speaks SMTP, not HTTP.
+        let mut c = p.connect();
+        assert_eq!(c.greeting().code, 220);
+    });
+}

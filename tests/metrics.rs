@@ -1,0 +1,724 @@
+//! `/metrics` of the real binary after scripted traffic: message verdicts, histograms,
+//! connections, upstream errors by stage, filter timeouts and spawn failures, replies by
+//! class, build info, reloads; `promtool check metrics`; no address in any label.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+
+use nix::sys::signal::Signal;
+
+use common::metrics::{http_get, metric, parse};
+use common::proxy::free_port;
+use common::{message, secs, timed, wait_until, Proxy, ProxyBuilder, Reply, Upstream};
+
+fn admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A proxy with an admin server; returns it and the admin address.
+fn with_admin(b: ProxyBuilder) -> (Proxy, SocketAddr) {
+    let admin = admin_addr();
+    let p = b.set("AdminListen", &admin.to_string()).start();
+    assert!(
+        wait_until(secs(5), || http_get(&admin, "/livez")
+            .is_ok_and(|r| r.0 == 200)),
+        "admin server not answering"
+    );
+    (p, admin)
+}
+
+fn scrape(admin: &SocketAddr) -> String {
+    let (status, body) = http_get(admin, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200);
+    body
+}
+
+/// The value of the series `name` with all of `labels`, or None.
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut m = metric(name);
+    for (k, v) in labels {
+        m = m.label(k, v);
+    }
+    m.find_value(text)
+}
+
+/// A filter that decides by the message content.
+const VERDICT_FILTER: &str = r#"f={OUT}/msg.$$
+cat > "$f"
+if grep -q FILTER-REJECT "$f"; then rm -f "$f"; echo '554 5.7.1 Rejected by the filter' >&2; exit 1; fi
+if grep -q FILTER-DROP "$f"; then rm -f "$f"; echo '250 Dropped silently' >&2; exit 1; fi
+if grep -q FILTER-TEMP "$f"; then rm -f "$f"; echo '451 4.7.1 Try again later' >&2; exit 1; fi
+if grep -q FILTER-CRASH "$f"; then rm -f "$f"; kill -9 $$; fi
+if grep -q FILTER-SLOW "$f"; then sleep 0.3; fi
+cat "$f"; rm -f "$f"
+"#;
+
+fn verdict_upstream() -> Upstream {
+    Upstream::builder()
+        .reply_with("DATA_END", |call| {
+            let content = String::from_utf8_lossy(call.line);
+            if content.contains("UPSTREAM-REJECT") {
+                Some(Reply::text("554 5.6.0 Upstream refuses"))
+            } else if content.contains("UPSTREAM-TEMP") {
+                Some(Reply::text("452 4.3.1 Upstream full"))
+            } else {
+                None
+            }
+        })
+        .start()
+}
+
+#[test]
+fn message_verdicts_sizes_and_filter_durations() {
+    timed(40, || {
+        let up = verdict_upstream();
+        let b = ProxyBuilder::new().upstream(&up);
+        let filter = b.script("verdict.sh", VERDICT_FILTER);
+        let (p, admin) = with_admin(b.set("FilterCommand", &filter));
+
+        // (content marker, final reply class the client must see)
+        let cases: &[(&str, u16)] = &[
+            ("plain", 2),
+            ("FILTER-SLOW", 2),
+            ("FILTER-REJECT", 5),
+            ("UPSTREAM-REJECT", 5),
+            ("FILTER-DROP", 2),
+            ("FILTER-TEMP", 4),
+            ("UPSTREAM-TEMP", 4),
+            ("FILTER-CRASH", 4),
+        ];
+        let mut c = p.open();
+        let mut total_size = 0usize;
+        for (i, (marker, class)) in cases.iter().enumerate() {
+            let body = format!("{marker}\r\n{}\r\n", "x".repeat(100 * i));
+            let content = message(&format!("m{i}"), body.as_bytes());
+            total_size += content.len();
+            let r = c.send_mail(&content);
+            assert_eq!(r.code / 100, *class, "{marker}: {r:?}");
+        }
+        for (verdict, n) in [
+            ("accepted", 2.0),
+            ("rejected", 2.0),
+            ("dropped", 1.0),
+            ("tempfailed", 2.0),
+            ("local_error", 1.0),
+        ] {
+            metric("proxsmtpd_messages_total")
+                .label("verdict", verdict)
+                .value(n)
+                .assert_in(&admin);
+        }
+        let n = cases.len() as f64;
+        metric("proxsmtpd_message_size_bytes_count")
+            .value(n)
+            .assert_in(&admin);
+        metric("proxsmtpd_message_size_bytes_sum")
+            .value(total_size as f64)
+            .assert_in(&admin);
+        metric("proxsmtpd_message_size_bytes_bucket")
+            .label("le", "+Inf")
+            .value(n)
+            .assert_in(&admin);
+        metric("proxsmtpd_filter_duration_seconds_count")
+            .value(n)
+            .assert_in(&admin);
+        let text = scrape(&admin);
+        let sum = value(&text, "proxsmtpd_filter_duration_seconds_sum", &[]).unwrap_or(0.0);
+        assert!(
+            sum >= 0.3,
+            "filter duration sum {sum} < the slow filter's 0.3 s"
+        );
+        let fast = value(
+            &text,
+            "proxsmtpd_filter_duration_seconds_bucket",
+            &[("le", "0.25")],
+        )
+        .unwrap_or(-1.0);
+        assert!(
+            fast <= n - 1.0,
+            "the 0.3 s filter run landed in the le=0.25 bucket ({fast} of {n})"
+        );
+        // Only the two accepted messages went through.
+        assert_eq!(up.wait_delivered(2, secs(5)).len(), 2);
+    });
+}
+
+/// Upstream failures are counted by the SMTP stage at which they happened.
+#[test]
+fn upstream_errors_by_stage() {
+    timed(40, || {
+        // Upstream session i fails at one stage each.
+        let up = Upstream::builder()
+            .reply_with("MAIL", |call| (call.session == 0).then(Reply::close))
+            .reply_with("DATA", |call| (call.session == 1).then(Reply::close))
+            .reply_with("DATA_END", |call| (call.session == 2).then(Reply::close))
+            .reply_with("BANNER", |call| (call.session == 3).then(Reply::close))
+            .start();
+        let (p, admin) = with_admin(
+            ProxyBuilder::new()
+                .upstream(&up)
+                .set("FilterCommand", "cat"),
+        );
+
+        // Session 0: the upstream goes away at MAIL.
+        let mut c = p.open();
+        let r = c.cmd("MAIL FROM:<alice@example.org>");
+        assert_eq!(r.code, 421, "{r:?}");
+        // Session 1: at DATA (the client has sent its whole body by then).
+        let mut c = p.open();
+        assert_eq!(c.cmd("MAIL FROM:<alice@example.org>").code, 250);
+        assert_eq!(c.cmd("RCPT TO:<bob@example.net>").code, 250);
+        assert_eq!(c.cmd("DATA").code, 354);
+        c.send(common::stuff(&common::default_message()));
+        let r = c.reply();
+        assert_eq!(r.code / 100, 4, "{r:?}");
+        // Session 2: after the end of data, before the final reply.
+        let mut c = p.open();
+        let r = c
+            .transaction(
+                "<alice@example.org>",
+                &["<bob@example.net>"],
+                &common::default_message(),
+            )
+            .final_reply;
+        assert_eq!(r.code / 100, 4, "{r:?}");
+        // Session 3: before the greeting.
+        let mut c = p.connect();
+        let r = c.greeting();
+        assert_eq!(r.code, 421, "{r:?}");
+        assert!(
+            up.wait(secs(5), |s| s.sessions.len() == 4),
+            "{:?}",
+            up.summary()
+        );
+
+        // Connect: nothing listens at OutAddress.
+        let (p2, admin2) = with_admin(
+            ProxyBuilder::new().set("OutAddress", &format!("127.0.0.1:{}", free_port())),
+        );
+        let r = p2.connect().greeting();
+        assert_eq!(r.code, 421, "{r:?}");
+        metric("proxsmtpd_upstream_errors_total")
+            .label("stage", "connect")
+            .value(1.0)
+            .assert_in(&admin2);
+
+        let text = scrape(&admin);
+        let got: Vec<(&str, Option<f64>)> = ["connect", "greeting", "command", "data", "final"]
+            .iter()
+            .map(|s| {
+                (
+                    *s,
+                    value(&text, "proxsmtpd_upstream_errors_total", &[("stage", s)]),
+                )
+            })
+            .collect();
+        let want = [
+            ("connect", Some(0.0)),
+            ("greeting", Some(1.0)),
+            ("command", Some(1.0)),
+            ("data", Some(1.0)),
+            ("final", Some(1.0)),
+        ];
+        assert_eq!(got, want, "proxsmtpd_upstream_errors_total by stage");
+    });
+}
+
+/// A message whose body the client finished sending is counted once, whatever happened
+/// upstream afterwards: here the upstream vanished at DATA and before its final reply,
+/// and the client was told 4xx both times.
+#[test]
+fn messages_lost_upstream_are_counted() {
+    timed(30, || {
+        let up = Upstream::builder()
+            .reply_with("DATA", |call| (call.session == 0).then(Reply::close))
+            .reply_with("DATA_END", |call| (call.session == 1).then(Reply::close))
+            .start();
+        let (p, admin) = with_admin(
+            ProxyBuilder::new()
+                .upstream(&up)
+                .set("FilterCommand", "cat"),
+        );
+        for _ in 0..2 {
+            let mut c = p.open();
+            assert_eq!(c.cmd("MAIL FROM:<alice@example.org>").code, 250);
+            assert_eq!(c.cmd("RCPT TO:<bob@example.net>").code, 250);
+            assert_eq!(c.cmd("DATA").code, 354);
+            c.send(common::stuff(&common::default_message()));
+            let r = c.reply();
+            assert_eq!(r.code / 100, 4, "{r:?}");
+        }
+        assert!(wait_until(secs(3), || {
+            let t = scrape(&admin);
+            value(&t, "proxsmtpd_upstream_errors_total", &[("stage", "final")]) == Some(1.0)
+        }));
+        let text = scrape(&admin);
+        let count =
+            |v: &str| value(&text, "proxsmtpd_messages_total", &[("verdict", v)]).unwrap_or(-1.0);
+        let lost = count("tempfailed") + count("local_error");
+        assert_eq!(
+            (count("accepted"), lost),
+            (0.0, 2.0),
+            "messages the client was told 4xx for must be counted as tempfailed or \
+             local_error; messages_total: {:?}",
+            text.lines()
+                .filter(|l| l.starts_with("proxsmtpd_messages_total"))
+                .collect::<Vec<_>>()
+        );
+    });
+}
+
+#[test]
+fn connections_total_active_and_refused() {
+    timed(30, || {
+        let up = Upstream::start();
+        let (p, admin) = with_admin(ProxyBuilder::new().upstream(&up).set("MaxConnections", "2"));
+        metric("proxsmtpd_connections_total")
+            .value(0.0)
+            .assert_in(&admin);
+        metric("proxsmtpd_connections_active")
+            .value(0.0)
+            .assert_in(&admin);
+        metric("proxsmtpd_connections_refused_total")
+            .value(0.0)
+            .assert_in(&admin);
+
+        let c1 = p.open();
+        let mut c2 = p.connect();
+        assert_eq!(c2.greeting().code, 220);
+        metric("proxsmtpd_connections_active")
+            .value(2.0)
+            .assert_in(&admin);
+        metric("proxsmtpd_connections_total")
+            .value(2.0)
+            .assert_in(&admin);
+
+        let mut c3 = p.connect();
+        let r = c3.greeting();
+        assert_eq!(r.code, 421, "{r:?}");
+        metric("proxsmtpd_connections_refused_total")
+            .value(1.0)
+            .assert_in(&admin);
+        metric("proxsmtpd_connections_total")
+            .value(2.0)
+            .assert_in(&admin);
+        metric("proxsmtpd_connections_active")
+            .value(2.0)
+            .assert_in(&admin);
+
+        c1.close();
+        metric("proxsmtpd_connections_active")
+            .value(1.0)
+            .assert_in(&admin);
+        assert_eq!(c2.cmd("QUIT").code, 221);
+        metric("proxsmtpd_connections_active")
+            .value(0.0)
+            .assert_in(&admin);
+        // A new client gets a slot again.
+        let c4 = p.open();
+        metric("proxsmtpd_connections_total")
+            .value(3.0)
+            .assert_in(&admin);
+        metric("proxsmtpd_connections_active")
+            .value(1.0)
+            .assert_in(&admin);
+        drop(c4);
+    });
+}
+
+#[test]
+fn filter_timeouts_are_counted() {
+    timed(30, || {
+        let up = Upstream::start();
+        let (p, admin) = with_admin(
+            ProxyBuilder::new()
+                .upstream(&up)
+                .set("FilterTimeout", "1")
+                .set("FilterCommand", "sleep 20"),
+        );
+        let r = p.open().send_mail(&common::default_message());
+        assert_eq!(r.code, 451, "{r:?}");
+        metric("proxsmtpd_filter_timeouts_total")
+            .value(1.0)
+            .assert_in(&admin);
+        metric("proxsmtpd_messages_total")
+            .label("verdict", "local_error")
+            .value(1.0)
+            .assert_in(&admin);
+        metric("proxsmtpd_filter_spawn_failures_total")
+            .value(0.0)
+            .assert_in(&admin);
+        up.assert_nothing_delivered();
+    });
+}
+
+/// The filter command cannot be started: a missing script, a script without the execute
+/// bit, a path that loops. Each tempfails its message and counts as a spawn failure
+/// (the shipped alert `ProxsmtpdFilterSpawnFailures` is about exactly these cases).
+#[test]
+fn filter_spawn_failures_are_counted() {
+    timed(40, || {
+        let up = Upstream::start();
+        let dir = tempfile::tempdir().unwrap();
+        let not_exec = dir.path().join("not-executable.sh");
+        fs::write(&not_exec, "#!/bin/sh\ncat\n").unwrap();
+        fs::set_permissions(&not_exec, fs::Permissions::from_mode(0o644)).unwrap();
+        let looping = dir.path().join("loop");
+        std::os::unix::fs::symlink(&looping, &looping).unwrap();
+        let cases = [
+            ("missing script", dir.path().join("no-such-filter.sh")),
+            ("not executable", not_exec),
+            ("symlink loop", looping),
+        ];
+        let mut failures = Vec::new();
+        for (what, path) in cases {
+            let (p, admin) = with_admin(
+                ProxyBuilder::new()
+                    .upstream(&up)
+                    .set("FilterCommand", path.to_str().unwrap()),
+            );
+            let r = p.open().send_mail(&common::default_message());
+            assert_eq!(
+                r.code / 100,
+                4,
+                "{what}: the message must be tempfailed: {r:?}"
+            );
+            // Give the counter time to show up before judging.
+            wait_until(secs(2), || {
+                value(
+                    &scrape(&admin),
+                    "proxsmtpd_filter_spawn_failures_total",
+                    &[],
+                ) == Some(1.0)
+            });
+            let got = value(
+                &scrape(&admin),
+                "proxsmtpd_filter_spawn_failures_total",
+                &[],
+            );
+            if got != Some(1.0) {
+                failures.push(format!(
+                    "{what} ({}): proxsmtpd_filter_spawn_failures_total = {got:?}, want 1",
+                    path.display()
+                ));
+            }
+        }
+        up.assert_nothing_delivered();
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
+}
+
+/// Counts final reply lines by class in what a client received.
+fn classes(received: &[u8], counts: &mut [u64; 4]) {
+    for line in received.split(|&b| b == b'\n') {
+        if line.len() >= 3 && line.get(3) != Some(&b'-') {
+            if let Some(i) = (line[0] as char)
+                .to_digit(10)
+                .and_then(|d| (d as usize).checked_sub(2))
+                .filter(|i| *i < 4)
+            {
+                counts[i] += 1;
+            }
+        }
+    }
+}
+
+/// `proxsmtpd_replies_total` equals, class by class, what the clients received: relayed
+/// replies, the proxy's own (354, 421 busy) and the filter's.
+#[test]
+fn replies_by_class_match_what_clients_received() {
+    timed(40, || {
+        let up = Upstream::builder()
+            .reply_with("RCPT", |call| {
+                let l = String::from_utf8_lossy(call.line);
+                if l.contains("busy@") {
+                    Some(Reply::text("450 4.2.1 Mailbox busy"))
+                } else if l.contains("nobody@") {
+                    Some(Reply::text("550 5.1.1 No such user"))
+                } else {
+                    None
+                }
+            })
+            .start();
+        let b = ProxyBuilder::new().upstream(&up).set("MaxConnections", "2");
+        let filter = b.script("verdict.sh", VERDICT_FILTER);
+        let (p, admin) = with_admin(b.set("FilterCommand", &filter));
+
+        let mut counts = [0u64; 4];
+        let mut a = p.open();
+        a.cmd("NOOP");
+        a.cmd("MAIL FROM:<alice@example.org>");
+        a.cmd("RCPT TO:<busy@example.net>");
+        a.cmd("RCPT TO:<nobody@example.net>");
+        a.cmd("RCPT TO:<bob@example.net>");
+        a.cmd("DATA");
+        a.send(common::stuff(&message("one", b"hello\r\n")));
+        a.reply();
+        a.transaction(
+            "<alice@example.org>",
+            &["<bob@example.net>"],
+            &message("two", b"FILTER-REJECT\r\n"),
+        );
+        a.transaction(
+            "<alice@example.org>",
+            &["<bob@example.net>"],
+            &message("three", b"FILTER-TEMP\r\n"),
+        );
+        a.cmd("RSET");
+        // A third client while two are connected gets the busy reply.
+        let mut b2 = p.connect();
+        b2.greeting();
+        let mut c = p.connect();
+        let busy = c.greeting();
+        assert_eq!(busy.code, 421, "{busy:?}");
+        assert!(c.wait_eof(secs(5)));
+        assert_eq!(a.cmd("QUIT").code, 221);
+        assert_eq!(b2.cmd("QUIT").code, 221);
+        for cl in [&a, &b2, &c] {
+            classes(cl.received(), &mut counts);
+        }
+        assert!(
+            counts.iter().all(|n| *n > 0),
+            "every class should occur: {counts:?}"
+        );
+        metric("proxsmtpd_connections_active")
+            .value(0.0)
+            .assert_in(&admin);
+        let text = scrape(&admin);
+        let got: Vec<(String, Option<f64>)> = ["2xx", "3xx", "4xx", "5xx"]
+            .iter()
+            .map(|c| {
+                (
+                    c.to_string(),
+                    value(&text, "proxsmtpd_replies_total", &[("class", c)]),
+                )
+            })
+            .collect();
+        let want: Vec<(String, Option<f64>)> = ["2xx", "3xx", "4xx", "5xx"]
+            .iter()
+            .zip(counts)
+            .map(|(c, n)| (c.to_string(), Some(n as f64)))
+            .collect();
+        assert_eq!(
+            got, want,
+            "proxsmtpd_replies_total vs. replies the clients received"
+        );
+    });
+}
+
+#[test]
+fn build_info_draining_and_config_reloads() {
+    timed(30, || {
+        let up = Upstream::start();
+        let (p, admin) = with_admin(ProxyBuilder::new().upstream(&up).set("ReloadWatch", "off"));
+        metric("proxsmtpd_build_info")
+            .label("version", env!("CARGO_PKG_VERSION"))
+            .value(1.0)
+            .assert_in(&admin);
+        metric("proxsmtpd_draining").value(0.0).assert_in(&admin);
+        metric("proxsmtpd_config_reloads_total")
+            .label("result", "success")
+            .value(0.0)
+            .assert_in(&admin);
+        metric("proxsmtpd_config_reloads_total")
+            .label("result", "failure")
+            .value(0.0)
+            .assert_in(&admin);
+        p.signal(Signal::SIGHUP);
+        metric("proxsmtpd_config_reloads_total")
+            .label("result", "success")
+            .value(1.0)
+            .assert_in(&admin);
+        // Every proxsmtpd_ family has HELP and TYPE lines.
+        let text = scrape(&admin);
+        let names: std::collections::BTreeSet<String> = parse(&text)
+            .into_iter()
+            .filter(|s| s.name.starts_with("proxsmtpd_"))
+            .map(|s| {
+                let n = s.name;
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suf| n.strip_suffix(suf).map(str::to_string))
+                    .filter(|base| text.contains(&format!("# TYPE {base} histogram")))
+                    .unwrap_or(n)
+            })
+            .collect();
+        for n in &names {
+            assert!(text.contains(&format!("# HELP {n} ")), "no HELP for {n}");
+            assert!(text.contains(&format!("# TYPE {n} ")), "no TYPE for {n}");
+        }
+        for want in [
+            "proxsmtpd_messages_total",
+            "proxsmtpd_filter_duration_seconds",
+            "proxsmtpd_message_size_bytes",
+            "proxsmtpd_connections_total",
+            "proxsmtpd_connections_active",
+            "proxsmtpd_connections_refused_total",
+            "proxsmtpd_upstream_errors_total",
+            "proxsmtpd_filter_timeouts_total",
+            "proxsmtpd_filter_spawn_failures_total",
+            "proxsmtpd_replies_total",
+            "proxsmtpd_build_info",
+            "proxsmtpd_config_reloads_total",
+        ] {
+            assert!(
+                names.contains(want),
+                "{want} missing from /metrics: {names:?}"
+            );
+        }
+    });
+}
+
+/// Traffic that touches every labelled series, with distinctive addresses: the client IP
+/// comes from a PROXY header so that it cannot be confused with anything else.
+fn traffic_with_distinctive_addresses() -> (Proxy, SocketAddr, Upstream) {
+    let up = verdict_upstream();
+    let b = ProxyBuilder::new()
+        .upstream(&up)
+        .set("ProxyProtocol", "on")
+        .set("ProxyProtocolTrusted", "127.0.0.1/32");
+    // The reject text carries the sender and the client address.
+    let filter = b.script(
+        "verdict.sh",
+        &VERDICT_FILTER.replace(
+            "echo '554 5.7.1 Rejected by the filter'",
+            "echo \"554 5.7.1 Rejected $SENDER from $CLIENT\"",
+        ),
+    );
+    let (p, admin) = with_admin(b.set("FilterCommand", &filter));
+    for marker in ["plain", "FILTER-REJECT", "UPSTREAM-TEMP", "FILTER-DROP"] {
+        let mut c = p.connect();
+        c.send("PROXY TCP4 198.51.100.23 192.0.2.10 40123 25\r\n");
+        assert_eq!(c.greeting().code, 220);
+        assert_eq!(c.cmd("EHLO pii-helo.example").code, 250);
+        let content = format!(
+            "From: <pii.sender.x7@example.org>\r\nTo: <pii.rcpt.q9@example.net>\r\n\
+             Message-ID: <pii-msgid-5k@example.org>\r\nSubject: {marker}\r\n\r\n{marker}\r\n"
+        );
+        c.transaction(
+            "<pii.sender.x7@example.org>",
+            &["<pii.rcpt.q9@example.net>", "<pii.rcpt2.z3@example.net>"],
+            content.as_bytes(),
+        );
+        c.cmd("QUIT");
+    }
+    metric("proxsmtpd_messages_total")
+        .label("verdict", "dropped")
+        .value(1.0)
+        .assert_in(&admin);
+    (p, admin, up)
+}
+
+#[test]
+fn no_label_carries_an_address_or_message_id() {
+    timed(30, || {
+        let (_p, admin, _up) = traffic_with_distinctive_addresses();
+        let text = scrape(&admin);
+        let forbidden = [
+            "198.51.100.23",
+            "192.0.2.10",
+            "127.0.0.1",
+            "pii",
+            "@",
+            "example.org",
+            "example.net",
+        ];
+        for s in parse(&text) {
+            for (k, v) in &s.labels {
+                for f in forbidden {
+                    assert!(
+                        !v.contains(f),
+                        "label {k}={v:?} of {} contains {f:?}",
+                        s.name
+                    );
+                }
+            }
+        }
+        for f in ["198.51.100.23", "pii", "example.org", "example.net"] {
+            assert!(!text.contains(f), "/metrics mentions {f:?}");
+        }
+        // The labels of these families take values from fixed sets (other families are
+        // only held to the address check above).
+        let allowed: &[(&str, &str, &[&str])] = &[
+            (
+                "proxsmtpd_messages_total",
+                "verdict",
+                &[
+                    "accepted",
+                    "rejected",
+                    "dropped",
+                    "tempfailed",
+                    "local_error",
+                ],
+            ),
+            (
+                "proxsmtpd_upstream_errors_total",
+                "stage",
+                &["connect", "greeting", "command", "data", "final"],
+            ),
+            (
+                "proxsmtpd_replies_total",
+                "class",
+                &["2xx", "3xx", "4xx", "5xx"],
+            ),
+            (
+                "proxsmtpd_config_reloads_total",
+                "result",
+                &["success", "failure"],
+            ),
+            (
+                "proxsmtpd_build_info",
+                "version",
+                &[env!("CARGO_PKG_VERSION")],
+            ),
+        ];
+        for s in parse(&text) {
+            if let Some((_, label, values)) = allowed.iter().find(|(n, _, _)| *n == s.name) {
+                let keys: Vec<&str> = s.labels.iter().map(|(k, _)| k.as_str()).collect();
+                assert_eq!(keys, [*label], "labels of {}", s.name);
+                let v = s.labels[0].1.as_str();
+                assert!(values.contains(&v), "{}: {label}={v:?}", s.name);
+            }
+        }
+    });
+}
+
+#[test]
+fn promtool_accepts_the_exposition() {
+    timed(30, || {
+        if !std::path::Path::new("/usr/bin/promtool").exists()
+            && Command::new("promtool").arg("--version").output().is_err()
+        {
+            eprintln!("note: promtool is not installed (Debian package prometheus); skipping");
+            return;
+        }
+        let (_p, admin, _up) = traffic_with_distinctive_addresses();
+        let text = scrape(&admin);
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run promtool");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write to promtool");
+        let out = child.wait_with_output().expect("promtool");
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "promtool check metrics: {:?}\nstdout: {}\nstderr: {}\nexposition:\n{text}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
