@@ -38,6 +38,14 @@ LABEL org.opencontainers.image.title="proxsmtpd" \
       org.opencontainers.image.created="${CREATED}" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.base.name="debian:bookworm-slim"
+# The system roots (/etc/ssl/certs) verify the upstream's certificate when UpstreamTls is
+# on without UpstreamTlsCa; installed unless the base image already has them.
+# hadolint ignore=DL3008
+RUN if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends ca-certificates \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 # A fixed uid/gid so that Kubernetes securityContext (runAsUser, fsGroup) can name it.
 RUN groupadd --system --gid 10025 proxsmtpd \
  && useradd --system --uid 10025 --gid 10025 --no-create-home \

@@ -6,8 +6,10 @@
 #              the checksum annotation following a filter script change; every rendered
 #              object validated strictly (Kubernetes 1.29 and 1.35 schemas, unknown fields
 #              are errors; ServiceMonitor/PrometheusRule type-checked); checks on the
-#              rendered pod (deploy/check/pod_checks.py); the rendered PrometheusRule
-#              through promtool; the README lists every value
+#              rendered pod (deploy/check/pod_checks.py; TLS: the Secret mounted whole,
+#              never subPath, key readable, env, smtps port and Service port); the rendered
+#              PrometheusRule through promtool; the README lists every value; TLS values the
+#              templates must refuse
 #   kustomize  kubectl kustomize k8s/base and k8s/examples/*, validated and checked the same way
 #   image      hadolint on the Dockerfile (building the image: scripts/image-build.sh)
 #   alerts     promtool check rules; dashboards and rules use only contract metrics; the
@@ -94,6 +96,11 @@ layout_of() {   # the pod layout a values file asks for
     sidecar-native*) echo sidecar-native ;; sidecar-plain*) echo sidecar-plain ;; *) echo standalone ;;
   esac
 }
+tls_of() {      # what pod_checks.py must find about TLS: on, off (the defaults) or either
+  case "$(basename "$1")" in
+    tls-*|sidecar-plain*) echo --tls ;; default) echo --no-tls ;;
+  esac
+}
 # promtool on the rules of every rendered PrometheusRule
 prometheusrule_rules() {
   "$PY" - "$1" "$2" <<'EOF'
@@ -107,11 +114,11 @@ EOF
 check "chart README lists every value" "$PY" deploy/check/static_checks.py values-doc "$CHART"
 for values in default "$CHART"/ci/*.yaml; do
   name=$(basename "$values" .yaml); args=(); [ "$values" = default ] || args=(-f "$values")
-  out="$W/render-$name.yaml"
+  out="$W/render-$name.yaml" tls=$(tls_of "$values")
   check "helm lint --strict [$name]" "$HELM" lint --strict "$CHART" "${args[@]}"
   if check "helm template [$name]" to_file "$out" "$HELM" template proxsmtpd "$CHART" -n mail "${args[@]}"; then
     check "strict schemas k8s 1.29+1.35 [$name] ($(grep -c '^kind:' "$out") objects)" "${VALIDATE[@]}" "$out"
-    check "pod checks [$name] ($(layout_of "$values"))" "$PY" deploy/check/pod_checks.py "$out" "$(layout_of "$values")"
+    check "pod checks [$name] ($(layout_of "$values")${tls:+ $tls})" "$PY" deploy/check/pod_checks.py "$out" "$(layout_of "$values")" ${tls:+"$tls"}
     if prometheusrule_rules "$out" "$W/rules-$name.yaml" 2>/dev/null; then
       check "promtool check rules on the rendered PrometheusRule [$name]" promtool check rules "$W/rules-$name.yaml"
     fi
@@ -127,6 +134,16 @@ refuse "sidecar mode without mail containers" "$HELM" template x "$CHART" --set 
 refuse "native sidecar on Kubernetes 1.28" "$HELM" template x "$CHART" -f "$CHART/ci/sidecar-native-postfix.yaml" --kube-version 1.28.0
 refuse "terminationGracePeriodSeconds below preStop + drain" "$HELM" template x "$CHART" --set terminationGracePeriodSeconds=20
 refuse "FilterCommand naming a script that is not shipped" "$HELM" template x "$CHART" -f "$CHART/ci/standalone-minimal.yaml" --set filters.command=/etc/proxsmtpd/filters/missing.sh
+# TLS: an existing Secret only (no inline keys), and nothing that would stop the proxy
+TLS_ON=(--set tls.enabled=true --set tls.secretName=smtp-tls)
+refuse "schema refuses an inline certificate (tls.create)" "$HELM" template x "$CHART" "${TLS_ON[@]}" --set tls.create=true
+refuse "schema refuses an unknown upstreamTls.mode" "$HELM" template x "$CHART" --set upstreamTls.mode=sometimes
+refuse "tls.enabled without tls.secretName" "$HELM" template x "$CHART" --set tls.enabled=true
+refuse "tls.required without a certificate" "$HELM" template x "$CHART" --set tls.required=true
+refuse "tls.implicitPort without a certificate" "$HELM" template x "$CHART" --set tls.implicitPort=465
+refuse "tls.implicitPort equal to service.port" "$HELM" template x "$CHART" "${TLS_ON[@]}" --set tls.implicitPort=25
+refuse "upstreamTls.caSecret while upstreamTls.mode is off" "$HELM" template x "$CHART" --set upstreamTls.caSecret=mail-ca
+refuse "upstreamTls.caSecret and caConfigMap together" "$HELM" template x "$CHART" --set upstreamTls.mode=required --set upstreamTls.caSecret=a --set upstreamTls.caConfigMap=b
 checksum_of() { "$HELM" template x "$CHART" -f "$CHART/ci/standalone-minimal.yaml" "$@" | sed -n 's/.*checksum\/config: //p'; }
 checksum_changes() {
   local a b c
@@ -141,10 +158,10 @@ check "checksum/config changes with a filter script or a setting" checksum_chang
 echo "== kustomize"
 for dir in k8s/base k8s/examples/*/; do
   dir=${dir%/}; name=${dir#k8s/}; out="$W/kustomize-${name//\//-}.yaml"
-  layout=standalone; [ "$dir" = k8s/base ] || layout=sidecar-native
+  layout=standalone tls=--no-tls; [ "$dir" = k8s/base ] || layout=sidecar-native tls=--tls
   if check "kubectl kustomize $dir" to_file "$out" "$KUBECTL" kustomize "$dir"; then
     check "strict schemas k8s 1.29+1.35 [$dir] ($(grep -c '^kind:' "$out") objects)" "${VALIDATE[@]}" "$out"
-    check "pod checks [$dir] ($layout)" "$PY" deploy/check/pod_checks.py "$out" "$layout"
+    check "pod checks [$dir] ($layout $tls)" "$PY" deploy/check/pod_checks.py "$out" "$layout" "$tls"
   fi
 done
 

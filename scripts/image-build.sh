@@ -77,9 +77,11 @@ debootstrap_image() {
 
 if [ "$CHECK_ONLY" = 0 ]; then
 # --- 1. base images -------------------------------------------------------------------
-DEBIAN_LOCAL=localhost/proxsmtpd-base/debian:bookworm-minbase
+# With ca-certificates: the runtime stage verifies upstream TLS against the system roots
+# and installs them only when missing, which a build without network cannot do.
+DEBIAN_LOCAL=localhost/proxsmtpd-base/debian:bookworm-minbase-ca
 if ! podman image exists "$DEBIAN_LOCAL"; then
-  dir=$(debootstrap_image "$DEBIAN_LOCAL" "" | tail -n1)
+  dir=$(debootstrap_image "$DEBIAN_LOCAL" ca-certificates | tail -n1)
   import_rootfs "$DEBIAN_LOCAL" "$dir" --change 'CMD ["/bin/bash"]'
   rm -rf "$dir"
 fi

@@ -4,7 +4,7 @@
 //! any thread exists), logging, binding, then the privilege drop (after binding, so a port
 //! below 1024 works without capabilities), the pid file, and the accept loop.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use crate::admin::{self, Health};
 use crate::cli::RunArgs;
 use crate::config::{self, ConfigError, LoadOptions, OutAddress, Settings};
 use crate::logging::{self, LogTarget};
-use crate::proxy::server::{self, Listener};
+use crate::proxy::server::{self, BoundListener};
 use crate::tls::Tls;
 use crate::{daemon, privileges, reload, telemetry};
 
@@ -68,12 +68,47 @@ pub fn run(args: RunArgs) -> ExitCode {
         pid_path = Some(p.clone());
     }
 
+    // Bound before daemonising, so a busy port is reported on the terminal (exit 1) and a
+    // forking service manager sees the failure; and before the privilege drop, so ports
+    // below 1024 need no capability.
+    let bound = match Bound::bind(&settings) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("proxsmtpd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+
     let foreground = args.debug_level.is_some() || settings.container;
     if !foreground {
         if let Err(e) = daemon::daemonize() {
             eprintln!("proxsmtpd: couldn't run as daemon: {e}");
             return ExitCode::from(1);
         }
+    }
+    // After daemonising, so it holds the daemon's pid; before the privilege drop, so it can
+    // go where only root writes.
+    let mut startup = Startup::default();
+    if let Some(path) = &pid_path {
+        match daemon::PidFile::write(path) {
+            Ok(p) => startup.pid_file = Some(p),
+            Err(e) => startup
+                .errors
+                .push(format!("couldn't write pid file: {}: {e}", path.display())),
+        }
+    }
+    // Before the runtime starts: with a single thread the switch (and the capability kept
+    // for TransparentProxy full) covers every thread created afterwards.
+    if let Some(user) = &settings.user {
+        match privileges::drop_to_user(user, settings.transparent == config::Transparent::Full) {
+            Ok(warnings) => startup.warnings.extend(warnings),
+            Err(e) => {
+                eprintln!("proxsmtpd: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else if let Some(w) = privileges::root_warning_if_root() {
+        startup.warnings.push(w);
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -86,14 +121,55 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(serve(args, settings, tls, pid_path, foreground))
+    runtime.block_on(serve(args, settings, tls, bound, startup, foreground))
+}
+
+/// The listening sockets, bound before anything else happens.
+struct Bound {
+    smtp: BoundListener,
+    tls: Option<BoundListener>,
+    admin: Option<std::net::TcpListener>,
+}
+
+impl Bound {
+    fn bind(settings: &Settings) -> Result<Bound, String> {
+        let smtp = BoundListener::bind(&settings.listen, settings.transparent)
+            .map_err(|e| format!("couldn't bind to address: {:?}: {e}", settings.listen))?;
+        let tls = match &settings.tls_listen {
+            Some(address) => Some(
+                BoundListener::bind(address, settings.transparent)
+                    .map_err(|e| format!("couldn't bind to TlsListen address: {address:?}: {e}"))?,
+            ),
+            None => None,
+        };
+        let admin = match settings.admin_listen {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr)
+                    .map_err(|e| format!("couldn't bind admin address {addr}: {e}"))?;
+                l.set_nonblocking(true)
+                    .map_err(|e| format!("admin address {addr}: {e}"))?;
+                Some(l)
+            }
+            None => None,
+        };
+        Ok(Bound { smtp, tls, admin })
+    }
+}
+
+/// What happened before logging existed, to be logged once it does.
+#[derive(Default)]
+struct Startup {
+    pid_file: Option<daemon::PidFile>,
+    warnings: Vec<String>,
+    errors: Vec<String>,
 }
 
 async fn serve(
     args: RunArgs,
     settings: Settings,
     tls: Arc<Tls>,
-    pid_path: Option<PathBuf>,
+    bound: Bound,
+    startup: Startup,
     foreground: bool,
 ) -> ExitCode {
     let otel = match telemetry::otel_layer::<tracing_subscriber::Registry>() {
@@ -123,67 +199,49 @@ async fn serve(
         }
     };
 
-    let listener = match Listener::bind(&settings.listen, settings.transparent) {
+    for e in &startup.errors {
+        tracing::error!("{e}");
+    }
+    for w in &startup.warnings {
+        tracing::warn!("{w}");
+    }
+    let pid_file = startup.pid_file;
+    let into_tokio = |l: BoundListener| {
+        l.into_listener().map_err(|e| {
+            tracing::error!("couldn't listen: {e}");
+            ExitCode::from(1)
+        })
+    };
+    let listener = match into_tokio(bound.smtp) {
         Ok(l) => l,
-        Err(e) => {
-            tracing::error!("couldn't bind to address: {:?}: {e}", settings.listen);
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     tracing::info!("listening on {}", listener.local_description());
-    let tls_listener = match &settings.tls_listen {
-        Some(address) => match Listener::bind(address, settings.transparent) {
-            Ok(l) => {
-                tracing::info!("listening for implicit TLS on {}", l.local_description());
-                Some(l)
-            }
-            Err(e) => {
-                tracing::error!("couldn't bind to TlsListen address: {address:?}: {e}");
-                return ExitCode::from(1);
-            }
-        },
-        None => None,
+    let tls_listener = match bound.tls.map(into_tokio).transpose() {
+        Ok(l) => l,
+        Err(code) => return code,
     };
+    if let Some(l) = &tls_listener {
+        tracing::info!("listening for implicit TLS on {}", l.local_description());
+    }
 
     let mut health = Health::default();
     if settings.readiness_check_upstream {
         health = health.with_upstream_check(upstream_check(&settings), UPSTREAM_CHECK_TTL);
     }
     let health = Arc::new(health);
-    let admin_listener = match settings.admin_listen {
-        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                tracing::error!("couldn't bind admin address {addr}: {e}");
-                return ExitCode::from(1);
-            }
-        },
-        None => None,
-    };
-
-    let pid_file = match &pid_path {
-        Some(path) => match daemon::PidFile::write(path) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::error!("couldn't write pid file: {}: {e}", path.display());
-                None
-            }
-        },
-        None => None,
-    };
-
-    if let Some(user) = &settings.user {
-        match privileges::drop_to_user(user) {
-            Ok(warnings) => warnings.iter().for_each(|w| tracing::warn!("{w}")),
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::from(1);
-            }
+    let admin_listener = match bound
+        .admin
+        .map(tokio::net::TcpListener::from_std)
+        .transpose()
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("couldn't listen on the admin address: {e}");
+            return ExitCode::from(1);
         }
-    }
-    if let Some(w) = privileges::root_warning_if_root() {
-        tracing::warn!("{w}");
-    }
+    };
+
     if let Err(w) = check_temp_directory(&settings.temp_directory) {
         tracing::warn!("{w}");
     }

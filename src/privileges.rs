@@ -11,7 +11,13 @@ use nix::unistd::{self, Gid, Uid, User};
 /// Returns warnings to log: when not started as root nothing changes (the original's
 /// `must be started as root to switch to user: <x>`), and when `user` is root itself.
 /// Errors (unknown user, a failed switch, root still regainable) are fatal.
-pub fn drop_to_user(user: &str) -> Result<Vec<String>, String> {
+///
+/// With `keep_net_admin` (TransparentProxy full) the process keeps CAP_NET_ADMIN and
+/// nothing else, as the original did: connecting from the client's address needs
+/// IP_TRANSPARENT on every upstream socket. Capabilities are per thread, so this must run
+/// before any other thread exists (before the tokio runtime starts): threads created later
+/// inherit them.
+pub fn drop_to_user(user: &str, keep_net_admin: bool) -> Result<Vec<String>, String> {
     let entry = lookup(user)?;
     if !unistd::geteuid().is_root() {
         return Ok(vec![format!(
@@ -20,11 +26,22 @@ pub fn drop_to_user(user: &str) -> Result<Vec<String>, String> {
     }
     let failed =
         |what: &str, e: nix::Error| format!("couldn't switch to user: {user}: {what}: {e}");
+    if keep_net_admin {
+        nix::sys::prctl::set_keepcaps(true).map_err(|e| failed("keep capabilities", e))?;
+    }
     // Supplementary groups go too: root's groups (disk, shadow, ...) must not outlive the
     // switch. The original kept them.
     unistd::setgroups(&[entry.gid]).map_err(|e| failed("setgroups", e))?;
     unistd::setresgid(entry.gid, entry.gid, entry.gid).map_err(|e| failed("setgid", e))?;
     unistd::setresuid(entry.uid, entry.uid, entry.uid).map_err(|e| failed("setuid", e))?;
+    if keep_net_admin {
+        let only = caps::CapsHashSet::from([caps::Capability::CAP_NET_ADMIN]);
+        for set in [caps::CapSet::Permitted, caps::CapSet::Effective] {
+            caps::set(None, set, &only)
+                .map_err(|e| format!("couldn't switch to user: {user}: capabilities: {e}"))?;
+        }
+        nix::sys::prctl::set_keepcaps(false).map_err(|e| failed("keep capabilities", e))?;
+    }
     if entry.uid.is_root() {
         return Ok(vec![root_warning()]);
     }
@@ -84,7 +101,7 @@ mod tests {
     #[test]
     fn unknown_user_is_an_error() {
         assert_eq!(
-            drop_to_user("no-such-user-proxsmtpd"),
+            drop_to_user("no-such-user-proxsmtpd", false),
             Err("couldn't look up user: no-such-user-proxsmtpd".to_string())
         );
     }
@@ -99,7 +116,7 @@ mod tests {
         if !unistd::geteuid().is_root() {
             // Only the warning path can be shown without root.
             assert_eq!(
-                drop_to_user("nobody"),
+                drop_to_user("nobody", false),
                 Ok(vec![
                     "must be started as root to switch to user: nobody".to_string()
                 ])
@@ -126,7 +143,7 @@ mod tests {
             return;
         }
         let nobody = lookup("nobody").unwrap();
-        assert_eq!(drop_to_user(&nobody.uid.to_string()), Ok(Vec::new()));
+        assert_eq!(drop_to_user(&nobody.uid.to_string(), false), Ok(Vec::new()));
         assert_eq!(unistd::getuid(), nobody.uid);
         assert_eq!(unistd::geteuid(), nobody.uid);
         assert_eq!(unistd::getgid(), nobody.gid);
@@ -135,7 +152,7 @@ mod tests {
         assert!(unistd::setuid(Uid::from_raw(0)).is_err());
         // Once switched, a second call only warns.
         assert_eq!(
-            drop_to_user("nobody"),
+            drop_to_user("nobody", false),
             Ok(vec![
                 "must be started as root to switch to user: nobody".to_string()
             ])

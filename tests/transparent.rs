@@ -575,7 +575,6 @@ fn client_mode_as_nobody() {
 }
 
 #[test]
-#[ignore = "bug: CAP_NET_ADMIN is not kept across the User switch in full transparent mode"]
 fn full_mode_as_nobody_keeps_the_client_address() {
     // Binding the upstream socket to the client's address needs CAP_NET_ADMIN, which the
     // original keeps across the switch to User.

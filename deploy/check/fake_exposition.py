@@ -46,6 +46,10 @@ def main():
     replies = {c: 0 for c in CLASSES}
     upstream = {s: 0 for s in STAGES}
     c = {"conn": 0, "refused": 0, "timeouts": 0, "spawn": 0, "reload_ok": 0, "reload_fail": 0}
+    # every TLS series exists from the start, as in the binary
+    tls = {(side, v): 0 for side in ("client", "upstream") for v in ("TLSv1.2", "TLSv1.3")}
+    tls_fail = {"client": 0, "upstream": 0}
+    cert_reloads = {"success": 0, "failure": 0}
     filt, size = Histogram(FILTER_BUCKETS), Histogram(SIZE_BUCKETS)
     end = time.time() + seconds
     while True:
@@ -57,7 +61,15 @@ def main():
                 size.observe(rnd.lognormvariate(9, 1.5))
         for k, rate in CLASSES.items():
             replies[k] += int(rate * tick * 2 * rnd.random() + 0.5)
-        c["conn"] += int(10 * tick * 2 * rnd.random() + 1)
+        new_conn = int(10 * tick * 2 * rnd.random() + 1)
+        c["conn"] += new_conn
+        tls[("client", "TLSv1.3")] += int(new_conn * 0.6)
+        tls[("client", "TLSv1.2")] += int(new_conn * 0.2 * rnd.random())
+        tls[("upstream", "TLSv1.3")] += int(new_conn * 0.6)
+        if rnd.random() < 0.2:
+            tls_fail["client"] += 1
+        if rnd.random() < 0.05:
+            cert_reloads["success"] += 1
         if rnd.random() < 0.3:
             c["timeouts"] += 1
             upstream[rnd.choice(STAGES)] += 1
@@ -91,6 +103,14 @@ def main():
             f'proxsmtpd_config_reloads_total{{result="success"}} {c["reload_ok"]}',
             f'proxsmtpd_config_reloads_total{{result="failure"}} {c["reload_fail"]}',
             "# HELP proxsmtpd_draining 1 while draining.", "# TYPE proxsmtpd_draining gauge", "proxsmtpd_draining 0",
+            "# HELP proxsmtpd_tls_sessions_total TLS handshakes completed.", "# TYPE proxsmtpd_tls_sessions_total counter",
+            *[f'proxsmtpd_tls_sessions_total{{side="{s}",version="{v}"}} {n}' for (s, v), n in tls.items()],
+            "# HELP proxsmtpd_tls_handshake_failures_total TLS handshakes that failed.",
+            "# TYPE proxsmtpd_tls_handshake_failures_total counter",
+            *[f'proxsmtpd_tls_handshake_failures_total{{side="{s}"}} {n}' for s, n in tls_fail.items()],
+            "# HELP proxsmtpd_tls_certificate_reloads_total Loads of a changed TLS certificate.",
+            "# TYPE proxsmtpd_tls_certificate_reloads_total counter",
+            *[f'proxsmtpd_tls_certificate_reloads_total{{result="{r}"}} {n}' for r, n in cert_reloads.items()],
         ]
         tmp = os.path.join(out_dir, ".metrics.tmp")
         with open(tmp, "w", encoding="utf-8") as f:

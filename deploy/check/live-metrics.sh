@@ -7,7 +7,10 @@
 #   binary  upstream smtp-sink <- proxsmtpd (AdminListen, test-filter.sh) <- smtp-source/swaks:
 #           accepted mail of three sizes, rejected, dropped and temp-failed mail, filter
 #           timeouts, upstream errors (the sink stopped for a moment), connections refused
-#           at MaxConnections, config reloads (SIGHUP, good and bad config).
+#           at MaxConnections, config reloads (SIGHUP, good and bad config); with openssl on
+#           the host also TLS: STARTTLS and implicit-TLS mail (TLS 1.3 and 1.2, Python's ssl
+#           client), a failed handshake, certificate reloads through a Secret-like `..data`
+#           symlink swap (a good pair, a broken one, the good one again).
 #   static  a generated exposition with the contract's metric names, growing over time,
 #           served by `python3 -m http.server` (for use before the binary has /metrics).
 # Prometheus (Debian prometheus) scrapes every second with the target labels a Kubernetes
@@ -43,7 +46,23 @@ wait_http() {   # wait_http URL SECONDS: until it answers 200
   return 1
 }
 
-ADMIN=$(free_port) PROM=$(free_port) SMTP=$(free_port) SINK=$(free_port)
+ADMIN=$(free_port) PROM=$(free_port) SMTP=$(free_port) SINK=$(free_port) SMTPS=$(free_port)
+TLS=0; command -v openssl >/dev/null && TLS=1
+
+# tls_version NAME [CERT-CONTENT]: a certificate pair in $W/tls/NAME (self-signed for
+# localhost; with CERT-CONTENT, that text instead of the certificate), made current the way
+# the kubelet updates a Secret volume: the `..data` symlink swapped in one rename.
+tls_version() {
+  local dir="$W/tls/$1"
+  mkdir -p "$dir"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$dir/tls.key" -out "$dir/tls.crt" 2>> "$W/openssl.log"
+  [ -z "${2:-}" ] || printf '%s\n' "$2" > "$dir/tls.crt"
+  tls_current "$1"
+  [ -L "$W/tls/tls.crt" ] || ln -s ..data/tls.crt "$W/tls/tls.crt"
+  [ -L "$W/tls/tls.key" ] || ln -s ..data/tls.key "$W/tls/tls.key"
+}
+tls_current() { ln -sfn "$1" "$W/tls/..data_tmp" && mv -T "$W/tls/..data_tmp" "$W/tls/..data"; }
 
 # --- the metrics source -------------------------------------------------------------------
 start_sink() {
@@ -67,6 +86,13 @@ MaxConnections: 4
 TimeOut: 10
 DrainTimeout: 5
 EOF
+  if [ "$TLS" = 1 ]; then
+    tls_version v1
+    printf 'TlsCertificate: %s\nTlsKey: %s\nTlsListen: 127.0.0.1:%s\n' \
+      "$W/tls/tls.crt" "$W/tls/tls.key" "$SMTPS" >> "$W/proxsmtpd.conf"
+  else
+    say "note: no openssl on this host: no TLS traffic (the TLS series stay at 0)"
+  fi
   start_sink
   # PROXSMTPD_* variables of the caller would override the config file: drop them
   unset_args=(); for v in $(compgen -e | grep '^PROXSMTPD_' || true); do unset_args+=(-u "$v"); done
@@ -153,6 +179,42 @@ time.sleep(1.5)
 for s in held:
     s.close()
 EOF
+  if [ "$TLS" = 1 ]; then
+    say "traffic: TLS (STARTTLS and implicit TLS, 1.3 and 1.2), a failed handshake, certificate reloads"
+    python3 - "$SMTP" "$SMTPS" > "$W/tls-traffic.log" 2>&1 <<'EOF' || say "note: TLS traffic: $(tail -n 1 "$W/tls-traffic.log")"
+import smtplib, socket, ssl, sys
+smtp, smtps = int(sys.argv[1]), int(sys.argv[2])
+msg = "From: sender@example.org\r\nTo: ok@example.net\r\nSubject: over TLS\r\n\r\nEncrypted.\r\n"
+def context(version):
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE   # self-signed, made here
+    ctx.minimum_version = ctx.maximum_version = version
+    return ctx
+failed = 0
+for version, n in ((ssl.TLSVersion.TLSv1_3, 4), (ssl.TLSVersion.TLSv1_2, 2)):
+    for _ in range(n):
+        try:
+            with smtplib.SMTP("127.0.0.1", smtp, timeout=15) as s:
+                s.starttls(context=context(version))
+                s.sendmail("sender@example.org", ["ok@example.net"], msg)
+            with smtplib.SMTP_SSL("127.0.0.1", smtps, timeout=15, context=context(version)) as s:
+                s.sendmail("sender@example.org", ["ok@example.net"], msg)
+        except (OSError, smtplib.SMTPException) as e:
+            failed += 1
+            print(f"TLS session failed: {e!r}")
+# a client that speaks SMTP on the implicit-TLS port: a failed handshake
+with socket.create_connection(("127.0.0.1", smtps), timeout=5) as s:
+    s.sendall(b"EHLO plain.example\r\n")
+    try:
+        s.recv(1024)
+    except OSError:
+        pass
+sys.exit(1 if failed else 0)
+EOF
+    tls_version v2; sleep 3                                 # a renewed certificate
+    tls_version v3 "-----BEGIN CERTIFICATE-----"; sleep 3   # a broken one: refused
+    tls_current v2; sleep 3                                 # the good one again
+  fi
   say "traffic: config reloads (SIGHUP with a good and with a broken config)"
   kill -HUP "$PROXY_PID"; sleep 1
   cp "$W/proxsmtpd.conf" "$W/proxsmtpd.conf.good"
@@ -172,7 +234,7 @@ END=$(date +%s)
 # --- checks -----------------------------------------------------------------------------
 status=0
 curl -s "http://127.0.0.1:$ADMIN/metrics" > "$W/exposition.txt"
-say "counters at the end: $(grep -E '^proxsmtpd_(messages_total|filter_timeouts_total|connections_refused_total|upstream_errors_total|config_reloads_total)' "$W/exposition.txt" \
+say "counters at the end: $(grep -E '^proxsmtpd_(messages_total|filter_timeouts_total|connections_refused_total|upstream_errors_total|config_reloads_total|tls_[a-z_]+_total)' "$W/exposition.txt" \
   | grep -v ' 0$' | sed -E 's/^proxsmtpd_//; s/_total//' | tr '\n' ' ')"
 if promtool check metrics < "$W/exposition.txt" > "$W/promtool.txt" 2>&1; then
   say "PASS promtool check metrics on the /metrics exposition ($(grep -c '^proxsmtpd_' "$W/exposition.txt") samples)"

@@ -19,9 +19,18 @@ it must have, finds the workload whose pod runs the container "proxsmtpd" and ch
   resources  cpu and memory requests, a memory limit
   env        PROXSMTPD_CONTAINER=on, no service-link variables
   service    a Service selects the pod and sends a port to the proxy's SMTP port
+  mounts     no ConfigMap or Secret mounted with subPath (its updates would never reach the pod)
+  tls        with TlsCertificate (config file or PROXSMTPD_* env): certificate and key in one
+             Secret volume mounted whole and read-only, files readable by the non-root proxy
+             (mode 0440 with an fsGroup, else 0444); TlsRequired and TlsListen only with a
+             certificate; TlsListen on the container port "smtps", which a Service targets;
+             UpstreamTlsCa in a mounted Secret or ConfigMap; UpstreamTlsCa and
+             UpstreamTlsVerify only with UpstreamTls on, verification off only towards
+             loopback (an upstream in the same pod). --tls: TLS must be on;
+             --no-tls: no TLS setting at all (STARTTLS stays refused)
 Prints one line per check; exit status 1 if any failed.
 
-Usage: pod_checks.py FILE standalone|sidecar-native|sidecar-plain
+Usage: pod_checks.py FILE standalone|sidecar-native|sidecar-plain [--tls|--no-tls]
 """
 import re
 import sys
@@ -60,11 +69,97 @@ def port_of(addr):
     return int(m.group(1)) if m else None
 
 
+def effective_settings(conf, env):
+    """The config file's settings with the PROXSMTPD_<UPPER_SNAKE> variables over them."""
+    out = dict(conf)
+    for name, value in env.items():
+        if name.startswith("PROXSMTPD_") and value is not None:
+            out[name[len("PROXSMTPD_"):].replace("_", "").lower()] = value
+    return out
+
+
+def mounted_file(path, mounts, volumes):
+    """(mount, volume, file name inside the volume) for a file under a volume mount."""
+    for mpath, m in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
+        if path.startswith(mpath + "/"):
+            return m, volumes.get(m["name"], {}), path[len(mpath) + 1:]
+    return None, {}, None
+
+
+def file_mode(source, name):
+    """The mode a Secret or ConfigMap volume gives one of its files (Kubernetes default 0644)."""
+    for item in source.get("items") or []:
+        if item.get("path") == name:
+            return item.get("mode", source.get("defaultMode", 0o644))
+    return source.get("defaultMode", 0o644)
+
+
+def check_tls(c, settings, expect, ctr, pod, mounts, volumes, ports, services):
+    cert, key = settings.get("tlscertificate"), settings.get("tlskey")
+    on = lambda v: str(v).lower() in ("on", "yes", "true", "1")
+    if expect == "off":
+        names = sorted(k for k in settings if k.startswith(("tls", "upstreamtls")))
+        c.check(not names, f"no TLS setting (STARTTLS stays refused): {names or 'none'}")
+        return
+    if not cert:
+        c.check(expect != "on", "TlsCertificate set" if expect == "on" else "TLS off (no TlsCertificate)")
+        c.check(not on(settings.get("tlsrequired", "off")) and not settings.get("tlslisten"),
+                "no TlsRequired or TlsListen without a certificate")
+    else:
+        c.check(bool(key), f"TlsCertificate {cert} and TlsKey {key} set")
+        fsgroup = (pod.get("securityContext") or {}).get("fsGroup")
+        mc, vc, nc = mounted_file(cert, mounts, volumes)
+        mk, vk, nk = mounted_file(key or "", mounts, volumes)
+        secret = vc.get("secret")
+        c.check(secret is not None and mc is mk,
+                f"certificate and key in one mounted Secret ({(secret or {}).get('secretName')})")
+        if mc is not None:
+            c.check("subPath" not in mc and "subPathExpr" not in mc and "/" not in (nc or "/"),
+                    f"the Secret is mounted whole at {mc['mountPath']}, no subPath (renewals reach the pod)")
+            c.check(mc.get("readOnly") is True, "the TLS Secret is mounted readOnly")
+        if secret is not None and nk:
+            mode = file_mode(secret, nk)
+            readable = bool(mode & 0o004) or (bool(mode & 0o040) and fsgroup is not None)
+            c.check(readable and not mode & 0o002,
+                    f"key mode {mode:04o} readable by the non-root proxy (fsGroup {fsgroup}), not writable")
+        listen = settings.get("tlslisten")
+        if listen:
+            c.check(port_of(listen) == ports.get("smtps") and port_of(listen) != ports.get("smtp"),
+                    f"TlsListen {listen} is the container port smtps ({ports.get('smtps')})")
+            labels = pod.get("_labels") or {}
+            targeted = any(
+                all(labels.get(k) == v for k, v in (s["spec"].get("selector") or {}).items())
+                and any(p.get("targetPort") in ("smtps", ports.get("smtps")) for p in s["spec"].get("ports") or [])
+                for s in services if s["spec"].get("selector"))
+            c.check(targeted, "a Service targets the proxy's smtps port")
+        elif expect == "on":
+            c.check(True, "no TlsListen (STARTTLS only)")
+    upstream = (settings.get("upstreamtls") or "off").lower()
+    ca, verify = settings.get("upstreamtlsca"), settings.get("upstreamtlsverify")
+    if upstream == "off":
+        c.check(not ca and verify is None, "no UpstreamTlsCa or UpstreamTlsVerify while UpstreamTls is off")
+        return
+    c.check(upstream in ("opportunistic", "required"), f"UpstreamTls {upstream}")
+    if ca:
+        m, v, n = mounted_file(ca, mounts, volumes)
+        source = v.get("secret") or v.get("configMap")
+        c.check(source is not None and m is not None and "subPath" not in m and "/" not in (n or "/"),
+                f"UpstreamTlsCa {ca} in a Secret or ConfigMap mounted whole")
+    if verify is not None and not on(verify):
+        host = (settings.get("outaddress") or "").rsplit(":", 1)[0].strip("[]")
+        c.check(host in ("127.0.0.1", "::1", "localhost"),
+                f"UpstreamTlsVerify off only for an upstream in the same pod (OutAddress {settings.get('outaddress')})")
+
+
 def main():
-    if len(sys.argv) != 3 or sys.argv[2] not in ("standalone", "sidecar-native", "sidecar-plain"):
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    flags = [a for a in sys.argv[1:] if a.startswith("--")]
+    if (len(args) != 2 or args[1] not in ("standalone", "sidecar-native", "sidecar-plain")
+            or any(f not in ("--tls", "--no-tls") for f in flags) or len(flags) > 1):
         print(__doc__.split("Usage: ")[1].strip(), file=sys.stderr)
         return 2
-    path, layout = sys.argv[1], sys.argv[2]
+    path, layout = args
+    expect = {"--tls": "on", "--no-tls": "off"}.get(flags[0] if flags else "", "any")
     docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if isinstance(d, dict)]
     c = Checker(f"{path.rsplit('/', 1)[-1]} [{layout}]")
     configmaps = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ConfigMap"}
@@ -162,6 +257,17 @@ def main():
         c.check((svol.get("configMap") or {}).get("defaultMode") == 0o755, "filter scripts mounted with mode 0755")
     elif cmd:
         c.check(True, f"FilterCommand {cmd} (not a mounted file)")
+
+    # --- mounts: a subPath mount is a copy that never sees an update ---
+    sub = [m["mountPath"] for m in ctr.get("volumeMounts") or []
+           if ("subPath" in m or "subPathExpr" in m)
+           and any(k in volumes.get(m["name"], {}) for k in ("configMap", "secret", "projected"))]
+    c.check(not sub, f"no ConfigMap or Secret mounted with subPath {sub or ''}".rstrip())
+
+    # --- TLS ---
+    services = [d for d in docs if d.get("kind") == "Service"]
+    check_tls(c, effective_settings(conf, env), expect, ctr,
+              dict(pod, _labels=tmpl.get("metadata", {}).get("labels")), mounts, volumes, ports, services)
 
     # --- shutdown ---
     pre = (ctr.get("lifecycle") or {}).get("preStop") or {}

@@ -22,6 +22,8 @@ CONTRACT = {
     "proxsmtpd_connections_refused_total", "proxsmtpd_upstream_errors_total",
     "proxsmtpd_filter_timeouts_total", "proxsmtpd_filter_spawn_failures_total",
     "proxsmtpd_replies_total", "proxsmtpd_config_reloads_total", "proxsmtpd_draining",
+    "proxsmtpd_tls_sessions_total", "proxsmtpd_tls_handshake_failures_total",
+    "proxsmtpd_tls_certificate_reloads_total",
 }
 METRIC = re.compile(r"\b(proxsmtpd_[a-z_]+?)(?:_bucket|_sum|_count)?\b(?!\s*\()")
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpSocket, UnixListener};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -25,7 +25,7 @@ use crate::{proxy_protocol, sockopt};
 pub const REPLY_BUSY: &[u8] = b"421 Server busy, too many connections\r\n";
 
 /// The original listened with a backlog of 5, which refused bursts of clients.
-const LISTEN_BACKLOG: u32 = 1024;
+const LISTEN_BACKLOG: i32 = 1024;
 
 /// How long sessions get after the drain deadline to say 421 and close.
 const HARD_STOP_GRACE: Duration = Duration::from_secs(5);
@@ -35,31 +35,56 @@ pub enum Listener {
     Unix(UnixListener),
 }
 
-impl Listener {
-    /// Binds the SMTP listener. Must run inside the tokio runtime.
-    pub fn bind(address: &ListenAddress, transparent: Transparent) -> io::Result<Listener> {
+/// A listening socket bound before the runtime starts (and before the privilege drop, so a
+/// port below 1024 needs no capability, and before daemonising, so a failure is reported
+/// on the terminal).
+pub enum BoundListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl BoundListener {
+    pub fn bind(address: &ListenAddress, transparent: Transparent) -> io::Result<BoundListener> {
+        use nix::sys::socket::{self as sock, sockopt, AddressFamily, SockFlag, SockType};
+        use std::os::fd::AsRawFd;
         match address {
             ListenAddress::Tcp(addr) => {
-                let socket = if addr.is_ipv4() {
-                    TcpSocket::new_v4()?
+                let family = if addr.is_ipv4() {
+                    AddressFamily::Inet
                 } else {
-                    TcpSocket::new_v6()?
+                    AddressFamily::Inet6
                 };
-                socket.set_reuseaddr(true)?;
+                let fd = sock::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+                sock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
                 if transparent == Transparent::Full {
-                    sockopt::set_ip_transparent(&socket)?;
+                    crate::sockopt::set_ip_transparent(&fd)?;
                 }
-                socket.bind(*addr)?;
-                Ok(Listener::Tcp(socket.listen(LISTEN_BACKLOG)?))
+                sock::bind(fd.as_raw_fd(), &sock::SockaddrStorage::from(*addr))?;
+                sock::listen(&fd, sock::Backlog::new(LISTEN_BACKLOG)?)?;
+                let listener = std::net::TcpListener::from(fd);
+                listener.set_nonblocking(true)?;
+                Ok(BoundListener::Tcp(listener))
             }
             ListenAddress::Unix(path) => {
                 // A socket file left by an earlier run would make bind fail.
                 let _ = std::fs::remove_file(path);
-                Ok(Listener::Unix(UnixListener::bind(path)?))
+                let listener = std::os::unix::net::UnixListener::bind(path)?;
+                listener.set_nonblocking(true)?;
+                Ok(BoundListener::Unix(listener))
             }
         }
     }
 
+    /// Hands the socket to tokio. Must run inside the runtime.
+    pub fn into_listener(self) -> io::Result<Listener> {
+        match self {
+            BoundListener::Tcp(l) => Ok(Listener::Tcp(TcpListener::from_std(l)?)),
+            BoundListener::Unix(l) => Ok(Listener::Unix(UnixListener::from_std(l)?)),
+        }
+    }
+}
+
+impl Listener {
     pub fn local_description(&self) -> String {
         match self {
             Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),

@@ -67,6 +67,48 @@ app.kubernetes.io/component: {{ ternary "mail" "smtp-proxy" (eq .Values.mode "si
 {{- define "proxsmtpd.spoolDir" -}}/var/spool/proxsmtpd{{- end -}}
 {{- define "proxsmtpd.configDir" -}}/etc/proxsmtpd/config{{- end -}}
 {{- define "proxsmtpd.filtersDir" -}}/etc/proxsmtpd/filters{{- end -}}
+{{- define "proxsmtpd.tlsDir" -}}/etc/proxsmtpd/tls{{- end -}}
+{{- define "proxsmtpd.upstreamCaDir" -}}/etc/proxsmtpd/upstream-ca{{- end -}}
+
+{{/* upstreamTls.mode as a string: an unquoted `off` in a values file arrives as false. */}}
+{{- define "proxsmtpd.upstreamTlsMode" -}}
+{{- $mode := toString .Values.upstreamTls.mode -}}
+{{- ternary "off" $mode (eq $mode "false") -}}
+{{- end -}}
+
+{{/*
+Mode of the TLS Secret's files. The key must be readable by the proxy's non-root user: with
+an fsGroup the kubelet gives the files that group, so 0440 suffices; without one they stay
+root's and only 0444 lets the proxy read them.
+*/}}
+{{- define "proxsmtpd.tlsDefaultMode" -}}
+{{- $psc := ternary (.Values.sidecar.podSecurityContext | default dict) .Values.securityContext (eq .Values.mode "sidecar") -}}
+{{- ternary "0444" "0440" (kindIs "invalid" $psc.fsGroup) -}}
+{{- end -}}
+
+{{/* TLS values that would stop the proxy at startup, or do nothing, are refused here. */}}
+{{- define "proxsmtpd.validateTls" -}}
+{{- $tls := .Values.tls -}}
+{{- $up := .Values.upstreamTls -}}
+{{- if and $tls.enabled (not $tls.secretName) -}}
+{{- fail "tls.enabled needs tls.secretName: an existing kubernetes.io/tls Secret (e.g. the one a cert-manager Certificate writes)" -}}
+{{- end -}}
+{{- if and (not $tls.enabled) (or $tls.required $tls.implicitPort) -}}
+{{- fail "tls.required and tls.implicitPort need tls.enabled and a certificate in tls.secretName" -}}
+{{- end -}}
+{{- if and $tls.implicitPort (eq (int $tls.implicitPort) (int .Values.service.port)) -}}
+{{- fail (printf "tls.implicitPort (%d) must differ from service.port" (int $tls.implicitPort)) -}}
+{{- end -}}
+{{- if and $tls.implicitPort (has (int .Values.ports.smtps) (list (int .Values.ports.smtp) (int .Values.ports.admin))) -}}
+{{- fail (printf "ports.smtps (%d) must differ from ports.smtp and ports.admin" (int .Values.ports.smtps)) -}}
+{{- end -}}
+{{- if and $up.caSecret $up.caConfigMap -}}
+{{- fail "upstreamTls: set caSecret or caConfigMap, not both" -}}
+{{- end -}}
+{{- if and (eq (include "proxsmtpd.upstreamTlsMode" .) "off") (or $up.caSecret $up.caConfigMap (not $up.verify)) -}}
+{{- fail "upstreamTls.caSecret, caConfigMap and verify have no effect while upstreamTls.mode is off" -}}
+{{- end -}}
+{{- end -}}
 
 {{/*
 terminationGracePeriodSeconds: long enough for the preStop sleep and the drain. A native
@@ -108,6 +150,8 @@ The proxy container. Parent charts that add the proxy to their own mail pod can 
 together with the volumes of "proxsmtpd.volumes".
 */}}
 {{- define "proxsmtpd.container" -}}
+{{- include "proxsmtpd.validateTls" . -}}
+{{- $upstreamTls := include "proxsmtpd.upstreamTlsMode" . -}}
 name: proxsmtpd
 image: {{ include "proxsmtpd.image" . | quote }}
 imagePullPolicy: {{ .Values.image.pullPolicy }}
@@ -124,6 +168,32 @@ args:
 env:
   - name: PROXSMTPD_CONTAINER
     value: "on"
+  {{- if .Values.tls.enabled }}
+  - name: PROXSMTPD_TLS_CERTIFICATE
+    value: {{ include "proxsmtpd.tlsDir" . }}/tls.crt
+  - name: PROXSMTPD_TLS_KEY
+    value: {{ include "proxsmtpd.tlsDir" . }}/tls.key
+  {{- if .Values.tls.required }}
+  - name: PROXSMTPD_TLS_REQUIRED
+    value: "on"
+  {{- end }}
+  {{- if .Values.tls.implicitPort }}
+  - name: PROXSMTPD_TLS_LISTEN
+    value: "0.0.0.0:{{ .Values.ports.smtps }}"
+  {{- end }}
+  {{- end }}
+  {{- if ne $upstreamTls "off" }}
+  - name: PROXSMTPD_UPSTREAM_TLS
+    value: {{ $upstreamTls }}
+  {{- if or .Values.upstreamTls.caSecret .Values.upstreamTls.caConfigMap }}
+  - name: PROXSMTPD_UPSTREAM_TLS_CA
+    value: {{ include "proxsmtpd.upstreamCaDir" . }}/{{ .Values.upstreamTls.caKey }}
+  {{- end }}
+  {{- if not .Values.upstreamTls.verify }}
+  - name: PROXSMTPD_UPSTREAM_TLS_VERIFY
+    value: "off"
+  {{- end }}
+  {{- end }}
   {{- with .Values.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -138,6 +208,11 @@ ports:
   - name: admin
     containerPort: {{ .Values.ports.admin }}
     protocol: TCP
+  {{- if and .Values.tls.enabled .Values.tls.implicitPort }}
+  - name: smtps
+    containerPort: {{ .Values.ports.smtps }}
+    protocol: TCP
+  {{- end }}
 startupProbe:
   httpGet:
     path: /livez
@@ -191,12 +266,23 @@ volumeMounts:
     mountPath: {{ include "proxsmtpd.filtersDir" . }}
     readOnly: true
   {{- end }}
+  {{- /* whole directories, never subPath: a renewed certificate must reach the pod */}}
+  {{- if .Values.tls.enabled }}
+  - name: proxsmtpd-tls
+    mountPath: {{ include "proxsmtpd.tlsDir" . }}
+    readOnly: true
+  {{- end }}
+  {{- if and (ne $upstreamTls "off") (or .Values.upstreamTls.caSecret .Values.upstreamTls.caConfigMap) }}
+  - name: proxsmtpd-upstream-ca
+    mountPath: {{ include "proxsmtpd.upstreamCaDir" . }}
+    readOnly: true
+  {{- end }}
   {{- with .Values.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- end -}}
 
-{{/* The proxy's volumes: spool, config, filter scripts. */}}
+{{/* The proxy's volumes: spool, config, filter scripts, TLS certificate, upstream CA. */}}
 {{- define "proxsmtpd.volumes" -}}
 - name: proxsmtpd-spool
   emptyDir:
@@ -214,5 +300,25 @@ volumeMounts:
   configMap:
     name: {{ include "proxsmtpd.fullname" . }}-filters
     defaultMode: 0755
+{{- end }}
+{{- if .Values.tls.enabled }}
+- name: proxsmtpd-tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+    defaultMode: {{ include "proxsmtpd.tlsDefaultMode" . }}
+{{- end }}
+{{- if ne (include "proxsmtpd.upstreamTlsMode" .) "off" }}
+{{- with .Values.upstreamTls.caSecret }}
+- name: proxsmtpd-upstream-ca
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0444
+{{- end }}
+{{- with .Values.upstreamTls.caConfigMap }}
+- name: proxsmtpd-upstream-ca
+  configMap:
+    name: {{ . }}
+    defaultMode: 0444
+{{- end }}
 {{- end }}
 {{- end -}}
