@@ -272,7 +272,9 @@ async fn serve(
     ));
 
     let mut rx = shutdown_rx.clone();
-    server::run(
+    // On a worker thread rather than this one: a session spawned from a worker starts on
+    // that same worker, without waking another thread for every connection.
+    let accepting = tokio::spawn(server::run(
         listener,
         tls_listener,
         tls,
@@ -281,8 +283,10 @@ async fn serve(
         async move {
             let _ = rx.wait_for(|stop| *stop).await;
         },
-    )
-    .await;
+    ));
+    if let Err(e) = accepting.await {
+        tracing::error!("the listener stopped unexpectedly: {e}");
+    }
 
     tracing::info!("stopped");
     if let Some(p) = pid_file {
