@@ -22,9 +22,12 @@ step() {
 
 step "install test dependencies" scripts/install-test-deps.sh
 step "cargo fmt" cargo fmt --all -- --check
-step "cargo clippy" cargo clippy --release --all-targets -- -D warnings
+# Built first so that clippy reuses the compiled dependencies.
 step "build" cargo build --release
+step "cargo clippy" cargo clippy --release --all-targets -- -D warnings
 step "cargo test" cargo test --release --no-fail-fast
+step "dependency licences and sources" bash scripts/deny.sh
+step "fuzz smoke run" bash scripts/fuzz.sh --smoke
 
 conformance=${CONFORMANCE_DIR:-$root/../shared/conformance}
 if [ -x "$conformance/run.sh" ] || [ -f "$conformance/run.sh" ]; then
