@@ -43,6 +43,23 @@ fn exit_with(e: &ConfigError) -> ExitCode {
     ExitCode::from(e.exit_code.clamp(1, 255) as u8)
 }
 
+/// Descriptors inherited from whoever started the daemon (without close-on-exec) would
+/// reach every filter; the original closed 3..1023 in each child. Closed here, once, before
+/// the process opens anything of its own.
+pub fn close_inherited_descriptors() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let inherited: Vec<i32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    // The directory's own descriptor is in the list and already closed: EBADF is fine.
+    for fd in inherited {
+        let _ = nix::unistd::close(fd);
+    }
+}
+
 pub fn run(args: RunArgs) -> ExitCode {
     let (settings, warnings) = match load(&args) {
         Ok(s) => s,
@@ -199,6 +216,16 @@ async fn serve(
         }
     };
 
+    // SIGXFSZ would kill the whole daemon when a spool file reaches a file-size limit; with
+    // a handler installed the write fails with EFBIG instead and that message gets a 451.
+    match signal(SignalKind::from_raw(
+        nix::sys::signal::Signal::SIGXFSZ as i32,
+    )) {
+        Ok(mut xfsz) => {
+            tokio::spawn(async move { while xfsz.recv().await.is_some() {} });
+        }
+        Err(e) => tracing::warn!("couldn't handle SIGXFSZ: {e}"),
+    }
     for e in &startup.errors {
         tracing::error!("{e}");
     }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use proxsmtpd::cli::{self, Command};
 
 fn main() -> ExitCode {
+    proxsmtpd::app::close_inherited_descriptors();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--demo") {
         return proxsmtpd::demo::main(&args[1..]);

@@ -34,7 +34,11 @@ fn frame(limit: usize, chunks: &[&[u8]]) -> Vec<Framed> {
 
 fn check_reply(reply: &Reply) {
     let (last, rest) = reply.lines.split_last().expect("a reply has a line");
-    assert_eq!(reply.code, reply_code(last).unwrap_or(0));
+    assert_eq!(Some(reply.code), reply_code(last));
+    assert!(reply
+        .lines
+        .iter()
+        .all(|l| reply_code(l) == Some(reply.code)));
     assert!(reply.lines.len() <= MAX_REPLY_LINES);
     for line in rest {
         assert!(reply_code(line).is_some() && line.get(3) == Some(&b'-'));
@@ -91,7 +95,10 @@ fuzz_target!(|data: &[u8]| {
             }
             Ok(None) => assert!(!assembler.is_empty()),
             // The proxy drops the upstream here; start over as a new connection would.
-            Err(ReplyError::TooManyLines) => assembler = ReplyAssembler::default(),
+            Err(ReplyError::TooManyLines | ReplyError::Malformed) => {
+                assert!(assembler.is_empty());
+                assembler = ReplyAssembler::default();
+            }
         }
     }
     if too_long == 0 {

@@ -58,7 +58,7 @@ pub struct Outcome {
 
 /// Variables that belong to the filter contract: never inherited from the daemon, so that
 /// a filter cannot mistake the daemon's own environment for message data.
-const CONTRACT_VARS: [&str; 8] = [
+const CONTRACT_VARS: [&str; 11] = [
     "SENDER",
     "RECIPIENTS",
     "EMAIL",
@@ -67,6 +67,9 @@ const CONTRACT_VARS: [&str; 8] = [
     "REMOTE",
     "REMOTE_HELO",
     "TMPDIR",
+    "TLS",
+    "TLS_VERSION",
+    "TLS_CIPHER",
 ];
 
 /// Longest wait between SIGTERM and SIGKILL (less when FilterTimeout is shorter).

@@ -172,6 +172,14 @@ pub fn decide(exit: &Exit, stderr_last: Option<&str>) -> Verdict {
                 stderr_last.unwrap_or("no message")
             ),
         },
+        // A shell reports a program it ran that died of signal N as exit 128+N (and prints
+        // e.g. `Segmentation fault`): a crash, not a verdict, so the message is deferred.
+        Exit::Code(code @ 129..=192) => Verdict::LocalError {
+            reason: format!(
+                "filter command terminated abnormally (exit {code}, signal {})",
+                code - 128
+            ),
+        },
         Exit::Code(_) => {
             let reply = format_reply(stderr_last.unwrap_or(""));
             let kind = match reply.as_bytes().first() {
@@ -370,10 +378,16 @@ mod tests {
                 Some("250 dropped"),
                 reply("250 dropped\r\n", ReplyKind::Drop),
             ),
+            // The original bounced this as `550 Content Rejected; Killed`.
             (
                 Exit::Code(137),
                 Some("Killed"),
-                reply("550 Content Rejected; Killed\r\n", ReplyKind::Reject),
+                local("filter command terminated abnormally (exit 137, signal 9)"),
+            ),
+            (
+                Exit::Code(193),
+                Some("554 no"),
+                reply("554 no\r\n", ReplyKind::Reject),
             ),
             (
                 Exit::Code(127),

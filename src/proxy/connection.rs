@@ -24,7 +24,7 @@ use crate::filter::verdict::format_reply;
 use crate::metrics::UpstreamStage;
 use crate::session::{Action, Policy, Session, TlsPolicy};
 use crate::smtp::line::{Framed, LineReader, COMMAND_LINE_LIMIT};
-use crate::smtp::reply::{Reply, ReplyAssembler};
+use crate::smtp::reply::{Reply, ReplyAssembler, ReplyError};
 use crate::tls::{self, ClientTls, ServerTls, Tls, TlsInfo};
 
 pub const REPLY_UPSTREAM_UNAVAILABLE: &[u8] =
@@ -98,11 +98,10 @@ impl Conn {
                 Framed::Line(line) => line,
                 Framed::TooLong => return Err("reply line too long".into()),
             };
-            if let Some(reply) = self
-                .assembler
-                .push(line)
-                .map_err(|_| "reply has too many lines".to_string())?
-            {
+            if let Some(reply) = self.assembler.push(line).map_err(|e| match e {
+                ReplyError::TooManyLines => "reply has too many lines".to_string(),
+                ReplyError::Malformed => "malformed reply".to_string(),
+            })? {
                 return Ok(Some(reply));
             }
         }
@@ -529,7 +528,12 @@ async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
         while session.accepts_client_input() {
             let framed = match conn.client_lines.next(&mut conn.client_buf) {
                 Some(f) => Some(f),
-                None if conn.client_eof => conn.client_lines.take_partial(&mut conn.client_buf),
+                // An unterminated command from a client that left is never forwarded: the
+                // upstream would wait for its end.
+                None if conn.client_eof => {
+                    conn.client_buf.clear();
+                    None
+                }
                 None => None,
             };
             match framed {
@@ -643,7 +647,7 @@ fn trace_line(id: ConnectionId, direction: &str, bytes: &Bytes) {
     if tracing::enabled!(tracing::Level::DEBUG) {
         for line in bytes.split_inclusive(|&b| b == b'\n') {
             let text = String::from_utf8_lossy(crate::smtp::line::trim_line_end(line));
-            let cut: String = text.chars().take(79).collect();
+            let cut = observe::printable(&text.chars().take(79).collect::<String>());
             tracing::debug!("{id}: {direction} {cut}");
         }
     }

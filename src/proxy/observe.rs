@@ -100,6 +100,20 @@ impl Outcome {
     }
 }
 
+/// Client-supplied text as it may appear in a log line: control characters (CR, LF, ESC,
+/// ...) are shown as `\xNN`, so a sender cannot forge or hide log lines.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\x{:02X}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn summary(conn: &Conn, envelope: &Envelope, status: Option<&str>) -> String {
     let mut line = String::with_capacity(128);
     if let Some(peer) = conn.info.peer {
@@ -108,13 +122,13 @@ fn summary(conn: &Conn, envelope: &Envelope, status: Option<&str>) -> String {
         line.push_str("client=");
     }
     if let Some(sender) = &envelope.sender {
-        line.push_str(&format!(", from={sender}"));
+        line.push_str(&format!(", from={}", printable(sender)));
     }
     for rcpt in &envelope.recipients {
-        line.push_str(&format!(", to={rcpt}"));
+        line.push_str(&format!(", to={}", printable(rcpt)));
     }
     if let Some(status) = status {
-        line.push_str(&format!(", status={status}"));
+        line.push_str(&format!(", status={}", printable(status)));
     }
     line
 }

@@ -5,7 +5,7 @@ use bytes::Bytes;
 /// One complete SMTP reply as the upstream sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
-    /// The three-digit code of the last line; 0 when the line has no valid code.
+    /// The three-digit code shared by all its lines.
     pub code: u16,
     /// The raw lines, each with its line end.
     pub lines: Vec<Bytes>,
@@ -58,10 +58,15 @@ pub const MAX_REPLY_LINES: usize = 1000;
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReplyError {
     TooManyLines,
+    /// A line without a three-digit code, or a code other than the first line's: the
+    /// reply's meaning is unknown, so it must never be relayed or trusted (a `550-` first
+    /// line followed by `250 ` must not pass for an acceptance).
+    Malformed,
 }
 
-/// Collects lines until a reply is complete. A line without a valid code ends a reply
-/// (code 0) so that a broken upstream cannot make the proxy wait forever.
+/// Collects lines until a reply is complete. Every line must carry the same three-digit
+/// code; anything else is an error, so that a broken upstream can neither make the proxy
+/// wait forever nor have garbage relayed as an answer.
 #[derive(Debug, Default)]
 pub struct ReplyAssembler {
     lines: Vec<Bytes>,
@@ -69,11 +74,21 @@ pub struct ReplyAssembler {
 
 impl ReplyAssembler {
     pub fn push(&mut self, line: Bytes) -> Result<Option<Reply>, ReplyError> {
+        let Some(code) = reply_code(&line) else {
+            self.lines.clear();
+            return Err(ReplyError::Malformed);
+        };
+        if let Some(first) = self.lines.first() {
+            if reply_code(first) != Some(code) {
+                self.lines.clear();
+                return Err(ReplyError::Malformed);
+            }
+        }
         let more = is_continuation(&line);
-        let code = reply_code(&line).unwrap_or(0);
         self.lines.push(line);
         if more {
             if self.lines.len() >= MAX_REPLY_LINES {
+                self.lines.clear();
                 return Err(ReplyError::TooManyLines);
             }
             return Ok(None);
@@ -111,10 +126,33 @@ mod tests {
     }
 
     #[test]
-    fn bare_code_and_garbage_end_a_reply() {
-        let r = assemble(&[b"250\r\n", b"garbage\n", b"25\n"]);
+    fn bare_code_ends_a_reply() {
+        let r = assemble(&[b"250\r\n", b"354\n"]);
         let codes: Vec<u16> = r.iter().map(|r| r.code).collect();
-        assert_eq!(codes, vec![250, 0, 0]);
+        assert_eq!(codes, vec![250, 354]);
+    }
+
+    #[test]
+    fn malformed_replies_are_errors() {
+        let cases: &[&[&[u8]]] = &[
+            &[b"garbage\r\n"],
+            &[b"25\r\n"],
+            &[b"550-no\r\n", b"250 ok\r\n"],
+            &[b"250-a\r\n", b"x\r\n"],
+        ];
+        for lines in cases {
+            let mut a = ReplyAssembler::default();
+            let results: Vec<_> = lines
+                .iter()
+                .map(|l| a.push(Bytes::from_static(l)))
+                .collect();
+            assert_eq!(
+                results.last(),
+                Some(&Err(ReplyError::Malformed)),
+                "{lines:?}"
+            );
+            assert!(a.is_empty());
+        }
     }
 
     #[test]
