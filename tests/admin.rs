@@ -3,87 +3,18 @@
 
 mod common;
 
-use std::fs::{self, File};
+use std::fs::{self};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use nix::sys::signal::{kill, killpg, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 use common::metrics::{http_get, metric};
 use common::proxy::{free_port, pid_listens_on};
 use common::{
-    default_message, ms, secs, timed, wait_for, wait_until, Client, ProxyBuilder, Upstream,
+    default_message, ms, secs, timed, wait_until, Client, Daemon, ProxyBuilder, Upstream,
 };
-
-/// The binary started directly, so that the test can watch it from its first instant (the
-/// harness returns only once the proxy listens).
-struct Daemon {
-    child: Option<Child>,
-    pid: i32,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(args: &[&str], dir: &Path) -> Daemon {
-        let log = dir.join("daemon.log");
-        let out = File::create(&log).expect("log file");
-        let child = Command::new(common::binary())
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-            .env("LANG", "C")
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("clone"))
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .expect("spawn proxsmtpd");
-        let pid = child.id() as i32;
-        common::register_process_group(pid);
-        Daemon {
-            child: Some(child),
-            pid,
-            log,
-        }
-    }
-
-    fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        wait_for(timeout, || self.exit_status())
-    }
-
-    fn signal(&self, sig: Signal) {
-        let _ = kill(Pid::from_raw(self.pid), sig);
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
-            let _ = c.wait();
-            common::unregister_process_group(self.pid);
-        }
-        if std::thread::panicking() {
-            eprintln!("---- proxsmtpd output ----\n{}\n----", self.log());
-        }
-    }
-}
 
 fn admin_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
@@ -139,7 +70,7 @@ fn probes_follow_start_steady_state_drain_and_exit() {
             ),
         )
         .unwrap();
-        let mut d = Daemon::spawn(&["-d", "3", "-f", conf.to_str().unwrap()], dir.path());
+        let mut d = Daemon::spawn(&["-d", "3", "-f", conf.to_str().unwrap()], &[], dir.path());
 
         // Start: poll as fast as possible; the first 200 must find the listener bound.
         let started = Instant::now();

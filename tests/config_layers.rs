@@ -4,68 +4,19 @@
 
 mod common;
 
-use std::fs::{self, File};
+use std::fs::{self};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Duration;
 
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use common::metrics::http_get;
 use common::proxy::{free_port, is_listening, pid_listens_on};
-use common::{message, secs, timed, wait_for, wait_until, Client, ProxyBuilder, Upstream};
-
-/// The binary started directly, with the test's arguments and environment.
-struct Daemon {
-    child: Option<Child>,
-    pid: i32,
-    log: PathBuf,
-}
+use common::{message, secs, timed, wait_until, Client, Daemon, ProxyBuilder, Upstream};
 
 impl Daemon {
-    fn spawn(args: &[&str], env: &[(&str, &str)], dir: &Path) -> Daemon {
-        let log = dir.join(format!("daemon.{}.log", free_port()));
-        let out = File::create(&log).expect("log file");
-        let child = Command::new(common::binary())
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-            .env("LANG", "C")
-            .envs(env.iter().copied())
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("clone"))
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .expect("spawn proxsmtpd");
-        let pid = child.id() as i32;
-        common::register_process_group(pid);
-        Daemon {
-            child: Some(child),
-            pid,
-            log,
-        }
-    }
-
-    fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        wait_for(timeout, || self.exit_status())
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
     /// Waits until this process listens on `port`; panics with its output otherwise.
     fn wait_listening(&mut self, port: u16) {
         let pid = self.pid;
@@ -83,19 +34,6 @@ impl Daemon {
         let _ = kill(Pid::from_raw(self.pid), Signal::SIGTERM);
         let status = self.wait_exit(secs(10)).expect("proxsmtpd did not stop");
         assert_eq!(status.code(), Some(0), "{status:?}\n{}", self.log());
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
-            let _ = c.wait();
-            common::unregister_process_group(self.pid);
-        }
-        if std::thread::panicking() {
-            eprintln!("---- proxsmtpd output ----\n{}\n----", self.log());
-        }
     }
 }
 

@@ -4,73 +4,17 @@
 
 mod common;
 
-use std::fs::{self, File};
+use std::fs::{self};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Duration;
 
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
 use common::proxy::{free_port, pid_listens_on};
-use common::{message, secs, timed, wait_for, wait_until, Client, Reply, Upstream};
-
-/// The binary started without `-d`, stdout and stderr kept apart.
-struct Daemon {
-    child: Option<Child>,
-    pid: i32,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
+use common::{message, secs, timed, wait_until, Client, Daemon, Reply, Upstream};
 
 impl Daemon {
-    fn spawn(args: &[&str], env: &[(&str, &str)], dir: &Path) -> Daemon {
-        let stdout = dir.join("stdout");
-        let stderr = dir.join("stderr");
-        let child = Command::new(common::binary())
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-            .env("LANG", "C")
-            .envs(env.iter().copied())
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout).expect("stdout file"))
-            .stderr(File::create(&stderr).expect("stderr file"))
-            .process_group(0)
-            .spawn()
-            .expect("spawn proxsmtpd");
-        let pid = child.id() as i32;
-        common::register_process_group(pid);
-        Daemon {
-            child: Some(child),
-            pid,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        wait_for(timeout, || self.exit_status())
-    }
-
-    fn stdout(&self) -> String {
-        fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
     /// Every stdout line as JSON; panics on a line that is not a JSON object.
     fn json_lines(&self) -> Vec<Value> {
         self.stdout()
@@ -80,23 +24,6 @@ impl Daemon {
                 _ => panic!("stdout line is not a JSON object: {l:?}"),
             })
             .collect()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
-            let _ = c.wait();
-            common::unregister_process_group(self.pid);
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "---- proxsmtpd stdout ----\n{}\n---- stderr ----\n{}\n----",
-                self.stdout(),
-                self.stderr()
-            );
-        }
     }
 }
 

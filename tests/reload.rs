@@ -4,19 +4,16 @@
 
 mod common;
 
-use std::fs::{self, File};
+use std::fs::{self};
 use std::net::SocketAddr;
 use std::os::unix::fs::{symlink, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 use common::metrics::{http_get, metric};
 use common::proxy::{free_port, pid_listens_on};
-use common::{message, secs, timed, wait_until, Client, Proxy, ProxyBuilder, Upstream};
+use common::{message, secs, timed, wait_until, Client, Daemon, Proxy, ProxyBuilder, Upstream};
 
 fn admin_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
@@ -150,57 +147,6 @@ fn broken_new_config_is_refused_and_the_running_one_stays() {
     });
 }
 
-/// The binary started directly with a config file of the test's choosing (the harness
-/// always writes its own).
-struct Daemon {
-    child: Option<Child>,
-    pid: i32,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(args: &[&str], dir: &Path) -> Daemon {
-        let log = dir.join("daemon.log");
-        let out = File::create(&log).expect("log file");
-        let child = Command::new(common::binary())
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-            .env("LANG", "C")
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("clone"))
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .expect("spawn proxsmtpd");
-        let pid = child.id() as i32;
-        common::register_process_group(pid);
-        Daemon {
-            child: Some(child),
-            pid,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
-            let _ = c.wait();
-            common::unregister_process_group(self.pid);
-        }
-        if std::thread::panicking() {
-            eprintln!("---- proxsmtpd output ----\n{}\n----", self.log());
-        }
-    }
-}
-
 /// A ConfigMap volume as the kubelet lays it out: a timestamped directory per version,
 /// `..data` pointing at the current one, and each key a symlink through `..data`.
 struct ConfigMap {
@@ -280,7 +226,11 @@ fn configmap_symlink_swap_of_filter_and_config_while_a_session_stays_open() {
             ],
         );
         let conf_path = cm.path("proxsmtpd.conf");
-        let d = Daemon::spawn(&["-d", "3", "-f", conf_path.to_str().unwrap()], dir.path());
+        let d = Daemon::spawn(
+            &["-d", "3", "-f", conf_path.to_str().unwrap()],
+            &[],
+            dir.path(),
+        );
         assert!(
             wait_until(secs(10), || pid_listens_on(d.pid, port)),
             "proxsmtpd did not start"

@@ -15,6 +15,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod daemon;
 pub mod metrics;
 pub mod peers;
 pub mod proxy;
@@ -30,6 +31,8 @@ use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
 pub use client::{Client, Reply as ClientReply};
+#[allow(unused_imports)]
+pub use daemon::Daemon;
 #[allow(unused_imports)]
 pub use proxy::{Proxy, ProxyBuilder};
 #[allow(unused_imports)]
