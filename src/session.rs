@@ -556,12 +556,7 @@ mod tests {
     }
 
     fn reply(text: &str) -> Reply {
-        let lines: Vec<Bytes> = text
-            .split('|')
-            .map(|l| Bytes::from(format!("{l}\r\n")))
-            .collect();
-        let code = crate::smtp::reply::reply_code(&lines[lines.len() - 1]).unwrap_or(0);
-        Reply { code, lines }
+        Reply::scripted(text)
     }
 
     /// Feeds a script of events and returns the actions as readable strings.

@@ -176,15 +176,9 @@ pub fn after_starttls(mode: UpstreamTls, reply: &Reply) -> TlsStep {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn reply(text: &str) -> Reply {
-        let lines: Vec<Bytes> = text
-            .split('|')
-            .map(|l| Bytes::from(format!("{l}\r\n")))
-            .collect();
-        let code = crate::smtp::reply::reply_code(&lines[lines.len() - 1]).unwrap_or(0);
-        Reply { code, lines }
+        Reply::scripted(text)
     }
 
     #[test]

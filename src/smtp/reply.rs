@@ -29,6 +29,17 @@ impl Reply {
         }
     }
 
+    /// A reply from a test script: lines separated by `|`, CRLF added to each.
+    #[cfg(test)]
+    pub(crate) fn scripted(text: &str) -> Reply {
+        let lines: Vec<Bytes> = text
+            .split('|')
+            .map(|l| Bytes::from(format!("{l}\r\n")))
+            .collect();
+        let code = reply_code(&lines[lines.len() - 1]).unwrap_or(0);
+        Reply { code, lines }
+    }
+
     /// The text of the first line without code and line end, for logs.
     pub fn first_line_text(&self) -> String {
         let line = self.lines.first().map(|l| &l[..]).unwrap_or(b"");
