@@ -96,7 +96,11 @@ impl Driver {
             while self.session.accepts_client_input() {
                 let framed = match self.client_lines.next(&mut self.client_buf) {
                     Some(f) => Some(f),
-                    None if self.client_eof => self.client_lines.take_partial(&mut self.client_buf),
+                    // As the relay does: a departed client's unterminated line is dropped.
+                    None if self.client_eof => {
+                        self.client_buf.clear();
+                        None
+                    }
                     None => None,
                 };
                 match framed {

@@ -85,10 +85,6 @@ impl Outcome {
         self
     }
 
-    pub fn filtered(self, time: Duration) -> Self {
-        self.with_filter(time)
-    }
-
     pub fn unfiltered(mut self) -> Self {
         self.status = None;
         self

@@ -186,7 +186,7 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
                 None => spool.path(),
             };
             let outcome = deliver_recorded(conn, envelope, path, size, started).await?;
-            observe::message(conn, envelope, outcome.filtered(filter_time));
+            observe::message(conn, envelope, outcome.with_filter(filter_time));
             Ok(())
         }
         Verdict::Reply { reply, kind } => {

@@ -62,7 +62,9 @@ impl LineReader {
         }
     }
 
-    /// The partial line left when the peer closes is processed as a line (as the original does).
+    /// The unterminated bytes left when the peer closes, as a last line. The relay does not
+    /// forward them (an upstream would wait for the line's end); framing checks use this to
+    /// account for every byte.
     pub fn take_partial(&mut self, buf: &mut BytesMut) -> Option<Framed> {
         if self.discarding {
             self.discarding = false;

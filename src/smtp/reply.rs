@@ -20,15 +20,6 @@ impl Reply {
         self.lines.concat()
     }
 
-    /// A reply we make up ourselves, e.g. `Reply::local("451 Local Error")`.
-    pub fn local(text: &str) -> Reply {
-        let code = reply_code(text.as_bytes()).unwrap_or(0);
-        Reply {
-            code,
-            lines: vec![Bytes::from(format!("{text}\r\n"))],
-        }
-    }
-
     /// A reply from a test script: lines separated by `|`, CRLF added to each.
     #[cfg(test)]
     pub(crate) fn scripted(text: &str) -> Reply {
@@ -38,13 +29,6 @@ impl Reply {
             .collect();
         let code = reply_code(&lines[lines.len() - 1]).unwrap_or(0);
         Reply { code, lines }
-    }
-
-    /// The text of the first line without code and line end, for logs.
-    pub fn first_line_text(&self) -> String {
-        let line = self.lines.first().map(|l| &l[..]).unwrap_or(b"");
-        let line = crate::smtp::line::trim_line_end(line);
-        String::from_utf8_lossy(line).into_owned()
     }
 }
 
