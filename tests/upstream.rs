@@ -165,20 +165,57 @@ fn upstream_disconnect_before_final_reply_is_never_250() {
 #[test]
 fn upstream_disconnect_at_data_command_is_never_250() {
     timed(30, || {
-        let up = Upstream::builder().reply("DATA", Reply::close()).start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "cat")
+        for filter in [None, Some("cat")] {
+            let up = Upstream::builder().reply("DATA", Reply::close()).start();
+            let p = ProxyBuilder::new().upstream(&up);
+            let p = match filter {
+                Some(f) => p.set("FilterCommand", f),
+                None => p,
+            }
             .start();
+            let mut c = p.open();
+            c.cmd("MAIL FROM:<alice@example.org>");
+            c.cmd("RCPT TO:<bob@example.net>");
+            let mut r = c.cmd("DATA");
+            if r.code == 354 {
+                c.send(stuff(&default_message()));
+                r = c.reply();
+            }
+            assert!((400..500).contains(&r.code), "filter {filter:?}: {r:?}");
+        }
+    });
+}
+
+#[test]
+fn unfiltered_body_is_streamed_before_its_end() {
+    // Without a filter nothing needs the whole message first: the upstream gets DATA at
+    // once and the body as it arrives. (The original spools it and sends DATA after the dot.)
+    timed(30, || {
+        let up = Upstream::start();
+        let p = ProxyBuilder::new().upstream(&up).start();
         let mut c = p.open();
         c.cmd("MAIL FROM:<alice@example.org>");
         c.cmd("RCPT TO:<bob@example.net>");
-        let mut r = c.cmd("DATA");
-        if r.code == 354 {
-            c.send(stuff(&default_message()));
-            r = c.reply();
-        }
-        assert!((400..500).contains(&r.code), "{r:?}");
+        assert_eq!(c.cmd("DATA").code, 354);
+        c.send(b"Subject: streamed\r\n\r\nthe first half\r\n");
+        let streaming = up.wait(secs(5), |s| {
+            s.sessions
+                .first()
+                .is_some_and(|x| x.verbs().iter().any(|v| v == "DATA"))
+        });
+        assert!(
+            streaming,
+            "no DATA upstream before the end: {:#?}",
+            up.summary()
+        );
+        c.assert_silent(ms(200));
+        c.send(b"..and the second\r\n.\r\n");
+        let r = c.reply();
+        assert_eq!(r.code, 250, "{r:?}");
+        assert_eq!(
+            up.expect_one().content,
+            b"Subject: streamed\r\n\r\nthe first half\r\n.and the second\r\n".to_vec()
+        );
     });
 }
 

@@ -35,7 +35,7 @@ pub const REPLY_SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down\r\n";
 
 /// Upstream reply lines are limited far above what any server sends (RFC 5321 says 512).
 const REPLY_LINE_LIMIT: usize = 16 * 1024;
-const READ_BUFFER: usize = 16 * 1024;
+pub(super) const READ_BUFFER: usize = 16 * 1024;
 
 /// Why a connection ended early.
 #[derive(Debug)]

@@ -1,8 +1,10 @@
 //! One message: receive the body, run the filter, deliver or answer.
 //!
-//! The client gets 354 at once and its body is spooled (unstuffed, CRLF-normalised) to
-//! TempDirectory. The upstream sees DATA only after the filter accepted the message, so a
-//! reject or a failure is answered without anything reaching the upstream but an RSET.
+//! The client gets 354 at once. With a filter, its body is spooled (unstuffed,
+//! CRLF-normalised) to TempDirectory and the upstream sees DATA only after the filter
+//! accepted the message, so a reject or a failure is answered without anything reaching the
+//! upstream but an RSET. Without a filter (and without KeepAlives) nothing needs the whole
+//! message first: the body is streamed upstream as it arrives (see [`unfiltered`]).
 //! Whatever goes wrong locally, the rest of the body is read to its end before the client
 //! gets its answer: body lines are never taken as commands.
 
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Buf;
 
-use super::connection::{Conn, Fatal};
+use super::connection::{Conn, Fatal, READ_BUFFER};
 use super::observe::{self, Outcome};
 use crate::config::FilterType;
 use crate::filter::header::{self, HeaderContext};
@@ -35,6 +37,13 @@ pub async fn run(conn: &mut Conn, envelope: &Envelope, mode: DataMode) -> Result
     let span = crate::telemetry::message_span();
     match mode {
         DataMode::Passthrough => passthrough(conn, envelope).instrument(span).await,
+        // KeepAlives promise NOOPs upstream while the proxy holds a message, which needs
+        // the upstream out of DATA: with them set, an unfiltered message is spooled too.
+        DataMode::Filter
+            if conn.settings.filter_command.is_none() && conn.settings.keep_alives.is_none() =>
+        {
+            unfiltered(conn, envelope).instrument(span).await
+        }
         DataMode::Filter => filtered(conn, envelope).instrument(span).await,
     }
 }
@@ -46,7 +55,7 @@ async fn receive_body(
     mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> Result<(u64, Option<std::io::Error>), Fatal> {
     let mut receiver = DataReceiver::new();
-    let mut content = Vec::with_capacity(64 * 1024);
+    let mut content = Vec::new();
     let mut sink_error = None;
     loop {
         let feed = receiver.feed(&conn.client_buf, &mut content);
@@ -359,8 +368,10 @@ async fn deliver(
         return Ok(Outcome::from_reply(&reply, size, started));
     }
     let mut encoder = WireEncoder::new(header_placement(conn));
-    let mut buf = vec![0u8; WRITE_CHUNK];
-    let mut out = Vec::with_capacity(WRITE_CHUNK * 2);
+    // Small buffers that grow with the message: a large zeroed buffer per message costs
+    // more than the extra reads of a big one.
+    let mut buf = vec![0u8; READ_BUFFER];
+    let mut out = Vec::new();
     loop {
         let n = match file.read(&mut buf) {
             Ok(n) => n,
@@ -400,6 +411,127 @@ async fn deliver(
             Err(e)
         }
     }
+}
+
+/// Where the upstream stands while an unfiltered body streams to it.
+enum UpstreamData {
+    /// DATA sent, its reply not read yet.
+    Pending,
+    /// The upstream said 354 and takes the body.
+    Open,
+    /// The upstream answered DATA with something else: its reply is the client's answer.
+    Refused(crate::smtp::reply::Reply),
+    /// The upstream connection failed; the client gets 451 after its dot.
+    Failed(Fatal),
+}
+
+/// No FilterCommand (and no KeepAlives): nothing needs the whole message before the
+/// upstream sees it, so no spool file is written and the body is streamed upstream as it
+/// arrives. DATA goes
+/// upstream right after the client got its 354 (the original's order), so the upstream's
+/// 354 comes back while the client is still sending, and the answer to the client's dot
+/// costs one upstream round trip instead of two.
+///
+/// The client's 2xx is still the upstream's answer to the complete message. If the client
+/// leaves or times out mid-body, nothing more is sent upstream and the connection is closed:
+/// a message without its terminator is never delivered.
+async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
+    conn.send_client(REPLY_START_INPUT).await?;
+    tracing::warn!(
+        "{}: no filter command specified. passing message through",
+        conn.id
+    );
+    let started = Instant::now();
+    let mut upstream = match conn.send_upstream(b"DATA\r\n", UpstreamStage::Data).await {
+        Ok(()) => UpstreamData::Pending,
+        Err(e) => UpstreamData::Failed(e),
+    };
+    let mut receiver = DataReceiver::new();
+    let mut encoder = WireEncoder::new(header_placement(conn));
+    // Sized by what arrives: a small message allocates (and the allocator returns) little.
+    let mut content = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        let feed = receiver.feed(&conn.client_buf, &mut content);
+        conn.client_buf.advance(feed.consumed);
+        encoder.encode(&content, &mut out);
+        content.clear();
+        if feed.done {
+            break;
+        }
+        if out.len() >= WRITE_CHUNK || conn.client_buf.is_empty() {
+            forward(conn, &mut upstream, &mut out).await;
+        }
+        // No keepalives: once the upstream is in DATA a NOOP would become part of the message.
+        let read = tokio::time::timeout(conn.settings.timeout, read_more(conn)).await;
+        let fatal = match read {
+            Ok(Ok(n)) if n > 0 => continue,
+            Ok(_) => {
+                conn.client_eof = true;
+                tracing::error!("{}: unexpected end of data from client", conn.id);
+                Fatal::ClientGone
+            }
+            Err(_) => Fatal::ClientTimeout,
+        };
+        let outcome = Outcome::local_error(receiver.content_bytes(), started);
+        observe::message(conn, envelope, outcome.unfiltered());
+        return Err(fatal);
+    }
+    if receiver.irregular_line_endings() > 0 {
+        tracing::info!(
+            "{}: normalised {} bare CR/LF line ends in the message",
+            conn.id,
+            receiver.irregular_line_endings()
+        );
+    }
+    encoder.finish(&mut out);
+    forward(conn, &mut upstream, &mut out).await;
+    let size = receiver.content_bytes();
+    let result = match upstream {
+        UpstreamData::Open => conn.read_reply(UpstreamStage::Final).await,
+        UpstreamData::Refused(reply) => {
+            tracing::debug!("{}: server refused data transfer", conn.id);
+            Ok(reply)
+        }
+        UpstreamData::Failed(fatal) => Err(fatal),
+        // forward() has read the reply to DATA by now; this only keeps the match whole.
+        UpstreamData::Pending => Err(Fatal::Upstream("no reply to DATA".into())),
+    };
+    match result {
+        Ok(reply) => {
+            send_final_reply(conn, &reply).await;
+            let outcome = Outcome::from_reply(&reply, size, started);
+            observe::message(conn, envelope, outcome.unfiltered());
+            Ok(())
+        }
+        Err(fatal) => {
+            // The upstream's answer is unknown: a temporary failure lets the client retry.
+            let _ = conn.send_client(REPLY_LOCAL_ERROR).await;
+            let outcome =
+                Outcome::new(MessageVerdict::TempFailed, "FILTERED".into(), size, started);
+            observe::message(conn, envelope, outcome.unfiltered());
+            Err(fatal)
+        }
+    }
+}
+
+/// Sends what is encoded so far upstream, first reading the upstream's reply to DATA if it
+/// is still due. Without an open upstream the bytes are dropped: the rest of the body is
+/// still read, so that the client gets its answer after its dot.
+async fn forward(conn: &mut Conn, upstream: &mut UpstreamData, out: &mut Vec<u8>) {
+    if matches!(upstream, UpstreamData::Pending) {
+        *upstream = match conn.read_reply(UpstreamStage::Data).await {
+            Ok(reply) if reply.code == 354 => UpstreamData::Open,
+            Ok(reply) => UpstreamData::Refused(reply),
+            Err(e) => UpstreamData::Failed(e),
+        };
+    }
+    if matches!(upstream, UpstreamData::Open) && !out.is_empty() {
+        if let Err(e) = conn.send_upstream(out, UpstreamStage::Data).await {
+            *upstream = UpstreamData::Failed(e);
+        }
+    }
+    out.clear();
 }
 
 /// `Skip: authenticated`: the body goes straight upstream, re-encoded so that nothing but
@@ -458,6 +590,6 @@ async fn passthrough(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> 
 
 async fn read_more(conn: &mut Conn) -> std::io::Result<usize> {
     use tokio::io::AsyncReadExt;
-    conn.client_buf.reserve(WRITE_CHUNK);
+    conn.client_buf.reserve(READ_BUFFER);
     conn.client.read_buf(&mut conn.client_buf).await
 }
