@@ -163,3 +163,15 @@ mod tests {
         }
     }
 }
+
+/// Starts a connection in delayed-ACK ("ping-pong") mode instead of quick-ACK mode.
+///
+/// A new connection ACKs its first received segments at once, each in a packet of its own.
+/// In SMTP every command or reply the proxy receives is followed within microseconds by data
+/// the ACK can ride on, so those separate ACKs are pure overhead, paid inside the read
+/// that is on the way to relaying the line. The kernel goes on choosing the ACK mode
+/// afterwards; a bulk body still gets an ACK every second segment.
+pub fn prefer_delayed_acks(stream: &tokio::net::TcpStream) {
+    // Best effort: on failure the connection only keeps the kernel's default.
+    let _ = socket2::SockRef::from(stream).set_tcp_quickack(false);
+}

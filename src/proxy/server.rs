@@ -97,6 +97,7 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (stream, peer) = l.accept().await?;
                 let _ = stream.set_nodelay(true);
+                crate::sockopt::prefer_delayed_acks(&stream);
                 let local = stream.local_addr().ok();
                 let original_destination = match transparent {
                     Transparent::Off => None,

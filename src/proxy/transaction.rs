@@ -437,15 +437,16 @@ enum UpstreamData {
 /// a message without its terminator is never delivered.
 async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
     conn.send_client(REPLY_START_INPUT).await?;
-    tracing::warn!(
-        "{}: no filter command specified. passing message through",
-        conn.id
-    );
     let started = Instant::now();
     let mut upstream = match conn.send_upstream(b"DATA\r\n", UpstreamStage::Data).await {
         Ok(()) => UpstreamData::Pending,
         Err(e) => UpstreamData::Failed(e),
     };
+    // Logged once both sides are under way, not between them.
+    tracing::warn!(
+        "{}: no filter command specified. passing message through",
+        conn.id
+    );
     let mut receiver = DataReceiver::new();
     let mut encoder = WireEncoder::new(header_placement(conn));
     // Sized by what arrives: a small message allocates (and the allocator returns) little.

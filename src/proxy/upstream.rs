@@ -35,10 +35,12 @@ pub struct Upstream {
     pub tls_name: String,
 }
 
-fn tcp(stream: TcpStream) -> io::Result<Upstream> {
+/// The upstream connection to `addr` (the address connected to, so no getpeername).
+fn tcp(stream: TcpStream, addr: SocketAddr) -> io::Result<Upstream> {
     // Commands and replies are small and latency-bound; Nagle only delays them.
     stream.set_nodelay(true)?;
-    let server = stream.peer_addr()?.ip().to_string();
+    sockopt::prefer_delayed_acks(&stream);
+    let server = addr.ip().to_string();
     Ok(Upstream {
         stream: Stream::Tcp(stream),
         tls_name: server.clone(),
@@ -46,11 +48,12 @@ fn tcp(stream: TcpStream) -> io::Result<Upstream> {
     })
 }
 
-async fn connect_tcp(addrs: &[SocketAddr]) -> io::Result<TcpStream> {
+/// Tries each address in turn.
+async fn connect_tcp(addrs: &[SocketAddr]) -> io::Result<Upstream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
-    for addr in addrs {
+    for &addr in addrs {
         match TcpStream::connect(addr).await {
-            Ok(s) => return Ok(s),
+            Ok(s) => return tcp(s, addr),
             Err(e) => last = e,
         }
     }
@@ -81,14 +84,14 @@ async fn connect_inner(settings: &Settings, client: &ClientInfo) -> io::Result<U
             io::ErrorKind::InvalidInput,
             "no OutAddress specified",
         )),
-        Some(OutAddress::Ip(addr)) => tcp(TcpStream::connect(addr).await?),
+        Some(OutAddress::Ip(addr)) => connect_tcp(&[*addr]).await,
         Some(OutAddress::Host { name, port }) => {
             // Resolved for every connection, as the original does, but every address is
             // tried rather than only the first.
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), *port))
                 .await?
                 .collect();
-            let mut upstream = tcp(connect_tcp(&addrs).await?)?;
+            let mut upstream = connect_tcp(&addrs).await?;
             upstream.tls_name = name.clone();
             Ok(upstream)
         }
@@ -99,7 +102,7 @@ async fn connect_inner(settings: &Settings, client: &ClientInfo) -> io::Result<U
                     "a port-only OutAddress needs a TCP client",
                 )
             })?;
-            tcp(TcpStream::connect(SocketAddr::new(peer.ip(), *port)).await?)
+            connect_tcp(&[SocketAddr::new(peer.ip(), *port)]).await
         }
         Some(OutAddress::Unix(path)) => {
             let stream = UnixStream::connect(path).await?;
@@ -124,14 +127,14 @@ async fn connect_transparent(mode: Transparent, client: &ClientInfo) -> io::Resu
     }
     if mode == Transparent::Full {
         match sockopt::transparent_connect_socket(peer.ip(), dest) {
-            Ok(socket) => return tcp(socket.connect(dest).await?),
+            Ok(socket) => return tcp(socket.connect(dest).await?, dest),
             Err(e) => tracing::warn!(
                 "couldn't set source of transparent connection to: {}: {e}",
                 peer.ip()
             ),
         }
     }
-    tcp(TcpStream::connect(dest).await?)
+    connect_tcp(&[dest]).await
 }
 
 /// The next step of the proxy's own STARTTLS with the upstream.
