@@ -1,4 +1,4 @@
-//! Socket options for transparent proxying (Linux).
+//! Socket options: transparent proxying and ACK behaviour (Linux).
 //!
 //! `TransparentProxy: client` finds where an iptables-redirected connection was going with
 //! SO_ORIGINAL_DST (IPv4) or IP6T_SO_ORIGINAL_DST (IPv6), both answered by conntrack.
@@ -78,6 +78,18 @@ pub fn transparent_connect_socket(source_ip: IpAddr, dest: SocketAddr) -> io::Re
 
 fn context(what: &str, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// Starts a connection in delayed-ACK ("ping-pong") mode instead of quick-ACK mode.
+///
+/// A new connection ACKs its first received segments at once, each in a packet of its own.
+/// In SMTP every command or reply the proxy receives is followed within microseconds by data
+/// the ACK can ride on, so those separate ACKs are pure overhead, paid inside the read
+/// that is on the way to relaying the line. The kernel goes on choosing the ACK mode
+/// afterwards; a bulk body still gets an ACK every second segment.
+pub fn prefer_delayed_acks(stream: &tokio::net::TcpStream) {
+    // Best effort: on failure the connection only keeps the kernel's default.
+    let _ = socket2::SockRef::from(stream).set_tcp_quickack(false);
 }
 
 #[cfg(test)]
@@ -162,16 +174,4 @@ mod tests {
             assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
         }
     }
-}
-
-/// Starts a connection in delayed-ACK ("ping-pong") mode instead of quick-ACK mode.
-///
-/// A new connection ACKs its first received segments at once, each in a packet of its own.
-/// In SMTP every command or reply the proxy receives is followed within microseconds by data
-/// the ACK can ride on, so those separate ACKs are pure overhead, paid inside the read
-/// that is on the way to relaying the line. The kernel goes on choosing the ACK mode
-/// afterwards; a bulk body still gets an ACK every second segment.
-pub fn prefer_delayed_acks(stream: &tokio::net::TcpStream) {
-    // Best effort: on failure the connection only keeps the kernel's default.
-    let _ = socket2::SockRef::from(stream).set_tcp_quickack(false);
 }
