@@ -12,7 +12,7 @@ of one round are next to each other in time, so load from elsewhere on the
 machine that comes and goes over minutes cancels out. Added latency is
 likewise the median over rounds of (p50 through the proxy - p50 direct).
 
-Exit status 1 when a run of ours, of the direct path or of the spawn driver
+Exit status 1 when a run of ours, of the byte relay, of the direct path or of the spawn driver
 had an error; the original's errors are reported only.
 """
 import argparse
@@ -29,8 +29,8 @@ COLUMNS = [
     "sessions", "upstream_conns", "rss_idle_kb", "rss_held_kb", "kb_per_session",
     "open_secs", "proxy_died", "overflows", "errors", "error",
 ]
-SETUP_ORDER = ["original", "ours", "direct", "spawn"]
-FATAL_SETUPS = {"ours", "direct", "spawn"}
+SETUP_ORDER = ["original", "ours", "relay", "direct", "spawn"]
+FATAL_SETUPS = {"ours", "relay", "direct", "spawn"}
 
 # name, scenario, how it is measured, limit, "min" or "max"
 TARGETS = [
@@ -41,8 +41,10 @@ TARGETS = [
     ("20 MB through cat: proxy CPU (s)", "big_cat_20m", "ours_cpu_self_s", 0.1, "max"),
     ("2,000 sessions: proxy RSS per session (KB)", "sessions_2000", "ours_kb_per_session", 64, "max"),
     ("2,000 sessions: errors", "sessions_2000", "ours_errors", 0, "max"),
-    ("no filter c1: added p50 latency, whole session (ms)", "nofilter_c1_1k", "added_p50_ms", 0.5, "max"),
-    ("no filter c1: added p50 latency, mail transaction (ms)", "nofilter_c1_1k", "added_txn_p50_ms", 0.5, "max"),
+    ("no filter c1: added p50 transaction latency, MAIL .. final reply (ms)", "nofilter_c1_1k", "added_txn_p50_ms", 0.5, "max"),
+    ("no filter c1: added p50 latency, whole session, connect .. 221 (ms)", "nofilter_c1_1k", "added_p50_ms", 0.5, "max"),
+    # For reading the row above: what a byte relay that knows nothing of SMTP adds.
+    ("no filter c1: the same for the byte relay (ms)", "nofilter_c1_1k", "added_p50_ms_relay", None, "info"),
 ]
 
 
@@ -210,6 +212,8 @@ def main():
             "added_p50_ms_ours": paired(rounds, sc, "ours", "direct", "lat_p50_ms", diff),
             "added_txn_p50_ms_ours": paired(rounds, sc, "ours", "direct", "txn_p50_ms", diff),
             "added_p50_ms_original": paired(rounds, sc, "original", "direct", "lat_p50_ms", diff),
+            "added_p50_ms_relay": paired(rounds, sc, "relay", "direct", "lat_p50_ms", diff),
+            "added_txn_p50_ms_relay": paired(rounds, sc, "relay", "direct", "txn_p50_ms", diff),
         }
         if sc.startswith("sessions"):
             row["ours_original_rss"] = paired(rounds, sc, "ours", "original", "kb_per_session", ratio)
@@ -228,8 +232,15 @@ def main():
             value = by_sc[sc]["added_p50_ms_ours"]
         elif how == "added_txn_p50_ms":
             value = by_sc[sc]["added_txn_p50_ms_ours"]
+        elif how == "added_p50_ms_relay":
+            value = by_sc[sc]["added_p50_ms_relay"]
         else:
             value = get(sc, "ours", how[len("ours_"):])
+        if kind == "info":
+            if value is not None:
+                target_rows.append({"target": name, "scenario": sc, "value": value,
+                                    "limit": "-", "met": "-"})
+            continue
         met = None if value is None else (value >= limit if kind == "min" else value <= limit)
         target_rows.append({"target": name, "scenario": sc, "value": value,
                             "limit": (">= " if kind == "min" else "<= ") + fmt(limit),
@@ -237,7 +248,8 @@ def main():
 
     ratio_cols = ["scenario", "ours_direct_mps", "ours_original_mps", "ours_spawn_mps",
                   "ours_original_cpu", "ours_original_rss", "added_p50_ms_ours",
-                  "added_txn_p50_ms_ours", "added_p50_ms_original"]
+                  "added_txn_p50_ms_ours", "added_p50_ms_original", "added_p50_ms_relay",
+                  "added_txn_p50_ms_relay"]
     with open(os.path.join(args.out, f"{args.prefix}-ratios.tsv"), "w") as f:
         f.write("\t".join(ratio_cols) + "\n")
         for r in ratio_rows:
@@ -266,7 +278,7 @@ def main():
     md.append("| scenario | setup | msgs/s | proxy CPU µs/msg | filter CPU µs/msg | peak RSS KB | session p50 ms | session p99 ms | errors | notes |")
     md.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for m in ordered:
-        proxied = m["setup"] in ("original", "ours")
+        proxied = m["setup"] in ("original", "ours", "relay")
         sessions = m["scenario"].startswith("sessions")
         md.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             m["scenario"], m["setup"],
@@ -278,14 +290,14 @@ def main():
             fmt(m["lat_p50_ms"]), fmt(m["lat_p99_ms"]),
             m["errors"], notes_for(m)))
     md.append("")
-    md.append("| scenario | ours/direct msgs/s | ours/original msgs/s | ours/spawn limit | CPU/msg ours/original | peak RSS ours/original | added session p50 ms (ours) | added transaction p50 ms (ours) | added session p50 ms (original) |")
-    md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    md.append("| scenario | ours/direct msgs/s | ours/original msgs/s | ours/spawn limit | CPU/msg ours/original | peak RSS ours/original | added transaction p50 ms (ours) | added session p50 ms (ours) | added session p50 ms (byte relay) | added session p50 ms (original) |")
+    md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in ratio_rows:
-        md.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        md.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["scenario"], fmt(r["ours_direct_mps"], 2), fmt(r["ours_original_mps"], 1),
             fmt(r["ours_spawn_mps"], 2), fmt(r["ours_original_cpu"], 2), fmt(r["ours_original_rss"], 2),
-            fmt(r["added_p50_ms_ours"], 3), fmt(r["added_txn_p50_ms_ours"], 3),
-            fmt(r["added_p50_ms_original"], 3)))
+            fmt(r["added_txn_p50_ms_ours"], 3), fmt(r["added_p50_ms_ours"], 3),
+            fmt(r["added_p50_ms_relay"], 3), fmt(r["added_p50_ms_original"], 3)))
     if target_rows and meta.get("smoke") != "1" and not meta.get("profile"):
         md.append("")
         md.append("| target | measured | limit | met |")

@@ -8,6 +8,8 @@
 # Runs every scenario for each setup, interleaved round by round in one run:
 #   original  the C proxsmtpd 1.10 (/usr/sbin/proxsmtpd, Debian package proxsmtp)
 #   ours      OURS_BINARY (default: target/release/proxsmtpd of this tree)
+#   relay     in the scenarios without a filter: a byte relay that knows nothing
+#             of SMTP (examples/byte_relay.rs), the floor of any TCP proxy here
 #   direct    smtp-source -> smtp-sink with no proxy (the machine's SMTP limit)
 #   spawn     in the filter scenarios only: the spawn limit, the rate at which
 #             this machine runs `sh -c cat` on the same message size at the
@@ -26,10 +28,11 @@
 #  --out OUT renders them again.)
 # (--smoke writes smoke*.tsv / smoke.md instead.) BENCHMARKS.md explains them.
 #
-# --smoke: one tiny run of every scenario, for ours, direct and spawn unless
-# --setups says otherwise; checks that each completes with no error and says
-# nothing about speed (it takes about 15 s). Exit status: 0 when no run of
-# ours, of the direct path or of the spawn driver had an error, 1 otherwise
+# --smoke: one tiny run of every scenario, for ours, relay, direct and spawn
+# unless --setups says otherwise; checks that each completes with no error and
+# says nothing about speed (it takes about 15 s). Exit status: 0 when no run of
+# ours, of the relay, of the direct path or of the spawn driver had an error,
+# 1 otherwise
 # (the original's errors are reported, not fatal: it is the reference, and
 # cannot hold 2,000 sessions), 2 on bad usage or a missing tool.
 #
@@ -52,6 +55,7 @@ HOST=127.0.0.1
 
 SMOKE=0 RUNS=5 ONLY="" SETUPS="" SECS=2 INSTALL=1 MSGS="" PROFILE=""
 OUT=$HERE/results OURS=$ROOT/target/release/proxsmtpd
+RELAY=$ROOT/target/release/examples/byte_relay
 
 usage() { sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 
@@ -80,12 +84,12 @@ case $PROFILE in ''|perf|callgrind) ;; *) echo "run.sh: --profile takes perf or 
 # out the original (whose c32 runs alone take seconds: its listen backlog is 5).
 if [ -z "$SETUPS" ]; then
   if [ -n "$PROFILE" ]; then SETUPS=ours
-  elif [ $SMOKE = 1 ]; then SETUPS="ours,direct,spawn"
-  else SETUPS="original,ours,direct,spawn"; fi
+  elif [ $SMOKE = 1 ]; then SETUPS="ours,relay,direct,spawn"
+  else SETUPS="original,ours,relay,direct,spawn"; fi
 fi
 SETUPS=${SETUPS//,/ }
 for s in $SETUPS; do
-  case $s in original|ours|direct|spawn) ;; *) echo "run.sh: unknown setup $s" >&2; exit 2 ;; esac
+  case $s in original|ours|relay|direct|spawn) ;; *) echo "run.sh: unknown setup $s" >&2; exit 2 ;; esac
 done
 has_setup() { [[ " $SETUPS " == *" $1 "* ]]; }
 
@@ -177,6 +181,11 @@ if has_setup ours && [ ! -x "$OURS" ]; then
   echo "run.sh: $OURS is not an executable (build it with: cargo build --release)" >&2
   exit 2
 fi
+if has_setup relay && [ ! -x "$RELAY" ]; then
+  echo "run.sh: building the byte relay (cargo build --release --example byte_relay)" >&2
+  (cd "$ROOT" && cargo build --release --example byte_relay >&2) ||
+    { echo "run.sh: $RELAY is missing and could not be built" >&2; exit 2; }
+fi
 
 # --- work area, ports, cleanup -------------------------------------------------
 WORK=$(mktemp -d /tmp/proxsmtpd-bench.XXXXXX) || exit 2
@@ -190,6 +199,7 @@ if has_setup ours; then
   cp "$OURS" "$WORK/proxsmtpd" || exit 2
   OURS_SHA=$(sha256sum "$WORK/proxsmtpd" | cut -c1-16)
 fi
+if has_setup relay; then cp "$RELAY" "$WORK/byte_relay" || exit 2; fi
 SINK_PID="" PROXY_PID="" CHILD_PID="" PERF_PID=""
 
 stop_pid() { # stop one process we started, by its PID only
@@ -275,7 +285,11 @@ start_proxy() { # setup filter -> PROXY_PID, or returns 1
     esac
   } >"$conf"
   echo "=== $(date -u +%T) $1 $2" >>"$WORK/proxy-$1.log"
-  "${wrap[@]}" "$bin" -d 1 -f "$conf" -p "$WORK/proxy.pid" >>"$WORK/proxy-$1.log" 2>&1 &
+  if [ "$1" = relay ]; then
+    "$WORK/byte_relay" "$HOST:$PPORT" "$HOST:$SPORT" >>"$WORK/proxy-$1.log" 2>&1 &
+  else
+    "${wrap[@]}" "$bin" -d 1 -f "$conf" -p "$WORK/proxy.pid" >>"$WORK/proxy-$1.log" 2>&1 &
+  fi
   PROXY_PID=$!
   if ! wait_listen "$PPORT" "$PROXY_PID"; then
     echo "run.sh: $1 proxy did not listen on $PPORT:" >&2
@@ -454,9 +468,13 @@ for sc in "${NAMES[@]}"; do
   SCENARIO=$sc
   kind=${KIND[$sc]}
   setups_here=$SETUPS
-  # The spawn limit belongs to the scenarios that spawn a filter per message.
+  # The spawn limit belongs to the scenarios that spawn a filter per message,
+  # the byte relay to the SMTP scenarios without a filter.
   if [ "${FILTER[$sc]}" = none ] || [ "${SIZE[$sc]}" -gt 1000000 ]; then
     setups_here=${setups_here/spawn/}
+  fi
+  if [ "${FILTER[$sc]}" != none ] || [ "$kind" != smtp ]; then
+    setups_here=${setups_here/relay/}
   fi
   # shellcheck disable=SC2086
   set -- $setups_here
