@@ -298,6 +298,10 @@ async fn serve(
         settings_rx.clone(),
     ));
 
+    // Built now (the process collector reads /proc once) rather than on the first
+    // connection's way to its upstream.
+    crate::metrics::global();
+
     let mut rx = shutdown_rx.clone();
     // On a worker thread rather than this one: a session spawned from a worker starts on
     // that same worker, without waking another thread for every connection.
