@@ -58,6 +58,8 @@ VOLUME ["/var/spool/proxsmtpd"]
 EXPOSE 10025 9925
 USER 10025:10025
 WORKDIR /var/spool/proxsmtpd
+# Process 1 of the container: proxsmtpd then runs the proxy as its child and reaps the
+# orphans filters leave (README, "Container mode"), so no separate init is needed.
 ENTRYPOINT ["/usr/sbin/proxsmtpd"]
 CMD ["-f", "/etc/proxsmtpd/proxsmtpd.conf"]
 

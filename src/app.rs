@@ -43,6 +43,16 @@ fn exit_with(e: &ConfigError) -> ExitCode {
     ExitCode::from(e.exit_code.clamp(1, 255) as u8)
 }
 
+/// A signal mask inherited from whoever started the process (a supervisor blocking signals
+/// for its own wait loop, as process 1 does in `init`) would keep SIGTERM and SIGHUP from
+/// ever reaching the runtime's handlers, and would be passed on to every filter; a child
+/// starts with its parent's mask across exec. Cleared once, before any thread exists.
+pub fn clear_inherited_signal_mask() {
+    if let Err(e) = nix::sys::signal::SigSet::empty().thread_set_mask() {
+        eprintln!("proxsmtpd: couldn't clear the signal mask: {e}");
+    }
+}
+
 /// Descriptors inherited from whoever started the daemon (without close-on-exec) would
 /// reach every filter; the original closed 3..1023 in each child. Closed here, once, before
 /// the process opens anything of its own.

@@ -9,7 +9,7 @@
 //! - `config`: settings, the proxsmtpd.conf reader and the layered configuration.
 //! - `tls`: certificates (reloaded when they change) and TLS configurations for both sides.
 //! - `admin`, `metrics`, `telemetry`, `logging`: what operators see.
-//! - `app`, `cli`, `daemon`, `privileges`, `sockopt`: the process around it all.
+//! - `app`, `cli`, `daemon`, `init`, `privileges`, `sockopt`: the process around it all.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -19,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod filter;
+pub mod init;
 pub mod logging;
 pub mod metrics;
 pub mod privileges;

@@ -6,6 +6,11 @@ use proxsmtpd::cli::{self, Command};
 
 fn main() -> ExitCode {
     proxsmtpd::app::close_inherited_descriptors();
+    proxsmtpd::app::clear_inherited_signal_mask();
+    // As a container's entry point it is process 1 and must reap the orphans filters leave.
+    if proxsmtpd::init::is_process_one() {
+        return proxsmtpd::init::supervise();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--demo") {
         return proxsmtpd::demo::main(&args[1..]);

@@ -22,10 +22,25 @@ impl Daemon {
     /// Starts the binary in `dir` with only PATH, LANG and `env` in its environment; stdout
     /// and stderr go to files in `dir`. Killed with its process group when dropped.
     pub fn spawn(args: &[&str], env: &[(&str, &str)], dir: &Path) -> Daemon {
+        Daemon::spawn_under(&[], args, env, dir)
+    }
+
+    /// Like [`Daemon::spawn`], with the binary started by `wrapper` (a program and its
+    /// arguments, e.g. `unshare --pid --fork`); `pid` is then the wrapper's.
+    pub fn spawn_under(
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        dir: &Path,
+    ) -> Daemon {
         let stdout = dir.join("daemon.stdout");
         let stderr = dir.join("daemon.stderr");
-        let child = Command::new(super::binary())
-            .args(args)
+        let binary = super::binary();
+        let mut argv: Vec<&std::ffi::OsStr> = wrapper.iter().map(|a| a.as_ref()).collect();
+        argv.push(binary.as_os_str());
+        argv.extend(args.iter().map(std::ffi::OsStr::new));
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
             .env("LANG", "C")
