@@ -181,4 +181,17 @@ grep -rqs "$MARK" "$DUMP" || die "the message did not reach the upstream smtp-si
 echo "mail through the container reached the upstream"
 uid=$(podman exec "$CONTAINER" id -u 2>/dev/null || podman inspect -f '{{.Config.User}}' "$CONTAINER")
 echo "container uid: $uid"
+
+# Process 1 is proxsmtpd as a small init with the proxy as its child (README, "Container
+# mode"); SIGTERM to it drains the proxy and the container exits 0.
+init_comm=$(podman exec "$CONTAINER" cat /proc/1/comm)
+init_kids=$(podman exec "$CONTAINER" cat /proc/1/task/1/children)
+[ "$init_comm" = proxsmtpd ] && [ -n "$init_kids" ] \
+  || die "process 1 should be proxsmtpd with the proxy as its child (comm=$init_comm children=$init_kids)"
+echo "process 1: $init_comm, its child: $(podman exec "$CONTAINER" cat "/proc/${init_kids%% *}/comm")"
+step "podman stop (SIGTERM to process 1)"
+podman stop -t 20 "$CONTAINER" >/dev/null
+exit_code=$(podman inspect -f '{{.State.ExitCode}}' "$CONTAINER")
+[ "$exit_code" = 0 ] || { podman logs "$CONTAINER" 2>&1 | tail -n 20 >&2; die "exit code after SIGTERM: $exit_code"; }
+echo "stopped on SIGTERM, exit code 0"
 echo "image-build: OK $TAG"
