@@ -226,6 +226,10 @@ async fn serve(
         }
     };
 
+    // After daemonising (the attribute is not inherited by a fork): what a filter leaves
+    // outside its process group becomes this process's to reap or kill.
+    crate::filter::orphans::start_reaping();
+
     // SIGXFSZ would kill the whole daemon when a spool file reaches a file-size limit; with
     // a handler installed the write fails with EFBIG instead and that message gets a 451.
     match signal(SignalKind::from_raw(

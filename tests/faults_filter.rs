@@ -127,13 +127,40 @@ fn filter_grandchild_rejects_while_holding_stderr() {
     });
 }
 
+/// It has left the filter's process group, so the group kill misses it; the daemon is its
+/// subreaper and kills it (`filter::orphans`).
 #[test]
-#[ignore = "bug: a filter descendant that calls setsid() leaves the filter's process group and survives the message (filter/run.rs kills by process group only)"]
 fn filter_grandchild_in_a_new_session_is_not_left_behind() {
     timed(60, || {
         let mut s = setup("setsid sleep 60 &", false, &[]);
         let a = s.attempt("setsid");
         assert_final(&a, "250");
+        s.check(&[a], &[]);
+    });
+}
+
+/// An orphan still in the group of the filter that is running is part of that filter's work:
+/// it is left to finish (the group kill at the filter's end is what ends such processes).
+#[test]
+fn orphan_in_a_running_filters_group_is_left_to_finish() {
+    timed(60, || {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = dir.path().join("late-work-done");
+        // Each inner shell exits at once, so its background job is an orphan, handed to the
+        // daemon, while the filter itself still runs for two seconds. The short one ends first
+        // and its SIGCHLD makes the daemon look at its children while the long one runs.
+        let fault = format!(
+            "sh -c '(sleep 0.6; echo done > {}) &'\nsh -c 'sleep 0.2 &'\nsleep 2",
+            mark.display()
+        );
+        let mut s = setup(&fault, false, &[]);
+        let a = s.attempt("group-orphan");
+        assert_final(&a, "250");
+        assert_eq!(
+            std::fs::read_to_string(&mark).unwrap_or_default().trim(),
+            "done",
+            "the orphan in the running filter's group was killed early"
+        );
         s.check(&[a], &[]);
     });
 }

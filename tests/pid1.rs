@@ -1,6 +1,6 @@
 //! The real binary as process 1 of its own PID namespace, as it runs as a container's entry
-//! point: it reaps the orphans that filters leave, passes signals on to the proxy, exits with
-//! the proxy's status and gives what is left in the namespace a SIGTERM when it stops.
+//! point: no orphan of a filter stays a zombie, signals reach the proxy, process 1 exits with
+//! the proxy's status and gives what is left in the namespace a SIGTERM when the proxy is gone.
 //!
 //! The namespace comes from util-linux `unshare --pid --fork --mount-proc` (with
 //! `--map-root-user` when not root); where that is refused the tests are skipped with a note.
@@ -61,6 +61,17 @@ fn children(ppid: i32) -> Vec<(i32, char, String)> {
             (parent == ppid).then_some((pid, state, comm))
         })
         .collect()
+}
+
+/// Every process below `pid`, depth first.
+fn descendants(pid: i32) -> Vec<(i32, char, String)> {
+    let mut all = Vec::new();
+    for child in children(pid) {
+        let below = descendants(child.0);
+        all.push(child);
+        all.extend(below);
+    }
+    all
 }
 
 /// The proxy as process 1 of a new namespace, and the host pids of that process 1.
@@ -137,13 +148,13 @@ fn orphans_that_filters_leave_are_reaped() {
         assert_eq!(up.wait_delivered(5, secs(10)).len(), 5);
 
         let settled = wait_until(secs(5), || {
-            let kids = children(p.init);
-            kids.len() == 1 && kids[0].1 != 'Z'
+            let everyone = descendants(p.init);
+            everyone.len() == 1 && everyone[0].1 != 'Z'
         });
         assert!(
             settled,
-            "process 1 should have only the proxy as its child, no zombies: {:?}",
-            children(p.init)
+            "the namespace should hold only process 1 and the proxy, no zombies: {:?}",
+            descendants(p.init)
         );
         assert_eq!(children(p.init)[0].2, "proxsmtpd");
     });
@@ -209,42 +220,52 @@ fn a_config_error_exits_with_the_proxys_status_and_message() {
 }
 
 #[test]
-fn what_a_filter_left_outside_its_group_gets_sigterm_when_the_proxy_stops() {
+fn when_the_proxy_dies_its_filter_gets_sigterm_and_the_status_is_128_plus_n() {
     timed(60, || {
         let Some(wrapper) = namespace_wrapper() else {
             return;
         };
         let up = Upstream::start();
         let dir = tempfile::tempdir().unwrap();
-        let mark = dir.path().join("leftover-ended");
-        // A descendant in a session of its own escapes the kill of the filter's group and
-        // outlives the message; it records the SIGTERM it gets.
-        let leftover = format!(
-            "setsid sh -c 'trap \"echo ended > {}; exit 0\" TERM; while :; do sleep 0.05; done' \
-             </dev/null >/dev/null 2>&1 &",
-            mark.display()
+        let started = dir.path().join("filter-started");
+        let ended = dir.path().join("filter-ended");
+        // A filter that runs until it is told to stop, and records that it was. Its stderr
+        // is the dead proxy's pipe once the proxy is gone (SIGPIPE on a write): not used.
+        let filter = format!(
+            "exec 2>/dev/null; trap 'echo ended > {}; exit 0' TERM; echo started > {}; \
+             while :; do sleep 0.05; done",
+            ended.display(),
+            started.display()
         );
         let conf = format!(
-            "OutAddress: {}\nFilterCommand: {leftover} cat\nFilterType: pipe\n",
+            "OutAddress: {}\nFilterCommand: {filter}\nFilterType: pipe\nFilterTimeout: 60\n",
             up.out_address()
         );
         let mut p = AsProcessOne::start(&wrapper, dir.path(), &conf);
-        assert_eq!(send_one(p.addr(), "leaves something"), 250);
+        let mut c = Client::open(p.addr());
+        c.cmd("MAIL FROM:<alice@example.org>");
+        c.cmd("RCPT TO:<bob@example.net>");
+        c.cmd("DATA");
+        c.send(common::stuff(&message("held", b"Hello.\r\n")));
         assert!(
-            wait_until(secs(5), || children(p.init)
-                .iter()
-                .any(|(_, state, comm)| comm == "sh" && *state != 'Z')),
-            "the leftover was not handed to process 1: {:?}",
-            children(p.init)
+            wait_until(secs(10), || started.exists()),
+            "the filter never started: {}",
+            p.daemon.log()
         );
 
-        p.signal_init(Signal::SIGTERM);
-        let status = p.daemon.wait_exit(secs(15)).expect("did not stop");
-        assert_eq!(status.code(), Some(0), "{}", p.daemon.log());
+        // The proxy is killed outright: its filter is handed to process 1, which ends it.
+        let proxy = children(p.init)[0].0;
+        kill(Pid::from_raw(proxy), Signal::SIGKILL).unwrap();
+        let status = p
+            .daemon
+            .wait_exit(secs(15))
+            .expect("process 1 did not exit");
+        assert_eq!(status.code(), Some(128 + 9), "{}", p.daemon.log());
         assert_eq!(
-            fs::read_to_string(&mark).unwrap_or_default().trim(),
+            fs::read_to_string(&ended).unwrap_or_default().trim(),
             "ended",
-            "the leftover was not sent SIGTERM before the namespace ended"
+            "the filter left behind was not sent SIGTERM before the namespace ended"
         );
+        assert!(c.wait_eof(secs(5)), "the client connection stayed open");
     });
 }

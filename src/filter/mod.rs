@@ -2,9 +2,11 @@
 //!
 //! - `run`: starts the filter process (pipe or file mode), enforces FilterTimeout, and
 //!   makes sure nothing it started outlives it.
+//! - `orphans`: reaps, or kills, what a filter leaves running outside its process group.
 //! - `verdict`: turns the exit status and last stderr line into deliver, reply or error.
 //! - `header`: expands the Header template.
 pub mod header;
+pub mod orphans;
 pub mod run;
 pub mod verdict;
 

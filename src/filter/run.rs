@@ -19,6 +19,7 @@ use tokio::process::{Child, ChildStderr, Command};
 use tokio::time::{sleep_until, timeout, Instant, MissedTickBehavior};
 use tracing::{debug, warn};
 
+use super::orphans;
 use super::verdict::{Exit, StderrTracker};
 
 /// How the message reaches the filter.
@@ -104,7 +105,7 @@ pub async fn run(job: FilterJob<'_>) -> Outcome {
         _ => None,
     };
 
-    let (mut child, pid) = match spawn(&job) {
+    let (mut child, pid) = match orphans::spawn_registered(|| spawn(&job), Child::id) {
         Ok(child) => {
             let pid = child.id();
             (child, pid)
@@ -120,7 +121,7 @@ pub async fn run(job: FilterJob<'_>) -> Outcome {
     };
     // Declared after `child` so that it drops first: the group is killed, then tokio
     // takes over reaping the child if `run` did not finish.
-    let mut group = GroupGuard(pid.and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw));
+    let mut group = GroupGuard::new(pid);
     debug!(pid, command = job.command, "started filter command");
 
     let mut stderr = child.stderr.take();
@@ -193,12 +194,24 @@ async fn terminate(child: &mut Child, group: &GroupGuard, filter_timeout: Durati
     }
 }
 
-/// Kills the filter's process group when dropped while armed.
-struct GroupGuard(Option<Pid>);
+/// Kills the filter's process group when dropped while armed; unregisters the filter from
+/// the orphan sweep when dropped in any case.
+struct GroupGuard {
+    group: Option<Pid>,
+    registered: Option<i32>,
+}
 
 impl GroupGuard {
+    fn new(pid: Option<u32>) -> GroupGuard {
+        let pid = pid.and_then(|p| i32::try_from(p).ok());
+        GroupGuard {
+            group: pid.map(Pid::from_raw),
+            registered: pid,
+        }
+    }
+
     fn kill(&self, signal: Signal) {
-        if let Some(pgid) = self.0 {
+        if let Some(pgid) = self.group {
             match killpg(pgid, signal) {
                 Ok(()) | Err(Errno::ESRCH) => {}
                 Err(e) => warn!("couldn't signal filter process group {pgid}: {e}"),
@@ -208,13 +221,16 @@ impl GroupGuard {
 
     /// Called once the group has been killed and the child reaped: the id may be reused.
     fn disarm(&mut self) {
-        self.0 = None;
+        self.group = None;
     }
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         self.kill(Signal::SIGKILL);
+        if let Some(pid) = self.registered {
+            orphans::forget(pid);
+        }
     }
 }
 
@@ -283,8 +299,9 @@ fn build(job: &FilterJob, argv: Option<&[&str]>) -> io::Result<Command> {
     for (name, value) in &job.env {
         cmd.env(name, env_value(value));
     }
-    // std already starts the child with SIGPIPE at its default and an empty signal mask,
-    // and exec resets caught signals; `restore_default_signals` covers ignored ones. All
+    // std starts the child with SIGPIPE at its default; the signal mask is inherited, and
+    // the daemon's threads keep theirs empty (`app::clear_inherited_signal_mask`); exec
+    // resets caught signals and `restore_default_signals` covers ignored ones. All
     // descriptors the daemon opens are close-on-exec, so the filter inherits only 0, 1, 2.
     cmd.stdin(stdin)
         .stdout(stdout)
