@@ -1,10 +1,11 @@
 //! Running as process 1, the first process of a container's PID namespace.
 //!
 //! The image starts proxsmtpd as the container's entry point, so it is process 1 there, and
-//! process 1 inherits every orphan of the namespace. Filters make orphans: a script's
-//! background job, or its children when the script dies first on a timeout, are handed to
-//! process 1 once their parent is gone, and a process 1 that never waits for them leaves a
-//! zombie each time, until the pod runs out of process ids.
+//! process 1 inherits every orphan of the namespace that no subreaper takes. The proxy is
+//! the subreaper of its filters' descendants (`filter::orphans`), but a `kubectl exec`
+//! shell's background jobs, or the filters still running when the proxy itself dies, are
+//! handed to process 1, and a process 1 that never waits for them leaves a zombie each time,
+//! until the pod runs out of process ids.
 //!
 //! So process 1 stays a small init: it starts the proxy again as its only child (same
 //! binary, same arguments), forwards the signals an operator or the kubelet sends, reaps
