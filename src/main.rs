@@ -7,7 +7,8 @@ use proxsmtpd::cli::{self, Command};
 fn main() -> ExitCode {
     proxsmtpd::app::close_inherited_descriptors();
     proxsmtpd::app::clear_inherited_signal_mask();
-    // As a container's entry point it is process 1 and must reap the orphans filters leave.
+    // As a container's entry point it is process 1, which every orphan of the namespace
+    // that no subreaper takes is handed to: it stays a small init around the proxy.
     if proxsmtpd::init::is_process_one() {
         return proxsmtpd::init::supervise();
     }

@@ -43,25 +43,34 @@ fn spawn_gate() -> &'static RwLock<()> {
     &GATE
 }
 
-/// Runs `spawn` and registers the filter it starts; `pid` says which pid that is.
+/// Runs `spawn` and registers the filter it starts (`pid` says which pid that is) until the
+/// returned registration is dropped.
 pub fn spawn_registered<T, E>(
     spawn: impl FnOnce() -> Result<T, E>,
     pid: impl Fn(&T) -> Option<u32>,
-) -> Result<T, E> {
+) -> Result<(T, Registration), E> {
     let _starting = spawn_gate().read().unwrap_or_else(|e| e.into_inner());
     let child = spawn()?;
-    if let Some(id) = pid(&child).and_then(|p| i32::try_from(p).ok()) {
+    let id = pid(&child).and_then(|p| i32::try_from(p).ok());
+    if let Some(id) = id {
         filters().insert(id);
     }
-    Ok(child)
+    Ok((child, Registration(id)))
 }
 
-/// The filter `pid` has been waited for, or is left to tokio to wait for, and its group has
-/// been killed. A descendant that left the group just before that kill is now an orphan of
-/// this process that no SIGCHLD announces: a sweep is asked for.
-pub fn forget(pid: i32) {
-    filters().remove(&pid);
-    sweep_wanted().notify_one();
+/// A registered filter. Dropped once the filter has been waited for, or is left to tokio to
+/// wait for, and its group has been killed: a descendant that left the group just before
+/// that kill is now an orphan of this process that no SIGCHLD announces, so a sweep is
+/// asked for.
+pub struct Registration(Option<i32>);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            filters().remove(&pid);
+            sweep_wanted().notify_one();
+        }
+    }
 }
 
 fn sweep_wanted() -> &'static Notify {

@@ -105,10 +105,11 @@ pub async fn run(job: FilterJob<'_>) -> Outcome {
         _ => None,
     };
 
-    let (mut child, pid) = match orphans::spawn_registered(|| spawn(&job), Child::id) {
-        Ok(child) => {
+    let (mut child, pid, _registration) = match orphans::spawn_registered(|| spawn(&job), Child::id)
+    {
+        Ok((child, registration)) => {
             let pid = child.id();
-            (child, pid)
+            (child, pid, registration)
         }
         Err((exit, stderr_last)) => {
             return Outcome {
@@ -119,9 +120,10 @@ pub async fn run(job: FilterJob<'_>) -> Outcome {
             };
         }
     };
-    // Declared after `child` so that it drops first: the group is killed, then tokio
-    // takes over reaping the child if `run` did not finish.
-    let mut group = GroupGuard::new(pid);
+    // Declared after `child` and the registration so that it drops first: the group is
+    // killed, then tokio takes over reaping the child if `run` did not finish, and the
+    // orphan sweep looks for what left the group.
+    let mut group = GroupGuard(pid.and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw));
     debug!(pid, command = job.command, "started filter command");
 
     let mut stderr = child.stderr.take();
@@ -194,24 +196,12 @@ async fn terminate(child: &mut Child, group: &GroupGuard, filter_timeout: Durati
     }
 }
 
-/// Kills the filter's process group when dropped while armed; unregisters the filter from
-/// the orphan sweep when dropped in any case.
-struct GroupGuard {
-    group: Option<Pid>,
-    registered: Option<i32>,
-}
+/// Kills the filter's process group when dropped while armed.
+struct GroupGuard(Option<Pid>);
 
 impl GroupGuard {
-    fn new(pid: Option<u32>) -> GroupGuard {
-        let pid = pid.and_then(|p| i32::try_from(p).ok());
-        GroupGuard {
-            group: pid.map(Pid::from_raw),
-            registered: pid,
-        }
-    }
-
     fn kill(&self, signal: Signal) {
-        if let Some(pgid) = self.group {
+        if let Some(pgid) = self.0 {
             match killpg(pgid, signal) {
                 Ok(()) | Err(Errno::ESRCH) => {}
                 Err(e) => warn!("couldn't signal filter process group {pgid}: {e}"),
@@ -221,16 +211,13 @@ impl GroupGuard {
 
     /// Called once the group has been killed and the child reaped: the id may be reused.
     fn disarm(&mut self) {
-        self.group = None;
+        self.0 = None;
     }
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         self.kill(Signal::SIGKILL);
-        if let Some(pid) = self.registered {
-            orphans::forget(pid);
-        }
     }
 }
 
