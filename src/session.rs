@@ -10,6 +10,17 @@
 //! the queue, the session emits [`Action::BeginData`], the caller runs the transaction and
 //! then calls [`Session::transaction_done`].
 //!
+//! Commands reach the upstream one at a time: the next is sent only when the reply to the
+//! previous one has arrived (the proxy offers no PIPELINING, and the client may pipeline
+//! anyway). A reply can so only ever be matched to the command it answers; a reply that
+//! arrives when no command is outstanding is a protocol error
+//! ([`Action::UpstreamProtocolError`]), except a `421`, which a server may send at any
+//! time before it closes.
+//!
+//! Command lines are checked before anything is relayed: a bare CR, a line ended by a bare
+//! LF or a NUL gets `500 5.5.2` (RFC 5321 §2.3.8), and a MAIL/RCPT parameter of an
+//! extension the proxy hides gets `555`.
+//!
 //! STARTTLS (RFC 3207) is decided here too: it is offered and accepted only when the proxy
 //! has a certificate ([`TlsPolicy`]); its `220` waits for its turn like any reply, then
 //! [`Action::StartTls`] tells the caller to throw away whatever the client sent after the
@@ -28,12 +39,18 @@ use crate::smtp::ehlo;
 use crate::smtp::reply::Reply;
 
 pub const REPLY_LINE_TOO_LONG: &[u8] = b"500 Line too long\r\n";
+pub const REPLY_FORBIDDEN_BYTES: &[u8] =
+    b"500 5.5.2 Syntax error: bare CR, bare LF or NUL in command\r\n";
 pub const REPLY_NOT_IMPLEMENTED: &[u8] = b"502 Command not implemented\r\n";
 pub const REPLY_XCLIENT_REFUSED: &[u8] = b"554 Insufficient authorization\r\n";
 pub const REPLY_READY_TO_START_TLS: &[u8] = b"220 2.0.0 Ready to start TLS\r\n";
 pub const REPLY_TLS_REQUIRED: &[u8] = b"530 5.7.0 Must issue a STARTTLS command first\r\n";
 pub const REPLY_TLS_ACTIVE: &[u8] = b"503 5.5.1 TLS already active\r\n";
 pub const REPLY_STARTTLS_SYNTAX: &[u8] = b"501 5.5.4 Syntax error (no parameters allowed)\r\n";
+/// Commands accepted from the client but not yet answered; beyond this the client is not
+/// read until the upstream catches up (TCP backpressure instead of memory).
+const MAX_QUEUED: usize = 1024;
+
 /// The greeting when the proxy read the upstream's own (to start TLS with it).
 pub const REPLY_GREETING: &[u8] = b"220 smtp.passthru\r\n";
 
@@ -81,6 +98,9 @@ pub enum Action {
     /// every client byte received after the STARTTLS line, run the TLS handshake, then call
     /// [`Session::tls_established`], or end the connection if the handshake fails.
     StartTls,
+    /// The upstream sent a reply when no command of ours was outstanding: it is out of
+    /// step (or hostile). The caller closes the upstream and answers the client with a 4xx.
+    UpstreamProtocolError(String),
 }
 
 /// The transaction as the upstream accepted it.
@@ -136,6 +156,11 @@ impl Pending {
 pub struct Session {
     policy: Policy,
     pending: VecDeque<Pending>,
+    /// Command lines whose turn to go upstream has not come yet (their entries are in
+    /// `pending`, after the one in flight).
+    unsent: VecDeque<Bytes>,
+    /// A command (or the greeting) has been sent and its reply has not arrived.
+    awaiting_reply: bool,
     actions: Vec<Action>,
     envelope: Envelope,
     in_data: bool,
@@ -162,6 +187,8 @@ impl Session {
         Session {
             policy,
             pending: VecDeque::from([Pending::Greeting]),
+            unsent: VecDeque::new(),
+            awaiting_reply: true,
             actions: Vec::new(),
             envelope: Envelope::default(),
             in_data: false,
@@ -183,7 +210,9 @@ impl Session {
     pub fn upstream_greeted(&mut self) {
         if matches!(self.pending.front(), Some(Pending::Greeting)) {
             self.pending.pop_front();
+            self.awaiting_reply = false;
             self.reply_to_client(Bytes::from_static(REPLY_GREETING));
+            self.send_next();
         }
     }
 
@@ -221,6 +250,7 @@ impl Session {
                 .iter()
                 .any(|p| matches!(p, Pending::Helo { .. }));
         !waiting_for_helo
+            && self.pending.len() < MAX_QUEUED
             && !self.pending.iter().any(|p| {
                 matches!(
                     p,
@@ -268,7 +298,16 @@ impl Session {
     }
 
     pub fn client_line(&mut self, line: Bytes) {
-        if self.auth_continuation {
+        if command::has_forbidden_bytes(&line) {
+            if self.auth_continuation {
+                // The upstream waits for the answer to its challenge: cancel the exchange
+                // (RFC 4954: `*`), so its 501 answers the client and both stay in step.
+                self.auth_continuation = false;
+                self.forward(Bytes::from_static(b"*\r\n"), Pending::Auth);
+            } else {
+                self.local_reply(REPLY_FORBIDDEN_BYTES);
+            }
+        } else if self.auth_continuation {
             // The answer to a 334 challenge is data, whatever it looks like.
             self.auth_continuation = false;
             self.forward(line, Pending::Auth);
@@ -333,6 +372,12 @@ impl Session {
                 self.auth_attempted = true;
                 self.forward(line, Pending::Auth);
             }
+            Verb::Mail | Verb::Rcpt if command::hidden_parameter(&line).is_some() => {
+                let param = command::hidden_parameter(&line).unwrap_or_default();
+                let shown: String = param.chars().take(64).collect();
+                let reply = format!("555 5.5.4 Unsupported parameter: {shown}\r\n");
+                self.local_reply_bytes(Bytes::from(reply));
+            }
             Verb::Mail => {
                 let addr = command::envelope_address(&line).unwrap_or_default();
                 self.forward(line, Pending::Mail(addr));
@@ -355,11 +400,22 @@ impl Session {
 
     /// A complete reply from the upstream.
     pub fn upstream_reply(&mut self, reply: Reply) {
-        let Some(index) = self.pending.iter().position(Pending::is_upstream) else {
-            // Unsolicited (e.g. a 421 before the upstream closes): the client should see it.
-            self.reply_to_client(Bytes::from(reply.raw()));
-            return;
+        let index = match self.pending.iter().position(Pending::is_upstream) {
+            Some(index) if self.awaiting_reply => index,
+            _ if reply.code == 421 => {
+                // A server may announce its closing at any time: the client should see it.
+                self.reply_to_client(Bytes::from(reply.raw()));
+                return;
+            }
+            _ => {
+                self.actions.push(Action::UpstreamProtocolError(format!(
+                    "protocol error: reply {} with no command outstanding",
+                    reply.code
+                )));
+                return;
+            }
         };
+        self.awaiting_reply = false;
         let pending = self.pending.remove(index).expect("index from position");
         let positive = reply.is_positive();
         match pending {
@@ -431,6 +487,7 @@ impl Session {
                         // servers requiring HELO accept the following MAIL.
                         self.actions.push(Action::ToUpstream(helo));
                         self.pending.push_front(Pending::HeloAgain);
+                        self.awaiting_reply = true;
                     }
                     (positive, _) => {
                         if !positive {
@@ -446,7 +503,18 @@ impl Session {
                 unreachable!("not an upstream entry")
             }
         }
+        self.send_next();
         self.release();
+    }
+
+    /// Sends the next queued command once the previous one is answered.
+    fn send_next(&mut self) {
+        if !self.awaiting_reply {
+            if let Some(line) = self.unsent.pop_front() {
+                self.awaiting_reply = true;
+                self.actions.push(Action::ToUpstream(line));
+            }
+        }
     }
 
     fn should_send_xclient(&self) -> bool {
@@ -478,8 +546,13 @@ impl Session {
     }
 
     fn forward(&mut self, line: Bytes, pending: Pending) {
-        self.actions.push(Action::ToUpstream(line));
         self.pending.push_back(pending);
+        if self.awaiting_reply {
+            self.unsent.push_back(line);
+        } else {
+            self.awaiting_reply = true;
+            self.actions.push(Action::ToUpstream(line));
+        }
     }
 
     fn local_reply(&mut self, reply: &'static [u8]) {
@@ -584,6 +657,7 @@ mod tests {
                     Action::BeginData(mode) => format!("DATA {mode:?}"),
                     Action::PolicyReject => "POLICY-REJECT".to_string(),
                     Action::StartTls => "START-TLS".to_string(),
+                    Action::UpstreamProtocolError(e) => format!("PROTOCOL-ERROR {e}"),
                 });
             }
         }
@@ -649,16 +723,17 @@ mod tests {
                 "S: 250 rcpt ok",
             ],
         );
+        // One command at a time upstream: EHLO waits for the greeting, RCPT for MAIL's reply.
         assert_eq!(
             out,
             vec![
-                ">up EHLO c",
                 ">cl 220 smtp.passthru",
+                ">up EHLO c",
                 ">cl 250 smtp.passthru",
                 ">cl 502 Command not implemented",
                 ">up MAIL FROM:<a@x>",
-                ">up RCPT TO:<b@y>",
                 ">cl 250 mail ok",
+                ">up RCPT TO:<b@y>",
                 ">cl 250 rcpt ok",
                 ">cl 554 Insufficient authorization",
                 "DATA Filter",
@@ -829,6 +904,114 @@ mod tests {
         let mut s = Session::new(policy());
         let out = run(&mut s, &["S: 220 x", "S: 421 shutting down"]);
         assert_eq!(out, vec![">cl 220 smtp.passthru", ">cl 421 shutting down"]);
+    }
+
+    #[test]
+    fn a_reply_is_matched_only_to_the_command_it_answers() {
+        // (script, what the last step must produce)
+        let cases: &[(&[&str], &[&str])] = &[
+            // An extra reply after the greeting, before any command.
+            (
+                &["S: 220 x", "S: 250 early"],
+                &["PROTOCOL-ERROR protocol error: reply 250 with no command outstanding"],
+            ),
+            // Two replies to one command: the second is not the next command's.
+            (
+                &[
+                    "S: 220 x",
+                    "C: EHLO c",
+                    "S: 250 x",
+                    "C: MAIL FROM:<a@x>",
+                    "S: 250 ok",
+                    "S: 250 ok",
+                ],
+                &["PROTOCOL-ERROR protocol error: reply 250 with no command outstanding"],
+            ),
+            // A reply to a command the client has sent but the proxy has not relayed yet.
+            (
+                &[
+                    "C: EHLO c",
+                    "C: MAIL FROM:<a@x>",
+                    "S: 220 x",
+                    "S: 250 x",
+                    "S: 250 ok",
+                    "S: 554 no",
+                ],
+                &["PROTOCOL-ERROR protocol error: reply 554 with no command outstanding"],
+            ),
+        ];
+        for (script, want) in cases {
+            let mut s = Session::new(policy());
+            let (last, before) = script.split_last().unwrap();
+            run(&mut s, before);
+            assert_eq!(run(&mut s, &[last]), *want, "{script:?}");
+        }
+    }
+
+    #[test]
+    fn command_lines_with_forbidden_bytes_are_answered_and_never_relayed() {
+        for line in [
+            "RCPT TO:<a@x>\rRCPT TO:<b@y>\r\n",
+            "RCPT TO:<a@x>\n",
+            "MAIL FROM:<a\0b@x>\r\n",
+        ] {
+            let mut s = Session::new(policy());
+            run(&mut s, &["S: 220 x", "C: EHLO c", "S: 250 x"]);
+            s.client_line(Bytes::from(line));
+            let out: Vec<Action> = s.take_actions();
+            assert_eq!(
+                out,
+                vec![Action::ToClient(Bytes::from_static(REPLY_FORBIDDEN_BYTES))],
+                "{line:?}"
+            );
+            // Still in step: the next command goes through.
+            let out = run(&mut s, &["C: MAIL FROM:<a@x>", "S: 250 ok"]);
+            assert_eq!(out, vec![">up MAIL FROM:<a@x>", ">cl 250 ok"], "{line:?}");
+        }
+        // The answer to an AUTH challenge with a NUL cancels the exchange upstream.
+        let mut s = Session::new(policy());
+        run(
+            &mut s,
+            &[
+                "S: 220 x",
+                "C: EHLO c",
+                "S: 250 x",
+                "C: AUTH PLAIN",
+                "S: 334 ",
+            ],
+        );
+        s.client_line(Bytes::from_static(b"AG\0Fi\r\n"));
+        let out: Vec<Action> = s.take_actions();
+        assert_eq!(out, vec![Action::ToUpstream(Bytes::from_static(b"*\r\n"))]);
+        let out = run(&mut s, &["S: 501 5.7.0 cancelled"]);
+        assert_eq!(out, vec![">cl 501 5.7.0 cancelled"]);
+    }
+
+    #[test]
+    fn parameters_of_hidden_extensions_get_555() {
+        let mut s = Session::new(policy());
+        let out = run(
+            &mut s,
+            &[
+                "S: 220 x",
+                "C: EHLO c",
+                "S: 250-x|250-BINARYMIME|250 CHUNKING",
+                "C: MAIL FROM:<a@x> BODY=BINARYMIME",
+                "C: MAIL FROM:<a@x> BODY=8BITMIME",
+                "S: 250 ok",
+            ],
+        );
+        assert_eq!(
+            out,
+            vec![
+                ">cl 220 smtp.passthru",
+                ">up EHLO c",
+                ">cl 250-smtp.passthru|250 XFILTERED",
+                ">cl 555 5.5.4 Unsupported parameter: BODY=BINARYMIME",
+                ">up MAIL FROM:<a@x> BODY=8BITMIME",
+                ">cl 250 ok",
+            ]
+        );
     }
 
     fn tls(offer: bool, required: bool, implicit: bool) -> TlsPolicy {

@@ -2,7 +2,8 @@
 //!
 //! Receiver checks, for any wire bytes: the content never holds a bare CR or LF; a call
 //! consumes no more than it is given, all of it until the end of data, nothing after; the
-//! result does not depend on chunking; the end of data is a `.` CRLF at a line start.
+//! result does not depend on chunking; the end of data is a `.` CRLF at a line start; every
+//! NUL octet of the content is counted.
 //! Round trip: the encoder's output for any content (fed in any chunks) is received back as
 //! the normalised content, ending exactly at the encoder's terminator.
 #![no_main]
@@ -45,6 +46,12 @@ fn receive(chunks: &[&[u8]]) -> Received {
         }
     }
     assert_eq!(rx.content_bytes(), content.len() as u64);
+    // Every NUL of the content is counted: the proxy refuses such messages.
+    assert_eq!(
+        rx.nul_bytes(),
+        content.iter().filter(|&&b| b == 0).count() as u64,
+        "NUL count"
+    );
     Received {
         content,
         done,

@@ -7,12 +7,18 @@
 //! line limit), `G` the proxy reading the upstream's greeting itself; others are ignored.
 //! After each record the driver runs until nothing more can happen. A STARTTLS handshake
 //! succeeds or fails as the TLS byte says.
+//!
+//! Beyond not panicking: no command line with a bare CR, a bare LF or a NUL ever goes
+//! upstream; at most one command is outstanding upstream at a time; and a reply that
+//! answers no outstanding command is never relayed to the client (except a `421`) but
+//! ends the connection as a protocol error.
 #![no_main]
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use proxsmtpd::config::FilterType;
 use proxsmtpd::session::{Action, Policy, Session, TlsPolicy};
+use proxsmtpd::smtp::command::has_forbidden_bytes;
 use proxsmtpd::smtp::line::{Framed, LineReader, COMMAND_LINE_LIMIT};
 use proxsmtpd::smtp::reply::ReplyAssembler;
 
@@ -54,6 +60,8 @@ struct Driver {
     upstream_buf: BytesMut,
     upstream_lines: LineReader,
     assembler: ReplyAssembler,
+    /// Commands (or the greeting) sent upstream and not answered yet.
+    outstanding: usize,
 }
 
 /// Why the driver stops, as the proxy would end the connection.
@@ -73,7 +81,12 @@ impl Driver {
                     Action::ToClient(bytes) => {
                         assert!(bytes.ends_with(b"\n"), "unterminated reply {bytes:?}")
                     }
-                    Action::ToUpstream(bytes) => assert!(!bytes.is_empty()),
+                    Action::ToUpstream(bytes) => {
+                        assert!(!has_forbidden_bytes(&bytes), "relayed {bytes:?}");
+                        self.outstanding += 1;
+                        assert!(self.outstanding <= 1, "two commands outstanding upstream");
+                    }
+                    Action::UpstreamProtocolError(_) => return Err(Closed),
                     Action::PolicyReject => {}
                     Action::BeginData(_) => self.session.transaction_done(),
                     Action::StartTls => {
@@ -112,7 +125,18 @@ impl Driver {
             }
             match self.next_reply()? {
                 Some(reply) => {
+                    let answers_a_command = self.outstanding > 0;
+                    self.outstanding = self.outstanding.saturating_sub(1);
+                    let code = reply.code;
                     self.session.upstream_reply(reply);
+                    if !answers_a_command && code != 421 {
+                        let actions = self.session.take_actions();
+                        assert!(
+                            matches!(actions.as_slice(), [Action::UpstreamProtocolError(_)]),
+                            "unsolicited {code} not refused: {actions:?}"
+                        );
+                        return Err(Closed);
+                    }
                     self.perform()?;
                 }
                 None => break,
@@ -153,6 +177,7 @@ fuzz_target!(|data: &[u8]| {
         upstream_buf: BytesMut::new(),
         upstream_lines: LineReader::new(REPLY_LINE_LIMIT),
         assembler: ReplyAssembler::default(),
+        outstanding: 1,
     };
     for record in records.split_inclusive(|&b| b == b'\n') {
         let (&kind, rest) = record
@@ -163,6 +188,10 @@ fuzz_target!(|data: &[u8]| {
             b'S' => driver.upstream_buf.extend_from_slice(rest),
             b'E' => driver.client_eof = true,
             b'G' => {
+                // The proxy read the greeting itself: nothing is outstanding any more.
+                if driver.outstanding > 0 && driver.session.awaiting_greeting() {
+                    driver.outstanding = 0;
+                }
                 driver.session.upstream_greeted();
                 if driver.perform().is_err() {
                     return;

@@ -136,6 +136,69 @@ pub fn xforward_attribute(line: &[u8], name: &str) -> Option<String> {
         })
 }
 
+/// Whether a command line breaks RFC 5321 §2.3.8: a bare CR, a line ended by a bare LF, or
+/// a NUL. Such a line is never relayed: a receiver that ends lines at CRLF only would read
+/// it differently from the proxy (two commands for one, or an address the filter never
+/// saw), which is how commands are smuggled past a proxy.
+pub fn has_forbidden_bytes(line: &[u8]) -> bool {
+    let Some(body) = line.strip_suffix(b"\r\n") else {
+        // Ended by a bare LF (or not ended at all).
+        return true;
+    };
+    memchr::memchr3(b'\r', b'\n', 0, body).is_some()
+}
+
+/// Extensions the proxy hides from the client, with the MAIL/RCPT parameters that only
+/// exist with them. A client cannot legitimately use a parameter of an extension it was
+/// not offered; relaying it would let the upstream accept something the proxy cannot
+/// carry (BODY=BINARYMIME needs BDAT, which the proxy refuses).
+const HIDDEN_PARAMETERS: &[(&str, Option<&str>)] = &[
+    // RFC 3030: BINARYMIME, only usable with CHUNKING.
+    ("BODY", Some("BINARYMIME")),
+    // RFC 1845: CHECKPOINT.
+    ("TRANSID", None),
+];
+
+/// The first ESMTP parameter of a `MAIL FROM` / `RCPT TO` line that belongs to an
+/// extension the proxy hides (for a `555` reply), e.g. `BODY=BINARYMIME`.
+pub fn hidden_parameter(line: &[u8]) -> Option<String> {
+    let rest = after_phrase(line, b"MAIL FROM").or_else(|| after_phrase(line, b"RCPT TO"))?;
+    let rest = trim_line_end(rest);
+    // Parameters follow the path; a path in brackets may itself contain spaces (quoted
+    // local parts), so start after its closing bracket when there is one.
+    let params = match memchr::memchr(b'>', rest) {
+        Some(end) => &rest[end + 1..],
+        None => {
+            let start = rest
+                .iter()
+                .position(|&b| !is_delimiter(b))
+                .unwrap_or(rest.len());
+            let path_end = rest[start..]
+                .iter()
+                .position(|&b| b == b' ' || b == b'\t')
+                .map_or(rest.len(), |p| start + p);
+            &rest[path_end..]
+        }
+    };
+    params
+        .split(|&b| b == b' ' || b == b'\t')
+        .filter(|p| !p.is_empty())
+        .find(|param| {
+            let (key, value) = match memchr::memchr(b'=', param) {
+                Some(eq) => (&param[..eq], Some(&param[eq + 1..])),
+                None => (&param[..], None),
+            };
+            HIDDEN_PARAMETERS.iter().any(|(k, v)| {
+                key.eq_ignore_ascii_case(k.as_bytes())
+                    && match v {
+                        None => true,
+                        Some(v) => value.is_some_and(|x| x.eq_ignore_ascii_case(v.as_bytes())),
+                    }
+            })
+        })
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,5 +264,63 @@ mod tests {
         );
         assert_eq!(xforward_attribute(line, "PROTO"), None);
         assert_eq!(xforward_attribute(b"XFORWARD ADDR=\r\n", "ADDR"), None);
+    }
+    #[test]
+    fn finds_forbidden_bytes_in_command_lines() {
+        let cases: &[(&[u8], bool)] = &[
+            (b"RCPT TO:<a@x>\r\n", false),
+            (b"NOOP\r\n", false),
+            (b"\r\n", false),
+            (b"RCPT TO:<a@x>\rRCPT TO:<b@y>\r\n", true),
+            (b"RCPT TO:<a@x>\n", true),
+            (b"MAIL FROM:<a\0b@x>\r\n", true),
+            (b"NOOP\r\r\n", true),
+            (b"\n", true),
+            (b"NOOP", true),
+        ];
+        for (line, want) in cases {
+            assert_eq!(
+                has_forbidden_bytes(line),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn finds_parameters_of_hidden_extensions() {
+        let cases: &[(&[u8], Option<&str>)] = &[
+            (
+                b"MAIL FROM:<a@x> BODY=BINARYMIME\r\n",
+                Some("BODY=BINARYMIME"),
+            ),
+            (
+                b"MAIL FROM:<a@x> SIZE=10 body=binarymime\r\n",
+                Some("body=binarymime"),
+            ),
+            (b"MAIL FROM:<a@x> BODY=8BITMIME\r\n", None),
+            (b"MAIL FROM:<a@x> SIZE=100 SMTPUTF8\r\n", None),
+            (b"MAIL FROM:<> TRANSID=<12@x>\r\n", Some("TRANSID=<12@x>")),
+            (
+                b"MAIL FROM:a@x BODY=BINARYMIME\r\n",
+                Some("BODY=BINARYMIME"),
+            ),
+            (b"RCPT TO:<b@y> NOTIFY=NEVER\r\n", None),
+            (
+                b"RCPT TO:<b@y> BODY=BINARYMIME\r\n",
+                Some("BODY=BINARYMIME"),
+            ),
+            (b"MAIL FROM:<\"BODY=BINARYMIME x\"@x>\r\n", None),
+            (b"NOOP BODY=BINARYMIME\r\n", None),
+        ];
+        for (line, want) in cases {
+            assert_eq!(
+                hidden_parameter(line).as_deref(),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
     }
 }

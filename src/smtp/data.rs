@@ -9,6 +9,8 @@
 //!   caller (they are pipelined commands).
 //! * A `.` at the start of a line is removed (dot-unstuffing), unless a bare CR or LF
 //!   follows it: a stuffed line would start with `..`, so that dot is content.
+//! * NUL octets are content, but counted ([`DataReceiver::nul_bytes`]): the caller refuses
+//!   such a message.
 //! * Line length is unlimited; state carries across `feed` calls, so the result does not
 //!   depend on how the input is chunked.
 
@@ -47,6 +49,7 @@ pub struct DataReceiver {
     state: State,
     content: u64,
     irregular: u64,
+    nul: u64,
 }
 
 impl Default for DataReceiver {
@@ -62,6 +65,7 @@ impl DataReceiver {
             state: State::LineStart,
             content: 0,
             irregular: 0,
+            nul: 0,
         }
     }
 
@@ -156,6 +160,7 @@ impl DataReceiver {
         }
         out.extend_from_slice(&input[run..i]);
         self.content += (out.len() - start_len) as u64;
+        self.nul += memchr::memchr_iter(0, &out[start_len..]).count() as u64;
         Feed {
             consumed: i,
             done: self.state == State::Done,
@@ -170,6 +175,12 @@ impl DataReceiver {
     /// Bare CRs and bare LFs seen so far (each normalised to CRLF).
     pub fn irregular_line_endings(&self) -> u64 {
         self.irregular
+    }
+
+    /// NUL octets in the content so far. A receiver that drops NULs would see
+    /// `CRLF NUL . CRLF` as the end of data, so the proxy refuses such messages.
+    pub fn nul_bytes(&self) -> u64 {
+        self.nul
     }
 
     fn bare_line_end(&mut self, out: &mut Vec<u8>) {
@@ -352,6 +363,25 @@ mod tests {
             }
         );
         assert_eq!(out, b"x\r\n");
+    }
+
+    #[test]
+    fn nul_octets_are_counted_at_every_split() {
+        let cases: &[(&[u8], u64)] = &[
+            (b"a\r\n.\r\n", 0),
+            (b"a\r\n\0.\r\n.\r\n", 1),
+            (b"\0\0\0\r\n.\r\n", 3),
+            (b"x\0\r\n.\0\r\n.\r\n", 2),
+        ];
+        for &(wire, want) in cases {
+            for split in 0..=wire.len() {
+                let mut rx = DataReceiver::new();
+                let mut out = Vec::new();
+                let first = rx.feed(&wire[..split], &mut out);
+                rx.feed(&wire[first.consumed..], &mut out);
+                assert_eq!(rx.nul_bytes(), want, "{wire:?} split {split}");
+            }
+        }
     }
 
     #[test]
