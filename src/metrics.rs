@@ -118,6 +118,7 @@ pub struct Metrics {
     tls_sessions: IntCounterVec,
     tls_handshake_failures: IntCounterVec,
     tls_certificate_reloads: IntCounterVec,
+    messages_abandoned: IntCounter,
 }
 
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();
@@ -229,6 +230,10 @@ impl Metrics {
                 "Loads of a changed TLS certificate, by result.",
                 &["result"],
             ),
+            messages_abandoned: reg.counter(
+                "proxsmtpd_messages_abandoned_total",
+                "Messages not delivered because the client left before its verdict.",
+            ),
             registry,
         };
         // Every TLS series starts at zero, so that rates and alerts work from the start.
@@ -281,6 +286,12 @@ impl Metrics {
         self.messages[verdict as usize].inc();
         // f64 is exact up to 2^53 bytes, far beyond any message.
         self.message_size.observe(size_bytes as f64);
+    }
+
+    /// The client left before the answer to its message: it was not delivered (the client
+    /// will send it again).
+    pub fn message_abandoned(&self) {
+        self.messages_abandoned.inc();
     }
 
     /// The filter finished (whatever its verdict) after `duration`.
@@ -417,6 +428,7 @@ mod tests {
             ("proxsmtpd_filter_timeouts_total".into(), 0.0),
             ("proxsmtpd_filter_spawn_failures_total".into(), 0.0),
             ("proxsmtpd_draining".into(), 0.0),
+            ("proxsmtpd_messages_abandoned_total".into(), 0.0),
             ("proxsmtpd_filter_duration_seconds_count".into(), 0.0),
             (
                 "proxsmtpd_filter_duration_seconds_bucket{le=\"0.005\"}".into(),

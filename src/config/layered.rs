@@ -1034,6 +1034,7 @@ reload_watch: no
             "Header" => "X-A: b",
             "Listen" => "[::1]:2525",
             "MaxConnections" => "9",
+            "MinDataRate" => "250",
             "OutAddress" => "[::1]:26",
             "PidFile" => "/run/x.pid",
             "Skip" => "authenticated",

@@ -170,6 +170,11 @@ pub fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result
         "AdminListen" => s.admin_listen = admin_listen(v).ok_or_else(invalid_setting)?,
         "Container" => s.container = boolean(v).ok_or_else(invalid_value)?,
         "DrainTimeout" => s.drain_timeout = seconds(v, 0).ok_or_else(invalid_setting)?,
+        "MinDataRate" => {
+            s.min_data_rate = integer(v)
+                .and_then(|n| u64::try_from(n).ok())
+                .ok_or_else(invalid_setting)?
+        }
         "ProxyProtocol" => s.proxy_protocol = boolean(v).ok_or_else(invalid_value)?,
         "ProxyProtocolTrusted" => {
             s.proxy_protocol_trusted =
@@ -389,6 +394,8 @@ mod tests {
             ("Container", "yes", |s| s.container),
             ("DrainTimeout", "0", |s| s.drain_timeout.is_zero()),
             ("DrainTimeout", "120", |s| s.drain_timeout == secs(120)),
+            ("MinDataRate", "0", |s| s.min_data_rate == 0),
+            ("MinDataRate", "2000", |s| s.min_data_rate == 2000),
             ("ProxyProtocol", "1", |s| s.proxy_protocol),
             (
                 "ProxyProtocolTrusted",
@@ -484,6 +491,8 @@ mod tests {
             ("AdminListen", "127.0.0.1:0", "invalid setting: AdminListen"),
             ("Container", "sure", "invalid value for Container"),
             ("DrainTimeout", "-1", "invalid setting: DrainTimeout"),
+            ("MinDataRate", "-1", "invalid setting: MinDataRate"),
+            ("MinDataRate", "fast", "invalid setting: MinDataRate"),
             ("ProxyProtocol", "v2", "invalid value for ProxyProtocol"),
             ("ProxyProtocolTrusted", "10.0.0.1/8", "invalid setting: ProxyProtocolTrusted (\"10.0.0.1/8\": 10.0.0.1/8 has host bits set)"),
             ("ProxyProtocolTrusted", "lb.example", "invalid setting: ProxyProtocolTrusted (\"lb.example\" is not an IP address or network)"),

@@ -65,6 +65,7 @@ pub const SETTINGS: &[SettingName] = &[
     s("AdminListen", "admin_listen"),
     s("Container", "container"),
     s("DrainTimeout", "drain_timeout"),
+    s("MinDataRate", "min_data_rate"),
     s("ProxyProtocol", "proxy_protocol"),
     SettingName {
         name: "ProxyProtocolTrusted",

@@ -68,6 +68,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// Postfix's `smtpd_min_data_rate` default: a 56k modem sends 14 times as fast.
+pub const DEFAULT_MIN_DATA_RATE: u64 = 500;
+
 /// Every setting: those of the original `proxsmtpd.conf` and the newer ones. Each has a
 /// CamelCase name (`proxsmtpd.conf`, command line), a snake_case key (TOML, YAML) and an
 /// environment variable `PROXSMTPD_<KEY>`; see [`super::names::SETTINGS`].
@@ -101,8 +104,12 @@ pub struct Settings {
     pub skip_authenticated: bool,
     /// `TempDirectory` (default `/tmp/`): where messages are spooled; also the filter's TMPDIR.
     pub temp_directory: PathBuf,
-    /// `TimeOut` (seconds, > 0, default 180): network inactivity timeout.
+    /// `TimeOut` (seconds, > 0, default 180): the time a client has for each whole command
+    /// line, the upstream for each whole reply, and the limit of every write and connect.
     pub timeout: Duration,
+    /// `MinDataRate` (bytes per second, >= 0, default 500): the slowest a message body may
+    /// arrive; every read earns its bytes / rate seconds, capped at TimeOut. 0 turns it off.
+    pub min_data_rate: u64,
     /// `TransparentProxy`: off (default), `client` (or any true boolean) or `full`.
     pub transparent: Transparent,
     /// `User`: user name or uid to switch to.
@@ -179,6 +186,7 @@ impl Default for Settings {
             skip_authenticated: false,
             temp_directory: PathBuf::from("/tmp/"),
             timeout: Duration::from_secs(180),
+            min_data_rate: DEFAULT_MIN_DATA_RATE,
             transparent: Transparent::Off,
             user: None,
             xclient: false,

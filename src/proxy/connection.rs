@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::io::{Rewound, Stream};
+use super::io::{self as stream_io, Ready, Rewound, Stream};
 use super::observe::{self, ConnectionId};
 use super::transaction;
 use super::upstream::{self, ClientInfo, TlsStep};
@@ -32,6 +32,8 @@ pub const REPLY_UPSTREAM_UNAVAILABLE: &[u8] =
 pub const REPLY_TIMEOUT: &[u8] = b"421 4.4.2 Timeout exceeded, closing connection\r\n";
 pub const REPLY_UPSTREAM_LOST: &[u8] = b"421 4.4.2 Upstream connection lost\r\n";
 pub const REPLY_SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down\r\n";
+pub const REPLY_UPSTREAM_PROTOCOL: &[u8] =
+    b"421 4.5.0 Upstream protocol error, closing connection\r\n";
 
 /// Upstream reply lines are limited far above what any server sends (RFC 5321 says 512).
 const REPLY_LINE_LIMIT: usize = 16 * 1024;
@@ -46,6 +48,9 @@ pub enum Fatal {
     Upstream(String),
     /// The upstream cannot be used before the client is greeted (its TLS failed).
     UpstreamUnavailable(String),
+    /// The upstream said something out of turn (a reply before our command or before the
+    /// end of the message): nothing it says can be trusted to match a command any more.
+    UpstreamProtocol(String),
     Shutdown,
 }
 
@@ -79,6 +84,51 @@ impl Conn {
             Ok(Ok(())) => Ok(()),
             _ => Err(Fatal::ClientGone),
         }
+    }
+
+    /// Sends a command (or the last part of a message, with its terminating dot) whose reply
+    /// comes next. Anything the upstream has sent before it cannot be that reply: it is a
+    /// protocol error, never relayed as the answer.
+    pub async fn send_command(&mut self, bytes: &[u8], stage: UpstreamStage) -> Result<(), Fatal> {
+        self.ensure_upstream_silent(stage)?;
+        self.send_upstream(bytes, stage).await
+    }
+
+    /// Fails when the upstream has sent anything not yet taken as a reply.
+    pub fn ensure_upstream_silent(&mut self, stage: UpstreamStage) -> Result<(), Fatal> {
+        let early = !self.upstream_buf.is_empty()
+            || match stream_io::read_ready(&mut self.upstream, &mut self.upstream_buf) {
+                Ready::Nothing => false,
+                Ready::Data => true,
+                Ready::Closed => {
+                    return Err(upstream_failure(
+                        stage,
+                        "server disconnected unexpectedly".into(),
+                    ))
+                }
+            };
+        if early {
+            return Err(protocol_error(
+                stage,
+                format!(
+                    "protocol error: the server spoke out of turn before our {}",
+                    stage.as_str()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the client has closed its side (it would get no reply any more). Bytes it
+    /// sent stay where they are for the next read.
+    pub fn client_gone(&mut self) -> bool {
+        if self.client_eof {
+            return true;
+        }
+        if stream_io::read_ready(&mut self.client, &mut self.client_buf) == Ready::Closed {
+            self.client_eof = true;
+        }
+        self.client_eof
     }
 
     pub async fn send_upstream(&mut self, bytes: &[u8], stage: UpstreamStage) -> Result<(), Fatal> {
@@ -141,7 +191,7 @@ impl Conn {
 
     /// Sends a command of our own and reads its whole reply.
     pub async fn command(&mut self, line: &[u8], stage: UpstreamStage) -> Result<Reply, Fatal> {
-        self.send_upstream(line, stage).await?;
+        self.send_command(line, stage).await?;
         self.read_reply(stage).await
     }
 
@@ -162,10 +212,10 @@ impl Conn {
             .map(|interval| self.upstream_active + interval)
     }
 
-    /// Reads more client bytes into the buffer; waits at most TimeOut, sending keepalives
-    /// upstream meanwhile. Returns the number of bytes read (0 = the client closed).
-    pub async fn read_client(&mut self) -> Result<usize, Fatal> {
-        let deadline = Instant::now() + self.settings.timeout;
+    /// Reads more client bytes into the buffer; waits at most until `deadline`, sending
+    /// keepalives upstream meanwhile. Returns the number of bytes read (0 = the client
+    /// closed).
+    pub async fn read_client(&mut self, deadline: Instant) -> Result<usize, Fatal> {
         loop {
             self.client_buf.reserve(READ_BUFFER);
             let wake = match self.next_keepalive() {
@@ -185,6 +235,11 @@ impl Conn {
 pub fn upstream_failure(stage: UpstreamStage, reason: String) -> Fatal {
     crate::metrics::global().upstream_error(stage);
     Fatal::Upstream(reason)
+}
+
+pub fn protocol_error(stage: UpstreamStage, reason: String) -> Fatal {
+    crate::metrics::global().upstream_error(stage);
+    Fatal::UpstreamProtocol(reason)
 }
 
 /// Everything a connection needs from the server.
@@ -468,6 +523,10 @@ pub async fn serve(
             tracing::error!("{id}: {reason}");
             let _ = conn.send_client(REPLY_UPSTREAM_LOST).await;
         }
+        Err(Fatal::UpstreamProtocol(reason)) => {
+            tracing::error!("{id}: SERVER: {reason}");
+            let _ = conn.send_client(REPLY_UPSTREAM_PROTOCOL).await;
+        }
         Err(Fatal::UpstreamUnavailable(reason)) => {
             tracing::error!("{id}: SERVER: upstream TLS: {reason}");
             let _ = conn.send_client(REPLY_UPSTREAM_UNAVAILABLE).await;
@@ -503,6 +562,25 @@ fn tls_policy(settings: &Settings, tls: &Tls, conn: &Conn) -> TlsPolicy {
     }
 }
 
+/// When each side must have finished what it owes: the client its next whole command
+/// line, the upstream its whole reply. TimeOut bounds each of these as a whole, not each
+/// read, so a peer sending a byte at a time cannot hold a session (and its upstream
+/// connection) for ever.
+struct Deadlines {
+    client: Instant,
+    upstream: Instant,
+}
+
+impl Deadlines {
+    fn new(timeout: std::time::Duration) -> Deadlines {
+        let now = Instant::now();
+        Deadlines {
+            client: now + timeout,
+            upstream: now + timeout,
+        }
+    }
+}
+
 /// The command phase: relays until either side leaves.
 async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
     let greeting = match conn.settings.upstream_tls {
@@ -516,12 +594,13 @@ async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
         policy(&conn.settings, &conn.info),
         tls_policy(&conn.settings, &shared.tls, conn),
     );
+    let mut deadlines = Deadlines::new(conn.settings.timeout);
     match greeting {
         Greeting::Pending => {}
         Greeting::Read(reply) => session.upstream_reply(reply),
         Greeting::Consumed => session.upstream_greeted(),
     }
-    perform(conn, &mut session, shared).await?;
+    perform(conn, &mut session, shared, &mut deadlines).await?;
     let mut draining = *shared.shutdown.borrow();
     loop {
         // Feed every complete client line the session can take now.
@@ -544,13 +623,15 @@ async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
                 Some(Framed::TooLong) => session.client_line_too_long(),
                 None => break,
             }
-            perform(conn, &mut session, shared).await?;
+            deadlines.client = Instant::now() + conn.settings.timeout;
+            perform(conn, &mut session, shared, &mut deadlines).await?;
         }
         // Replies already buffered are handled before waiting for more input.
         match conn.buffered_reply() {
             Ok(Some(reply)) => {
                 session.upstream_reply(reply);
-                perform(conn, &mut session, shared).await?;
+                deadlines.upstream = Instant::now() + conn.settings.timeout;
+                perform(conn, &mut session, shared, &mut deadlines).await?;
                 continue;
             }
             Ok(None) => {}
@@ -564,6 +645,12 @@ async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
         }
 
         let want_client = session.accepts_client_input() && !conn.client_eof;
+        let awaiting_upstream = session.awaiting_upstream();
+        let due = if awaiting_upstream {
+            deadlines.upstream
+        } else {
+            deadlines.client
+        };
         conn.client_buf.reserve(READ_BUFFER);
         conn.upstream_buf.reserve(READ_BUFFER);
         tokio::select! {
@@ -578,7 +665,7 @@ async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
                     Ok(0) | Err(_) => {
                         // Whatever the upstream said last has been relayed; a client still
                         // waiting for an answer gets a 421 rather than a silent close.
-                        if session.awaiting_upstream() {
+                        if awaiting_upstream {
                             return Err(upstream_failure(stage_of(&session), "server disconnected unexpectedly".into()));
                         }
                         return Ok(());
@@ -586,8 +673,8 @@ async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
                     Ok(_) => {}
                 }
             }
-            _ = tokio::time::sleep(conn.settings.timeout) => {
-                if session.awaiting_upstream() {
+            _ = tokio::time::sleep_until(due) => {
+                if awaiting_upstream {
                     return Err(upstream_failure(stage_of(&session), "network operation timed out".into()));
                 }
                 return Err(Fatal::ClientTimeout);
@@ -609,7 +696,12 @@ fn stage_of(session: &Session) -> UpstreamStage {
 }
 
 /// Carries out the session's actions in order.
-async fn perform(conn: &mut Conn, session: &mut Session, shared: &Shared) -> Result<(), Fatal> {
+async fn perform(
+    conn: &mut Conn,
+    session: &mut Session,
+    shared: &Shared,
+    deadlines: &mut Deadlines,
+) -> Result<(), Fatal> {
     loop {
         let actions = session.take_actions();
         if actions.is_empty() {
@@ -619,11 +711,17 @@ async fn perform(conn: &mut Conn, session: &mut Session, shared: &Shared) -> Res
             match action {
                 Action::ToUpstream(bytes) => {
                     trace_line(conn.id, "SERVER >", &bytes);
-                    conn.send_upstream(&bytes, UpstreamStage::Command).await?;
+                    conn.send_command(&bytes, stage_of(session)).await?;
+                    deadlines.upstream = Instant::now() + conn.settings.timeout;
                 }
                 Action::ToClient(bytes) => {
                     trace_line(conn.id, "CLIENT >", &bytes);
                     conn.send_client(&bytes).await?;
+                    // The client's turn begins with our answer.
+                    deadlines.client = Instant::now() + conn.settings.timeout;
+                }
+                Action::UpstreamProtocolError(reason) => {
+                    return Err(protocol_error(stage_of(session), reason));
                 }
                 Action::PolicyReject => observe::policy_reject(conn, session.envelope()),
                 Action::BeginData(mode) => {
@@ -632,6 +730,7 @@ async fn perform(conn: &mut Conn, session: &mut Session, shared: &Shared) -> Res
                     let result = transaction::run(conn, session.envelope(), mode).await;
                     session.transaction_done();
                     result?;
+                    deadlines.client = Instant::now() + conn.settings.timeout;
                 }
                 Action::StartTls => {
                     conn.start_client_tls(&shared.tls.server).await?;

@@ -97,6 +97,58 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// What [`read_ready`] found on a stream without waiting.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ready {
+    /// Nothing has arrived.
+    Nothing,
+    /// Bytes have arrived (on a TLS stream: appended to the buffer, decrypted).
+    Data,
+    /// The peer closed its side (or the connection failed).
+    Closed,
+}
+
+/// Looks at what has already arrived on `stream`, without waiting. The proxy uses it at
+/// moments when a peer must be silent (an upstream before the reply to our next command is
+/// due) or must still be there (a client before its message is committed upstream).
+///
+/// A plain socket is asked directly (`recv` with `MSG_PEEK | MSG_DONTWAIT`): the answer
+/// does not depend on whether the runtime has noticed the bytes yet, and they stay in the
+/// socket for the next ordinary read. A TLS stream is polled once instead (records such as
+/// session tickets are not data); plaintext it yields goes into `buf`.
+pub fn read_ready(stream: &mut Stream, buf: &mut bytes::BytesMut) -> Ready {
+    use std::os::fd::AsRawFd;
+    let fd = match stream {
+        Stream::Tcp(s) => s.as_raw_fd(),
+        Stream::Unix(s) => s.as_raw_fd(),
+        Stream::TlsServer(_) | Stream::TlsClient(_) => return poll_once(stream, buf),
+        Stream::Detached => return Ready::Closed,
+    };
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut probe = [0u8; 1];
+    match recv(fd, &mut probe, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+        Ok(0) => Ready::Closed,
+        Ok(_) => Ready::Data,
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => Ready::Nothing,
+        Err(_) => Ready::Closed,
+    }
+}
+
+fn poll_once(stream: &mut Stream, buf: &mut bytes::BytesMut) -> Ready {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut chunk = [0u8; 4096];
+    let mut read = ReadBuf::new(&mut chunk);
+    match Pin::new(stream).poll_read(&mut cx, &mut read) {
+        Poll::Pending => Ready::Nothing,
+        Poll::Ready(Ok(())) if read.filled().is_empty() => Ready::Closed,
+        Poll::Ready(Ok(())) => {
+            buf.extend_from_slice(read.filled());
+            Ready::Data
+        }
+        Poll::Ready(Err(_)) => Ready::Closed,
+    }
+}
+
 /// A stream with bytes already read from it put back in front: reading a PROXY protocol
 /// header may have taken the start of an implicit-TLS client's handshake with it.
 pub struct Rewound {
@@ -171,6 +223,24 @@ mod tests {
         let mut got = Vec::new();
         r.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"hello world");
+    }
+
+    #[tokio::test]
+    async fn read_ready_never_waits() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut s = Stream::Unix(a);
+        let mut buf = bytes::BytesMut::new();
+        assert_eq!(read_ready(&mut s, &mut buf), Ready::Nothing);
+        b.write_all(b"250 early").await.unwrap();
+        assert_eq!(read_ready(&mut s, &mut buf), Ready::Data);
+        // Only looked at: the bytes are still there for the next read.
+        assert!(buf.is_empty());
+        let mut got = [0u8; 9];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"250 early");
+        assert_eq!(read_ready(&mut s, &mut buf), Ready::Nothing);
+        drop(b);
+        assert_eq!(read_ready(&mut s, &mut buf), Ready::Closed);
     }
 
     #[tokio::test]

@@ -163,6 +163,20 @@ pub fn message(conn: &Conn, envelope: &Envelope, outcome: Outcome) {
     metrics::global().message(outcome.verdict, outcome.size);
 }
 
+/// The client left before the answer to its message; nothing was delivered.
+pub fn abandoned(conn: &Conn, envelope: &Envelope, size: u64) {
+    tracing::warn!(
+        target: "proxsmtpd::message",
+        verdict = "abandoned",
+        size,
+        recipients = envelope.recipients.len(),
+        "{}: {}",
+        conn.id,
+        summary(conn, envelope, Some("CLIENT-GONE"))
+    );
+    metrics::global().message_abandoned();
+}
+
 /// FilterType reject refused a DATA.
 pub fn policy_reject(conn: &Conn, envelope: &Envelope) {
     tracing::info!(

@@ -7,12 +7,24 @@
 //! message first: the body is streamed upstream as it arrives (see [`unfiltered`]).
 //! Whatever goes wrong locally, the rest of the body is read to its end before the client
 //! gets its answer: body lines are never taken as commands.
+//!
+//! Three rules keep the client's answer true:
+//! * Only a reply read after the terminating dot went upstream is the message's verdict:
+//!   anything the upstream sent before (a `250` in the same write as its `354`) is a
+//!   protocol error, the client gets a 4xx and the upstream connection is closed.
+//! * A message with NUL octets is refused (`554 5.6.0`) after its dot: a receiver that
+//!   drops NULs would read `CRLF NUL . CRLF` as the end of the data.
+//! * A client that is gone before its answer gets nothing delivered: the upstream gets
+//!   `RSET`, or, in the middle of the data, is closed without the terminating dot.
+//!
+//! The body must arrive at `MinDataRate` ([`DataDeadline`]), not merely a byte per TimeOut.
 
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Buf;
+use tokio::io::AsyncReadExt;
 
 use super::connection::{Conn, Fatal, READ_BUFFER};
 use super::observe::{self, Outcome};
@@ -23,10 +35,16 @@ use crate::filter::verdict::{self, ReplyKind, Verdict};
 use crate::metrics::{MessageVerdict, UpstreamStage};
 use crate::session::{DataMode, Envelope};
 use crate::smtp::data::DataReceiver;
+use crate::smtp::deadline::DataDeadline;
 use crate::smtp::encode::{HeaderPlacement, WireEncoder};
 
 pub const REPLY_START_INPUT: &[u8] = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n";
 pub const REPLY_LOCAL_ERROR: &[u8] = b"451 Local Error\r\n";
+pub const REPLY_NUL_IN_DATA: &[u8] = b"554 5.6.0 Message contains NUL characters\r\n";
+
+/// Client bytes buffered while the filter runs before the proxy stops reading (the client
+/// should be waiting for its answer, not talking).
+const WATCH_LIMIT: usize = 64 * 1024;
 
 /// How much encoded data is gathered before a write upstream.
 const WRITE_CHUNK: usize = 64 * 1024;
@@ -48,13 +66,31 @@ pub async fn run(conn: &mut Conn, envelope: &Envelope, mode: DataMode) -> Result
     }
 }
 
+/// What [`receive_body`] read.
+struct Received {
+    size: u64,
+    nul_bytes: u64,
+    /// The first error of the sink, if any (the reading went on).
+    sink_error: Option<std::io::Error>,
+}
+
+/// The deadline of a body that starts now.
+fn data_deadline(conn: &Conn) -> DataDeadline {
+    DataDeadline::new(
+        Instant::now(),
+        conn.settings.timeout,
+        conn.settings.min_data_rate,
+    )
+}
+
 /// Receives the body into `sink`, reading the client until its terminating dot.
-/// Returns the content size. A failing sink does not stop the reading.
+/// A failing sink does not stop the reading.
 async fn receive_body(
     conn: &mut Conn,
     mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
-) -> Result<(u64, Option<std::io::Error>), Fatal> {
+) -> Result<Received, Fatal> {
     let mut receiver = DataReceiver::new();
+    let mut deadline = data_deadline(conn);
     let mut content = Vec::new();
     let mut sink_error = None;
     loop {
@@ -67,21 +103,68 @@ async fn receive_body(
         }
         content.clear();
         if feed.done {
-            if receiver.irregular_line_endings() > 0 {
-                tracing::info!(
-                    "{}: normalised {} bare CR/LF line ends in the message",
-                    conn.id,
-                    receiver.irregular_line_endings()
-                );
-            }
-            return Ok((receiver.content_bytes(), sink_error));
+            log_irregular(conn, &receiver);
+            return Ok(Received {
+                size: receiver.content_bytes(),
+                nul_bytes: receiver.nul_bytes(),
+                sink_error,
+            });
         }
-        if conn.client_eof || conn.read_client().await? == 0 {
-            conn.client_eof = true;
-            tracing::error!("{}: unexpected end of data from client", conn.id);
-            return Err(Fatal::ClientGone);
+        if conn.client_eof {
+            return Err(client_left(conn));
+        }
+        let due = tokio::time::Instant::from_std(deadline.due());
+        match conn.read_client(due).await? {
+            0 => return Err(client_left(conn)),
+            n => deadline.received(Instant::now(), n),
         }
     }
+}
+
+fn client_left(conn: &mut Conn) -> Fatal {
+    conn.client_eof = true;
+    tracing::error!("{}: unexpected end of data from client", conn.id);
+    Fatal::ClientGone
+}
+
+fn log_irregular(conn: &Conn, receiver: &DataReceiver) {
+    if receiver.irregular_line_endings() > 0 {
+        tracing::info!(
+            "{}: normalised {} bare CR/LF line ends in the message",
+            conn.id,
+            receiver.irregular_line_endings()
+        );
+    }
+}
+
+/// The client left before its answer: nothing is delivered. `RSET` when the upstream is not
+/// in DATA; in the middle of the data only closing the connection (the caller's `Err`)
+/// keeps the message from being delivered.
+async fn abandon(conn: &mut Conn, envelope: &Envelope, size: u64, upstream_in_data: bool) -> Fatal {
+    observe::abandoned(conn, envelope, size);
+    if !upstream_in_data {
+        let _ = conn.command(b"RSET\r\n", UpstreamStage::Command).await;
+    }
+    Fatal::ClientGone
+}
+
+/// A message with NUL octets: refused after its dot.
+async fn refuse_nul(
+    conn: &mut Conn,
+    envelope: &Envelope,
+    size: u64,
+    started: Instant,
+) -> Result<Outcome, Fatal> {
+    tracing::warn!("{}: refused a message containing NUL octets", conn.id);
+    conn.send_client(REPLY_NUL_IN_DATA).await?;
+    let outcome = Outcome::new(
+        MessageVerdict::Rejected,
+        "NUL-IN-DATA".into(),
+        size,
+        started,
+    );
+    observe::message(conn, envelope, outcome.clone());
+    Ok(outcome)
 }
 
 async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
@@ -96,7 +179,11 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         Ok(file) => receive_body(conn, |chunk| file.write_all(chunk)).await,
         Err(_) => receive_body(conn, |_| Ok(())).await,
     };
-    let (size, write_error) = match received {
+    let Received {
+        size,
+        nul_bytes,
+        sink_error: write_error,
+    } = match received {
         Ok(r) => r,
         Err(fatal) => {
             // The client left mid-body: the upstream never saw DATA, so RSET is enough.
@@ -105,6 +192,11 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
             return Err(fatal);
         }
     };
+    if nul_bytes > 0 {
+        refuse_nul(conn, envelope, size, started).await?;
+        conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
+        return Ok(());
+    }
     let spool = match (spool, write_error) {
         (Ok(file), None) => file,
         (Err(e), _) | (_, Some(e)) => {
@@ -161,13 +253,31 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         tokio::pin!(filter);
         // KeepAlives continue while the filter runs: the upstream has not seen DATA yet,
         // so a NOOP is safe and keeps a slow filter from costing the upstream connection.
+        // The client is watched meanwhile: if it leaves, it gets no answer and will send
+        // the message again, so delivering it would make a duplicate.
         loop {
             let wake = conn.next_keepalive();
+            let watch = !conn.client_eof && conn.client_buf.len() < WATCH_LIMIT;
+            conn.client_buf.reserve(READ_BUFFER);
             tokio::select! {
-                outcome = &mut filter => break outcome,
+                outcome = &mut filter => break Some(outcome),
                 _ = sleep_until_opt(wake) => conn.keepalive_if_due().await?,
+                read = conn.client.read_buf(&mut conn.client_buf), if watch => {
+                    if matches!(read, Ok(0) | Err(_)) {
+                        conn.client_eof = true;
+                        // Dropping the run ends the filter's process group.
+                        break None;
+                    }
+                }
             }
         }
+    };
+    let Some(result) = result else {
+        tracing::warn!(
+            "{}: client disconnected while the filter ran; message not delivered",
+            conn.id
+        );
+        return Err(abandon(conn, envelope, size, false).await);
     };
     let filter_time = filter_started.elapsed();
     crate::metrics::global().filter_finished(filter_time);
@@ -332,8 +442,10 @@ async fn deliver_recorded(
     size: u64,
     started: Instant,
 ) -> Result<Outcome, Fatal> {
-    match deliver(conn, path, size, started).await {
+    match deliver(conn, envelope, path, size, started).await {
         Ok(outcome) => Ok(outcome),
+        // Counted as abandoned already.
+        Err(Fatal::ClientGone) => Err(Fatal::ClientGone),
         Err(fatal) => {
             let outcome =
                 Outcome::new(MessageVerdict::TempFailed, "FILTERED".into(), size, started);
@@ -347,6 +459,7 @@ async fn deliver_recorded(
 /// relayed to the client.
 async fn deliver(
     conn: &mut Conn,
+    envelope: &Envelope,
     path: &Path,
     size: u64,
     started: Instant,
@@ -361,6 +474,9 @@ async fn deliver(
             return Ok(Outcome::local_error(size, started));
         }
     };
+    if conn.client_gone() {
+        return Err(abandon(conn, envelope, size, false).await);
+    }
     let reply = conn.command(b"DATA\r\n", UpstreamStage::Data).await?;
     if reply.code != 354 {
         tracing::debug!("{}: server refused data transfer", conn.id);
@@ -396,7 +512,27 @@ async fn deliver(
         }
     }
     encoder.finish(&mut out);
-    if let Err(e) = conn.send_upstream(&out, UpstreamStage::Data).await {
+    finish_data(conn, envelope, &out, size, started).await
+}
+
+/// Writes the last part of a message with its terminating dot and reads the verdict, after
+/// the two checks that must come first: the client is still there, and the upstream has
+/// not answered before the end of the data.
+async fn finish_data(
+    conn: &mut Conn,
+    envelope: &Envelope,
+    last: &[u8],
+    size: u64,
+    started: Instant,
+) -> Result<Outcome, Fatal> {
+    if conn.client_gone() {
+        tracing::warn!(
+            "{}: client disconnected before its answer; message not delivered",
+            conn.id
+        );
+        return Err(abandon(conn, envelope, size, true).await);
+    }
+    if let Err(e) = conn.send_command(last, UpstreamStage::Final).await {
         let _ = conn.send_client(REPLY_LOCAL_ERROR).await;
         return Err(e);
     }
@@ -427,18 +563,17 @@ enum UpstreamData {
 
 /// No FilterCommand (and no KeepAlives): nothing needs the whole message before the
 /// upstream sees it, so no spool file is written and the body is streamed upstream as it
-/// arrives. DATA goes
-/// upstream right after the client got its 354 (the original's order), so the upstream's
-/// 354 comes back while the client is still sending, and the answer to the client's dot
-/// costs one upstream round trip instead of two.
+/// arrives. DATA goes upstream right after the client got its 354 (the original's order),
+/// so the upstream's 354 comes back while the client is still sending, and the answer to
+/// the client's dot costs one upstream round trip instead of two.
 ///
 /// The client's 2xx is still the upstream's answer to the complete message. If the client
-/// leaves or times out mid-body, nothing more is sent upstream and the connection is closed:
-/// a message without its terminator is never delivered.
+/// leaves or times out mid-body, or the message holds a NUL, nothing more is sent upstream
+/// and the connection is closed: a message without its terminator is never delivered.
 async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
     conn.send_client(REPLY_START_INPUT).await?;
     let started = Instant::now();
-    let mut upstream = match conn.send_upstream(b"DATA\r\n", UpstreamStage::Data).await {
+    let mut upstream = match conn.send_command(b"DATA\r\n", UpstreamStage::Data).await {
         Ok(()) => UpstreamData::Pending,
         Err(e) => UpstreamData::Failed(e),
     };
@@ -448,6 +583,7 @@ async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         conn.id
     );
     let mut receiver = DataReceiver::new();
+    let mut deadline = data_deadline(conn);
     let mut encoder = WireEncoder::new(header_placement(conn));
     // Sized by what arrives: a small message allocates (and the allocator returns) little.
     let mut content = Vec::new();
@@ -461,53 +597,58 @@ async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
             break;
         }
         if out.len() >= WRITE_CHUNK || conn.client_buf.is_empty() {
-            forward(conn, &mut upstream, &mut out).await;
+            // After a NUL the message will be refused: nothing more goes upstream.
+            if receiver.nul_bytes() == 0 {
+                forward(conn, &mut upstream, &out).await;
+            }
+            out.clear();
         }
         // No keepalives: once the upstream is in DATA a NOOP would become part of the message.
-        let read = tokio::time::timeout(conn.settings.timeout, read_more(conn)).await;
-        let fatal = match read {
-            Ok(Ok(n)) if n > 0 => continue,
-            Ok(_) => {
-                conn.client_eof = true;
-                tracing::error!("{}: unexpected end of data from client", conn.id);
-                Fatal::ClientGone
-            }
-            Err(_) => Fatal::ClientTimeout,
+        let fatal = match read_body(conn, &mut deadline).await {
+            Ok(()) => continue,
+            Err(fatal) => fatal,
         };
         let outcome = Outcome::local_error(receiver.content_bytes(), started);
         observe::message(conn, envelope, outcome.unfiltered());
         return Err(fatal);
     }
-    if receiver.irregular_line_endings() > 0 {
-        tracing::info!(
-            "{}: normalised {} bare CR/LF line ends in the message",
-            conn.id,
-            receiver.irregular_line_endings()
-        );
+    log_irregular(conn, &receiver);
+    let size = receiver.content_bytes();
+    if receiver.nul_bytes() > 0 {
+        refuse_nul(conn, envelope, size, started).await?;
+        return match upstream {
+            // The upstream is not in DATA: the session can go on.
+            UpstreamData::Refused(_) => Ok(()),
+            UpstreamData::Failed(fatal) => Err(fatal),
+            UpstreamData::Pending | UpstreamData::Open => Err(Fatal::Upstream(
+                "message with NUL octets: upstream connection closed in DATA".into(),
+            )),
+        };
     }
     encoder.finish(&mut out);
-    forward(conn, &mut upstream, &mut out).await;
-    let size = receiver.content_bytes();
+    resolve_data_reply(conn, &mut upstream).await;
     let result = match upstream {
-        UpstreamData::Open => conn.read_reply(UpstreamStage::Final).await,
+        UpstreamData::Open => finish_data(conn, envelope, &out, size, started).await,
         UpstreamData::Refused(reply) => {
             tracing::debug!("{}: server refused data transfer", conn.id);
-            Ok(reply)
+            send_final_reply(conn, &reply).await;
+            Ok(Outcome::from_reply(&reply, size, started))
         }
-        UpstreamData::Failed(fatal) => Err(fatal),
-        // forward() has read the reply to DATA by now; this only keeps the match whole.
-        UpstreamData::Pending => Err(Fatal::Upstream("no reply to DATA".into())),
+        UpstreamData::Failed(fatal) => {
+            // The upstream's answer is unknown: a temporary failure lets the client retry.
+            let _ = conn.send_client(REPLY_LOCAL_ERROR).await;
+            Err(fatal)
+        }
+        UpstreamData::Pending => unreachable!("resolved above"),
     };
     match result {
-        Ok(reply) => {
-            send_final_reply(conn, &reply).await;
-            let outcome = Outcome::from_reply(&reply, size, started);
+        Ok(outcome) => {
             observe::message(conn, envelope, outcome.unfiltered());
             Ok(())
         }
+        // Counted as abandoned already.
+        Err(Fatal::ClientGone) => Err(Fatal::ClientGone),
         Err(fatal) => {
-            // The upstream's answer is unknown: a temporary failure lets the client retry.
-            let _ = conn.send_client(REPLY_LOCAL_ERROR).await;
             let outcome =
                 Outcome::new(MessageVerdict::TempFailed, "FILTERED".into(), size, started);
             observe::message(conn, envelope, outcome.unfiltered());
@@ -516,10 +657,8 @@ async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
     }
 }
 
-/// Sends what is encoded so far upstream, first reading the upstream's reply to DATA if it
-/// is still due. Without an open upstream the bytes are dropped: the rest of the body is
-/// still read, so that the client gets its answer after its dot.
-async fn forward(conn: &mut Conn, upstream: &mut UpstreamData, out: &mut Vec<u8>) {
+/// Reads the upstream's reply to DATA if it is still due.
+async fn resolve_data_reply(conn: &mut Conn, upstream: &mut UpstreamData) {
     if matches!(upstream, UpstreamData::Pending) {
         *upstream = match conn.read_reply(UpstreamStage::Data).await {
             Ok(reply) if reply.code == 354 => UpstreamData::Open,
@@ -527,12 +666,31 @@ async fn forward(conn: &mut Conn, upstream: &mut UpstreamData, out: &mut Vec<u8>
             Err(e) => UpstreamData::Failed(e),
         };
     }
+}
+
+/// Sends what is encoded so far upstream, first reading the upstream's reply to DATA if it
+/// is still due. Without an open upstream the bytes are dropped: the rest of the body is
+/// still read, so that the client gets its answer after its dot.
+async fn forward(conn: &mut Conn, upstream: &mut UpstreamData, out: &[u8]) {
+    resolve_data_reply(conn, upstream).await;
     if matches!(upstream, UpstreamData::Open) && !out.is_empty() {
         if let Err(e) = conn.send_upstream(out, UpstreamStage::Data).await {
             *upstream = UpstreamData::Failed(e);
         }
     }
-    out.clear();
+}
+
+/// Reads more of the body before its deadline.
+async fn read_body(conn: &mut Conn, deadline: &mut DataDeadline) -> Result<(), Fatal> {
+    let due = tokio::time::Instant::from_std(deadline.due());
+    match tokio::time::timeout_at(due, read_more(conn)).await {
+        Ok(Ok(n)) if n > 0 => {
+            deadline.received(Instant::now(), n);
+            Ok(())
+        }
+        Ok(_) => Err(client_left(conn)),
+        Err(_) => Err(Fatal::ClientTimeout),
+    }
 }
 
 /// `Skip: authenticated`: the body goes straight upstream, re-encoded so that nothing but
@@ -546,6 +704,7 @@ async fn passthrough(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> 
         return Ok(());
     }
     let mut receiver = DataReceiver::new();
+    let mut deadline = data_deadline(conn);
     let mut encoder = WireEncoder::new(HeaderPlacement::None);
     let mut content = Vec::with_capacity(WRITE_CHUNK);
     let mut out = Vec::with_capacity(WRITE_CHUNK * 2);
@@ -558,39 +717,28 @@ async fn passthrough(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> 
             break;
         }
         if out.len() >= WRITE_CHUNK || conn.client_buf.is_empty() {
-            conn.send_upstream(&out, UpstreamStage::Data).await?;
+            if receiver.nul_bytes() == 0 {
+                conn.send_upstream(&out, UpstreamStage::Data).await?;
+            }
             out.clear();
         }
         // No keepalives here: a NOOP would become part of the message.
-        let deadline = conn.settings.timeout;
-        match tokio::time::timeout(deadline, read_more(conn)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            Ok(_) => return Err(Fatal::ClientGone),
-            Err(_) => return Err(Fatal::ClientTimeout),
-        }
+        read_body(conn, &mut deadline).await?;
+    }
+    let size = receiver.content_bytes();
+    if receiver.nul_bytes() > 0 {
+        refuse_nul(conn, envelope, size, started).await?;
+        return Err(Fatal::Upstream(
+            "message with NUL octets: upstream connection closed in DATA".into(),
+        ));
     }
     encoder.finish(&mut out);
-    conn.send_upstream(&out, UpstreamStage::Data).await?;
-    let size = receiver.content_bytes();
-    match conn.read_reply(UpstreamStage::Final).await {
-        Ok(reply) => {
-            conn.send_client(&reply.raw()).await?;
-            observe::message(
-                conn,
-                envelope,
-                Outcome::from_reply(&reply, size, started).skipped(),
-            );
-            Ok(())
-        }
-        Err(e) => {
-            let _ = conn.send_client(REPLY_LOCAL_ERROR).await;
-            Err(e)
-        }
-    }
+    let outcome = finish_data(conn, envelope, &out, size, started).await?;
+    observe::message(conn, envelope, outcome.skipped());
+    Ok(())
 }
 
 async fn read_more(conn: &mut Conn) -> std::io::Result<usize> {
-    use tokio::io::AsyncReadExt;
     conn.client_buf.reserve(READ_BUFFER);
     conn.client.read_buf(&mut conn.client_buf).await
 }
