@@ -290,8 +290,14 @@ fn client_sends_nul_bytes_bare_cr_lf_and_invalid_utf8() {
         }
         drop(c);
         let mut attempts = Vec::new();
-        let bodies: [(&str, &[u8]); 3] = [
-            ("nul", b"a NUL \0 here\r\n\0\0\0\r\n"),
+        // A body with NUL octets is refused after its dot (a receiver that drops NULs
+        // would see `CRLF NUL . CRLF` as the end of the data); the session goes on.
+        let id = s.watch.id("fault-nul");
+        let content = tagged_message(&id, b"a NUL \0 here\r\n\0\0\0\r\n");
+        let (a, _) = send_content(&mut s, &id, &content);
+        assert_eq!(a.final_code(), Some(554), "nul: {a:?}");
+        attempts.push(a);
+        let bodies: [(&str, &[u8]); 2] = [
             ("utf8", b"bad \xff\xfe \xc3\x28 bytes\r\n"),
             ("bare", b"bare\rCR and bare\nLF\r\nand \r\r\n\n end\r\n"),
         ];

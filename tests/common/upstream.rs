@@ -27,6 +27,8 @@ pub struct Reply {
     wire: Option<Vec<u8>>,
     delay: Duration,
     close: bool,
+    /// Bytes sent on their own after a pause, whatever the peer does meanwhile.
+    later: Option<(Duration, Vec<u8>)>,
 }
 
 impl Reply {
@@ -55,8 +57,8 @@ impl Reply {
     pub fn close() -> Reply {
         Reply {
             wire: None,
-            delay: Duration::ZERO,
             close: true,
+            ..Reply::default()
         }
     }
 
@@ -67,6 +69,13 @@ impl Reply {
 
     pub fn delay(mut self, d: Duration) -> Reply {
         self.delay = d;
+        self
+    }
+
+    /// After the reply, sends `bytes` on their own once `after` has passed (an early or
+    /// unsolicited reply while the peer is still sending).
+    pub fn and_later(mut self, after: Duration, bytes: &[u8]) -> Reply {
+        self.later = Some((after, bytes.to_vec()));
         self
     }
 
@@ -142,6 +151,9 @@ pub struct Session {
     pub closed_at: Option<Instant>,
     /// The proxy closed the connection (we read EOF) rather than we.
     pub peer_closed: bool,
+    /// The command lines after which the proxy sent more before getting our reply (it
+    /// pipelined, or talked before the greeting: `BANNER`).
+    pub sent_before_reply: Vec<String>,
     txn_from: Option<Vec<u8>>,
     txn_rcpts: Vec<Vec<u8>>,
     counts: HashMap<String, usize>,
@@ -157,6 +169,7 @@ impl Session {
             opened_at: Instant::now(),
             closed_at: None,
             peer_closed: false,
+            sent_before_reply: Vec::new(),
             txn_from: None,
             txn_rcpts: Vec::new(),
             counts: HashMap::new(),
@@ -741,6 +754,20 @@ impl LineReader {
         }
     }
 
+    /// Whether the peer has sent bytes not read as a line yet (looked at without waiting).
+    fn has_unread(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        if self.pos < self.buf.len() {
+            return true;
+        }
+        let fd = match &self.conn {
+            Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Unix(s) => s.as_raw_fd(),
+        };
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        matches!(nix::sys::socket::recv(fd, &mut [0u8; 1], flags), Ok(n) if n > 0)
+    }
+
     fn unread(&mut self, bytes: &[u8]) {
         let mut v = bytes.to_vec();
         v.extend_from_slice(&self.buf[self.pos..]);
@@ -791,7 +818,7 @@ impl Worker {
         let banner = self
             .scripted("BANNER", b"")
             .unwrap_or_else(|| self.script.banner.clone());
-        if !self.perform(&banner) {
+        if !self.perform_for(b"BANNER", &banner) {
             return false;
         }
         loop {
@@ -831,10 +858,24 @@ impl Worker {
         })
     }
 
-    /// Sends a reply; false if the connection must end.
-    fn perform(&mut self, r: &Reply) -> bool {
+    /// Sends a reply to `what` (a command line, or `BANNER`); false if the connection must
+    /// end.
+    fn perform_for(&mut self, what: &[u8], r: &Reply) -> bool {
         if !r.delay.is_zero() {
             thread::sleep(r.delay);
+        }
+        if r.wire.is_some() && self.reader.has_unread() {
+            let what = String::from_utf8_lossy(what).trim_end().to_string();
+            self.with_session(|s| s.sent_before_reply.push(what));
+        }
+        if let Some((after, bytes)) = &r.later {
+            if let Ok(mut out) = self.out.try_clone() {
+                let (after, bytes) = (*after, bytes.clone());
+                thread::spawn(move || {
+                    thread::sleep(after);
+                    let _ = out.write_all(&bytes);
+                });
+            }
         }
         if let Some(w) = &r.wire {
             self.shared.update(|s| {
@@ -884,7 +925,7 @@ impl Worker {
             _ => "502 5.5.2 Error: command not recognized".into(),
         };
         let reply = scripted.unwrap_or_else(|| Reply::text(&default));
-        if !self.perform(&reply) {
+        if !self.perform_for(line, &reply) {
             return Flow::Stop;
         }
         let positive = reply.first_digit() == Some(b'2');
@@ -980,10 +1021,13 @@ impl Worker {
             s.txn_from = None;
             s.txn_rcpts.clear();
         });
-        if self.perform(&Reply {
-            delay: Duration::ZERO,
-            ..reply
-        }) {
+        if self.perform_for(
+            b"DATA_END",
+            &Reply {
+                delay: Duration::ZERO,
+                ..reply
+            },
+        ) {
             Flow::Continue
         } else {
             Flow::Stop
