@@ -8,7 +8,6 @@
 #              the scanners of examples/filters/ (tests/scanners.rs starts its own spamd
 #              and clamd on loopback; the packages' services and freshclam never run)
 set -euo pipefail
-services=(postfix prometheus prometheus-node-exporter spamd spamassassin clamav-daemon clamav-freshclam)
 need=()
 for pkg in proxsmtp postfix swaks prometheus python3 procps iproute2 iptables \
            spamd spamc clamav-daemon clamdscan; do
@@ -33,8 +32,13 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 # The packages' own daemons are not wanted: tests start what they need on loopback.
-# freshclam in particular must never try to download a virus database.
-for svc in "${services[@]}"; do
+for svc in postfix prometheus prometheus-node-exporter; do
+    service "$svc" stop >/dev/null 2>&1 || true
+done
+# The scanners' services are stopped and kept from starting at boot; nothing may download a
+# virus database (freshclam) or rules (sa-update, run by spamassassin-maintenance).
+for svc in spamd spamassassin clamav-daemon clamav-freshclam \
+           clamav-freshclam-once.timer spamassassin-maintenance.timer; do
     service "$svc" stop >/dev/null 2>&1 || true
     if [ -d /run/systemd/system ]; then
         systemctl disable --now "$svc" >/dev/null 2>&1 || true
