@@ -4,14 +4,28 @@
 #   postfix    smtp-sink / smtp-source, a real MTA as upstream and load client (not started)
 #   swaks      a real SMTP client (with --pipelining)
 #   prometheus promtool and a real Prometheus server
+#   spamd spamc clamav-daemon clamdscan
+#              the scanners of examples/filters/ (tests/scanners.rs starts its own spamd
+#              and clamd on loopback; the packages' services and freshclam never run)
 set -euo pipefail
 need=()
-for pkg in proxsmtp postfix swaks prometheus python3 procps iproute2 iptables; do
+for pkg in proxsmtp postfix swaks prometheus python3 procps iproute2 iptables \
+           spamd spamc clamav-daemon clamdscan; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # No package may start its daemon while being installed (invoke-rc.d asks policy-rc.d;
+    # 101 = action forbidden). An existing policy is left as it is.
+    policy=/usr/sbin/policy-rc.d
+    own_policy=
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy"
+        chmod 0755 "$policy"
+        own_policy=1
+    fi
+    trap '[ -z "$own_policy" ] || rm -f "$policy"' EXIT
     apt-get update -qq
     # Postfix must not ask questions nor start: it is only used as tools and test peers.
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
@@ -20,4 +34,15 @@ fi
 # The packages' own daemons are not wanted: tests start what they need on loopback.
 for svc in postfix prometheus prometheus-node-exporter; do
     service "$svc" stop >/dev/null 2>&1 || true
+done
+# The scanners' services are stopped and kept from starting at boot; nothing may download a
+# virus database (freshclam) or rules (sa-update, run by spamassassin-maintenance).
+for svc in spamd spamassassin clamav-daemon clamav-freshclam \
+           clamav-freshclam-once.timer spamassassin-maintenance.timer; do
+    service "$svc" stop >/dev/null 2>&1 || true
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    else
+        update-rc.d "$svc" disable >/dev/null 2>&1 || true
+    fi
 done
