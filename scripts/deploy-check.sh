@@ -12,8 +12,10 @@
 #              templates must refuse
 #   kustomize  kubectl kustomize k8s/base and k8s/examples/*, validated and checked the same way
 #   image      hadolint on the Dockerfile (building the image: scripts/image-build.sh)
-#   alerts     promtool check rules; dashboards and rules use only contract metrics; the
-#              chart's copies are identical to dashboards/ and deploy/alerts/
+#   alerts     promtool check rules; promtool test rules (deploy/alerts/tests/: each alert
+#              fires and stays silent when it should); dashboards and rules use only contract
+#              metrics; every alert has a runbook_url into docs/runbook.md; the chart's copies
+#              are identical to dashboards/ and deploy/alerts/
 #   live       a real Prometheus scrapes a running proxsmtpd under scripted traffic, then every
 #              dashboard query and alert rule is evaluated over its HTTP API
 #              (deploy/check/live-metrics.sh)
@@ -87,6 +89,8 @@ check "chart copies identical to dashboards/ and deploy/alerts/" deploy/sync-cha
 check "dashboard JSON structure, contract metrics only" "$PY" deploy/check/static_checks.py dashboard dashboards/*.json
 check "alert rules: contract metrics, severity, summary, description" "$PY" deploy/check/static_checks.py rules deploy/alerts/*.yaml
 for r in deploy/alerts/*.yaml; do check "promtool check rules $r" promtool check rules "$r"; done
+# every alert fires when it should and stays silent when it should not
+for t in deploy/alerts/tests/*.yaml; do check "promtool test rules $t" promtool test rules "$t"; done
 
 # --- Helm chart ---------------------------------------------------------------------------
 echo "== helm chart"

@@ -13,7 +13,7 @@ target.
 
 Rules (Prometheus rule files): every expression must evaluate without error. An alert's
 expression is empty whenever the alert is not firing, so its signal, the expression with the
-comparisons against numbers removed, must be non-empty. Rules loaded into Prometheus
+comparisons against numbers removed (and absent(X) read as X), must be non-empty. Rules loaded into Prometheus
 itself (rule_files) must report health "ok". Alert states are printed for information.
 
 Usage: promql_check.py --url http://127.0.0.1:9090 --start UNIX --end UNIX
@@ -64,6 +64,21 @@ class Report:
         else:
             self.failed += 1
         print(f"{'PASS' if ok else 'FAIL'} {what}{': ' + detail if detail else ''}")
+
+
+def unwrap_absent(expr):
+    """absent(X) is empty whenever X exists, which is when the alert should not fire: its
+    signal is X itself."""
+    while True:
+        i = expr.find("absent(")
+        if i < 0 or (i > 0 and (expr[i - 1].isalnum() or expr[i - 1] == "_")):
+            return expr
+        depth, j = 0, i + len("absent")
+        for j in range(i + len("absent"), len(expr)):
+            depth += {"(": 1, ")": -1}.get(expr[j], 0)
+            if depth == 0:
+                break
+        expr = expr[:i] + expr[i + len("absent("):j] + expr[j + 1:]
 
 
 def result_size(resp):
@@ -157,7 +172,7 @@ def check_rules(prom, path, args, report):
             if full.get("status") != "success":
                 report(False, f"{fname} {name}", f"error {full.get('error')}")
                 continue
-            signal = COMPARISON.sub("", expr)
+            signal = unwrap_absent(COMPARISON.sub("", expr))
             sig = prom.instant(signal, args.end)
             if sig.get("status") != "success":
                 report(False, f"{fname} {name} signal", f"error {sig.get('error')} in {signal}")

@@ -28,6 +28,11 @@ CONTRACT = {
     "proxsmtpd_replies_total", "proxsmtpd_config_reloads_total", "proxsmtpd_draining",
     "proxsmtpd_tls_sessions_total", "proxsmtpd_tls_handshake_failures_total",
     "proxsmtpd_tls_certificate_reloads_total",
+    # added with "the operator's day": the connection limit, the reload state, the upstream
+    # reply latency by stage and the certificate's expiry
+    "proxsmtpd_max_connections", "proxsmtpd_config_last_reload_successful",
+    "proxsmtpd_config_last_reload_success_timestamp_seconds", "proxsmtpd_upstream_reply_duration_seconds",
+    "proxsmtpd_tls_certificate_expiry_timestamp_seconds",
 }
 METRIC = re.compile(r"\b(proxsmtpd_[a-z_]+?)(?:_bucket|_sum|_count)?\b(?!\s*\()")
 
