@@ -12,8 +12,10 @@
 #              templates must refuse
 #   kustomize  kubectl kustomize k8s/base and k8s/examples/*, validated and checked the same way
 #   image      hadolint on the Dockerfile (building the image: scripts/image-build.sh)
-#   alerts     promtool check rules; dashboards and rules use only contract metrics; the
-#              chart's copies are identical to dashboards/ and deploy/alerts/
+#   alerts     promtool check rules; promtool test rules (deploy/alerts/tests/: each alert
+#              fires and stays silent when it should); dashboards and rules use only contract
+#              metrics; every alert has a runbook_url into docs/runbook.md; the chart's copies
+#              are identical to dashboards/ and deploy/alerts/
 #   live       a real Prometheus scrapes a running proxsmtpd under scripted traffic, then every
 #              dashboard query and alert rule is evaluated over its HTTP API
 #              (deploy/check/live-metrics.sh)
@@ -87,6 +89,8 @@ check "chart copies identical to dashboards/ and deploy/alerts/" deploy/sync-cha
 check "dashboard JSON structure, contract metrics only" "$PY" deploy/check/static_checks.py dashboard dashboards/*.json
 check "alert rules: contract metrics, severity, summary, description" "$PY" deploy/check/static_checks.py rules deploy/alerts/*.yaml
 for r in deploy/alerts/*.yaml; do check "promtool check rules $r" promtool check rules "$r"; done
+# every alert fires when it should and stays silent when it should not
+for t in deploy/alerts/tests/*.yaml; do check "promtool test rules $t" promtool test rules "$t"; done
 
 # --- Helm chart ---------------------------------------------------------------------------
 echo "== helm chart"
@@ -112,13 +116,22 @@ yaml.safe_dump({"groups": [g for d in docs for g in d["spec"]["groups"]]}, open(
 EOF
 }
 check "chart README lists every value" "$PY" deploy/check/static_checks.py values-doc "$CHART"
+check "values.schema.json: a description on every key" "$PY" deploy/check/static_checks.py schema-descriptions "$CHART/values.schema.json"
+# the ConfigMaps that ci/*existing-configmaps*.yaml names, as the chart itself would render them
+check "render the stand-ins of existing ConfigMaps" to_file "$W/existing-configmaps.yaml" "$HELM" template x "$CHART" \
+  -f "$CHART/ci/standalone-minimal.yaml" --set fullnameOverride=mail-proxy -s templates/configmap.yaml -s templates/filters-configmap.yaml
 for values in default "$CHART"/ci/*.yaml; do
-  name=$(basename "$values" .yaml); args=(); [ "$values" = default ] || args=(-f "$values")
-  out="$W/render-$name.yaml" tls=$(tls_of "$values")
+  # the defaults plus upstream.host, which standalone mode requires
+  name=$(basename "$values" .yaml); args=(--set upstream.host=mail.example.org); [ "$values" = default ] || args=(-f "$values")
+  out="$W/render-$name.yaml" tls=$(tls_of "$values") extra=()
+  case "$name" in
+    sidecar-*) extra=(--persistent-queue /var/spool/postfix) ;;
+    *existing-configmaps*) extra=(--existing "$W/existing-configmaps.yaml") ;;
+  esac
   check "helm lint --strict [$name]" "$HELM" lint --strict "$CHART" "${args[@]}"
   if check "helm template [$name]" to_file "$out" "$HELM" template proxsmtpd "$CHART" -n mail "${args[@]}"; then
     check "strict schemas k8s 1.29+1.35 [$name] ($(grep -c '^kind:' "$out") objects)" "${VALIDATE[@]}" "$out"
-    check "pod checks [$name] ($(layout_of "$values")${tls:+ $tls})" "$PY" deploy/check/pod_checks.py "$out" "$(layout_of "$values")" ${tls:+"$tls"}
+    check "pod checks [$name] ($(layout_of "$values")${tls:+ $tls}${extra:+ ${extra[0]}})" "$PY" deploy/check/pod_checks.py "$out" "$(layout_of "$values")" ${tls:+"$tls"} "${extra[@]}"
     if prometheusrule_rules "$out" "$W/rules-$name.yaml" 2>/dev/null; then
       check "promtool check rules on the rendered PrometheusRule [$name]" promtool check rules "$W/rules-$name.yaml"
     fi
@@ -133,6 +146,13 @@ Listen: 0.0.0.0:25'
 refuse "sidecar mode without mail containers" "$HELM" template x "$CHART" --set mode=sidecar
 refuse "native sidecar on Kubernetes 1.28" "$HELM" template x "$CHART" -f "$CHART/ci/sidecar-native-postfix.yaml" --kube-version 1.28.0
 refuse "terminationGracePeriodSeconds below preStop + drain" "$HELM" template x "$CHART" --set terminationGracePeriodSeconds=20
+refuse "standalone without upstream.host" "$HELM" template x "$CHART"
+refuse "a PDB that blocks every drain (1 replica, minAvailable 1)" "$HELM" template x "$CHART" --set upstream.host=m --set replicaCount=1 --set pdb.enabled=true
+refuse "a PDB that blocks every drain (maxUnavailable 0)" "$HELM" template x "$CHART" --set upstream.host=m --set pdb.enabled=true --set pdb.maxUnavailable=0
+refuse "a PDB that blocks every drain (autoscaling minReplicas 2, minAvailable 2)" "$HELM" template x "$CHART" --set upstream.host=m --set autoscaling.enabled=true --set pdb.enabled=true --set pdb.minAvailable=2
+refuse "sidecar.persistence when no mail container mounts the volume" "$HELM" template x "$CHART" -f "$CHART/ci/sidecar-native-postfix.yaml" --set sidecar.persistence.volumeName=other
+refuse "sidecar.persistence.existingClaim with 2 replicas" "$HELM" template x "$CHART" -f "$CHART/ci/sidecar-plain-postfix.yaml" --set replicaCount=2
+refuse "schema refuses an unknown service.ipFamilies entry" "$HELM" template x "$CHART" --set upstream.host=m --set 'service.ipFamilies={IPv5}'
 refuse "FilterCommand naming a script that is not shipped" "$HELM" template x "$CHART" -f "$CHART/ci/standalone-minimal.yaml" --set filters.command=/etc/proxsmtpd/filters/missing.sh
 # TLS: an existing Secret only (no inline keys), and nothing that would stop the proxy
 TLS_ON=(--set tls.enabled=true --set tls.secretName=smtp-tls)
@@ -144,7 +164,7 @@ refuse "tls.implicitPort without a certificate" "$HELM" template x "$CHART" --se
 refuse "tls.implicitPort equal to service.port" "$HELM" template x "$CHART" "${TLS_ON[@]}" --set tls.implicitPort=25
 refuse "upstreamTls.caSecret while upstreamTls.mode is off" "$HELM" template x "$CHART" --set upstreamTls.caSecret=mail-ca
 refuse "upstreamTls.caSecret and caConfigMap together" "$HELM" template x "$CHART" --set upstreamTls.mode=required --set upstreamTls.caSecret=a --set upstreamTls.caConfigMap=b
-checksum_of() { "$HELM" template x "$CHART" -f "$CHART/ci/standalone-minimal.yaml" "$@" | sed -n 's/.*checksum\/config: //p'; }
+checksum_of() { "$HELM" template x "$CHART" -f "$CHART/ci/standalone-minimal.yaml" --set rollOnConfigChange=true "$@" | sed -n 's/.*checksum\/config: //p'; }
 checksum_changes() {
   local a b c
   a=$(checksum_of) b=$(checksum_of --set-string 'filters.scripts.check\.sh=#!/bin/sh
@@ -152,7 +172,75 @@ exec cat') c=$(checksum_of --set config.maxConnections=99)
   echo "base $a, script changed $b, setting changed $c"
   [ -n "$a" ] && [ "$a" != "$b" ] && [ "$a" != "$c" ]
 }
-check "checksum/config changes with a filter script or a setting" checksum_changes
+check "checksum/config changes with a filter script or a setting (rollOnConfigChange=true)" checksum_changes
+# pod_template VALUES-FILE [ARGS]: a hash of the rendered workload's pod template (what rolls pods)
+pod_template() {
+  "$HELM" template x "$CHART" -f "$@" | "$PY" -c '
+import hashlib, json, sys, yaml
+w = [d for d in yaml.safe_load_all(sys.stdin) if isinstance(d, dict) and d.get("kind") in ("Deployment", "StatefulSet")]
+print(hashlib.sha256(json.dumps(w[0]["spec"]["template"], sort_keys=True).encode()).hexdigest()[:16] if len(w) == 1 else "no-workload")'
+}
+# roll_on_config_change VALUES-FILE ON: with ON=false (and ReloadWatch on), a reloadable setting
+# and a filter script change leave the pod template as it was; with true, each changes it; a
+# setting read once at start (MaxConnections) changes it either way.
+roll_on_config_change() {
+  local f=$1 on=$2 base setting script restart
+  base=$(pod_template "$f" --set rollOnConfigChange="$on")
+  setting=$(pod_template "$f" --set rollOnConfigChange="$on" --set config.filterTimeout=77)
+  script=$(pod_template "$f" --set rollOnConfigChange="$on" --set-string 'filters.scripts.check\.sh=#!/bin/sh
+exec cat # changed')
+  restart=$(pod_template "$f" --set rollOnConfigChange="$on" --set config.maxConnections=99)
+  echo "pod template: base $base, FilterTimeout changed $setting, script changed $script, MaxConnections changed $restart"
+  [ "$base" != no-workload ] && [ "$restart" != "$base" ] || return 1
+  if [ "$on" = true ]; then [ "$setting" != "$base" ] && [ "$script" != "$base" ]
+  else [ "$setting" = "$base" ] && [ "$script" = "$base" ]; fi
+}
+for f in standalone-minimal sidecar-native-postfix; do
+  check "rollOnConfigChange=false: a changed setting or script leaves the pod template [$f]" roll_on_config_change "$CHART/ci/$f.yaml" false
+  check "rollOnConfigChange=true: a changed setting or script changes the pod template [$f]" roll_on_config_change "$CHART/ci/$f.yaml" true
+done
+rollout_default() {   # rollOnConfigChange null follows ReloadWatch
+  local a b
+  a=$(pod_template "$CHART/ci/standalone-minimal.yaml") b=$(pod_template "$CHART/ci/standalone-minimal.yaml" --set config.filterTimeout=77)
+  echo "ReloadWatch on: $a / $b"; [ "$a" = "$b" ] || return 1
+  a=$(pod_template "$CHART/ci/standalone-minimal.yaml" --set config.reloadWatch=false)
+  b=$(pod_template "$CHART/ci/standalone-minimal.yaml" --set config.reloadWatch=false --set config.filterTimeout=77)
+  echo "ReloadWatch off: $a / $b"; [ "$a" != "$b" ]
+}
+check "rollOnConfigChange default: off with ReloadWatch, on without" rollout_default
+# holds FILE PYTHON-EXPR...: each expression over the rendered objects must be true
+holds() { "$PY" deploy/check/render_asserts.py "$@"; }
+check "persistent queue: StatefulSet volumeClaimTemplate mounted at Postfix's queue [sidecar-native-postfix]" holds "$W/render-sidecar-native-postfix.yaml" \
+  'kind("StatefulSet") and not kind("Deployment")' \
+  '[t["metadata"]["name"] for t in kind("StatefulSet")[0]["spec"]["volumeClaimTemplates"]] == ["postfix-queue"]' \
+  '{"name": "postfix-queue", "mountPath": "/var/spool/postfix"} in container("postfix")["volumeMounts"]' \
+  'not any(v["name"] == "postfix-queue" for v in pod()["volumes"])'
+check "persistent queue: existing claim mounted at Postfix's queue, Recreate [sidecar-plain-postfix]" holds "$W/render-sidecar-plain-postfix.yaml" \
+  '[v["persistentVolumeClaim"]["claimName"] for v in pod()["volumes"] if v["name"] == "queue"] == ["postfix-queue"]' \
+  '{"name": "queue", "mountPath": "/var/spool/postfix"} in container("postfix")["volumeMounts"]' \
+  'kind("Deployment")[0]["spec"]["strategy"] == {"type": "Recreate"} and kind("Deployment")[0]["spec"]["replicas"] == 1'
+"$HELM" template x "$CHART" --set upstream.host=m > "$W/spread2.yaml" 2>&1
+"$HELM" template x "$CHART" --set upstream.host=m --set replicaCount=1 > "$W/spread1.yaml" 2>&1
+check "default topology spread over nodes and zones with 2 replicas" holds "$W/spread2.yaml" \
+  '[c["topologyKey"] for c in pod()["topologySpreadConstraints"]] == ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]'
+check "no default topology spread with 1 replica" holds "$W/spread1.yaml" '"topologySpreadConstraints" not in pod()'
+check "operator options rendered [standalone-operator]" holds "$W/render-standalone-operator.yaml" \
+  'all(d["metadata"]["labels"].get("team") == "mail" for d in docs)' \
+  '[c["name"] for c in pod()["containers"]] == ["proxsmtpd", "log-shipper"]' \
+  'pod()["securityContext"]["supplementalGroups"] == [4000] and pod()["securityContext"]["runAsUser"] == 20025' \
+  'container("proxsmtpd")["securityContext"]["seLinuxOptions"] == {"level": "s0:c123,c456"} and container("proxsmtpd")["securityContext"]["readOnlyRootFilesystem"] is True' \
+  '{"name": "PROXSMTPD_KEEP_ALIVES", "value": "15"} in container("proxsmtpd")["env"]' \
+  'obj("Service", "proxsmtpd")["spec"]["ipFamilyPolicy"] == "PreferDualStack" and obj("Service", "proxsmtpd")["spec"]["ipFamilies"] == ["IPv6", "IPv4"]' \
+  'obj("Service", "proxsmtpd")["spec"]["loadBalancerClass"] == "service.k8s.aws/nlb"' \
+  'kind("ServiceMonitor")[0]["metadata"]["namespace"] == "monitoring" and kind("PrometheusRule")[0]["metadata"]["namespace"] == "monitoring"' \
+  'all(r["annotations"]["runbook_url"].startswith("https://docs.example.org/proxsmtpd/runbook.html#") for r in alerts())' \
+  'any("job=\"proxsmtpd-metrics\", namespace=\"mail\"" in str(r["expr"]) for r in alerts())' \
+  '"checksum/config" in template()["metadata"]["annotations"]'
+check "helm test pod: the chart's image, an SMTP exchange with the Service [standalone-operator]" holds "$W/render-standalone-operator.yaml" \
+  '[p["metadata"]["annotations"]["helm.sh/hook"] for p in kind("Pod")] == ["test"]' \
+  'kind("Pod")[0]["spec"]["containers"][0]["image"] == container("proxsmtpd")["image"]' \
+  '{"name": "SMTP_HOST", "value": "proxsmtpd.mail.svc"} in kind("Pod")[0]["spec"]["containers"][0]["env"]' \
+  '"expect 250" in kind("Pod")[0]["spec"]["containers"][0]["args"][0]'
 
 # --- kustomize ----------------------------------------------------------------------------
 echo "== kustomize"
@@ -161,7 +249,8 @@ for dir in k8s/base k8s/examples/*/; do
   layout=standalone tls=--no-tls; [ "$dir" = k8s/base ] || layout=sidecar-native tls=--tls
   if check "kubectl kustomize $dir" to_file "$out" "$KUBECTL" kustomize "$dir"; then
     check "strict schemas k8s 1.29+1.35 [$dir] ($(grep -c '^kind:' "$out") objects)" "${VALIDATE[@]}" "$out"
-    check "pod checks [$dir] ($layout $tls)" "$PY" deploy/check/pod_checks.py "$out" "$layout" "$tls"
+    queue=(); [ "$dir" = k8s/base ] || queue=(--persistent-queue /var/spool/postfix)
+    check "pod checks [$dir] ($layout $tls${queue:+ ${queue[0]}})" "$PY" deploy/check/pod_checks.py "$out" "$layout" "$tls" "${queue[@]}"
   fi
 done
 

@@ -51,6 +51,8 @@ def main():
     tls_fail = {"client": 0, "upstream": 0}
     cert_reloads = {"success": 0, "failure": 0}
     filt, size = Histogram(FILTER_BUCKETS), Histogram(SIZE_BUCKETS)
+    reply = {s: Histogram(FILTER_BUCKETS) for s in ("greeting", "command", "data", "final")}
+    start = time.time()
     end = time.time() + seconds
     while True:
         for v, rate in VERDICTS.items():
@@ -76,9 +78,33 @@ def main():
         if rnd.random() < 0.1:
             c["refused"] += 1
         active = rnd.randint(1, 12)
+        for stage, h in reply.items():
+            for _ in range(int(5 * tick * 2 * rnd.random() + 1)):
+                h.observe(rnd.lognormvariate(-4, 1))
+        cpu = (time.time() - start) * 0.05
         lines = [
             "# HELP proxsmtpd_build_info Build information.", "# TYPE proxsmtpd_build_info gauge",
-            'proxsmtpd_build_info{version="0.1.0"} 1',
+            'proxsmtpd_build_info{version="0.1.0",revision="0000000"} 1',
+            "# HELP proxsmtpd_max_connections MaxConnections.", "# TYPE proxsmtpd_max_connections gauge",
+            "proxsmtpd_max_connections 64",
+            "# HELP proxsmtpd_config_last_reload_successful 1 after a successful reload or start.",
+            "# TYPE proxsmtpd_config_last_reload_successful gauge", "proxsmtpd_config_last_reload_successful 1",
+            "# HELP proxsmtpd_config_last_reload_success_timestamp_seconds Time of the last good load.",
+            "# TYPE proxsmtpd_config_last_reload_success_timestamp_seconds gauge",
+            f"proxsmtpd_config_last_reload_success_timestamp_seconds {start:.3f}",
+            "# HELP proxsmtpd_tls_certificate_expiry_timestamp_seconds Expiry of the served certificate.",
+            "# TYPE proxsmtpd_tls_certificate_expiry_timestamp_seconds gauge",
+            f"proxsmtpd_tls_certificate_expiry_timestamp_seconds {start + 60 * 86400:.0f}",
+            "# HELP proxsmtpd_upstream_reply_duration_seconds Upstream reply latency by stage.",
+            "# TYPE proxsmtpd_upstream_reply_duration_seconds histogram",
+            *[l.replace("{", f'{{stage="{st}",', 1) if "{" in l else l.replace(" ", f'{{stage="{st}"}} ', 1)
+              for st, h in reply.items() for l in h.lines("proxsmtpd_upstream_reply_duration_seconds")],
+            "# HELP process_cpu_seconds_total CPU time.", "# TYPE process_cpu_seconds_total counter",
+            f"process_cpu_seconds_total {cpu:.3f}",
+            "# HELP process_resident_memory_bytes RSS.", "# TYPE process_resident_memory_bytes gauge",
+            f"process_resident_memory_bytes {20e6 + rnd.random() * 1e6:.0f}",
+            "# HELP process_open_fds Open fds.", "# TYPE process_open_fds gauge", f"process_open_fds {20 + active}",
+            "# HELP process_max_fds Max fds.", "# TYPE process_max_fds gauge", "process_max_fds 1048576",
             "# HELP proxsmtpd_messages_total Messages by verdict.", "# TYPE proxsmtpd_messages_total counter",
             *[f'proxsmtpd_messages_total{{verdict="{v}"}} {n}' for v, n in msgs.items()],
             "# HELP proxsmtpd_filter_duration_seconds Filter run time.", "# TYPE proxsmtpd_filter_duration_seconds histogram",

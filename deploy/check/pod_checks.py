@@ -3,7 +3,7 @@
 
 Given one rendered manifest file (helm template or kubectl kustomize output) and the layout
 it must have, finds the workload whose pod runs the container "proxsmtpd" and checks:
-  layout     standalone: the proxy is the pod's only container; sidecar-native: it is an
+  layout     standalone: the proxy is a regular container (extraContainers may run next to it); sidecar-native: it is an
              initContainer with restartPolicy Always next to the mail container(s);
              sidecar-plain: a plain container next to them
   security   runAsNonRoot, allowPrivilegeEscalation false, drop ALL, seccomp RuntimeDefault,
@@ -14,8 +14,13 @@ it must have, finds the workload whose pod runs the container "proxsmtpd" and ch
              AdminListen match the container ports, AdminListen not on loopback (the kubelet
              probes the pod IP); TempDirectory is an emptyDir mount; FilterCommand, when it
              names a mounted file, exists in its ConfigMap, mounted with mode 0755
-  rollout    a checksum/config annotation on the pod template, or every mounted ConfigMap
-             with a kustomize content-hash name, so a config or script change rolls the pods
+  rollout    a config or script change reaches the proxy: ReloadWatch on (reloaded in place,
+             no restart of the mail containers), a checksum/config annotation on the pod
+             template, or every mounted ConfigMap with a kustomize content-hash name; with the
+             chart's ConfigMap, a checksum/restart-settings annotation for the settings read
+             once at start
+  queue      --persistent-queue DIR: a mail container mounts a PersistentVolumeClaim (or a
+             StatefulSet volumeClaimTemplate) at DIR, so deferred mail outlives the pod
   resources  cpu and memory requests, a memory limit
   env        PROXSMTPD_CONTAINER=on, no service-link variables
   service    a Service selects the pod and sends a port to the proxy's SMTP port
@@ -28,9 +33,12 @@ it must have, finds the workload whose pod runs the container "proxsmtpd" and ch
              UpstreamTlsVerify only with UpstreamTls on, verification off only towards
              loopback (an upstream in the same pod). --tls: TLS must be on;
              --no-tls: no TLS setting at all (STARTTLS stays refused)
+  --existing FILE: objects that exist in the cluster apart from the render (e.g. the
+             ConfigMaps that config.existingConfigMap and filters.existingConfigMap name)
 Prints one line per check; exit status 1 if any failed.
 
 Usage: pod_checks.py FILE standalone|sidecar-native|sidecar-plain [--tls|--no-tls]
+                     [--existing FILE] [--persistent-queue DIR]
 """
 import re
 import sys
@@ -152,8 +160,19 @@ def check_tls(c, settings, expect, ctr, pod, mounts, volumes, ports, services):
 
 
 def main():
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    flags = [a for a in sys.argv[1:] if a.startswith("--")]
+    argv, existing, queue = sys.argv[1:], [], None
+    while "--existing" in argv[:-1] or "--persistent-queue" in argv[:-1]:
+        for opt in ("--existing", "--persistent-queue"):
+            if opt in argv[:-1]:
+                i = argv.index(opt)
+                value = argv[i + 1]
+                del argv[i:i + 2]
+                if opt == "--existing":
+                    existing.append(value)
+                else:
+                    queue = value.rstrip("/")
+    args = [a for a in argv if not a.startswith("--")]
+    flags = [a for a in argv if a.startswith("--")]
     if (len(args) != 2 or args[1] not in ("standalone", "sidecar-native", "sidecar-plain")
             or any(f not in ("--tls", "--no-tls") for f in flags) or len(flags) > 1):
         print(__doc__.split("Usage: ")[1].strip(), file=sys.stderr)
@@ -162,7 +181,8 @@ def main():
     expect = {"--tls": "on", "--no-tls": "off"}.get(flags[0] if flags else "", "any")
     docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if isinstance(d, dict)]
     c = Checker(f"{path.rsplit('/', 1)[-1]} [{layout}]")
-    configmaps = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ConfigMap"}
+    outside = [d for f in existing for d in yaml.safe_load_all(open(f, encoding="utf-8")) if isinstance(d, dict)]
+    configmaps = {d["metadata"]["name"]: d for d in docs + outside if d.get("kind") == "ConfigMap"}
     workloads = [d for d in docs if d.get("kind") in ("Deployment", "StatefulSet", "DaemonSet")]
 
     found = []
@@ -181,7 +201,9 @@ def main():
 
     # --- layout ---
     if layout == "standalone":
-        c.check(where == "containers" and not others, "standalone: the proxy is the only container")
+        c.check(where == "containers" and not pod.get("initContainers"),
+                f"standalone: the proxy is a regular container, no init containers"
+                + (f" (extra containers: {[x['name'] for x in others]})" if others else ""))
     elif layout == "sidecar-native":
         c.check(where == "initContainers" and ctr.get("restartPolicy") == "Always",
                 "native sidecar: initContainer with restartPolicy Always")
@@ -282,13 +304,37 @@ def main():
     c.check(grace >= (sleep or 0) + drain + 1,
             f"terminationGracePeriodSeconds {grace} >= preStop {sleep} + DrainTimeout {drain} + margin")
 
-    # --- rollout on config change ---
-    checksum = (tmpl.get("metadata", {}).get("annotations") or {}).get("checksum/config", "")
+    # --- a config change reaches the proxy: reloaded in place, or the pods roll ---
+    annotations = tmpl.get("metadata", {}).get("annotations") or {}
+    checksum = annotations.get("checksum/config", "")
     cm_volumes = [v["configMap"]["name"] for v in volumes.values() if "configMap" in v]
     ours = [n for n in cm_volumes if n in configmaps]
     hashed = ours and all(re.search(r"-[a-z0-9]{10}$", n) for n in ours)
-    c.check(bool(re.fullmatch(r"[0-9a-f]{64}", checksum)) or hashed,
-            "config change rolls the pods (checksum/config annotation or kustomize hash-named ConfigMaps)")
+    reload_watch = str(effective_settings(conf, env).get("reloadwatch", "on")).lower() in ("on", "yes", "true", "1")
+    how = ("ReloadWatch on: reloaded in place" if reload_watch else None) or \
+          ("checksum/config annotation" if re.fullmatch(r"[0-9a-f]{64}", checksum) else None) or \
+          ("kustomize hash-named ConfigMaps" if hashed else None)
+    c.check(how is not None, f"a config or filter change reaches the proxy ({how or 'no reload, no roll'})")
+    rendered_cm = any(d.get("kind") == "ConfigMap" and d["metadata"]["name"] in cm_volumes for d in docs)
+    if rendered_cm and not hashed and "helm.sh/chart" in (tmpl.get("metadata", {}).get("labels") or {}):
+        c.check(bool(re.fullmatch(r"[0-9a-f]{64}", annotations.get("checksum/restart-settings", "")
+                                  or checksum)),
+                "settings read once at start roll the pods (checksum/restart-settings or checksum/config)")
+
+    # --- a persistent mail queue ---
+    if queue:
+        claims = {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates") or []}
+        found_q = []
+        for x in others:
+            for m in x.get("volumeMounts") or []:
+                if m.get("mountPath", "").rstrip("/") == queue:
+                    v = volumes.get(m["name"])
+                    kind = ("volumeClaimTemplate" if m["name"] in claims and v is None else
+                            f"claim {(v or {}).get('persistentVolumeClaim', {}).get('claimName')}"
+                            if "persistentVolumeClaim" in (v or {}) else None)
+                    found_q.append((x["name"], m["name"], kind))
+        c.check(bool(found_q) and all(k for _, _, k in found_q),
+                f"the mail queue {queue} is persistent ({found_q or 'not mounted by a mail container'})")
 
     # --- resources ---
     res = ctr.get("resources") or {}

@@ -13,7 +13,7 @@ target.
 
 Rules (Prometheus rule files): every expression must evaluate without error. An alert's
 expression is empty whenever the alert is not firing, so its signal, the expression with the
-comparisons against numbers removed, must be non-empty. Rules loaded into Prometheus
+comparisons against numbers removed (and absent(X) read as X), must be non-empty. Rules loaded into Prometheus
 itself (rule_files) must report health "ok". Alert states are printed for information.
 
 Usage: promql_check.py --url http://127.0.0.1:9090 --start UNIX --end UNIX
@@ -27,6 +27,10 @@ import sys
 import urllib.parse
 import urllib.request
 
+# Series of other exporters a dashboard may show next to proxsmtpd's (kube-state-metrics: the
+# container's memory limit). The Prometheus of this check scrapes only proxsmtpd, so a target
+# made only of these may be empty here; a syntax or evaluation error still fails.
+EXTERNAL = {"kube_pod_container_resource_limits"}
 COMPARISON = re.compile(r"\s*(?:==|!=|>=|<=|>|<)\s*(?:bool\s+)?[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
@@ -64,6 +68,21 @@ class Report:
         else:
             self.failed += 1
         print(f"{'PASS' if ok else 'FAIL'} {what}{': ' + detail if detail else ''}")
+
+
+def unwrap_absent(expr):
+    """absent(X) is empty whenever X exists, which is when the alert should not fire: its
+    signal is X itself."""
+    while True:
+        i = expr.find("absent(")
+        if i < 0 or (i > 0 and (expr[i - 1].isalnum() or expr[i - 1] == "_")):
+            return expr
+        depth, j = 0, i + len("absent")
+        for j in range(i + len("absent"), len(expr)):
+            depth += {"(": 1, ")": -1}.get(expr[j], 0)
+            if depth == 0:
+                break
+        expr = expr[:i] + expr[i + len("absent("):j] + expr[j + 1:]
 
 
 def result_size(resp):
@@ -124,6 +143,7 @@ def check_dashboard(prom, path, args, report):
     report(len(ids) == len(set(ids)) and None not in ids, f"{fname}: panel ids unique", f"{len(ids)} panels")
     known = set(prom.get("/api/v1/label/__name__/values", {}).get("data") or [])
     values = resolve_variables(prom, dash, args.rate_interval, report, fname)
+    check_annotations(prom, path, dash, values, args, report)
     for panel in panels_of(dash):
         for t in panel.get("targets", []):
             what = f"{fname} panel {panel.get('id')} \"{panel.get('title')}\" {t.get('refId')}"
@@ -137,11 +157,37 @@ def check_dashboard(prom, path, args, report):
             errors = [r.get("error") for r in (inst, rng) if r.get("status") != "success"]
             if errors:
                 report(False, what, f"error {errors[0]} in {expr}")
+            elif (result_size(inst) == 0 or result_size(rng) == 0) and external_only(expr):
+                report(True, what, "evaluates; empty here (series of another exporter: "
+                       + ", ".join(sorted(EXTERNAL & set(re.findall(r"\b([a-z_]+)\{", expr)))) + ")")
             elif result_size(inst) == 0 or result_size(rng) == 0:
                 hint = f" (metrics not exported: {', '.join(missing)})" if missing else ""
                 report(False, what, f"empty result (instant {result_size(inst)}, range {result_size(rng)}){hint}: {expr}")
             else:
                 report(True, what, f"{result_size(inst)} series")
+
+
+def external_only(expr):
+    names = set(re.findall(r"\b([a-zA-Z_:][\w:]*)\s*\{", expr))
+    return bool(names) and names <= EXTERNAL
+
+
+def check_annotations(prom, path, dash, values, args, report):
+    """Annotation queries (reloads, drains): they must evaluate; their signal (comparisons
+    removed) must have data, as for alert rules."""
+    fname = path.rsplit("/", 1)[-1]
+    for a in dash.get("annotations", {}).get("list", []):
+        if not a.get("expr"):
+            continue
+        expr = substitute(a["expr"], values, args.rate_interval)
+        rng = prom.range(expr, args.start, args.end, args.step)
+        if rng.get("status") != "success":
+            report(False, f"{fname} annotation {a.get('name')}", f"error {rng.get('error')} in {expr}")
+            continue
+        sig = prom.range(COMPARISON.sub("", expr), args.start, args.end, args.step)
+        ok = sig.get("status") == "success" and result_size(sig) > 0
+        report(ok, f"{fname} annotation {a.get('name')}",
+               f"signal has {result_size(sig)} series, {result_size(rng)} marking" if ok else f"empty signal: {expr}")
 
 
 def check_rules(prom, path, args, report):
@@ -157,7 +203,7 @@ def check_rules(prom, path, args, report):
             if full.get("status") != "success":
                 report(False, f"{fname} {name}", f"error {full.get('error')}")
                 continue
-            signal = COMPARISON.sub("", expr)
+            signal = unwrap_absent(COMPARISON.sub("", expr))
             sig = prom.instant(signal, args.end)
             if sig.get("status") != "success":
                 report(False, f"{fname} {name} signal", f"error {sig.get('error')} in {signal}")

@@ -6,7 +6,11 @@
                                inside the 24-column grid, every target has a datasource and
                                an expression, only metrics of the operational contract
   rules FILE...                alert rules use only metrics of the operational contract, and
-                               every alert has a severity label, a summary and a description
+                               every alert has a severity label, a summary, a description and
+                               a runbook_url whose section exists in docs/runbook.md
+  schema-descriptions SCHEMA   every key of a values.schema.json (properties at any depth,
+                               definitions included) has a non-empty description, and so has
+                               every definition
 Exit status 1 on the first failing subcommand's problems (all of them are printed).
 """
 import json
@@ -24,12 +28,50 @@ CONTRACT = {
     "proxsmtpd_replies_total", "proxsmtpd_config_reloads_total", "proxsmtpd_draining",
     "proxsmtpd_tls_sessions_total", "proxsmtpd_tls_handshake_failures_total",
     "proxsmtpd_tls_certificate_reloads_total",
+    # added with "the operator's day": the connection limit, the reload state, the upstream
+    # reply latency by stage and the certificate's expiry
+    "proxsmtpd_max_connections", "proxsmtpd_config_last_reload_successful",
+    "proxsmtpd_config_last_reload_success_timestamp_seconds", "proxsmtpd_upstream_reply_duration_seconds",
+    "proxsmtpd_tls_certificate_expiry_timestamp_seconds",
 }
 METRIC = re.compile(r"\b(proxsmtpd_[a-z_]+?)(?:_bucket|_sum|_count)?\b(?!\s*\()")
 
 
 def metrics_in(expr):
     return {m for m in METRIC.findall(expr)}
+
+
+def schema_descriptions(path):
+    with open(path, encoding="utf-8") as f:
+        schema = json.load(f)
+    problems, n = [], 0
+
+    def walk(node, where):
+        nonlocal n
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{where}[{i}]")
+            return
+        if not isinstance(node, dict):
+            return
+        for key, sub in (node.get("properties") or {}).items():
+            n += 1
+            if not isinstance(sub, dict) or not str(sub.get("description", "")).strip():
+                problems.append(f"{path}: {where}.properties.{key} has no description")
+        for key, sub in node.items():
+            if key == "properties" and isinstance(sub, dict):
+                for k, v in sub.items():
+                    walk(v, f"{where}.{k}")
+            elif key == "definitions" and isinstance(sub, dict):
+                for k, v in sub.items():
+                    n += 1
+                    if not str((v or {}).get("description", "")).strip():
+                        problems.append(f"{path}: definition {k} has no description")
+                    walk(v, f"definitions.{k}")
+            elif isinstance(sub, (dict, list)):
+                walk(sub, f"{where}.{key}")
+    walk(schema, "$")
+    return problems, f"{n} keys and definitions"
 
 
 FREE_FORM = {"resources", "updateStrategy"}   # Kubernetes objects, documented as a whole
@@ -101,6 +143,19 @@ def dashboard(files):
     return problems, f"{n} queries"
 
 
+def runbook_anchors():
+    """GitHub-style anchors of the headings of docs/runbook.md (next to deploy/)."""
+    import os
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    try:
+        with open(os.path.join(root, "docs", "runbook.md"), encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return set()
+    heads = re.findall(r"^#{1,6}\s+(.*?)\s*$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in heads}
+
+
 def rules(files):
     problems, n = [], 0
     for path in files:
@@ -116,19 +171,25 @@ def rules(files):
                 if r.get("alert"):
                     if not (r.get("labels") or {}).get("severity"):
                         problems.append(f"{path}: {name} has no severity label")
-                    for a in ("summary", "description"):
+                    for a in ("summary", "description", "runbook_url"):
                         if not (r.get("annotations") or {}).get(a):
                             problems.append(f"{path}: {name} has no {a} annotation")
+                    url = (r.get("annotations") or {}).get("runbook_url", "")
+                    if url:
+                        doc, _, anchor = url.partition("#")
+                        if not doc.endswith("docs/runbook.md") or anchor not in runbook_anchors():
+                            problems.append(f"{path}: {name} runbook_url {url} is not a section of docs/runbook.md")
     return problems, f"{n} rules"
 
 
 def main():
-    if len(sys.argv) < 3 or sys.argv[1] not in ("values-doc", "dashboard", "rules"):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("values-doc", "dashboard", "rules", "schema-descriptions"):
         print(__doc__, file=sys.stderr)
         return 2
     cmd, args = sys.argv[1], sys.argv[2:]
     problems, summary = {"values-doc": lambda: values_doc(args[0]), "dashboard": lambda: dashboard(args),
-                         "rules": lambda: rules(args)}[cmd]()
+                         "rules": lambda: rules(args),
+                         "schema-descriptions": lambda: schema_descriptions(args[0])}[cmd]()
     for p in problems:
         print(f"problem: {p}")
     print(f"{cmd}: {summary}, {len(problems)} problems")

@@ -31,6 +31,9 @@ helm.sh/chart: {{ include "proxsmtpd.chart" . }}
 {{ include "proxsmtpd.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with omit .Values.commonLabels "helm.sh/chart" "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/version" "app.kubernetes.io/managed-by" "app.kubernetes.io/component" }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{- define "proxsmtpd.labels" -}}
@@ -55,7 +58,12 @@ app.kubernetes.io/component: {{ ternary "mail" "smtp-proxy" (eq .Values.mode "si
 {{- end -}}
 
 {{- define "proxsmtpd.outAddress" -}}
-{{- $host := .Values.upstream.host | default (ternary "127.0.0.1" "mail" (eq .Values.mode "sidecar")) -}}
+{{- $host := .Values.upstream.host -}}
+{{- if eq .Values.mode "sidecar" -}}
+{{- $host = default "127.0.0.1" $host -}}
+{{- else -}}
+{{- $host = required "upstream.host is required in standalone mode: the mail server the proxy forwards to, e.g. postfix.mail.svc.cluster.local" $host -}}
+{{- end -}}
 {{- printf "%s:%d" $host (int .Values.upstream.port) -}}
 {{- end -}}
 
@@ -137,11 +145,118 @@ a plain sidecar stops alongside them.
 {{- end -}}
 {{- end -}}
 
-{{/* A hash of everything the proxy reads from ConfigMaps: a change rolls the pods. */}}
+{{/* A hash of everything the proxy reads from the chart's ConfigMaps. */}}
 {{- define "proxsmtpd.configChecksum" -}}
 {{- $cfg := include (print .Template.BasePath "/configmap.yaml") . -}}
 {{- $filters := include (print .Template.BasePath "/filters-configmap.yaml") . -}}
 {{- print $cfg $filters | sha256sum -}}
+{{- end -}}
+
+{{/*
+A hash of the settings the proxy reads once at start (a reload does not apply them): a change
+must restart the proxy whatever rollOnConfigChange says.
+*/}}
+{{- define "proxsmtpd.restartChecksum" -}}
+{{- $c := .Values.config -}}
+{{- dict "existingConfigMap" $c.existingConfigMap "listen" .Values.ports.smtp "admin" .Values.ports.admin "maxConnections" $c.maxConnections "logFormat" $c.logFormat "drainTimeout" $c.drainTimeout "readinessCheckUpstream" $c.readinessCheckUpstream "reloadWatch" $c.reloadWatch "extraSettings" $c.extraSettings | toJson | sha256sum -}}
+{{- end -}}
+
+{{/* rollOnConfigChange, null resolved: roll only when the proxy does not reload by itself. */}}
+{{- define "proxsmtpd.rollOnConfigChange" -}}
+{{- if .Values.config.existingConfigMap -}}
+false
+{{- else if kindIs "invalid" .Values.rollOnConfigChange -}}
+{{- ternary "false" "true" .Values.config.reloadWatch -}}
+{{- else -}}
+{{- ternary "true" "false" .Values.rollOnConfigChange -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The config and filters ConfigMaps the pod mounts: the chart's or existing ones. */}}
+{{- define "proxsmtpd.configMapName" -}}
+{{- default (printf "%s-config" (include "proxsmtpd.fullname" .)) .Values.config.existingConfigMap -}}
+{{- end -}}
+{{- define "proxsmtpd.filtersConfigMapName" -}}
+{{- default (printf "%s-filters" (include "proxsmtpd.fullname" .)) .Values.filters.existingConfigMap -}}
+{{- end -}}
+{{- define "proxsmtpd.hasFilters" -}}
+{{- if or .Values.filters.scripts .Values.filters.existingConfigMap }}true{{ end -}}
+{{- end -}}
+
+{{/* Deployment, or StatefulSet for a sidecar whose mail queue gets a claim per pod. */}}
+{{- define "proxsmtpd.workloadKind" -}}
+{{- $p := .Values.sidecar.persistence -}}
+{{- ternary "StatefulSet" "Deployment" (and (eq .Values.mode "sidecar") $p.enabled (not $p.existingClaim)) -}}
+{{- end -}}
+
+{{/* The replicas the pods run with at least (autoscaling: its minimum). */}}
+{{- define "proxsmtpd.minReplicas" -}}
+{{- ternary .Values.autoscaling.minReplicas .Values.replicaCount .Values.autoscaling.enabled | int -}}
+{{- end -}}
+
+{{/* The proxy container's securityContext: restricted defaults, securityContext merged over. */}}
+{{- define "proxsmtpd.containerSecurityContext" -}}
+{{- $sc := dict "runAsNonRoot" true "allowPrivilegeEscalation" false "readOnlyRootFilesystem" true "capabilities" (dict "drop" (list "ALL")) "seccompProfile" (dict "type" "RuntimeDefault") -}}
+{{- range $k, $v := omit .Values.securityContext "fsGroup" -}}
+{{- if not (kindIs "invalid" $v) }}{{ $_ := set $sc $k $v }}{{ end -}}
+{{- end -}}
+{{- toYaml $sc -}}
+{{- end -}}
+
+{{/* The pod's securityContext; empty when there is none. */}}
+{{- define "proxsmtpd.podSecurityContext" -}}
+{{- $psc := dict -}}
+{{- if eq .Values.mode "sidecar" -}}
+{{- $psc = deepCopy (.Values.sidecar.podSecurityContext | default dict) -}}
+{{- else -}}
+{{- $psc = dict "runAsNonRoot" true "seccompProfile" (dict "type" "RuntimeDefault") -}}
+{{- range $k := list "runAsUser" "runAsGroup" "fsGroup" -}}
+{{- $v := index $.Values.securityContext $k -}}
+{{- if not (kindIs "invalid" $v) }}{{ $_ := set $psc $k $v }}{{ end -}}
+{{- end -}}
+{{- end -}}
+{{- range $k, $v := .Values.podSecurityContext -}}
+{{- $_ := set $psc $k $v -}}
+{{- end -}}
+{{- if $psc }}{{ toYaml $psc }}{{ end -}}
+{{- end -}}
+
+{{/* A PodDisruptionBudget that no eviction can satisfy blocks every node drain: refused. */}}
+{{- define "proxsmtpd.validatePdb" -}}
+{{- if .Values.pdb.enabled -}}
+{{- $replicas := include "proxsmtpd.minReplicas" . | int -}}
+{{- $max := .Values.pdb.maxUnavailable -}}
+{{- $min := .Values.pdb.minAvailable -}}
+{{- $blocks := false -}}
+{{- if not (kindIs "invalid" $max) -}}
+{{- $blocks = has (toString $max) (list "0" "0%") -}}
+{{- else if kindIs "string" $min -}}
+{{- $blocks = or (eq $min "100%") (and (hasSuffix "%" $min) (le $replicas 1) (ne $min "0%")) -}}
+{{- else -}}
+{{- $blocks = ge (int $min) $replicas -}}
+{{- end -}}
+{{- if $blocks -}}
+{{- fail (printf "pdb: with %d replica(s), minAvailable %v / maxUnavailable %v lets no pod be evicted, which blocks every node drain; raise replicaCount, or set pdb.maxUnavailable: 1, or pdb.enabled: false" $replicas $min (ternary "null" (toString $max) (kindIs "invalid" $max))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The default topology spread: over nodes and zones, when there is more than one pod. */}}
+{{- define "proxsmtpd.topologySpreadConstraints" -}}
+{{- if .Values.topologySpreadConstraints -}}
+{{- toYaml .Values.topologySpreadConstraints -}}
+{{- else if and .Values.defaultTopologySpread (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) -}}
+{{- $selector := include "proxsmtpd.selectorLabels" . | fromYaml -}}
+{{- $out := list -}}
+{{- range $key := list "kubernetes.io/hostname" "topology.kubernetes.io/zone" -}}
+{{- $c := dict "maxSkew" 1 "topologyKey" $key "whenUnsatisfiable" "ScheduleAnyway" "labelSelector" (dict "matchLabels" $selector) -}}
+{{- if eq (include "proxsmtpd.workloadKind" $) "Deployment" -}}
+{{- $_ := set $c "matchLabelKeys" (list "pod-template-hash") -}}
+{{- end -}}
+{{- $out = append $out $c -}}
+{{- end -}}
+{{- toYaml $out -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -238,19 +353,7 @@ lifecycle:
     exec:
       command: ["/bin/sleep", "{{ .Values.preStopSleepSeconds }}"]
 securityContext:
-  runAsNonRoot: true
-  {{- if not (kindIs "invalid" .Values.securityContext.runAsUser) }}
-  runAsUser: {{ .Values.securityContext.runAsUser }}
-  {{- end }}
-  {{- if not (kindIs "invalid" .Values.securityContext.runAsGroup) }}
-  runAsGroup: {{ .Values.securityContext.runAsGroup }}
-  {{- end }}
-  allowPrivilegeEscalation: false
-  readOnlyRootFilesystem: true
-  capabilities:
-    drop: ["ALL"]
-  seccompProfile:
-    type: RuntimeDefault
+  {{- include "proxsmtpd.containerSecurityContext" . | nindent 2 }}
 {{- with .Values.resources }}
 resources:
   {{- toYaml . | nindent 2 }}
@@ -261,7 +364,7 @@ volumeMounts:
   - name: proxsmtpd-config
     mountPath: {{ include "proxsmtpd.configDir" . }}
     readOnly: true
-  {{- if .Values.filters.scripts }}
+  {{- if include "proxsmtpd.hasFilters" . }}
   - name: proxsmtpd-filters
     mountPath: {{ include "proxsmtpd.filtersDir" . }}
     readOnly: true
@@ -294,11 +397,11 @@ volumeMounts:
     {{- end }}
 - name: proxsmtpd-config
   configMap:
-    name: {{ include "proxsmtpd.fullname" . }}-config
-{{- if .Values.filters.scripts }}
+    name: {{ include "proxsmtpd.configMapName" . }}
+{{- if include "proxsmtpd.hasFilters" . }}
 - name: proxsmtpd-filters
   configMap:
-    name: {{ include "proxsmtpd.fullname" . }}-filters
+    name: {{ include "proxsmtpd.filtersConfigMapName" . }}
     defaultMode: 0755
 {{- end }}
 {{- if .Values.tls.enabled }}
@@ -321,4 +424,123 @@ volumeMounts:
     defaultMode: 0444
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* The pod template of the Deployment or StatefulSet (metadata and spec). */}}
+{{- define "proxsmtpd.podTemplate" -}}
+{{- $sidecar := eq .Values.mode "sidecar" -}}
+{{- $p := .Values.sidecar.persistence -}}
+{{- if and $sidecar (not .Values.sidecar.mailContainers) -}}
+{{- fail "mode sidecar: list the mail pod's containers in sidecar.mailContainers" -}}
+{{- end -}}
+{{- if and $sidecar .Values.sidecar.native (not (semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version)) -}}
+{{- fail "sidecar.native needs Kubernetes 1.29 or later (initContainer restartPolicy Always); set sidecar.native=false" -}}
+{{- end -}}
+{{- if and $p.enabled (not $sidecar) -}}
+{{- fail "sidecar.persistence is for the mail queue of sidecar mode (mode: sidecar)" -}}
+{{- end -}}
+{{- if and $sidecar $p.enabled -}}
+{{- $mounted := false -}}
+{{- range .Values.sidecar.mailContainers }}{{ range .volumeMounts }}{{ if eq .name $p.volumeName }}{{ $mounted = true }}{{ end }}{{ end }}{{ end -}}
+{{- if not $mounted -}}
+{{- fail (printf "sidecar.persistence: no mail container mounts the volume %q (sidecar.persistence.volumeName) at its queue directory" $p.volumeName) -}}
+{{- end -}}
+{{- range .Values.sidecar.mailVolumes }}{{ if eq .name $p.volumeName -}}
+{{- fail (printf "sidecar.persistence provides the volume %q: remove it from sidecar.mailVolumes" $p.volumeName) -}}
+{{- end }}{{ end -}}
+{{- end -}}
+{{- if and .Values.filters.command (not .Values.filters.existingConfigMap) (hasPrefix (printf "%s/" (include "proxsmtpd.filtersDir" .)) .Values.filters.command) -}}
+{{- $script := index (splitList " " (trimPrefix (printf "%s/" (include "proxsmtpd.filtersDir" .)) .Values.filters.command)) 0 -}}
+{{- if not (hasKey .Values.filters.scripts $script) -}}
+{{- fail (printf "filters.command runs %s/%s, which is not in filters.scripts" (include "proxsmtpd.filtersDir" .) $script) -}}
+{{- end -}}
+{{- end -}}
+{{- include "proxsmtpd.validatePdb" . -}}
+metadata:
+  labels:
+    {{- include "proxsmtpd.labels" . | nindent 4 }}
+    {{- with .Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    {{- /* settings read once at start always restart the proxy; the rest only with rollOnConfigChange */}}
+    checksum/restart-settings: {{ include "proxsmtpd.restartChecksum" . }}
+    {{- if and (eq (include "proxsmtpd.rollOnConfigChange" .) "true") (not .Values.config.existingConfigMap) }}
+    checksum/config: {{ include "proxsmtpd.configChecksum" . }}
+    {{- end }}
+    {{- with .Values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  serviceAccountName: {{ include "proxsmtpd.serviceAccountName" . }}
+  automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountToken }}
+  enableServiceLinks: {{ .Values.enableServiceLinks }}
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  terminationGracePeriodSeconds: {{ include "proxsmtpd.terminationGracePeriodSeconds" . }}
+  {{- with include "proxsmtpd.podSecurityContext" . }}
+  securityContext:
+    {{- . | nindent 4 }}
+  {{- end }}
+  {{- if $sidecar }}
+  {{- if or .Values.sidecar.native .Values.sidecar.mailInitContainers }}
+  initContainers:
+    {{- with .Values.sidecar.mailInitContainers }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- if .Values.sidecar.native }}
+    - {{- include "proxsmtpd.container" . | nindent 6 }}
+    {{- end }}
+  {{- end }}
+  containers:
+    {{- if not .Values.sidecar.native }}
+    - {{- include "proxsmtpd.container" . | nindent 6 }}
+    {{- end }}
+    {{- toYaml .Values.sidecar.mailContainers | nindent 4 }}
+    {{- with .Values.extraContainers }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- else }}
+  containers:
+    - {{- include "proxsmtpd.container" . | nindent 6 }}
+    {{- with .Values.extraContainers }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- end }}
+  volumes:
+    {{- include "proxsmtpd.volumes" . | nindent 4 }}
+    {{- with .Values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- if $sidecar }}
+    {{- with .Values.sidecar.mailVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- if and $p.enabled $p.existingClaim }}
+    - name: {{ $p.volumeName }}
+      persistentVolumeClaim:
+        claimName: {{ $p.existingClaim }}
+    {{- end }}
+    {{- end }}
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with include "proxsmtpd.topologySpreadConstraints" . }}
+  topologySpreadConstraints:
+    {{- . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
 {{- end -}}
