@@ -1,6 +1,6 @@
-//! Records the git revision the binary is built from as `PROXSMTPD_REVISION`
+//! Records the git revision the binary is built from as `BUILD_REVISION`
 //! (`proxsmtpd_build_info{revision}`); `unknown` when there is no git or no repository (a
-//! source tarball), unless the builder sets `PROXSMTPD_REVISION` itself.
+//! source tarball), unless the builder sets `BUILD_REVISION` itself.
 
 use std::process::Command;
 
@@ -14,8 +14,8 @@ fn git(args: &[&str]) -> Option<String> {
 }
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=PROXSMTPD_REVISION");
-    let from_env = std::env::var("PROXSMTPD_REVISION")
+    println!("cargo:rerun-if-env-changed=BUILD_REVISION");
+    let from_env = std::env::var("BUILD_REVISION")
         .ok()
         .filter(|r| !r.is_empty());
     let revision = from_env
@@ -37,5 +37,5 @@ fn main() {
         }
     }
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rustc-env=PROXSMTPD_REVISION={revision}");
+    println!("cargo:rustc-env=BUILD_REVISION={revision}");
 }

@@ -130,7 +130,7 @@ const REPLY_BUCKETS: [f64; 16] = [
 ];
 
 /// The git revision the binary was built from (`unknown` without git, e.g. from a tarball).
-pub const REVISION: &str = env!("PROXSMTPD_REVISION");
+pub const REVISION: &str = env!("BUILD_REVISION");
 
 /// Filter run time: from fast scripts (a few ms) up to slow content scanners near the timeout.
 const FILTER_BUCKETS: [f64; 14] = [

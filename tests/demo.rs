@@ -121,7 +121,8 @@ fn demo_takes_set_and_d_and_explains_itself() {
         );
         assert!(
             wait_until(Duration::from_secs(10), || TcpStream::connect(SMTP).is_ok()),
-            "the demo does not listen on {SMTP}"
+            "the demo does not listen on {SMTP}: {}",
+            std::fs::read_to_string(cwd.path().join("demo.stderr")).unwrap_or_default()
         );
         let mut c = Client::connect(SMTP.parse().unwrap());
         assert_eq!(c.greeting().code, 220);
@@ -180,7 +181,8 @@ fn second_demo_refuses_without_touching_the_first() {
         let first = start_demo(&["--demo", "shared"], cwd.path());
         assert!(
             wait_until(Duration::from_secs(10), || TcpStream::connect(SMTP).is_ok()),
-            "the first demo does not listen on {SMTP}"
+            "the first demo does not listen on {SMTP}: {}",
+            std::fs::read_to_string(cwd.path().join("demo.stderr")).unwrap_or_default()
         );
         let dir = cwd.path().join("shared");
         let files = ["proxsmtpd.conf", "demo-filter.sh"];

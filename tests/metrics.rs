@@ -539,7 +539,7 @@ fn build_info_draining_and_config_reloads() {
         let (p, admin) = with_admin(ProxyBuilder::new().upstream(&up).set("ReloadWatch", "off"));
         metric("proxsmtpd_build_info")
             .label("version", env!("CARGO_PKG_VERSION"))
-            .label("revision", env!("PROXSMTPD_REVISION"))
+            .label("revision", env!("BUILD_REVISION"))
             .value(1.0)
             .assert_in(&admin);
         // The revision is the commit the binary was built from (when built from git).
