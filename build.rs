@@ -18,8 +18,18 @@ fn main() {
     let from_env = std::env::var("BUILD_REVISION")
         .ok()
         .filter(|r| !r.is_empty());
+    // Only this package's own repository counts: a source tarball unpacked inside some
+    // other repository (a packaging tree) must not report that repository's commit.
+    let own_repository = git(&["rev-parse", "--show-toplevel"]).is_some_and(|top| {
+        let manifest = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
+        std::fs::canonicalize(top).ok() == std::fs::canonicalize(manifest).ok()
+    });
     let revision = from_env
-        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .or_else(|| {
+            own_repository
+                .then(|| git(&["rev-parse", "--short=12", "HEAD"]))
+                .flatten()
+        })
         .unwrap_or_else(|| "unknown".to_string());
     // Rebuilt when HEAD moves: the HEAD file, the branch it names and packed refs.
     if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
