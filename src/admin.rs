@@ -4,7 +4,8 @@
 //! - `GET /livez`: 200 `ok` while the process serves HTTP at all.
 //! - `GET /readyz`, `GET /healthz` (alias): 200 `ok` when every check passes, else 503 listing
 //!   the failed checks. Checks: `listener` (SMTP listener bound), `config` (config and filter
-//!   loaded), `draining` (not shutting down) and, only when configured, `upstream` (the upstream
+//!   loaded), `filter` (FilterCommand names an executable program), `draining` (not shutting
+//!   down) and, only when configured, `upstream` (the upstream
 //!   server answers; cached so that probes do not hammer it).
 //! - `?verbose` on any probe lists every check as `[+]name ok` / `[-]name failed`.
 //! - `GET /metrics`: [`crate::metrics::global`] in the Prometheus text format.
@@ -26,6 +27,9 @@ use crate::metrics;
 /// An asynchronous check that the upstream server answers (true = healthy).
 pub type UpstreamCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
+/// A synchronous check that the filter command can run (true = runnable).
+pub type FilterCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// How long one upstream check may take before it counts as failed. Kubernetes gives a probe
 /// one second by default, so a slow upstream must not hold the answer much longer.
 const UPSTREAM_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,6 +39,7 @@ pub struct Health {
     listener_bound: AtomicBool,
     config_loaded: AtomicBool,
     draining: AtomicBool,
+    filter: Option<FilterCheck>,
     upstream: Option<Upstream>,
 }
 
@@ -59,8 +64,16 @@ impl Health {
             listener_bound: AtomicBool::new(false),
             config_loaded: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            filter: None,
             upstream: None,
         }
+    }
+
+    /// Adds the `filter` check: FilterCommand names something that can run. Evaluated at
+    /// each probe, so a reload or a fixed script is seen at once.
+    pub fn with_filter_check(mut self, check: FilterCheck) -> Health {
+        self.filter = Some(check);
+        self
     }
 
     /// Adds the opt-in upstream check (ReadinessCheckUpstream). Its result is reused for `ttl`;
@@ -97,8 +110,11 @@ impl Health {
         let mut checks = vec![
             ("listener", self.listener_bound.load(Ordering::SeqCst)),
             ("config", self.config_loaded.load(Ordering::SeqCst)),
-            ("draining", !self.is_draining()),
         ];
+        if let Some(filter) = &self.filter {
+            checks.push(("filter", filter()));
+        }
+        checks.push(("draining", !self.is_draining()));
         if let Some(upstream) = &self.upstream {
             checks.push(("upstream", upstream.healthy().await));
         }
@@ -129,15 +145,125 @@ impl Upstream {
     }
 }
 
-/// Serves the admin routes on `listener` until `shutdown` completes.
+/// At most this many admin connections are served at once; more are closed as soon as they
+/// are accepted. Probes and scrapes need a handful; a flood of idle connections must never
+/// take the descriptors SMTP needs (see [`connection_cap`]).
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// A request's headers must arrive within this time, and an idle keep-alive connection is
+/// closed after it (hyper's header timer also runs while waiting for the next request).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// No admin connection lives longer than this, whatever the peer does (a slow reader of
+/// `/metrics`, say): it is then asked to close, and cut off shortly after.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// The request line and headers together; probes and scrapers send a few hundred bytes.
+/// hyper's smallest read buffer is 8 KiB, which also bounds one read.
+const MAX_HEADER_BYTES: usize = 8 * 1024;
+
+/// The admin connection limit for a process allowed `nofile` descriptors: at most
+/// [`MAX_CONNECTIONS`], and never more than an eighth of the limit, so that the rest stays
+/// for SMTP sessions (two sockets, a spool file and the filter's pipes each).
+pub fn connection_cap(nofile: u64) -> usize {
+    let eighth = usize::try_from(nofile / 8).unwrap_or(usize::MAX);
+    eighth.clamp(1, MAX_CONNECTIONS)
+}
+
+/// Serves the admin routes on `listener` until `shutdown` completes, at most `cap`
+/// connections at a time (see [`connection_cap`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     health: Arc<Health>,
+    cap: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(health))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let router = router(health);
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        while connections.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut shutdown => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, typically: wait rather than spin.
+                tracing::warn!("admin server: couldn't accept connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // Closed at once: its descriptor is back before the next accept.
+            drop(stream);
+            continue;
+        };
+        let router = router.clone();
+        connections.spawn(async move {
+            serve_connection(stream, router).await;
+            drop(permit);
+        });
+    }
+    connections.shutdown().await;
+    Ok(())
+}
+
+/// One HTTP/1.1 connection with bounded headers, header and idle timeouts, no request
+/// bodies and a bounded lifetime.
+async fn serve_connection(stream: tokio::net::TcpStream, router: Router) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let service =
+        hyper::service::service_fn(move |request: axum::http::Request<hyper::body::Incoming>| {
+            let router = router.clone();
+            async move {
+                if has_body(&request) {
+                    return Ok::<_, std::convert::Infallible>(payload_too_large());
+                }
+                router.oneshot(request.map(axum::body::Body::new)).await
+            }
+        });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, connection).await;
+}
+
+/// The admin server has no route that takes a body; a request announcing one is refused
+/// rather than read.
+fn has_body<B>(request: &axum::http::Request<B>) -> bool {
+    let headers = request.headers();
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+fn payload_too_large() -> Response {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CONNECTION, "close"),
+        ],
+        "request bodies are not accepted\n",
+    )
+        .into_response()
 }
 
 fn router(health: Arc<Health>) -> Router {
@@ -169,12 +295,55 @@ async fn healthz(State(health): State<Arc<Health>>, RawQuery(query): RawQuery) -
     )
 }
 
-async fn metrics_text() -> Response {
-    (
-        [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-        metrics::global().render(),
-    )
-        .into_response()
+async fn metrics_text(headers: axum::http::HeaderMap) -> Response {
+    let accept = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    if wants_openmetrics(&accept) {
+        (
+            [(header::CONTENT_TYPE, metrics::OPENMETRICS_CONTENT_TYPE)],
+            metrics::global().render_openmetrics(),
+        )
+            .into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+            metrics::global().render(),
+        )
+            .into_response()
+    }
+}
+
+/// Whether an `Accept` header prefers OpenMetrics to the Prometheus text format: its best
+/// `application/openmetrics-text` range has a q above 0 and at least that of `text/plain`
+/// (or of a wildcard, when text/plain is not named).
+fn wants_openmetrics(accept: &str) -> bool {
+    let mut openmetrics: Option<f32> = None;
+    let mut text: Option<f32> = None;
+    let mut wildcard: Option<f32> = None;
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(Some(1.0), |(_, v)| v.trim().parse::<f32>().ok())
+            .unwrap_or(0.0);
+        let slot = match media.as_str() {
+            "application/openmetrics-text" => &mut openmetrics,
+            "text/plain" => &mut text,
+            "*/*" | "text/*" => &mut wildcard,
+            _ => continue,
+        };
+        *slot = Some(slot.map_or(q, |old: f32| old.max(q)));
+    }
+    match openmetrics {
+        Some(q) if q > 0.0 => q >= text.or(wildcard).unwrap_or(0.0),
+        _ => false,
+    }
 }
 
 /// `?verbose`, `?verbose=`, `?verbose=true`, `?verbose=1` ask for the per-check listing.
@@ -231,7 +400,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(serve(listener, health, async {
+        tokio::spawn(serve(listener, health, MAX_CONNECTIONS, async {
             let _ = rx.await;
         }));
         (addr, tx)
@@ -409,12 +578,46 @@ mod tests {
     async fn serve_returns_on_shutdown() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, Arc::new(Health::new()), async {
+        let server = tokio::spawn(serve(listener, Arc::new(Health::new()), 4, async {
             let _ = rx.await;
         }));
         tx.send(()).unwrap();
         let result = tokio::time::timeout(Duration::from_secs(5), server).await;
         assert!(matches!(result, Ok(Ok(Ok(())))));
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        let prometheus_2 = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let table: &[(&str, bool)] = &[
+            ("", false),
+            ("*/*", false),
+            ("text/plain", false),
+            (prometheus_2, true),
+            ("application/openmetrics-text", true),
+            ("Application/OpenMetrics-Text; version=1.0.0", true),
+            ("text/plain;q=1,application/openmetrics-text;q=0.5", false),
+            ("application/openmetrics-text;q=0", false),
+            ("application/openmetrics-text;q=0.2,*/*;q=0.1", true),
+            ("application/openmetrics-text;q=0.2,*/*", false),
+        ];
+        for (accept, want) in table {
+            assert_eq!(wants_openmetrics(accept), *want, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn connection_cap_leaves_most_descriptors_to_smtp() {
+        for (nofile, cap) in [
+            (0, 1),
+            (16, 2),
+            (256, 32),
+            (512, 64),
+            (1024, 64),
+            (1 << 20, 64),
+        ] {
+            assert_eq!(connection_cap(nofile), cap, "{nofile}");
+        }
     }
 
     #[test]

@@ -70,7 +70,66 @@ pub fn close_inherited_descriptors() {
     }
 }
 
+/// Descriptors one SMTP session may hold at once: the client and upstream sockets, the
+/// spool file, the filter's three pipes and its output file.
+const FDS_PER_SESSION: u64 = 7;
+
+/// Descriptors the process needs besides its sessions: listeners, the runtime, logging.
+const FDS_BASE: u64 = 32;
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (a service manager's default soft limit
+/// of 1024 is far below what MaxConnections may need); returns the soft limit now in force
+/// and what went wrong, if anything.
+pub fn raise_nofile_limit() -> (u64, Option<String>) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => return (1024, Some(format!("couldn't read RLIMIT_NOFILE: {e}"))),
+    };
+    // An unlimited hard limit still stops at the kernel's per-process maximum.
+    let target = if hard == RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(soft)
+    } else {
+        hard
+    };
+    if soft >= target {
+        return (soft, None);
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+        Ok(()) => (target, None),
+        Err(e) => (
+            soft,
+            Some(format!(
+                "couldn't raise RLIMIT_NOFILE from {soft} to {target}: {e}"
+            )),
+        ),
+    }
+}
+
+/// A warning when `nofile` descriptors cannot cover MaxConnections sessions next to the
+/// admin server's share.
+fn descriptor_budget_warning(
+    nofile: u64,
+    max_connections: usize,
+    admin_cap: usize,
+) -> Option<String> {
+    let needed = (max_connections as u64)
+        .saturating_mul(FDS_PER_SESSION)
+        .saturating_add(admin_cap as u64)
+        .saturating_add(FDS_BASE);
+    (nofile < needed).then(|| {
+        format!(
+            "RLIMIT_NOFILE is {nofile}, MaxConnections {max_connections} may need {needed} \
+             descriptors: raise the limit (ulimit -n, LimitNOFILE=) or lower MaxConnections"
+        )
+    })
+}
+
 pub fn run(args: RunArgs) -> ExitCode {
+    let (nofile, nofile_error) = raise_nofile_limit();
     let (settings, warnings) = match load(&args) {
         Ok(s) => s,
         Err(e) => return exit_with(&e),
@@ -115,7 +174,16 @@ pub fn run(args: RunArgs) -> ExitCode {
     }
     // After daemonising, so it holds the daemon's pid; before the privilege drop, so it can
     // go where only root writes.
-    let mut startup = Startup::default();
+    let mut startup = Startup {
+        admin_cap: admin::connection_cap(nofile),
+        ..Startup::default()
+    };
+    startup.warnings.extend(nofile_error);
+    startup.warnings.extend(descriptor_budget_warning(
+        nofile,
+        settings.max_connections,
+        startup.admin_cap,
+    ));
     if let Some(path) = &pid_path {
         match daemon::PidFile::write(path) {
             Ok(p) => startup.pid_file = Some(p),
@@ -189,6 +257,8 @@ struct Startup {
     pid_file: Option<daemon::PidFile>,
     warnings: Vec<String>,
     errors: Vec<String>,
+    /// The admin server's connection limit, from the descriptor limit.
+    admin_cap: usize,
 }
 
 async fn serve(
@@ -247,6 +317,7 @@ async fn serve(
         tracing::warn!("{w}");
     }
     let pid_file = startup.pid_file;
+    let admin_cap = startup.admin_cap;
     let into_tokio = |l: BoundListener| {
         l.into_listener().map_err(|e| {
             tracing::error!("couldn't listen: {e}");
@@ -266,11 +337,6 @@ async fn serve(
         tracing::info!("listening for implicit TLS on {}", l.local_description());
     }
 
-    let mut health = Health::default();
-    if settings.readiness_check_upstream {
-        health = health.with_upstream_check(upstream_check(&settings), UPSTREAM_CHECK_TTL);
-    }
-    let health = Arc::new(health);
     let admin_listener = match bound
         .admin
         .map(tokio::net::TcpListener::from_std)
@@ -292,10 +358,35 @@ async fn serve(
     let (settings_tx, settings_rx) = watch::channel(Arc::new(settings));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
+    let mut health = {
+        let rx = settings_rx.clone();
+        Health::default().with_filter_check(Arc::new(move || {
+            crate::filter::check::filter_ready(&rx.borrow()).is_ok()
+        }))
+    };
+    {
+        let settings = settings_rx.borrow();
+        if settings.readiness_check_upstream {
+            health = health.with_upstream_check(upstream_check(&settings), UPSTREAM_CHECK_TTL);
+        }
+        if let Err(e) = crate::filter::check::filter_ready(&settings) {
+            tracing::warn!("{e}: not ready until it can run");
+        }
+        let metrics = crate::metrics::global();
+        metrics.set_max_connections(settings.max_connections);
+        metrics.config_loaded();
+    }
+    let health = Arc::new(health);
+
     if let Some(l) = admin_listener {
         let health = health.clone();
         // The admin server lives until the process exits, so probes see the drain.
-        tokio::spawn(admin::serve(l, health, std::future::pending::<()>()));
+        tokio::spawn(admin::serve(
+            l,
+            health,
+            admin_cap,
+            std::future::pending::<()>(),
+        ));
     }
 
     health.set_listener_bound();
@@ -378,7 +469,12 @@ pub fn reload(args: &RunArgs, settings_tx: &watch::Sender<Arc<Settings>>) {
     match load(args) {
         Ok((settings, _)) => {
             tracing::info!("configuration reloaded");
-            crate::metrics::global().config_reload(true);
+            if let Err(e) = crate::filter::check::filter_ready(&settings) {
+                tracing::warn!("{e}: not ready until it can run");
+            }
+            let metrics = crate::metrics::global();
+            metrics.config_reload(true);
+            metrics.set_max_connections(settings.max_connections);
             let _ = settings_tx.send(Arc::new(settings));
         }
         Err(e) => {

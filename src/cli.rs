@@ -4,7 +4,8 @@
 //! init scripts and unit files pass these options unchanged: clustered flags (`-vd4`),
 //! attached or separate values (`-d4`, `-d 4`), operands permuted to the end, `--` ends the
 //! options. On top of that, two long options set the top layer of the configuration:
-//! `--set Name=Value` (any setting, repeatable) and `--admin-listen ADDR`.
+//! `--set Name=Value` (any setting, repeatable) and `--admin-listen ADDR`; `--demo [DIR]`
+//! runs the embedded demo (with the same options) and `--help` lists every option.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -20,8 +21,21 @@ const MAX_DEBUG_LEVEL: i64 = 4;
 pub enum Command {
     /// `-v`: print [`version_text`] to stdout and exit 0.
     Version,
+    /// `--help`: print [`help_text`] to stdout and exit 0.
+    Help,
     /// Run the proxy.
     Run(RunArgs),
+    /// `--demo [DIR]`: run the proxy on the embedded demo configuration.
+    Demo(DemoArgs),
+}
+
+/// The options of `--demo`: its directory and the options of a normal run (`-d`, `-p`,
+/// `--set`, `--admin-listen`) on top of its configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DemoArgs {
+    /// Where its files go (`--demo DIR` or `--demo=DIR`); `None` for the default.
+    pub dir: Option<PathBuf>,
+    pub run: RunArgs,
 }
 
 /// The options of a normal run.
@@ -86,6 +100,36 @@ pub fn usage_text() -> String {
         .to_string()
 }
 
+/// The `--help` output: every option.
+pub fn help_text() -> String {
+    format!(
+        "usage: proxsmtpd [-d debuglevel] [-f configfile] [-p pidfile] [--set Name=Value]... [--admin-listen ADDR]
+       proxsmtpd --demo [DIR] [-d debuglevel] [--set Name=Value]... [--admin-listen ADDR]
+       proxsmtpd -v | --help
+
+SMTP filtering proxy: relays SMTP to OutAddress and runs every message through FilterCommand.
+
+Options:
+  -d LEVEL             stay in the foreground and log to stderr; 0 errors ... 4 debug
+                       (without -d the process daemonises and logs to syslog)
+  -f FILE              configuration file (default {DEFAULT_CONFIG_PATH})
+  -p FILE              pid file (a PidFile setting overrides it)
+  -v                   print the version and exit
+  --set Name=Value     any setting, overriding the file and the environment (repeatable),
+                       e.g. --set MaxConnections=128
+  --admin-listen ADDR  shorthand for --set AdminListen=ADDR (/livez, /readyz, /metrics)
+  --demo [DIR]         run on an embedded default that needs no mail server: a capture
+                       server on 127.0.0.1:10026, SMTP on 127.0.0.1:10025, admin on
+                       127.0.0.1:9925, files in DIR (default ./proxsmtpd-demo); takes -d,
+                       -p, --set and --admin-listen like a normal run
+  --help               print this text and exit
+
+Settings can also come from the environment (PROXSMTPD_<SETTING>, e.g. PROXSMTPD_OUT_ADDRESS).
+Signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads the configuration.
+"
+    )
+}
+
 /// The `-v` output.
 pub fn version_text() -> String {
     format!(
@@ -108,12 +152,14 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
         overrides: Vec::new(),
     };
     let mut debug: Option<i64> = None;
-    let mut operands = 0usize;
+    let mut operands: Vec<String> = Vec::new();
+    let mut demo: Option<Option<String>> = None;
+    let mut config_given = false;
 
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         if arg == "--" {
-            operands += rest.len();
+            operands.extend(rest.cloned());
             break;
         }
         if let Some(long) = arg.strip_prefix("--") {
@@ -121,8 +167,14 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
                 Some((name, value)) => (name, Some(value.to_string())),
                 None => (long, None),
             };
-            if name != "set" && name != "admin-listen" {
-                return Err(CliError::usage(format!("unrecognized option '--{name}'")));
+            match name {
+                "help" => return Ok(Command::Help),
+                "demo" => {
+                    demo = Some(inline.or(demo.flatten()));
+                    continue;
+                }
+                "set" | "admin-listen" => {}
+                _ => return Err(CliError::usage(format!("unrecognized option '--{name}'"))),
             }
             let value = match inline.or_else(|| rest.next().cloned()) {
                 Some(value) => value,
@@ -142,7 +194,7 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
         // A lone "-" is an operand, as for getopt.
         let mut flags = arg.chars();
         if flags.next() != Some('-') || arg.len() < 2 {
-            operands += 1;
+            operands.push(arg.clone());
             continue;
         }
         // Every option but -v takes a value, so only the first flag of a cluster counts:
@@ -174,12 +226,36 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
                     exit_code: 1,
                 })?)
             }
-            'f' => run.config_path = PathBuf::from(value),
+            'f' => {
+                config_given = true;
+                run.config_path = PathBuf::from(value)
+            }
             _ => run.pid_file = Some(PathBuf::from(value)),
         }
     }
 
-    if operands > 0 {
+    // `--demo DIR`: the demo takes one operand, its directory.
+    let demo_dir = match demo {
+        Some(inline) => {
+            let dir = match (inline, operands.len()) {
+                (Some(dir), 0) => Some(dir),
+                (None, 0) => None,
+                (None, 1) => operands.pop(),
+                _ => return Err(CliError::usage("")),
+            };
+            if config_given {
+                return Err(CliError {
+                    message: "--demo writes its own configuration: -f cannot be used with it"
+                        .to_string(),
+                    usage: false,
+                    exit_code: 2,
+                });
+            }
+            Some(dir)
+        }
+        None => None,
+    };
+    if !operands.is_empty() {
         return Err(CliError::usage(""));
     }
     if let Some(level) = debug {
@@ -193,7 +269,13 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
         // Very negative values only mean "show nothing"; clamping keeps that meaning.
         run.debug_level = Some(i32::try_from(level).unwrap_or(i32::MIN));
     }
-    Ok(Command::Run(run))
+    Ok(match demo_dir {
+        Some(dir) => Command::Demo(DemoArgs {
+            dir: dir.map(PathBuf::from),
+            run,
+        }),
+        None => Command::Run(run),
+    })
 }
 
 /// `Name=Value`, split at the first `=`.
@@ -247,6 +329,16 @@ mod tests {
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
+        })
+    }
+
+    fn demo(dir: Option<&str>, debug: Option<i32>, ov: &[(&str, &str)]) -> Command {
+        let Command::Run(run) = run(debug, DEF, None, ov) else {
+            unreachable!()
+        };
+        Command::Demo(DemoArgs {
+            dir: dir.map(PathBuf::from),
+            run,
         })
     }
 
@@ -382,10 +474,34 @@ mod tests {
                 &["--admin-listen"],
                 Err(err("option '--admin-listen' requires an argument", true, 2)),
             ),
+            (&["--help"], Ok(Command::Help)),
+            (&["-d", "4", "--help"], Ok(Command::Help)),
             (
-                &["--help"],
-                Err(err("unrecognized option '--help'", true, 2)),
+                &["--helpme"],
+                Err(err("unrecognized option '--helpme'", true, 2)),
             ),
+            (&["--demo"], Ok(demo(None, None, &[]))),
+            (&["--demo", "dir"], Ok(demo(Some("dir"), None, &[]))),
+            (&["--demo=dir"], Ok(demo(Some("dir"), None, &[]))),
+            (
+                &["--demo", "--set", "MaxConnections=5", "-d", "4"],
+                Ok(demo(None, Some(4), &[("MaxConnections", "5")])),
+            ),
+            (
+                &["-d4", "--demo", "d", "--admin-listen", "127.0.0.1:1"],
+                Ok(demo(Some("d"), Some(4), &[("AdminListen", "127.0.0.1:1")])),
+            ),
+            (&["--demo", "a", "b"], Err(err("", true, 2))),
+            (&["--demo=a", "b"], Err(err("", true, 2))),
+            (
+                &["--demo", "-f", "x.conf"],
+                Err(err(
+                    "--demo writes its own configuration: -f cannot be used with it",
+                    false,
+                    2,
+                )),
+            ),
+            (&["--demo", "-v"], Ok(Command::Version)),
             (&["--set", "A=1", "-v"], Ok(Command::Version)),
             (&["-é"], Err(err("invalid option -- 'é'", true, 2))),
         ];
@@ -426,5 +542,21 @@ mod tests {
             assert_eq!(got, want);
         }
         assert_eq!(usage_text().lines().count(), 2);
+        let help = help_text();
+        for option in [
+            "-d ",
+            "-f ",
+            "-p ",
+            "-v ",
+            "--set ",
+            "--admin-listen ",
+            "--demo ",
+            "--help ",
+        ] {
+            assert!(
+                help.contains(&format!("\n  {option}")),
+                "{option} in\n{help}"
+            );
+        }
     }
 }

@@ -1,4 +1,6 @@
-//! `proxsmtpd --demo [DIR]`: the proxy on an embedded default that needs no mail server.
+//! `proxsmtpd --demo [DIR] [-d N] [--set Name=Value]...`: the proxy on an embedded default
+//! that needs no mail server. The options of a normal run apply on top of its configuration;
+//! it refuses to start, without writing anything, when one of its ports is taken.
 //!
 //! It starts a small capture server on 127.0.0.1:10026 that stores every message it
 //! receives as a file in `DIR/mail/`, writes a sample filter script and a configuration
@@ -14,7 +16,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::cli::RunArgs;
+use crate::cli::{DemoArgs, RunArgs};
 use crate::smtp::data::DataReceiver;
 use crate::smtp::line::{trim_line_end, Framed, LineReader, COMMAND_LINE_LIMIT};
 
@@ -39,8 +41,61 @@ cat "$tmp"
 
 const CAPTURE_ADDRESS: &str = "127.0.0.1:10026";
 
-pub fn main(args: &[String]) -> ExitCode {
-    let dir = PathBuf::from(args.first().map(String::as_str).unwrap_or("proxsmtpd-demo"));
+const DEFAULT_LISTEN: &str = "127.0.0.1:10025";
+const DEFAULT_ADMIN: &str = "127.0.0.1:9925";
+
+/// The value the command line gives `name` (the last `--set`), if any.
+fn overridden<'a>(run: &'a RunArgs, name: &str) -> Option<&'a str> {
+    run.overrides
+        .iter()
+        .rev()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Whether `address` can be bound now (an address that is not host:port is left to the
+/// proxy's own start).
+fn check_free(address: &str) -> Result<(), String> {
+    match address.parse::<std::net::SocketAddr>() {
+        Ok(addr) => std::net::TcpListener::bind(addr)
+            .map(drop)
+            .map_err(|e| format!("{address}: {e}")),
+        Err(_) => Ok(()),
+    }
+}
+
+pub fn main(args: DemoArgs) -> ExitCode {
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("proxsmtpd-demo"));
+    let listen = overridden(&args.run, "Listen")
+        .unwrap_or(DEFAULT_LISTEN)
+        .to_string();
+    let admin = overridden(&args.run, "AdminListen")
+        .unwrap_or(DEFAULT_ADMIN)
+        .to_string();
+    // Every port is checked before anything is written: a second demo must not rewrite
+    // (and so reload) the files of one that is running.
+    let capture = std::net::TcpListener::bind(CAPTURE_ADDRESS)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| format!("{CAPTURE_ADDRESS}: {e}"));
+    let ports = capture.and_then(|capture| {
+        check_free(&listen)?;
+        check_free(&admin)?;
+        Ok(capture)
+    });
+    let capture = match ports {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "proxsmtpd: demo: {e}: is another demo running? Stop it (Ctrl-C) or free the port; \
+                 nothing was written to {}",
+                dir.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
     let config = match prepare(&dir) {
         Ok(c) => c,
         Err(e) => {
@@ -54,27 +109,35 @@ pub fn main(args: &[String]) -> ExitCode {
             .enable_all()
             .build()
             .expect("a runtime for the capture server");
-        if let Err(e) = runtime.block_on(capture_server(mail_dir)) {
+        if let Err(e) = runtime.block_on(capture_server(capture, mail_dir)) {
             eprintln!("proxsmtpd: demo: capture server on {CAPTURE_ADDRESS}: {e}");
             std::process::exit(1);
         }
     });
-    eprintln!(
-        "proxsmtpd demo: SMTP on 127.0.0.1:10025, admin on http://127.0.0.1:9925/metrics,\n\
-         \x20 messages delivered to {}/mail/. Try:\n\
-         \x20 swaks --server 127.0.0.1:10025 --to you@example.org --body 'hello'\n\
-         \x20 swaks --server 127.0.0.1:10025 --to you@example.org --body 'REJECT me'\n\
-         \x20 swaks --server 127.0.0.1:10025 --to you@example.org --body 'DROP me'",
-        dir.display()
-    );
-    let code = crate::app::run(RunArgs {
-        debug_level: Some(3),
+    eprintln!("{}", banner(&listen, &admin, &dir));
+    let run = RunArgs {
+        debug_level: args.run.debug_level.or(Some(3)),
         config_path: config,
-        pid_file: None,
-        overrides: Vec::new(),
-    });
+        ..args.run
+    };
+    let code = crate::app::run(run);
     drop(capture);
     code
+}
+
+/// What the demo prints at start: where it listens, what to try, how to stop.
+fn banner(listen: &str, admin: &str, dir: &Path) -> String {
+    let swaks = format!("swaks --server {listen} --to you@example.org --body");
+    format!(
+        "proxsmtpd demo: SMTP on {listen}, admin on http://{admin}/metrics,\n\
+         \x20 messages delivered to {dir}/mail/. Try:\n\
+         \x20 {swaks} 'hello'            delivered, tagged X-Demo-Filter\n\
+         \x20 {swaks} 'REJECT me'        REJECT: refused with 550\n\
+         \x20 {swaks} 'DROP me'          DROP: accepted with 250, silently dropped\n\
+         \x20 {swaks} 'TEMPFAIL me'      TEMPFAIL: deferred with 451\n\
+         Stop it with Ctrl-C.",
+        dir = dir.display()
+    )
 }
 
 fn prepare(dir: &Path) -> std::io::Result<PathBuf> {
@@ -105,8 +168,8 @@ fn prepare(dir: &Path) -> std::io::Result<PathBuf> {
 }
 
 /// A minimal SMTP server that stores each message in `mail_dir`.
-async fn capture_server(mail_dir: PathBuf) -> std::io::Result<()> {
-    let listener = TcpListener::bind(CAPTURE_ADDRESS).await?;
+async fn capture_server(listener: std::net::TcpListener, mail_dir: PathBuf) -> std::io::Result<()> {
+    let listener = TcpListener::from_std(listener)?;
     let mut counter = 0u64;
     loop {
         let (stream, _) = listener.accept().await?;

@@ -13,15 +13,17 @@ fn main() -> ExitCode {
         return proxsmtpd::init::supervise();
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--demo") {
-        return proxsmtpd::demo::main(&args[1..]);
-    }
     match cli::parse(&args) {
         Ok(Command::Version) => {
             print!("{}", cli::version_text());
             ExitCode::SUCCESS
         }
+        Ok(Command::Help) => {
+            print!("{}", cli::help_text());
+            ExitCode::SUCCESS
+        }
         Ok(Command::Run(run_args)) => proxsmtpd::app::run(run_args),
+        Ok(Command::Demo(demo_args)) => proxsmtpd::demo::main(demo_args),
         Err(e) => {
             if !e.message.is_empty() {
                 eprintln!("proxsmtpd: {}", e.message);

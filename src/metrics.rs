@@ -47,6 +47,40 @@ impl MessageVerdict {
     }
 }
 
+/// Who decided a message's outcome (the `source` label of `proxsmtpd_messages_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageSource {
+    /// The filter's verdict (or `FilterType: reject`).
+    Filter,
+    /// The upstream server's reply (or its loss).
+    Upstream,
+    /// The proxy itself: the filter could not run, was killed or timed out, or a local
+    /// failure (spool) occurred.
+    Local,
+}
+
+impl MessageSource {
+    /// The value of the `source` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageSource::Filter => "filter",
+            MessageSource::Upstream => "upstream",
+            MessageSource::Local => "local",
+        }
+    }
+}
+
+/// The (verdict, source) series that can occur, created at zero at start-up.
+const MESSAGE_SERIES: [(MessageVerdict, MessageSource); 7] = [
+    (MessageVerdict::Accepted, MessageSource::Upstream),
+    (MessageVerdict::Rejected, MessageSource::Filter),
+    (MessageVerdict::Rejected, MessageSource::Upstream),
+    (MessageVerdict::Dropped, MessageSource::Filter),
+    (MessageVerdict::TempFailed, MessageSource::Filter),
+    (MessageVerdict::TempFailed, MessageSource::Upstream),
+    (MessageVerdict::LocalError, MessageSource::Local),
+];
+
 /// The SMTP stage at which talking to the upstream server failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamStage {
@@ -80,6 +114,24 @@ impl UpstreamStage {
 
 const REPLY_CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
 
+/// The stages whose upstream replies are timed (a connect has no reply).
+const REPLY_STAGES: [UpstreamStage; 4] = [
+    UpstreamStage::Greeting,
+    UpstreamStage::Command,
+    UpstreamStage::Data,
+    UpstreamStage::Final,
+];
+
+/// Upstream reply latency: a local MTA answers in a millisecond, a remote one after a DNS
+/// or content check in seconds; the top buckets sit near the default TimeOut.
+const REPLY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    120.0,
+];
+
+/// The git revision the binary was built from (`unknown` without git, e.g. from a tarball).
+pub const REVISION: &str = env!("BUILD_REVISION");
+
 /// Filter run time: from fast scripts (a few ms) up to slow content scanners near the timeout.
 const FILTER_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -102,7 +154,7 @@ const SIZE_BUCKETS: [f64; 10] = [
 /// All metrics of the process, registered in their own [`Registry`].
 pub struct Metrics {
     registry: Registry,
-    messages: [IntCounter; 5],
+    messages: IntCounterVec,
     filter_duration: Histogram,
     message_size: Histogram,
     connections_total: IntCounter,
@@ -115,6 +167,13 @@ pub struct Metrics {
     config_reload_success: IntCounter,
     config_reload_failure: IntCounter,
     draining: IntGauge,
+    max_connections: IntGauge,
+    config_last_reload_successful: IntGauge,
+    config_last_reload_success_timestamp: prometheus::Gauge,
+    upstream_reply_duration: [Histogram; 4],
+    /// Registered only while a certificate is loaded, so that no 0 (1970) shows before.
+    tls_certificate_expiry: prometheus::IntGauge,
+    tls_certificate_expiry_registered: std::sync::Mutex<bool>,
     tls_sessions: IntCounterVec,
     tls_handshake_failures: IntCounterVec,
     tls_certificate_reloads: IntCounterVec,
@@ -145,17 +204,27 @@ impl Metrics {
         let build_info = reg.gauge_vec(
             "proxsmtpd_build_info",
             "Build information; the value is always 1.",
-            &["version"],
+            &["version", "revision"],
         );
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), REVISION])
             .set(1);
 
         let messages = reg.counter_vec(
             "proxsmtpd_messages_total",
-            "Messages finished, by the outcome the client saw.",
-            &["verdict"],
+            "Messages finished, by the outcome the client saw and who decided it.",
+            &["verdict", "source"],
         );
+        let upstream_reply = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "proxsmtpd_upstream_reply_duration_seconds",
+                "Time from the last write to the upstream server to its complete reply, by stage.",
+            )
+            .buckets(REPLY_BUCKETS.to_vec()),
+            &["stage"],
+        )
+        .map(|h| reg.add(h))
+        .expect("valid metric definition");
         let upstream_errors = reg.counter_vec(
             "proxsmtpd_upstream_errors_total",
             "Failures talking to the upstream server, by SMTP stage.",
@@ -173,7 +242,7 @@ impl Metrics {
         );
 
         let metrics = Metrics {
-            messages: MessageVerdict::ALL.map(|v| messages.with_label_values(&[v.as_str()])),
+            messages,
             filter_duration: reg.histogram(
                 "proxsmtpd_filter_duration_seconds",
                 "Time the filter took per message.",
@@ -213,6 +282,29 @@ impl Metrics {
                 "proxsmtpd_draining",
                 "1 while the process drains connections before exiting.",
             ),
+            max_connections: reg.gauge(
+                "proxsmtpd_max_connections",
+                "The configured MaxConnections (concurrent clients).",
+            ),
+            config_last_reload_successful: reg.gauge(
+                "proxsmtpd_config_last_reload_successful",
+                "1 when the configuration in force came from the last load attempt, 0 after a refused reload.",
+            ),
+            config_last_reload_success_timestamp: reg.add(
+                prometheus::Gauge::new(
+                    "proxsmtpd_config_last_reload_success_timestamp_seconds",
+                    "When the configuration was last loaded successfully (start or reload), as a Unix time.",
+                )
+                .expect("valid metric definition"),
+            ),
+            upstream_reply_duration: REPLY_STAGES
+                .map(|s| upstream_reply.with_label_values(&[s.as_str()])),
+            tls_certificate_expiry: IntGauge::new(
+                "proxsmtpd_tls_certificate_expiry_timestamp_seconds",
+                "When the client-facing TLS certificate (the leaf) expires, as a Unix time (notAfter).",
+            )
+            .expect("valid metric definition"),
+            tls_certificate_expiry_registered: std::sync::Mutex::new(false),
             // `side` tells client TLS (STARTTLS or the implicit-TLS listener) from the
             // proxy's own TLS towards the upstream; `version` shows what is left to retire.
             tls_sessions: reg.counter_vec(
@@ -236,6 +328,11 @@ impl Metrics {
             ),
             registry,
         };
+        for (verdict, source) in MESSAGE_SERIES {
+            metrics
+                .messages
+                .with_label_values(&[verdict.as_str(), source.as_str()]);
+        }
         // Every TLS series starts at zero, so that rates and alerts work from the start.
         for side in ["client", "upstream"] {
             for version in ["TLSv1.2", "TLSv1.3"] {
@@ -281,9 +378,12 @@ impl Metrics {
         self.connections_refused.inc();
     }
 
-    /// A message finished with `verdict`; `size_bytes` is the DATA size received from the client.
-    pub fn message(&self, verdict: MessageVerdict, size_bytes: u64) {
-        self.messages[verdict as usize].inc();
+    /// A message finished with `verdict`, decided by `source`; `size_bytes` is the DATA size
+    /// received from the client.
+    pub fn message(&self, verdict: MessageVerdict, source: MessageSource, size_bytes: u64) {
+        self.messages
+            .with_label_values(&[verdict.as_str(), source.as_str()])
+            .inc();
         // f64 is exact up to 2^53 bytes, far beyond any message.
         self.message_size.observe(size_bytes as f64);
     }
@@ -321,11 +421,66 @@ impl Metrics {
         }
     }
 
+    /// A reload was applied (`ok`) or refused; also sets the last-reload gauges.
     pub fn config_reload(&self, ok: bool) {
         if ok {
             self.config_reload_success.inc();
+            self.config_loaded();
         } else {
             self.config_reload_failure.inc();
+            self.config_last_reload_successful.set(0);
+        }
+    }
+
+    /// The configuration was loaded at start (or reloaded): the last load succeeded, now.
+    pub fn config_loaded(&self) {
+        self.config_last_reload_successful.set(1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.config_last_reload_success_timestamp
+            .set(now.as_secs_f64());
+    }
+
+    /// The MaxConnections in force (at start and after each reload).
+    pub fn set_max_connections(&self, max: usize) {
+        self.max_connections
+            .set(i64::try_from(max).unwrap_or(i64::MAX));
+    }
+
+    /// An upstream reply at `stage` arrived `duration` after the proxy last wrote upstream.
+    /// Connect has no reply and is not timed.
+    pub fn upstream_reply(&self, stage: UpstreamStage, duration: Duration) {
+        if let Some(i) = REPLY_STAGES.iter().position(|s| *s == stage) {
+            self.upstream_reply_duration[i].observe(duration.as_secs_f64());
+        }
+    }
+
+    /// The notAfter of the client-facing certificate in force, as a Unix time; `None` when
+    /// no certificate is loaded (the series then disappears).
+    pub fn set_tls_certificate_expiry(&self, not_after: Option<i64>) {
+        let mut registered = self
+            .tls_certificate_expiry_registered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match not_after {
+            Some(t) => {
+                self.tls_certificate_expiry.set(t);
+                if !*registered {
+                    *registered = self
+                        .registry
+                        .register(Box::new(self.tls_certificate_expiry.clone()))
+                        .is_ok();
+                }
+            }
+            None => {
+                if *registered {
+                    let _ = self
+                        .registry
+                        .unregister(Box::new(self.tls_certificate_expiry.clone()));
+                    *registered = false;
+                }
+            }
         }
     }
 
@@ -349,6 +504,11 @@ impl Metrics {
         self.draining.set(i64::from(draining));
     }
 
+    /// All metrics in the OpenMetrics 1.0 text format ([`OPENMETRICS_CONTENT_TYPE`]).
+    pub fn render_openmetrics(&self) -> String {
+        encode_openmetrics(&self.registry.gather())
+    }
+
     /// All metrics in the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -360,6 +520,180 @@ impl Metrics {
             Err(e) => format!("# error encoding metrics: {e}\n"),
         }
     }
+}
+
+/// The content type of [`Metrics::render_openmetrics`].
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A number as OpenMetrics writes it: `+Inf`, `-Inf`, `NaN`, integral values with `.0`
+/// (as Prometheus' own exposition does for `le`), others in the shortest exact form.
+fn openmetrics_number(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.1}")
+    } else {
+        format!("{v}")
+    }
+}
+
+/// Escapes a label value or HELP text: backslash, double quote and line feed.
+fn openmetrics_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One sample line: `name{labels,extra} value`.
+fn openmetrics_sample(
+    out: &mut String,
+    name: &str,
+    labels: &[prometheus::proto::LabelPair],
+    extra: Option<(&str, String)>,
+    value: f64,
+) {
+    out.push_str(name);
+    let mut pairs: Vec<(&str, String)> = labels
+        .iter()
+        .map(|l| (l.name(), openmetrics_escape(l.value())))
+        .collect();
+    pairs.extend(extra);
+    if !pairs.is_empty() {
+        out.push('{');
+        for (i, (k, v)) in pairs.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&format!("{k}=\"{v}\""));
+        }
+        out.push('}');
+    }
+    out.push(' ');
+    out.push_str(&openmetrics_number(value));
+    out.push('\n');
+}
+
+/// Metric families in the OpenMetrics 1.0 text format: a counter family is named without
+/// its `_total` suffix (a counter whose name lacks one is exposed as `unknown`), histograms
+/// carry their `+Inf` bucket, and the exposition ends with `# EOF`.
+pub fn encode_openmetrics(families: &[prometheus::proto::MetricFamily]) -> String {
+    use prometheus::proto::MetricType;
+    let mut out = String::new();
+    for mf in families {
+        let name = mf.name();
+        let (family, kind) = match mf.get_field_type() {
+            MetricType::COUNTER => match name.strip_suffix("_total") {
+                Some(base) => (base, "counter"),
+                None => (name, "unknown"),
+            },
+            MetricType::GAUGE => (name, "gauge"),
+            MetricType::HISTOGRAM => (name, "histogram"),
+            MetricType::SUMMARY => (name, "summary"),
+            MetricType::UNTYPED => (name, "unknown"),
+        };
+        out.push_str(&format!("# TYPE {family} {kind}\n"));
+        if !mf.help().is_empty() {
+            out.push_str(&format!(
+                "# HELP {family} {}\n",
+                openmetrics_escape(mf.help())
+            ));
+        }
+        for m in mf.get_metric() {
+            let labels = m.get_label();
+            match mf.get_field_type() {
+                MetricType::COUNTER => {
+                    openmetrics_sample(&mut out, name, labels, None, m.get_counter().get_value())
+                }
+                MetricType::GAUGE => {
+                    openmetrics_sample(&mut out, name, labels, None, m.get_gauge().get_value())
+                }
+                MetricType::HISTOGRAM => {
+                    let h = m.get_histogram();
+                    let bucket = format!("{name}_bucket");
+                    let mut inf_seen = false;
+                    for b in h.get_bucket() {
+                        inf_seen |= b.upper_bound() == f64::INFINITY;
+                        openmetrics_sample(
+                            &mut out,
+                            &bucket,
+                            labels,
+                            Some(("le", openmetrics_number(b.upper_bound()))),
+                            b.cumulative_count() as f64,
+                        );
+                    }
+                    if !inf_seen {
+                        openmetrics_sample(
+                            &mut out,
+                            &bucket,
+                            labels,
+                            Some(("le", "+Inf".into())),
+                            h.get_sample_count() as f64,
+                        );
+                    }
+                    openmetrics_sample(
+                        &mut out,
+                        &format!("{name}_count"),
+                        labels,
+                        None,
+                        h.get_sample_count() as f64,
+                    );
+                    openmetrics_sample(
+                        &mut out,
+                        &format!("{name}_sum"),
+                        labels,
+                        None,
+                        h.get_sample_sum(),
+                    );
+                }
+                MetricType::SUMMARY => {
+                    let sm = m.get_summary();
+                    for q in sm.get_quantile() {
+                        openmetrics_sample(
+                            &mut out,
+                            name,
+                            labels,
+                            Some(("quantile", openmetrics_number(q.quantile()))),
+                            q.value(),
+                        );
+                    }
+                    openmetrics_sample(
+                        &mut out,
+                        &format!("{name}_count"),
+                        labels,
+                        None,
+                        sm.sample_count() as f64,
+                    );
+                    openmetrics_sample(
+                        &mut out,
+                        &format!("{name}_sum"),
+                        labels,
+                        None,
+                        sm.sample_sum(),
+                    );
+                }
+                // Nothing here registers untyped metrics.
+                MetricType::UNTYPED => {}
+            }
+        }
+    }
+    out.push_str("# EOF\n");
+    out
+}
+
+/// Records the latency of an upstream reply at `stage`, `since` the proxy last wrote
+/// upstream (see [`Metrics::upstream_reply`]).
+pub fn upstream_reply(stage: UpstreamStage, since: tokio::time::Instant) {
+    global().upstream_reply(stage, since.elapsed());
 }
 
 /// Creates metrics and registers them, so that each definition is written once.
@@ -419,7 +753,7 @@ mod tests {
         let version = env!("CARGO_PKG_VERSION");
         let mut expected: Vec<(String, f64)> = vec![
             (
-                format!("proxsmtpd_build_info{{version=\"{version}\"}}"),
+                format!("proxsmtpd_build_info{{revision=\"{REVISION}\",version=\"{version}\"}}"),
                 1.0,
             ),
             ("proxsmtpd_connections_total".into(), 0.0),
@@ -456,15 +790,32 @@ mod tests {
                 0.0,
             ),
         ];
-        for v in [
-            "accepted",
-            "rejected",
-            "dropped",
-            "tempfailed",
-            "local_error",
+        for (v, source) in [
+            ("accepted", "upstream"),
+            ("rejected", "filter"),
+            ("rejected", "upstream"),
+            ("dropped", "filter"),
+            ("tempfailed", "filter"),
+            ("tempfailed", "upstream"),
+            ("local_error", "local"),
         ] {
-            expected.push((format!("proxsmtpd_messages_total{{verdict=\"{v}\"}}"), 0.0));
+            expected.push((
+                format!("proxsmtpd_messages_total{{source=\"{source}\",verdict=\"{v}\"}}"),
+                0.0,
+            ));
         }
+        expected.push(("proxsmtpd_max_connections".into(), 0.0));
+        expected.push(("proxsmtpd_config_last_reload_successful".into(), 0.0));
+        for s in ["greeting", "command", "data", "final"] {
+            expected.push((
+                format!("proxsmtpd_upstream_reply_duration_seconds_count{{stage=\"{s}\"}}"),
+                0.0,
+            ));
+        }
+        assert!(
+            !text.contains("proxsmtpd_tls_certificate_expiry_timestamp_seconds"),
+            "no certificate, no expiry series:\n{text}"
+        );
         for s in ["connect", "greeting", "command", "data", "final"] {
             expected.push((
                 format!("proxsmtpd_upstream_errors_total{{stage=\"{s}\"}}"),
@@ -486,9 +837,13 @@ mod tests {
         m.connection_opened();
         m.connection_closed();
         m.connection_refused();
-        m.message(MessageVerdict::Accepted, 2000);
-        m.message(MessageVerdict::LocalError, 10);
-        m.message(MessageVerdict::TempFailed, 0);
+        m.message(MessageVerdict::Accepted, MessageSource::Upstream, 2000);
+        m.message(MessageVerdict::LocalError, MessageSource::Local, 10);
+        m.message(MessageVerdict::TempFailed, MessageSource::Filter, 0);
+        m.set_max_connections(17);
+        m.upstream_reply(UpstreamStage::Final, Duration::from_millis(30));
+        m.upstream_reply(UpstreamStage::Connect, Duration::from_millis(30));
+        m.set_tls_certificate_expiry(Some(1_900_000_000));
         m.filter_finished(Duration::from_millis(30));
         m.filter_timeout();
         m.filter_spawn_failure();
@@ -506,10 +861,44 @@ mod tests {
             ("proxsmtpd_connections_total", 2.0),
             ("proxsmtpd_connections_active", 1.0),
             ("proxsmtpd_connections_refused_total", 1.0),
-            ("proxsmtpd_messages_total{verdict=\"accepted\"}", 1.0),
-            ("proxsmtpd_messages_total{verdict=\"local_error\"}", 1.0),
-            ("proxsmtpd_messages_total{verdict=\"tempfailed\"}", 1.0),
-            ("proxsmtpd_messages_total{verdict=\"rejected\"}", 0.0),
+            (
+                "proxsmtpd_messages_total{source=\"upstream\",verdict=\"accepted\"}",
+                1.0,
+            ),
+            (
+                "proxsmtpd_messages_total{source=\"local\",verdict=\"local_error\"}",
+                1.0,
+            ),
+            (
+                "proxsmtpd_messages_total{source=\"filter\",verdict=\"tempfailed\"}",
+                1.0,
+            ),
+            (
+                "proxsmtpd_messages_total{source=\"upstream\",verdict=\"tempfailed\"}",
+                0.0,
+            ),
+            (
+                "proxsmtpd_messages_total{source=\"filter\",verdict=\"rejected\"}",
+                0.0,
+            ),
+            ("proxsmtpd_max_connections", 17.0),
+            ("proxsmtpd_config_last_reload_successful", 0.0),
+            (
+                "proxsmtpd_upstream_reply_duration_seconds_count{stage=\"final\"}",
+                1.0,
+            ),
+            (
+                "proxsmtpd_upstream_reply_duration_seconds_bucket{stage=\"final\",le=\"0.025\"}",
+                0.0,
+            ),
+            (
+                "proxsmtpd_upstream_reply_duration_seconds_bucket{stage=\"final\",le=\"0.05\"}",
+                1.0,
+            ),
+            (
+                "proxsmtpd_tls_certificate_expiry_timestamp_seconds",
+                1_900_000_000.0,
+            ),
             ("proxsmtpd_message_size_bytes_count", 3.0),
             ("proxsmtpd_message_size_bytes_sum", 2010.0),
             ("proxsmtpd_message_size_bytes_bucket{le=\"1024\"}", 2.0),
@@ -537,6 +926,148 @@ mod tests {
         }
         m.set_draining(false);
         assert_eq!(sample(&m.render(), "proxsmtpd_draining"), Some(0.0));
+        m.set_tls_certificate_expiry(None);
+        assert!(!m
+            .render()
+            .contains("proxsmtpd_tls_certificate_expiry_timestamp_seconds"));
+        m.set_tls_certificate_expiry(Some(5));
+        assert_eq!(
+            sample(
+                &m.render(),
+                "proxsmtpd_tls_certificate_expiry_timestamp_seconds"
+            ),
+            Some(5.0)
+        );
+    }
+
+    #[test]
+    fn config_reload_gauges() {
+        let m = Metrics::new();
+        m.config_loaded();
+        let text = m.render();
+        assert_eq!(
+            sample(&text, "proxsmtpd_config_last_reload_successful"),
+            Some(1.0)
+        );
+        let at = sample(
+            &text,
+            "proxsmtpd_config_last_reload_success_timestamp_seconds",
+        )
+        .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!((now - at).abs() < 60.0, "{at} vs {now}");
+        m.config_reload(false);
+        let text = m.render();
+        assert_eq!(
+            sample(&text, "proxsmtpd_config_last_reload_successful"),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "proxsmtpd_config_last_reload_success_timestamp_seconds"
+            ),
+            Some(at)
+        );
+        m.config_reload(true);
+        assert_eq!(
+            sample(&m.render(), "proxsmtpd_config_last_reload_successful"),
+            Some(1.0)
+        );
+    }
+
+    /// OpenMetrics, checked line by line against the 1.0 text format's grammar: families
+    /// declared once before their samples, counters without `_total` in TYPE/HELP and with
+    /// it on samples, histogram buckets ending at `+Inf`, `# EOF` last and nothing after it.
+    #[test]
+    fn openmetrics_exposition() {
+        let m = Metrics::new();
+        m.message(MessageVerdict::Rejected, MessageSource::Upstream, 100);
+        m.upstream_reply(UpstreamStage::Greeting, Duration::from_millis(2));
+        let text = m.render_openmetrics();
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1);
+        for want in [
+            "# TYPE proxsmtpd_messages counter\n",
+            "# HELP proxsmtpd_messages Messages finished",
+            "proxsmtpd_messages_total{source=\"upstream\",verdict=\"rejected\"} 1.0\n",
+            "# TYPE proxsmtpd_upstream_reply_duration_seconds histogram\n",
+            "proxsmtpd_upstream_reply_duration_seconds_bucket{stage=\"greeting\",le=\"+Inf\"} 1.0\n",
+            "proxsmtpd_upstream_reply_duration_seconds_bucket{stage=\"greeting\",le=\"1.0\"} 1.0\n",
+            "proxsmtpd_upstream_reply_duration_seconds_count{stage=\"greeting\"} 1.0\n",
+            "# TYPE proxsmtpd_build_info gauge\n",
+            "# TYPE proxsmtpd_draining gauge\n",
+        ] {
+            assert!(text.contains(want), "{want:?} not in\n{text}");
+        }
+        assert!(!text.contains("# TYPE proxsmtpd_messages_total"), "{text}");
+        let mut declared: Vec<(String, String)> = Vec::new();
+        for line in text.lines() {
+            if line == "# EOF" {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (family, kind) = rest.split_once(' ').unwrap();
+                assert!(
+                    !declared.iter().any(|(f, _)| f == family),
+                    "{family} declared twice"
+                );
+                declared.push((family.to_string(), kind.to_string()));
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let family = rest.split(' ').next().unwrap();
+                assert_eq!(
+                    declared.last().map(|d| d.0.as_str()),
+                    Some(family),
+                    "{line}"
+                );
+                continue;
+            }
+            assert!(!line.starts_with('#'), "unexpected comment {line}");
+            // A sample belongs to the family declared last, with a suffix its type allows.
+            let (family, kind) = declared.last().expect("sample before any TYPE");
+            let name = line.split(['{', ' ']).next().unwrap();
+            let suffix = name
+                .strip_prefix(family.as_str())
+                .unwrap_or_else(|| panic!("sample {name} outside its family {family}"));
+            let allowed: &[&str] = match kind.as_str() {
+                "counter" => &["_total", "_created"],
+                "gauge" | "unknown" => &[""],
+                "histogram" => &["_bucket", "_count", "_sum", "_created"],
+                "summary" => &["", "_count", "_sum", "_created"],
+                other => panic!("type {other}"),
+            };
+            assert!(allowed.contains(&suffix), "{name} in {kind} {family}");
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(
+                matches!(value, "+Inf" | "-Inf" | "NaN") || value.parse::<f64>().is_ok(),
+                "{line}"
+            );
+        }
+        // Every family of the text format is there.
+        let families = m.registry.gather().len();
+        assert_eq!(declared.len(), families);
+    }
+
+    #[test]
+    fn openmetrics_numbers_and_escapes() {
+        for (v, want) in [
+            (0.0, "0.0"),
+            (1.0, "1.0"),
+            (0.005, "0.005"),
+            (120.0, "120.0"),
+            (1.5e15, "1500000000000000"),
+            (f64::INFINITY, "+Inf"),
+            (f64::NEG_INFINITY, "-Inf"),
+            (f64::NAN, "NaN"),
+        ] {
+            assert_eq!(openmetrics_number(v), want);
+        }
+        assert_eq!(openmetrics_escape("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
     }
 
     #[test]
@@ -548,7 +1079,7 @@ mod tests {
     #[test]
     fn promtool_accepts_the_exposition() {
         let m = Metrics::new();
-        m.message(MessageVerdict::Rejected, 123_456);
+        m.message(MessageVerdict::Rejected, MessageSource::Filter, 123_456);
         m.filter_finished(Duration::from_secs(3));
         let text = m.render();
         let child = std::process::Command::new("promtool")

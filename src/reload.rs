@@ -30,10 +30,10 @@ fn version(path: &Path) -> Option<Version> {
     })
 }
 
-/// The script a filter command runs, when its first word is a path to a file.
+/// The script a filter command runs, when its program is a path to a file (also behind
+/// `VAR=value` assignments or `sh -c '...'`).
 pub fn filter_script(command: &str) -> Option<PathBuf> {
-    let first = command.split_whitespace().next()?;
-    first.contains('/').then(|| PathBuf::from(first))
+    crate::filter::check::script_path(command)
 }
 
 /// Watches a set of files; `changed` says whether any differs from the last look.

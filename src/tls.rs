@@ -178,6 +178,8 @@ impl ServerTls {
     /// Loads a certificate and key; on error the running pair (if any) stays.
     pub fn load(&self, cert: &Path, key: &Path) -> Result<(), TlsError> {
         let key_pair = load_certified_key(cert, key)?;
+        crate::metrics::global()
+            .set_tls_certificate_expiry(key_pair.cert.first().and_then(|leaf| not_after(leaf)));
         self.current.set(Some(Loaded {
             paths: (cert.to_path_buf(), key.to_path_buf()),
             key: Arc::new(key_pair),
@@ -188,7 +190,14 @@ impl ServerTls {
     /// Stops offering TLS (the configuration no longer names a certificate).
     pub fn clear(&self) {
         self.current.set(None);
+        crate::metrics::global().set_tls_certificate_expiry(None);
     }
+}
+
+/// The end of a certificate's validity (notAfter) as a Unix time.
+pub fn not_after(certificate: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
 }
 
 /// The configured certificate and key paths.

@@ -272,3 +272,104 @@ fn admin_listen_from_the_environment() {
         assert_eq!(c.greeting().code, 220);
     });
 }
+
+/// `/readyz` is 503 with `[-]filter failed` while FilterCommand names a program that does
+/// not exist or cannot be executed, in every form the example filters use; a command that
+/// can run, or shell syntax that cannot be analysed, is ready.
+#[test]
+fn readiness_fails_when_the_filter_cannot_run() {
+    timed(60, || {
+        let up = Upstream::start();
+        let b = ProxyBuilder::new();
+        let good = b.script("good.sh", "cat\n");
+        let plain = b.dir().join("plain.sh");
+        fs::write(&plain, "cat\n").unwrap();
+        fs::set_permissions(&plain, fs::Permissions::from_mode(0o644)).unwrap();
+        let missing = b.dir().join("missing.sh").display().to_string();
+        let plain = plain.display().to_string();
+        // (FilterCommand, ready)
+        let cases: Vec<(String, bool)> = vec![
+            (good.clone(), true),
+            (format!("SPAM_LIMIT=5 {good} --tag"), true),
+            (format!("sh -c '{good}'"), true),
+            ("cat".into(), true),
+            (format!("echo run >> /dev/null; {missing}"), true),
+            (missing.clone(), false),
+            (format!("SPAM_LIMIT=5 {missing}"), false),
+            (format!("sh -c 'exec {missing} --x'"), false),
+            (format!("/bin/sh -c \"{missing}\""), false),
+            (plain.clone(), false),
+            ("no-such-filter-program --x".into(), false),
+        ];
+        for (command, ready) in cases {
+            let admin = admin_addr();
+            let _p = ProxyBuilder::new()
+                .upstream(&up)
+                .set("AdminListen", &admin.to_string())
+                .set("FilterCommand", &command)
+                .start();
+            assert!(wait_until(secs(5), || get(&admin, "/livez").0 == 200));
+            let (status, body) = get(&admin, "/readyz?verbose");
+            if ready {
+                assert_eq!(status, 200, "{command}: {body}");
+                assert_lines(&body, &["[+]filter ok"], &command);
+            } else {
+                assert_eq!(status, 503, "{command}: {body}");
+                assert_lines(
+                    &body,
+                    &["[+]listener ok", "[-]filter failed", "readyz check failed"],
+                    &command,
+                );
+                let (status, body) = get(&admin, "/readyz");
+                assert_eq!(status, 503);
+                assert_lines(&body, &["[-]filter failed"], &command);
+            }
+        }
+    });
+}
+
+/// The filter check follows reloads: a configuration naming a missing script turns
+/// readiness 503, the next one naming a runnable script turns it back to 200.
+#[test]
+fn filter_readiness_is_rechecked_on_reload() {
+    timed(40, || {
+        let up = Upstream::start();
+        let admin = admin_addr();
+        let b = ProxyBuilder::new()
+            .upstream(&up)
+            .set("AdminListen", &admin.to_string())
+            .set("ReloadWatch", "off");
+        let good = b.script("good.sh", "cat\n");
+        let p = b.set("FilterCommand", &good).start();
+        assert!(wait_until(secs(5), || get(&admin, "/readyz").0 == 200));
+        let conf = fs::read_to_string(&p.conf_path).unwrap();
+        let missing = p.dir().join("gone.sh").display().to_string();
+        fs::write(
+            &p.conf_path,
+            conf.replace(
+                &format!("FilterCommand: {good}"),
+                &format!("FilterCommand: X=1 {missing}"),
+            ),
+        )
+        .unwrap();
+        p.signal(Signal::SIGHUP);
+        assert!(
+            wait_until(secs(5), || get(&admin, "/readyz").0 == 503),
+            "still ready with a missing filter after the reload"
+        );
+        assert_lines(
+            &get(&admin, "/readyz").1,
+            &["[-]filter failed"],
+            "after reload",
+        );
+        assert!(p.wait_log("gone.sh", secs(3)), "the reason is not logged");
+        fs::write(&p.conf_path, &conf).unwrap();
+        p.signal(Signal::SIGHUP);
+        assert!(
+            wait_until(secs(5), || get(&admin, "/readyz").0 == 200),
+            "not ready again after reloading a runnable filter"
+        );
+        let mut c = p.open();
+        assert_eq!(c.send_mail(&default_message()).code, 250);
+    });
+}

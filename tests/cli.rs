@@ -62,6 +62,33 @@ fn version_flag_prints_version_and_exits_0() {
     });
 }
 
+/// `--help` lists every option on stdout and exits 0; the usage text of errors is kept.
+#[test]
+fn help_lists_every_option() {
+    timed(30, || {
+        let out = run_binary(&binary(), &["--help"], secs(5)).expect("--help did not exit");
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+        let help = text(&out.stdout);
+        for option in [
+            "-d ",
+            "-f ",
+            "-p ",
+            "-v ",
+            "--set Name=Value",
+            "--admin-listen ADDR",
+            "--demo [DIR]",
+            "--help",
+        ] {
+            assert!(
+                help.contains(option),
+                "{option:?} missing from --help:\n{help}"
+            );
+        }
+        assert!(help.starts_with("usage: proxsmtpd"), "{help}");
+        assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    });
+}
+
 #[test]
 fn usage_errors_exit_2() {
     timed(30, || {

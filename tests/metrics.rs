@@ -101,15 +101,19 @@ fn message_verdicts_sizes_and_filter_durations() {
             let r = c.send_mail(&content);
             assert_eq!(r.code / 100, *class, "{marker}: {r:?}");
         }
-        for (verdict, n) in [
-            ("accepted", 2.0),
-            ("rejected", 2.0),
-            ("dropped", 1.0),
-            ("tempfailed", 2.0),
-            ("local_error", 1.0),
+        // The verdict keeps its meaning; the source says who decided it.
+        for (verdict, source, n) in [
+            ("accepted", "upstream", 2.0),
+            ("rejected", "filter", 1.0),
+            ("rejected", "upstream", 1.0),
+            ("dropped", "filter", 1.0),
+            ("tempfailed", "filter", 1.0),
+            ("tempfailed", "upstream", 1.0),
+            ("local_error", "local", 1.0),
         ] {
             metric("proxsmtpd_messages_total")
                 .label("verdict", verdict)
+                .label("source", source)
                 .value(n)
                 .assert_in(&admin);
         }
@@ -258,8 +262,25 @@ fn messages_lost_upstream_are_counted() {
             value(&t, "proxsmtpd_upstream_errors_total", &[("stage", "final")]) == Some(1.0)
         }));
         let text = scrape(&admin);
-        let count =
-            |v: &str| value(&text, "proxsmtpd_messages_total", &[("verdict", v)]).unwrap_or(-1.0);
+        // Summed over `source`; a message lost with the upstream is the upstream's.
+        let count = |v: &str| -> f64 {
+            parse(&text)
+                .iter()
+                .filter(|s| {
+                    s.name == "proxsmtpd_messages_total"
+                        && s.labels.contains(&("verdict".to_string(), v.to_string()))
+                })
+                .map(|s| s.value)
+                .sum()
+        };
+        assert_eq!(
+            value(
+                &text,
+                "proxsmtpd_messages_total",
+                &[("verdict", "tempfailed"), ("source", "upstream")]
+            ),
+            Some(2.0)
+        );
         let lost = count("tempfailed") + count("local_error");
         assert_eq!(
             (count("accepted"), lost),
@@ -518,8 +539,23 @@ fn build_info_draining_and_config_reloads() {
         let (p, admin) = with_admin(ProxyBuilder::new().upstream(&up).set("ReloadWatch", "off"));
         metric("proxsmtpd_build_info")
             .label("version", env!("CARGO_PKG_VERSION"))
+            .label("revision", env!("BUILD_REVISION"))
             .value(1.0)
             .assert_in(&admin);
+        // The revision is the commit the binary was built from (when built from git).
+        if let Ok(out) = Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+        {
+            if out.status.success() {
+                let head = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                metric("proxsmtpd_build_info")
+                    .label("revision", &head)
+                    .value(1.0)
+                    .assert_in(&admin);
+            }
+        }
         metric("proxsmtpd_draining").value(0.0).assert_in(&admin);
         metric("proxsmtpd_config_reloads_total")
             .label("result", "success")
@@ -565,6 +601,10 @@ fn build_info_draining_and_config_reloads() {
             "proxsmtpd_replies_total",
             "proxsmtpd_build_info",
             "proxsmtpd_config_reloads_total",
+            "proxsmtpd_max_connections",
+            "proxsmtpd_config_last_reload_successful",
+            "proxsmtpd_config_last_reload_success_timestamp_seconds",
+            "proxsmtpd_upstream_reply_duration_seconds",
         ] {
             assert!(
                 names.contains(want),
@@ -646,15 +686,9 @@ fn no_label_carries_an_address_or_message_id() {
         // only held to the address check above).
         let allowed: &[(&str, &str, &[&str])] = &[
             (
-                "proxsmtpd_messages_total",
-                "verdict",
-                &[
-                    "accepted",
-                    "rejected",
-                    "dropped",
-                    "tempfailed",
-                    "local_error",
-                ],
+                "proxsmtpd_upstream_reply_duration_seconds_count",
+                "stage",
+                &["greeting", "command", "data", "final"],
             ),
             (
                 "proxsmtpd_upstream_errors_total",
@@ -671,12 +705,41 @@ fn no_label_carries_an_address_or_message_id() {
                 "result",
                 &["success", "failure"],
             ),
-            (
-                "proxsmtpd_build_info",
-                "version",
-                &[env!("CARGO_PKG_VERSION")],
-            ),
         ];
+        for sample in parse(&text) {
+            let keys: Vec<&str> = sample.labels.iter().map(|(k, _)| k.as_str()).collect();
+            let get = |k: &str| {
+                sample
+                    .labels
+                    .iter()
+                    .find(|(name, _)| name == k)
+                    .map(|(_, v)| v.as_str())
+            };
+            match sample.name.as_str() {
+                "proxsmtpd_messages_total" => {
+                    assert_eq!(keys, ["source", "verdict"], "labels of {}", sample.name);
+                    let pair = (get("verdict").unwrap(), get("source").unwrap());
+                    assert!(
+                        [
+                            ("accepted", "upstream"),
+                            ("rejected", "filter"),
+                            ("rejected", "upstream"),
+                            ("dropped", "filter"),
+                            ("tempfailed", "filter"),
+                            ("tempfailed", "upstream"),
+                            ("local_error", "local"),
+                        ]
+                        .contains(&pair),
+                        "proxsmtpd_messages_total {pair:?}"
+                    );
+                }
+                "proxsmtpd_build_info" => {
+                    assert_eq!(keys, ["revision", "version"]);
+                    assert_eq!(get("version"), Some(env!("CARGO_PKG_VERSION")));
+                }
+                _ => {}
+            }
+        }
         for s in parse(&text) {
             if let Some((_, label, values)) = allowed.iter().find(|(n, _, _)| *n == s.name) {
                 let keys: Vec<&str> = s.labels.iter().map(|(k, _)| k.as_str()).collect();
@@ -720,5 +783,297 @@ fn promtool_accepts_the_exposition() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    });
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// `proxsmtpd_max_connections` follows the configuration; the last-reload gauges say
+/// whether the configuration in force came from the last attempt, and when it was loaded.
+#[test]
+fn max_connections_and_last_reload_gauges() {
+    timed(40, || {
+        let up = Upstream::start();
+        let (p, admin) = with_admin(
+            ProxyBuilder::new()
+                .upstream(&up)
+                .set("ReloadWatch", "off")
+                .set("MaxConnections", "7"),
+        );
+        metric("proxsmtpd_max_connections")
+            .value(7.0)
+            .assert_in(&admin);
+        metric("proxsmtpd_config_last_reload_successful")
+            .value(1.0)
+            .assert_in(&admin);
+        let text = scrape(&admin);
+        let loaded = value(
+            &text,
+            "proxsmtpd_config_last_reload_success_timestamp_seconds",
+            &[],
+        )
+        .expect("timestamp at start");
+        assert!((now_secs() - loaded).abs() < 30.0, "{loaded}");
+
+        // A good reload with another limit.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let conf = fs::read_to_string(&p.conf_path).unwrap();
+        fs::write(
+            &p.conf_path,
+            conf.replace("MaxConnections: 7", "MaxConnections: 9"),
+        )
+        .unwrap();
+        p.signal(Signal::SIGHUP);
+        metric("proxsmtpd_max_connections")
+            .value(9.0)
+            .assert_in(&admin);
+        let text = scrape(&admin);
+        let reloaded = value(
+            &text,
+            "proxsmtpd_config_last_reload_success_timestamp_seconds",
+            &[],
+        )
+        .unwrap();
+        assert!(reloaded > loaded, "{reloaded} after {loaded}");
+        assert_eq!(
+            value(&text, "proxsmtpd_config_last_reload_successful", &[]),
+            Some(1.0)
+        );
+
+        // A broken one is refused: 0, and the rest stays as it was.
+        fs::write(&p.conf_path, format!("{conf}MaxConnections: many\n")).unwrap();
+        p.signal(Signal::SIGHUP);
+        metric("proxsmtpd_config_last_reload_successful")
+            .value(0.0)
+            .assert_in(&admin);
+        let text = scrape(&admin);
+        assert_eq!(value(&text, "proxsmtpd_max_connections", &[]), Some(9.0));
+        assert_eq!(
+            value(
+                &text,
+                "proxsmtpd_config_last_reload_success_timestamp_seconds",
+                &[]
+            ),
+            Some(reloaded)
+        );
+        assert_eq!(
+            value(
+                &text,
+                "proxsmtpd_config_reloads_total",
+                &[("result", "failure")]
+            ),
+            Some(1.0)
+        );
+    });
+}
+
+/// Upstream reply latency by stage: every stage of a filtered message is timed, and an
+/// upstream that takes 300 ms over its final reply shows it in the `final` histogram.
+#[test]
+fn upstream_reply_latency_by_stage() {
+    timed(40, || {
+        let up = Upstream::builder()
+            .reply(
+                "DATA_END",
+                Reply::text("250 2.0.0 Ok: queued").delay(std::time::Duration::from_millis(300)),
+            )
+            .start();
+        let b = ProxyBuilder::new().upstream(&up);
+        let (p, admin) = with_admin(b.set("FilterCommand", "cat"));
+        let mut c = p.open();
+        assert_eq!(c.send_mail(&message("slow", b"body\r\n")).code, 250);
+        c.cmd("QUIT");
+        metric("proxsmtpd_upstream_reply_duration_seconds_count")
+            .label("stage", "final")
+            .value(1.0)
+            .assert_in(&admin);
+        let text = scrape(&admin);
+        for stage in ["greeting", "command", "data"] {
+            let n = value(
+                &text,
+                "proxsmtpd_upstream_reply_duration_seconds_count",
+                &[("stage", stage)],
+            )
+            .unwrap_or(0.0);
+            assert!(n >= 1.0, "stage {stage}: {n} replies timed");
+        }
+        let sum = value(
+            &text,
+            "proxsmtpd_upstream_reply_duration_seconds_sum",
+            &[("stage", "final")],
+        )
+        .unwrap();
+        assert!((0.3..5.0).contains(&sum), "final reply took {sum} s");
+        assert_eq!(
+            value(
+                &text,
+                "proxsmtpd_upstream_reply_duration_seconds_bucket",
+                &[("stage", "final"), ("le", "0.25")]
+            ),
+            Some(0.0)
+        );
+        let command_sum = value(
+            &text,
+            "proxsmtpd_upstream_reply_duration_seconds_sum",
+            &[("stage", "command")],
+        )
+        .unwrap();
+        assert!(command_sum < 0.3, "command replies took {command_sum} s");
+    });
+}
+
+/// The expiry of the loaded certificate, from its notAfter; no series without one.
+#[test]
+fn tls_certificate_expiry() {
+    timed(30, || {
+        let up = Upstream::start();
+        let (_plain, plain_admin) = with_admin(ProxyBuilder::new().upstream(&up));
+        assert!(!scrape(&plain_admin).contains("proxsmtpd_tls_certificate_expiry"));
+
+        let b = ProxyBuilder::new().upstream(&up);
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2031, 5, 17);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (b.dir().join("tls.crt"), b.dir().join("tls.key"));
+        fs::write(&cert_path, cert.pem()).unwrap();
+        fs::write(&key_path, key.serialize_pem()).unwrap();
+        let (_p, admin) = with_admin(
+            b.set("TlsCertificate", &cert_path.display().to_string())
+                .set("TlsKey", &key_path.display().to_string()),
+        );
+        let expected = jiff::civil::date(2031, 5, 17)
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .unwrap()
+            .timestamp()
+            .as_second();
+        metric("proxsmtpd_tls_certificate_expiry_timestamp_seconds")
+            .value(expected as f64)
+            .assert_in(&admin);
+    });
+}
+
+/// GET /metrics with an Accept header; returns (content type, body).
+fn get_with_accept(admin: &SocketAddr, accept: &str) -> (String, String) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(secs(5))).unwrap();
+    s.write_all(
+        format!(
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (content_type, body.to_string())
+}
+
+/// A scraper asking for OpenMetrics gets it (`# EOF`, counter families without `_total`);
+/// others get the Prometheus text format. Then a real Prometheus (which negotiates
+/// OpenMetrics) scrapes the proxy and stores the series under their usual names.
+#[test]
+fn openmetrics_is_served_when_asked_for() {
+    timed(60, || {
+        let (_p, admin, _up) = traffic_with_distinctive_addresses();
+        let prometheus_accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let (content_type, body) = get_with_accept(&admin, prometheus_accept);
+        assert_eq!(
+            content_type,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        assert!(
+            body.contains("# TYPE proxsmtpd_messages counter\n"),
+            "{body}"
+        );
+        assert!(
+            body.contains("proxsmtpd_messages_total{source=\"filter\",verdict=\"rejected\"} 1.0\n"),
+            "{body}"
+        );
+        let (content_type, body) = get_with_accept(&admin, "text/plain;version=0.0.4");
+        assert_eq!(content_type, "text/plain; version=0.0.4");
+        assert!(!body.contains("# EOF"));
+        assert!(body.contains("# TYPE proxsmtpd_messages_total counter\n"));
+
+        if Command::new("prometheus")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("note: prometheus is not installed; skipping the real scrape");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: proxsmtpd\n    \
+                 static_configs:\n      - targets: ['{admin}']\n"
+            ),
+        )
+        .unwrap();
+        let web = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        struct Killed(std::process::Child);
+        impl Drop for Killed {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _prometheus = Killed(
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address={web}"))
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(dir.path().join("prometheus.log")).unwrap())
+                .spawn()
+                .expect("start prometheus"),
+        );
+        let query = |q: &str| {
+            http_get(&web, &format!("/api/v1/query?query={q}"))
+                .map(|(_, body)| body)
+                .unwrap_or_default()
+        };
+        let stored = wait_until(secs(30), || {
+            query("proxsmtpd_messages_total%7Bverdict%3D%22rejected%22%2Csource%3D%22filter%22%7D")
+                .contains("\"1\"]")
+        });
+        let targets = http_get(&web, "/api/v1/targets")
+            .map(|r| r.1)
+            .unwrap_or_default();
+        assert!(
+            stored,
+            "Prometheus never stored the counter; targets: {targets}"
+        );
+        assert!(targets.contains("\"health\":\"up\""), "{targets}");
+        assert!(targets.contains("\"lastError\":\"\""), "{targets}");
+        for q in [
+            "proxsmtpd_upstream_reply_duration_seconds_bucket",
+            "proxsmtpd_build_info",
+            "proxsmtpd_config_last_reload_successful",
+        ] {
+            assert!(query(q).contains(q), "{q} not stored by Prometheus");
+        }
     });
 }

@@ -163,7 +163,10 @@ impl Conn {
         let deadline = Instant::now() + self.settings.timeout;
         loop {
             match self.buffered_reply() {
-                Ok(Some(reply)) => return Ok(reply),
+                Ok(Some(reply)) => {
+                    crate::metrics::upstream_reply(stage, self.upstream_active);
+                    return Ok(reply);
+                }
                 Ok(None) => {}
                 Err(e) => return Err(upstream_failure(stage, e)),
             }
@@ -629,6 +632,7 @@ async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
         // Replies already buffered are handled before waiting for more input.
         match conn.buffered_reply() {
             Ok(Some(reply)) => {
+                crate::metrics::upstream_reply(stage_of(&session), conn.upstream_active);
                 session.upstream_reply(reply);
                 deadlines.upstream = Instant::now() + conn.settings.timeout;
                 perform(conn, &mut session, shared, &mut deadlines).await?;

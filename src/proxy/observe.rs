@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::connection::Conn;
-use crate::metrics::{self, MessageVerdict};
+use crate::metrics::{self, MessageSource, MessageVerdict};
 use crate::session::Envelope;
 use crate::smtp::reply::{reply_code, Reply};
 use crate::telemetry;
@@ -94,6 +94,21 @@ impl Outcome {
         self.status = Some("SKIPPED".into());
         self
     }
+
+    /// Who decided the outcome: the upstream when its reply is known (whatever the filter
+    /// said before), the filter when its verdict was sent without asking the upstream
+    /// (reject, defer, drop), the proxy itself for a local error; a message lost with the
+    /// upstream connection (no reply, no filter verdict) is the upstream's.
+    pub fn source(&self) -> MessageSource {
+        match self.verdict {
+            MessageVerdict::LocalError => MessageSource::Local,
+            MessageVerdict::Dropped => MessageSource::Filter,
+            _ if self.upstream_code.is_some() => MessageSource::Upstream,
+            MessageVerdict::Accepted => MessageSource::Upstream,
+            _ if self.filter_time.is_some() => MessageSource::Filter,
+            _ => MessageSource::Upstream,
+        }
+    }
 }
 
 /// Client-supplied text as it may appear in a log line: control characters (CR, LF, ESC,
@@ -160,7 +175,7 @@ pub fn message(conn: &Conn, envelope: &Envelope, outcome: Outcome) {
         conn.id,
         summary(conn, envelope, outcome.status.as_deref())
     );
-    metrics::global().message(outcome.verdict, outcome.size);
+    metrics::global().message(outcome.verdict, outcome.source(), outcome.size);
 }
 
 /// The client left before the answer to its message; nothing was delivered.
@@ -186,7 +201,7 @@ pub fn policy_reject(conn: &Conn, envelope: &Envelope) {
         conn.id,
         summary(conn, envelope, Some("REJECTED"))
     );
-    metrics::global().message(MessageVerdict::Rejected, 0);
+    metrics::global().message(MessageVerdict::Rejected, MessageSource::Filter, 0);
 }
 
 /// Counts every final reply line written to a client by its class.
