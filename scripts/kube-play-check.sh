@@ -396,7 +396,7 @@ play_case() {
   mapfile -t v < <(meta "$W/$c.meta.json" 'print("\n".join(m["volumes"]))')
   PODS+=("$pod"); VOLUMES+=("${v[@]}")
   if [ -s "$W/$c.claims.yaml" ] && grep -q kind "$W/$c.claims.yaml"; then
-    check "[$c] claims played (podman volumes $(meta "$W/$c.meta.json" 'print(" ".join(m["volumes"]))'))" play "$c-claims" "$W/$c.claims.yaml"
+    check "[$c] claims played ($(grep -c "^kind: PersistentVolumeClaim" "$W/$c.claims.yaml") PersistentVolumeClaim; the case's podman volumes: $(meta "$W/$c.meta.json" 'print(" ".join(m["volumes"]))'))" play "$c-claims" "$W/$c.claims.yaml"
   fi
   check "[$c] podman kube play" play "$c" "$W/$c.pods.yaml" || return
   # ConfigMap volumes laid out as the kubelet does (files through ..data, defaultMode)
