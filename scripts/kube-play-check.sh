@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
     --no-image-build) BUILD=0; shift ;;
     --case) CASES+=("$2"); shift 2 ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -65,7 +65,7 @@ fail() { FAILED=$((FAILED + 1)); printf 'FAIL %s\n' "$1"; [ -z "${2:-}" ] || pri
 # check NAME CMD...: run CMD, one pass/fail line; on failure the end of its output.
 check() {
   local name=$1; shift
-  if "$@" > "$W/out" 2>&1; then ok "$name"; else fail "$name" "$(cat "$W/out")"; fi
+  if "$@" > "$W/out" 2>&1; then ok "$name"; else fail "$name" "$(cat "$W/out")"; return 1; fi
 }
 info() { printf '     %s\n' "$*"; }
 die() { echo "kube-play-check: $*" >&2; summary; exit 1; }
@@ -78,6 +78,14 @@ wait_for() {
 }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+# claim KIND NAME...: the pods and volumes a case is about to make must not exist yet (another
+# run, or someone else's pods of the same name): nothing of theirs is replaced or removed.
+claim() {
+  local kind=$1 n taken=(); shift
+  for n in "$@"; do podman "$kind" exists "$n" && taken+=("$n"); done
+  [ ${#taken[@]} = 0 ] || { echo "podman ${kind}(s) already present, not ours to replace: ${taken[*]}"; return 1; }
+  if [ "$kind" = pod ]; then PODS+=("$@"); else VOLUMES+=("$@"); fi
+}
 # The pods and volumes a case made go away with it (images stay cached).
 teardown() {
   local p v
@@ -377,7 +385,7 @@ case_standalone() {
   check "[$c] helm template" bash -c "'$HELM' template edge $CHART -n mail -f $CHART/ci/standalone-minimal.yaml > '$W/$c.rendered.yaml'" || return
   prep deploy/kube-play/postfix-upstream.yaml "$W/$c.upstream.yaml" --meta "$W/$c.upstream.meta.json" \
     --env "postfix:RELAYHOST=[$GW]:$SINK_PORT" || { fail "[$c] prep.py (upstream)"; return; }
-  PODS+=(postfix)
+  check "[$c] pod name postfix free" claim pod postfix || return
   check "[$c] Postfix upstream pod played" play "$c-upstream" "$W/$c.upstream.yaml" || return
   check "[$c] Postfix upstream pod running" wait_for 30 all_running postfix-postfix
   ip=$(pod_ip postfix)
@@ -394,6 +402,7 @@ play_case() {
   read -r -a containers <<< "$(meta "$W/$c.meta.json" 'print(" ".join([p["containers"] for p in m["pods"] if not p["test"]][0]))')"
   grace=$(meta "$W/$c.meta.json" 'print([p["grace"] for p in m["pods"] if not p["test"]][0])')
   mapfile -t v < <(meta "$W/$c.meta.json" 'print("\n".join(m["volumes"]))')
+  check "[$c] pod and volume names free ($pod ${v[*]})" bash -c "$(declare -f claim); PODS=() VOLUMES=(); claim pod $pod && claim volume ${v[*]}" || return
   PODS+=("$pod"); VOLUMES+=("${v[@]}")
   if [ -s "$W/$c.claims.yaml" ] && grep -q kind "$W/$c.claims.yaml"; then
     check "[$c] claims played ($(grep -c "^kind: PersistentVolumeClaim" "$W/$c.claims.yaml") PersistentVolumeClaim; the case's podman volumes: $(meta "$W/$c.meta.json" 'print(" ".join(m["volumes"]))'))" play "$c-claims" "$W/$c.claims.yaml"
@@ -444,7 +453,7 @@ helm_test() {
     --host-alias "$name=$ip" --env smtp:SMTP_PORT=10025 > /dev/null
   sed -n '/Pod\/.*test/p' "$W/prep.out" | sed 's/^/     /'
   test=$(python3 -c 'import sys,yaml; print([d for d in yaml.safe_load_all(open(sys.argv[1])) if d][0]["metadata"]["name"])' "$W/$c.test-play.yaml")
-  PODS+=("$test")
+  check "[$c] pod name $test free" claim pod "$test" || return
   check "[$c] helm test pod $test played" play "$c-test" "$W/$c.test-play.yaml" || return
   check "[$c] helm test pod: PASS, exit 0" bash -c "
     for _ in \$(seq 1 60); do [ \"\$(podman inspect -f '{{.State.Status}}' $test-smtp)\" = exited ] && break; sleep 0.5; done
