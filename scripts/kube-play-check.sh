@@ -119,12 +119,8 @@ QUIET=1 WITH_PODMAN=1 scripts/install-deploy-tools.sh > "$W/tools" 2> "$W/instal
   || { cat "$W/install.log"; die "installing the tools failed"; }
 T=$(tail -n1 "$W/tools")
 HELM="$T/bin/helm" KUBECTL="$T/bin/kubectl"
-# podman pods need an infra process: Debian's catatonit (podman builds its pause image from it)
-if ! command -v catatonit >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends catatonit > "$W/apt.log" 2>&1 \
-    || { cat "$W/apt.log"; die "apt-get install catatonit"; }
-fi
-for t in podman swaks smtp-sink openssl curl; do command -v "$t" >/dev/null || die "$t missing"; done
+# (catatonit: podman builds the pause image of its pods from it)
+for t in podman catatonit swaks smtp-sink openssl curl; do command -v "$t" >/dev/null || die "$t missing"; done
 # the project's containers.conf: runc, pinned ulimits
 export CONTAINERS_CONF="$ROOT/deploy/image/containers.conf"
 echo "$(podman --version) / $("$HELM" version --short) / kubectl $("$KUBECTL" version --client 2>/dev/null | head -n1 | awk '{print $3}')"
