@@ -143,8 +143,8 @@ build_postfix() {
   podman build --pull=never --network=none --build-arg BASE="$BASE" \
     --label org.proxsmtpd.kube-play.source="$POSTFIX_SRC" -t "$POSTFIX_IMAGE" "$ctx"
 }
-# rebuilt when its Containerfile or entry point changes
-POSTFIX_SRC=$(cat deploy/kube-play/postfix/Containerfile deploy/kube-play/postfix/entrypoint.sh | sha256sum | cut -c1-16)
+# rebuilt when its Containerfile, its entry point or the base image changes
+POSTFIX_SRC=$({ podman image inspect -f '{{.Id}}' "$BASE" 2>/dev/null; cat deploy/kube-play/postfix/Containerfile deploy/kube-play/postfix/entrypoint.sh; } | sha256sum | cut -c1-16)
 if [ "$(podman image inspect -f '{{index .Labels "org.proxsmtpd.kube-play.source"}}' "$POSTFIX_IMAGE" 2>/dev/null)" = "$POSTFIX_SRC" ]; then
   info "Postfix image $POSTFIX_IMAGE cached"
 else
