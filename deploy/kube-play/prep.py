@@ -19,6 +19,7 @@ Kept unchanged in meaning: ConfigMaps, Secrets, PersistentVolumeClaims, Pods, De
 import argparse
 import copy
 import json
+import socket
 import sys
 
 import yaml
@@ -35,6 +36,12 @@ WHY = {
     "NetworkPolicy": "no CNI policy enforcement under podman's bridge network",
     "Certificate": "cert-manager CRD (the script makes the Secret itself)",
 }
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def name_of(obj):
@@ -203,6 +210,15 @@ def fix_workload(obj, edit, images, envs, publish, aliases, secret_dirs):
                 p["hostIP"] = "127.0.0.1"
                 edit(obj, f"container {c['name']}: port {p['name']} ({p['containerPort']}) "
                      f"published on 127.0.0.1:{p['hostPort']} (stands in for the Service)")
+            elif not p.get("hostPort"):
+                # podman 4.3.1 publishes a containerPort without hostPort on the host, on the
+                # same number and every address: keep it off the host's public addresses and
+                # out of the way of whatever already listens there.
+                p["hostPort"] = free_port()
+                p["hostIP"] = "127.0.0.1"
+                edit(obj, f"container {c['name']}: port {p.get('name', '')} ({p['containerPort']}) "
+                     f"on 127.0.0.1:{p['hostPort']}, not on 0.0.0.0:{p['containerPort']} where "
+                     "podman 4.3.1 publishes every containerPort without a hostPort")
     for v in pod.get("volumes", []):
         sec = v.get("secret")
         if sec and sec.get("secretName") in secret_dirs:
