@@ -11,7 +11,8 @@
 #   npm @kubernetes-models/prometheus-operator@6.0.0 + js-yaml@4: type checks for
 #     ServiceMonitor and PrometheusRule objects.
 #   Debian: prometheus (prometheus + promtool), postfix (smtp-sink, smtp-source), swaks, curl.
-#   WITH_PODMAN=1 also installs Debian podman, buildah, runc, debootstrap (image builds).
+#   WITH_PODMAN=1 also installs Debian podman, buildah, runc, debootstrap (image builds) and
+#     catatonit (the init of the pause image podman makes for pods: podman kube play).
 #
 # Usage: scripts/install-deploy-tools.sh        prints the cache dir on its last line
 # Env:   DEPLOY_TOOLS_DIR  cache dir (default ${XDG_CACHE_HOME:-~/.cache}/proxsmtpd-deploy-tools)
@@ -38,7 +39,7 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v npm >/dev/null || need_apt+=(npm)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 if [ "${WITH_PODMAN:-0}" = 1 ]; then
-  for p in podman buildah runc debootstrap; do command -v "$p" >/dev/null || need_apt+=("$p"); done
+  for p in podman buildah runc debootstrap catatonit; do command -v "$p" >/dev/null || need_apt+=("$p"); done
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
