@@ -9,7 +9,8 @@
 //! - `config`: settings, the proxsmtpd.conf reader and the layered configuration.
 //! - `tls`: certificates (reloaded when they change) and TLS configurations for both sides.
 //! - `admin`, `metrics`, `telemetry`, `logging`: what operators see.
-//! - `app`, `cli`, `daemon`, `init`, `privileges`, `sockopt`: the process around it all.
+//! - `app`, `cli`, `daemon`, `init`, `privileges`, `sd_notify`, `sockopt`: the process around
+//!   it all.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -26,6 +27,7 @@ pub mod privileges;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
+pub mod sd_notify;
 pub mod session;
 pub mod smtp;
 pub mod sockopt;
