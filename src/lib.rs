@@ -8,7 +8,7 @@
 //! - `proxy`: tokio moving bytes: listener, upstream connection, relay, message transaction.
 //! - `config`: settings, the proxsmtpd.conf reader and the layered configuration.
 //! - `tls`: certificates (reloaded when they change) and TLS configurations for both sides.
-//! - `admin`, `metrics`, `telemetry`, `logging`: what operators see.
+//! - `admin`, `metrics`, `telemetry`, `logging`: what operators see; `man`: the manual pages.
 //! - `app`, `cli`, `daemon`, `init`, `privileges`, `sd_notify`, `sockopt`: the process around
 //!   it all.
 #![forbid(unsafe_code)]
@@ -22,6 +22,7 @@ pub mod demo;
 pub mod filter;
 pub mod init;
 pub mod logging;
+pub mod man;
 pub mod metrics;
 pub mod privileges;
 pub mod proxy;
