@@ -6,6 +6,7 @@
 #                                            made by scripts/deb.sh)
 #
 # In a bookworm root made with debootstrap (kept in target/deb-upgrade/ between runs):
+#   0. a fresh install makes the _proxsmtp user and /etc/proxsmtpd.conf; purge removes it;
 #   1. install Debian's proxsmtp, give it /etc/proxsmtp/test.conf and a filter script, run
 #      the proxsmtp@test unit's command line (systemd does not run in a chroot) and send
 #      three messages: one delivered with the filter's header, one rejected by the filter
@@ -87,9 +88,25 @@ step "smtp-sink on 127.0.0.1:$SINK_PORT"
 smtp-sink -u postfix -d "$DUMP/%M." "127.0.0.1:$SINK_PORT" 16 > "$WORK/sink.log" 2>&1 &
 SINK_PID=$!
 
+# --- 0. a fresh install (no proxsmtp before): the user comes from sysusers.d ------------
+step "fresh install of $(basename "$DEB")"
+cp "$DEB" "$R/tmp/new.deb"
+in_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq /tmp/new.deb > "$WORK/apt.log" 2>&1 \
+  || { tail -n 20 "$WORK/apt.log" >&2; die "fresh install"; }
+in_root getent passwd _proxsmtp >/dev/null || die "fresh install: no _proxsmtp user"
+[ -f "$R/etc/proxsmtpd.conf" ] || die "fresh install: no /etc/proxsmtpd.conf"
+in_root dpkg-query -L proxsmtpd | grep -q '^/usr/share/doc/proxsmtpd/examples/tag-header.sh$' \
+  || die "fresh install: no example filters"
+in_root env DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq proxsmtpd > "$WORK/apt.log" 2>&1 \
+  || { tail -n 20 "$WORK/apt.log" >&2; die "purge"; }
+[ ! -e "$R/etc/proxsmtpd.conf" ] || die "purge left /etc/proxsmtpd.conf"
+in_root userdel _proxsmtp 2>/dev/null || true
+in_root groupdel _proxsmtp 2>/dev/null || true
+echo "fresh install: user, conffile and examples there; purge removes the conffile"
+
 # --- 1. Debian's proxsmtp -------------------------------------------------------------
 step "apt-get install proxsmtp"
-in_root apt-get update -qq >/dev/null
 in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends proxsmtp \
   > "$WORK/apt.log" 2>&1 || { tail -n 20 "$WORK/apt.log" >&2; die "apt-get install proxsmtp"; }
 in_root getent passwd _proxsmtp >/dev/null || die "proxsmtp did not create _proxsmtp"
