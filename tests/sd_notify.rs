@@ -46,13 +46,25 @@ fn wait_for(socket: &UnixDatagram, want: &str, timeout: Duration) -> Vec<String>
 fn config(dir: &std::path::Path, port: u16, up: &Upstream) -> std::path::PathBuf {
     let conf = dir.join("proxsmtpd.conf");
     fs::create_dir_all(dir.join("tmp")).unwrap();
+    // The filter records its environment.
+    let filter = dir.join("filter.sh");
+    fs::write(
+        &filter,
+        format!(
+            "#!/bin/sh\nenv > {}\ncat\n",
+            dir.join("filter.env").display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&filter, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     fs::write(
         &conf,
         format!(
-            "Listen: 127.0.0.1:{port}\nOutAddress: {}\nTempDirectory: {}\nFilterCommand: cat\n\
+            "Listen: 127.0.0.1:{port}\nOutAddress: {}\nTempDirectory: {}\nFilterCommand: {}\n\
              ReloadWatch: off\n",
             up.out_address(),
-            dir.join("tmp").display()
+            dir.join("tmp").display(),
+            filter.display()
         ),
     )
     .unwrap();
@@ -104,9 +116,18 @@ fn type_notify_ready_watchdog_reload_stopping() {
             d.pid.to_string(),
             "the pid file holds the service's own pid"
         );
-        // It serves: greeting and EHLO through to the upstream.
+        // It serves, and the filter does not inherit the protocol's variables: it cannot
+        // speak for the daemon.
         let mut c = Client::open(format!("127.0.0.1:{port}").parse().unwrap());
+        assert_eq!(c.send_mail(b"Subject: t\r\n\r\nhello\r\n").code, 250);
         c.cmd("QUIT");
+        let env = fs::read_to_string(dir.path().join("filter.env")).expect("filter ran");
+        for var in ["NOTIFY_SOCKET=", "WATCHDOG_USEC=", "WATCHDOG_PID="] {
+            assert!(
+                !env.lines().any(|l| l.starts_with(var)),
+                "the filter sees {var}: {env}"
+            );
+        }
 
         // WatchdogSec=0.4 s: a ping at least every 0.2 s.
         let start = Instant::now();
