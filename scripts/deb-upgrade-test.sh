@@ -2,8 +2,9 @@
 # deb-upgrade-test.sh - upgrade a Debian bookworm system from Debian's proxsmtp to the
 # proxsmtpd package and check that nothing an operator set up is lost.
 #
-# Usage: scripts/deb-upgrade-test.sh [DEB]   (default: the newest target/debian/*.deb,
-#                                            made by scripts/deb.sh)
+# Usage: scripts/deb-upgrade-test.sh [--no-podman] [DEB]
+#   DEB          default: the newest target/debian/*.deb, made by scripts/deb.sh
+#   --no-podman  leave out step 6 (systemd in a podman container)
 #
 # In a bookworm root made with debootstrap (kept in target/deb-upgrade/ between runs):
 #   0. a fresh install makes the _proxsmtp user and /etc/proxsmtpd.conf; purge removes it;
@@ -18,7 +19,12 @@
 #   3. edit /etc/proxsmtpd.conf, upgrade to a newer revision of our package: the edit is
 #      kept (conffile);
 #   4. systemd-analyze verify on the installed units;
-#   5. apt-get remove: /etc/proxsmtpd.conf and /etc/proxsmtp/test.conf are left.
+#   5. apt-get remove: /etc/proxsmtpd.conf and /etc/proxsmtp/test.conf are left;
+#   6. the same under a running systemd, in a podman container of the same root: proxsmtp
+#      with proxsmtp@test enabled and running (Type=forking), then our package installed:
+#      its postinst restarts the instance, now Type=notify, active with the same pid file
+#      and the same replies; reload and stop through systemctl; proxsmtpd.service with an
+#      edited /etc/proxsmtpd.conf starts (READY=1) and serves.
 # Long-running (debootstrap, apt): not part of scripts/test.sh. Needs root, debootstrap,
 # smtp-sink (postfix) and python3 on the host.
 # Env: DEBIAN_MIRROR (default http://deb.debian.org/debian).
@@ -26,6 +32,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+PODMAN=1
+if [ "${1:-}" = --no-podman ]; then PODMAN=0; shift; fi
 WORK=$ROOT/target/deb-upgrade
 BASE=$WORK/bookworm-base.tar
 R=$WORK/root
@@ -111,7 +119,11 @@ in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-r
   > "$WORK/apt.log" 2>&1 || { tail -n 20 "$WORK/apt.log" >&2; die "apt-get install proxsmtp"; }
 in_root getent passwd _proxsmtp >/dev/null || die "proxsmtp did not create _proxsmtp"
 
-cat > "$R/etc/proxsmtp/filter.sh" <<'EOF'
+# write_config ETC PORT: the operator's filter and /etc/proxsmtp/test.conf under ETC.
+write_config() {
+  local etc=$1 port=$2
+  mkdir -p "$etc/proxsmtp"
+  cat > "$etc/proxsmtp/filter.sh" <<'EOF'
 #!/bin/sh
 # Test filter: REJECT in the message -> 554, DROP -> silently dropped, else a header added.
 msg=$(cat)
@@ -121,15 +133,17 @@ case "$msg" in
 esac
 printf 'X-Test-Filter: passed\r\n%s\r\n' "$msg"
 EOF
-chmod 0755 "$R/etc/proxsmtp/filter.sh"
-cat > "$R/etc/proxsmtp/test.conf" <<EOF
+  chmod 0755 "$etc/proxsmtp/filter.sh"
+  cat > "$etc/proxsmtp/test.conf" <<EOF
 # operator's configuration, written before the upgrade
-Listen: 127.0.0.1:$PORT
+Listen: 127.0.0.1:$port
 OutAddress: 127.0.0.1:$SINK_PORT
 FilterCommand: /etc/proxsmtp/filter.sh
 TempDirectory: /var/tmp
 User: _proxsmtp
 EOF
+}
+write_config "$R/etc" "$PORT"
 CONF_SUM=$(md5sum < "$R/etc/proxsmtp/test.conf")
 
 # The unit's ExecStart with the instance name, as systemd would run it.
@@ -203,7 +217,7 @@ echo "same replies and deliveries as the original"
 
 # --- 3. conffile kept on upgrade ------------------------------------------------------
 step "edit /etc/proxsmtpd.conf, upgrade to revision 2"
-echo "OutAddress: 127.0.0.1:2525   # operator's edit" >> "$R/etc/proxsmtpd.conf"
+printf "# operator's edit\nOutAddress: 127.0.0.1:2525\n" >> "$R/etc/proxsmtpd.conf"
 EDIT_SUM=$(md5sum < "$R/etc/proxsmtpd.conf")
 x=$(mktemp -d)
 dpkg-deb -R "$DEB" "$x"
@@ -228,4 +242,87 @@ in_root env DEBIAN_FRONTEND=noninteractive apt-get remove -y -qq proxsmtpd > "$W
 [ ! -e "$R/usr/sbin/proxsmtpd" ] || die "the binary is still there"
 [ "$(md5sum < "$R/etc/proxsmtpd.conf")" = "$EDIT_SUM" ] || die "/etc/proxsmtpd.conf not left as it was"
 [ -f "$R/etc/proxsmtp/test.conf" ] || die "/etc/proxsmtp/test.conf removed"
+
+# --- 6. under systemd, in podman --------------------------------------------------------
+if [ "$PODMAN" = 1 ]; then
+  command -v podman >/dev/null || die "podman is missing (or run with --no-podman)"
+  # rootful podman where crun cannot manage cgroups (as for scripts/image-build.sh)
+  export CONTAINERS_CONF=$ROOT/deploy/image/containers.conf
+  IMAGE=localhost/proxsmtpd-debtest/bookworm-systemd:base
+  if ! podman image exists "$IMAGE"; then
+    step "podman import $BASE -> $IMAGE"
+    podman import --change 'CMD ["/lib/systemd/systemd"]' "$BASE" "$IMAGE" >/dev/null 2>&1
+  fi
+  CTR=proxsmtpd-debtest-$$
+  PORT=$(free_port)
+  step "podman run $IMAGE with systemd as process 1"
+  podman run -d --name "$CTR" --systemd=always --network=host \
+    -v "$(dirname "$DEB"):/debs:ro" "$IMAGE" /lib/systemd/systemd >/dev/null
+  trap 'podman rm -f -t 5 "$CTR" >/dev/null 2>&1 || true; cleanup' EXIT
+  in_ctr() { podman exec -e DEBIAN_FRONTEND=noninteractive "$CTR" "$@"; }
+  state=""
+  for _ in $(seq 1 50); do
+    state=$(in_ctr systemctl is-system-running 2>/dev/null || true)
+    case "$state" in running|degraded) break ;; esac
+    sleep 0.2
+  done
+  case "$state" in running|degraded) ;; *) die "systemd in the container: $state" ;; esac
+  unit_show() { in_ctr systemctl show "$1" -p "$2" --value; }
+  wait_active() {
+    for _ in $(seq 1 50); do
+      [ "$(unit_show "$1" ActiveState)" = active ] && return 0
+      sleep 0.2
+    done
+    in_ctr journalctl -u "$1" --no-pager | tail -n 10 >&2
+    die "$1 is not active"
+  }
+
+  step "systemd: proxsmtp with proxsmtp@test enabled"
+  in_ctr apt-get update -qq >/dev/null
+  in_ctr apt-get install -y -qq --no-install-recommends proxsmtp > "$WORK/apt.log" 2>&1 \
+    || { tail -n 20 "$WORK/apt.log" >&2; die "apt-get install proxsmtp (container)"; }
+  CETC=$WORK/ctr-etc
+  rm -rf "$CETC"
+  write_config "$CETC" "$PORT"
+  podman cp "$CETC/proxsmtp/." "$CTR:/etc/proxsmtp/"
+  in_ctr systemctl enable --now proxsmtp@test >/dev/null 2>&1 || die "enable proxsmtp@test"
+  wait_active proxsmtp@test
+  [ "$(unit_show proxsmtp@test Type)" = forking ] || die "not proxsmtp's unit"
+  send systemd-original > "$WORK/systemd-original.replies" || die "SMTP to proxsmtp under systemd"
+
+  step "systemd: our package over it"
+  in_ctr apt-get install -y -qq "/debs/$(basename "$DEB")" > "$WORK/apt.log" 2>&1 \
+    || { tail -n 20 "$WORK/apt.log" >&2; die "installing our package (container)"; }
+  wait_active proxsmtp@test
+  [ "$(unit_show proxsmtp@test Type)" = notify ] || die "proxsmtp@test is not our Type=notify unit"
+  main=$(unit_show proxsmtp@test MainPID)
+  [ "$(in_ctr cat /run/proxsmtp/test.pid)" = "$main" ] || die "pid file is not the MainPID $main"
+  [ "$(in_ctr ps -o user= -p "$main")" = _proxsmtp ] || die "not running as _proxsmtp"
+  # The new binary: only it tells systemd READY=1 with this status (/proc/PID/exe of another
+  # user's process is not readable without CAP_SYS_PTRACE, which podman drops).
+  unit_show proxsmtp@test StatusText | grep -q "listening on 127.0.0.1:$PORT" \
+    || die "no READY=1 status text from the new binary"
+  send systemd-ours > "$WORK/systemd-ours.replies" || die "SMTP to ours under systemd"
+  diff "$WORK/systemd-original.replies" "$WORK/systemd-ours.replies" >&2 \
+    || die "replies under systemd differ from the original's"
+  echo "under systemd: the enabled instance was restarted as Type=notify, same replies"
+
+  in_ctr systemctl reload proxsmtp@test || die "systemctl reload"
+  wait_active proxsmtp@test
+  [ "$(unit_show proxsmtp@test MainPID)" = "$main" ] || die "reload restarted the process"
+  in_ctr systemctl stop proxsmtp.target || die "systemctl stop proxsmtp.target"
+  [ "$(unit_show proxsmtp@test ActiveState)" = inactive ] || die "the instance did not stop with the target"
+  [ "$(unit_show proxsmtp@test Result)" = success ] || die "stop result: $(unit_show proxsmtp@test Result)"
+
+  step "systemd: proxsmtpd.service with /etc/proxsmtpd.conf"
+  PORT=$(free_port)
+  in_ctr sh -c "printf 'Listen: 127.0.0.1:$PORT\nOutAddress: 127.0.0.1:$SINK_PORT\nFilterCommand: /etc/proxsmtp/filter.sh\n' >> /etc/proxsmtpd.conf"
+  in_ctr systemctl enable --now proxsmtpd >/dev/null 2>&1 || die "enable --now proxsmtpd"
+  wait_active proxsmtpd
+  send systemd-main > "$WORK/systemd-main.replies" || die "SMTP to proxsmtpd.service"
+  diff "$WORK/systemd-original.replies" "$WORK/systemd-main.replies" >&2 || die "proxsmtpd.service replies"
+  in_ctr systemctl stop proxsmtpd || die "systemctl stop proxsmtpd"
+  [ "$(unit_show proxsmtpd Result)" = success ] || die "proxsmtpd.service stop result"
+  echo "under systemd: reload, stop, proxsmtpd.service: OK"
+fi
 echo "deb-upgrade-test: OK"
