@@ -15,7 +15,7 @@
 #   2. install our package over it (dpkg -i, Conflicts/Replaces proxsmtp): the
 #      configuration, the filter and the _proxsmtp user are still there; run our
 #      proxsmtp@test unit's ExecStart (as its User=) and send the same messages: the same
-#      replies and the same deliveries;
+#      replies and the same deliveries; the same through /etc/init.d/proxsmtp start/stop;
 #   3. edit /etc/proxsmtpd.conf, upgrade to a newer revision of our package: the edit is
 #      kept (conffile);
 #   4. systemd-analyze verify on the installed units;
@@ -176,20 +176,28 @@ delivered() { # MARK KIND: whether the sink got the message, and with the filter
   elif grep -q '^X-Test-Filter: passed' "$f"; then echo "$2 delivered-filtered"
   else echo "$2 delivered-unfiltered"; fi
 }
-run_and_send() { # NAME USERSPEC
+run_and_send() { # NAME USERSPEC|initscript
   local name=$1 user=$2
   mkdir -p "$R/run/proxsmtp"
   in_root chown _proxsmtp:_proxsmtp /run/proxsmtp
-  step "$name: $(exec_start) (as ${user:-root})"
-  # shellcheck disable=SC2046
-  chroot ${user:+--userspec=$user} "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin $(exec_start) \
-    || die "$name did not start"
+  if [ "$user" = initscript ]; then
+    step "$name: /etc/init.d/proxsmtp start"
+    in_root /etc/init.d/proxsmtp start >&2 || die "$name: the init script did not start it"
+  else
+    step "$name: $(exec_start) (as ${user:-root})"
+    # shellcheck disable=SC2046
+    chroot ${user:+--userspec=$user} "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin $(exec_start) \
+      || die "$name did not start"
+  fi
   for _ in $(seq 1 50); do
     python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$PORT),1)" 2>/dev/null && break
     sleep 0.2
   done
   send "$name" > "$WORK/$name.replies" || die "$name: SMTP conversation failed"
   for kind in PASS REJECT DROP; do delivered "$name" "$kind"; done > "$WORK/$name.delivered"
+  if [ "$user" = initscript ]; then
+    in_root /etc/init.d/proxsmtp stop >&2 || die "$name: the init script did not stop it"
+  fi
   stop_proxies
   cat "$WORK/$name.replies" "$WORK/$name.delivered" | sed "s/^/  $name: /" >&2
 }
@@ -213,6 +221,13 @@ run_and_send ours _proxsmtp:_proxsmtp
 diff "$WORK/original.replies" "$WORK/ours.replies" >&2 || die "replies differ from the original's"
 diff <(sed 's/^/x /' "$WORK/original.delivered") <(sed 's/^/x /' "$WORK/ours.delivered") >&2 \
   || die "deliveries differ from the original's"
+# Without systemd: proxsmtp's init script, taken over (and made executable again).
+[ -x "$R/etc/init.d/proxsmtp" ] || die "/etc/init.d/proxsmtp is not executable after the upgrade"
+run_and_send initscript initscript
+diff "$WORK/original.replies" "$WORK/initscript.replies" >&2 || die "init script: replies differ"
+diff <(sed 's/^/x /' "$WORK/original.delivered") <(sed 's/^/x /' "$WORK/initscript.delivered") >&2 \
+  || die "init script: deliveries differ"
+[ ! -e "$R/run/proxsmtp/test.pid" ] || die "init script stop left the pid file"
 echo "same replies and deliveries as the original"
 
 # --- 3. conffile kept on upgrade ------------------------------------------------------

@@ -13,7 +13,7 @@
 # The checks fail, never skip, when cargo-deb or lintian is missing
 # (scripts/install-test-deps.sh installs both):
 #   - contents: /usr/sbin/proxsmtpd, /etc/proxsmtpd.conf as a conffile, the units, the
-#     sysusers.d file, both manual pages, the example filters; Provides, Conflicts and
+#     init script (a conffile, masked under systemd), the sysusers.d file, both manual pages, the example filters; Provides, Conflicts and
 #     Replaces proxsmtp; the maintainer scripts parse (sh -n);
 #   - the packaged binary prints the packaged manual pages (--man) and its version;
 #   - the manual pages render with `man -l` without warnings;
@@ -101,13 +101,17 @@ check() {
     [ -e "$x/root/$f" ] || fail "missing /$f"
   done
   [ -x "$x/root/usr/sbin/proxsmtpd" ] || fail "/usr/sbin/proxsmtpd is not executable"
-  grep -qx /etc/proxsmtpd.conf "$x/root/DEBIAN/conffiles" 2>/dev/null \
-    || fail "/etc/proxsmtpd.conf is not a conffile"
+  for conffile in /etc/proxsmtpd.conf /etc/init.d/proxsmtp; do
+    grep -qx "$conffile" "$x/root/DEBIAN/conffiles" 2>/dev/null || fail "$conffile is not a conffile"
+  done
+  [ -x "$x/root/etc/init.d/proxsmtp" ] || fail "no executable /etc/init.d/proxsmtp"
+  [ "$(readlink "$x/root/lib/systemd/system/proxsmtp.service")" = /dev/null ] \
+    || fail "proxsmtp.service (the init script under systemd) is not masked"
   for field in Provides Conflicts Replaces; do
     dpkg-deb -f "$DEB" "$field" | grep -qw proxsmtp || fail "$field does not name proxsmtp"
   done
   [ "$(dpkg-deb -f "$DEB" Version)" = "$VERSION-1" ] || fail "Version is not $VERSION-1"
-  for s in postinst prerm postrm; do
+  for s in preinst postinst prerm postrm; do
     [ -x "$x/root/DEBIAN/$s" ] || { fail "no executable $s"; continue; }
     sh -n "$x/root/DEBIAN/$s" || fail "$s does not parse"
   done
