@@ -7,10 +7,13 @@
 #   spamd spamc clamav-daemon clamdscan
 #              the scanners of examples/filters/ (tests/scanners.rs starts its own spamd
 #              and clamd on loopback; the packages' services and freshclam never run)
+#   lintian man-db
+#              the Debian package's checks (scripts/deb.sh --check)
+#   cargo-deb  (cargo install, pinned) builds the Debian package (scripts/deb.sh)
 set -euo pipefail
 need=()
 for pkg in proxsmtp postfix swaks prometheus python3 procps iproute2 iptables \
-           spamd spamc clamav-daemon clamdscan; do
+           spamd spamc clamav-daemon clamdscan lintian man-db; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -46,3 +49,9 @@ for svc in spamd spamassassin clamav-daemon clamav-freshclam \
         update-rc.d "$svc" disable >/dev/null 2>&1 || true
     fi
 done
+# cargo-deb, pinned: the Debian package's layout must not change with a new release.
+CARGO_DEB_VERSION=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -qx "cargo-deb $CARGO_DEB_VERSION"; then
+    echo "installing: cargo-deb $CARGO_DEB_VERSION"
+    cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION" --quiet
+fi

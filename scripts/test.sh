@@ -26,6 +26,9 @@ step "cargo fmt" cargo fmt --all -- --check
 step "build" cargo build --release
 step "cargo clippy" cargo clippy --release --all-targets -- -D warnings
 step "cargo test" cargo test --release --no-fail-fast
+# The Debian package around the release binary built above (cargo deb --no-build), then
+# its contents, manual pages, units and lintian; fails when cargo-deb or lintian is missing.
+step "debian package" bash -c 'scripts/deb.sh --no-build && scripts/deb.sh --check'
 step "dependency licences and sources" bash scripts/deny.sh
 step "fuzz smoke run" bash scripts/fuzz.sh --smoke
 

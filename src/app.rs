@@ -165,7 +165,11 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
 
-    let foreground = args.debug_level.is_some() || settings.container;
+    // Under systemd with `Type=notify` (NOTIFY_SOCKET set) the service manager wants the
+    // process it started to stay and say READY=1; everywhere else (the original's
+    // `Type=forking` units, init scripts, a shell) it forks into the background as before.
+    let under_systemd = crate::sd_notify::init_from_env();
+    let foreground = args.debug_level.is_some() || settings.container || under_systemd;
     if !foreground {
         if let Err(e) = daemon::daemonize() {
             eprintln!("proxsmtpd: couldn't run as daemon: {e}");
@@ -216,7 +220,9 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(serve(args, settings, tls, bound, startup, foreground))
+    // Logging as without -d (syslog) unless -d or Container says otherwise.
+    let to_stderr = foreground && !under_systemd;
+    runtime.block_on(serve(args, settings, tls, bound, startup, to_stderr))
 }
 
 /// The listening sockets, bound before anything else happens.
@@ -267,7 +273,7 @@ async fn serve(
     tls: Arc<Tls>,
     bound: Bound,
     startup: Startup,
-    foreground: bool,
+    to_stderr: bool,
 ) -> ExitCode {
     let otel = match telemetry::otel_layer::<tracing_subscriber::Registry>() {
         Ok(layer) => layer,
@@ -280,7 +286,7 @@ async fn serve(
         LogTarget::Json
     } else if let Some(level) = args.debug_level {
         LogTarget::Stderr { level }
-    } else if foreground {
+    } else if to_stderr {
         LogTarget::Stderr { level: 2 }
     } else {
         LogTarget::Syslog
@@ -395,7 +401,23 @@ async fn serve(
     if reload_watch {
         tokio::spawn(watch_files(args.clone(), settings_tx.clone()));
     }
-    tokio::spawn(signals(args, settings_tx, shutdown_tx, health.clone()));
+    let ready_status = format!(
+        "READY=1\nSTATUS=listening on {}",
+        describe_listen(&settings_tx.borrow().listen)
+    );
+    // Installed here, before READY=1 is sent: a SIGTERM right after it must drain, not kill.
+    let handlers = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    );
+    tokio::spawn(signals(
+        handlers,
+        args,
+        settings_tx,
+        shutdown_tx,
+        health.clone(),
+    ));
     // Certificates are watched whatever ReloadWatch says: they are rotated behind the
     // proxy's back (cert-manager, a renewed Secret) and an expired one fails every client.
     tokio::spawn(crate::tls::watch_certificates(
@@ -406,6 +428,10 @@ async fn serve(
     // Built now (the process collector reads /proc once) rather than on the first
     // connection's way to its upstream.
     crate::metrics::global();
+
+    // Every listener is bound and listening, the configuration and filter are loaded.
+    crate::sd_notify::notify(&ready_status);
+    crate::sd_notify::spawn_watchdog();
 
     let mut rx = shutdown_rx.clone();
     // On a worker thread rather than this one: a session spawned from a worker starts on
@@ -438,16 +464,17 @@ async fn serve(
 
 /// SIGTERM and SIGINT drain and stop; SIGHUP reloads the configuration for new messages.
 async fn signals(
+    handlers: (
+        std::io::Result<tokio::signal::unix::Signal>,
+        std::io::Result<tokio::signal::unix::Signal>,
+        std::io::Result<tokio::signal::unix::Signal>,
+    ),
     args: RunArgs,
     settings_tx: Arc<watch::Sender<Arc<Settings>>>,
     shutdown_tx: watch::Sender<bool>,
     health: Arc<Health>,
 ) {
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = handlers else {
         tracing::error!("couldn't install signal handlers");
         return;
     };
@@ -455,9 +482,16 @@ async fn signals(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&args, &settings_tx),
+            _ = hup.recv() => {
+                crate::sd_notify::notify(&crate::sd_notify::reloading_message(
+                    crate::sd_notify::monotonic_now(),
+                ));
+                reload(&args, &settings_tx);
+                crate::sd_notify::notify("READY=1");
+            }
         }
     }
+    crate::sd_notify::notify("STOPPING=1\nSTATUS=draining sessions");
     tracing::info!("shutting down: draining sessions");
     health.set_draining();
     let _ = shutdown_tx.send(true);
@@ -507,6 +541,14 @@ async fn watch_files(args: RunArgs, settings_tx: Arc<watch::Sender<Arc<Settings>
             // The filter script may have moved with the new configuration.
             watcher = reload::Watcher::new(watched(&settings_tx.borrow()));
         }
+    }
+}
+
+/// The `Listen` address for the service manager's status line.
+fn describe_listen(listen: &config::ListenAddress) -> String {
+    match listen {
+        config::ListenAddress::Tcp(addr) => addr.to_string(),
+        config::ListenAddress::Unix(path) => path.display().to_string(),
     }
 }
 

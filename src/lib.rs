@@ -8,8 +8,9 @@
 //! - `proxy`: tokio moving bytes: listener, upstream connection, relay, message transaction.
 //! - `config`: settings, the proxsmtpd.conf reader and the layered configuration.
 //! - `tls`: certificates (reloaded when they change) and TLS configurations for both sides.
-//! - `admin`, `metrics`, `telemetry`, `logging`: what operators see.
-//! - `app`, `cli`, `daemon`, `init`, `privileges`, `sockopt`: the process around it all.
+//! - `admin`, `metrics`, `telemetry`, `logging`: what operators see; `man`: the manual pages.
+//! - `app`, `cli`, `daemon`, `init`, `privileges`, `sd_notify`, `sockopt`: the process around
+//!   it all.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -21,11 +22,13 @@ pub mod demo;
 pub mod filter;
 pub mod init;
 pub mod logging;
+pub mod man;
 pub mod metrics;
 pub mod privileges;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
+pub mod sd_notify;
 pub mod session;
 pub mod smtp;
 pub mod sockopt;

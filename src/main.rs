@@ -13,6 +13,19 @@ fn main() -> ExitCode {
         return proxsmtpd::init::supervise();
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Hidden: the manual pages, generated from the settings list (see src/man.rs).
+    if args.first().map(String::as_str) == Some("--man") {
+        return match args.get(1).and_then(|s| proxsmtpd::man::page(s)) {
+            Some(page) if args.len() == 2 => {
+                print!("{page}");
+                ExitCode::SUCCESS
+            }
+            _ => {
+                eprintln!("usage: proxsmtpd --man 8|5");
+                ExitCode::from(2)
+            }
+        };
+    }
     match cli::parse(&args) {
         Ok(Command::Version) => {
             print!("{}", cli::version_text());

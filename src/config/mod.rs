@@ -2,6 +2,7 @@
 //!
 //! - `settings`: the [`Settings`] type and its defaults.
 //! - `names`: every setting's names (`proxsmtpd.conf`, TOML/YAML, environment).
+//! - `reference`: every setting's default and meaning, in words (the manual pages).
 //! - `address`: the `Listen` / `OutAddress` syntax.
 //! - `cidr`: networks for `ProxyProtocolTrusted`.
 //! - `legacy`: the original `proxsmtpd.conf` reader and the per-setting validation shared by
@@ -16,6 +17,7 @@ pub mod cidr;
 pub mod layered;
 pub mod legacy;
 pub mod names;
+pub mod reference;
 pub mod settings;
 
 pub use address::{parse_listen, parse_out_address};
