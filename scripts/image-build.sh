@@ -2,14 +2,21 @@
 # image-build.sh - build the proxsmtpd container image with podman, offline, then run it and
 # check that mail through it reaches an upstream and that /readyz answers 200.
 #
-# Usage: scripts/image-build.sh [--full | --prebuilt [--binary PATH]] [--tag IMAGE]
-#                               [--no-run-check] [--keep-context]
+# Usage: scripts/image-build.sh [--full | --prebuilt [--binary PATH]] [--flavor full|minimal]
+#                               [--tag IMAGE] [--debug-out DIR] [--no-run-check] [--keep-context]
 #   --full      (default) both Dockerfile stages: the builder stage compiles the crate inside
 #               a local Rust base image, with the crates vendored into the build context
 #               (`cargo vendor`), so `podman build --network=none` works.
 #   --prebuilt  only the runtime stage (target runtime-prebuilt) around a binary built on
 #               this host (`cargo build --release --locked`, or --binary PATH).
-#   --tag       image name (default localhost/proxsmtpd:<Cargo.toml version>).
+#   --flavor    full (default): Debian bookworm-slim with /bin/sh for FilterCommand scripts.
+#               minimal: FROM scratch with only the stripped binary, the shared libraries ldd
+#               names, CA roots and passwd/group for 10025; no shell, no package manager (no
+#               FilterCommand). Its debug info goes to DIR/proxsmtpd-<version>.debug (the
+#               binary names it with a gnu-debuglink), DIR from --debug-out (default
+#               target/image).
+#   --tag       image name (default localhost/proxsmtpd:<Cargo.toml version>, with the suffix
+#               -minimal for the minimal flavor).
 #   --check-only  build nothing: only run the checks of step 4 on the image --tag names.
 #
 # Base images are never pulled. They are made here from Debian packages and tagged with the
@@ -22,23 +29,31 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-MODE=full TAG="" RUN_CHECK=1 KEEP_CTX=0 BINARY="" CHECK_ONLY=0
+MODE=full TAG="" RUN_CHECK=1 KEEP_CTX=0 BINARY="" CHECK_ONLY=0 FLAVOR=full DEBUG_OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --full) MODE=full; shift ;;
     --prebuilt) MODE=prebuilt; shift ;;
     --binary) BINARY=$2; shift 2 ;;
     --tag) TAG=$2; shift 2 ;;
+    --flavor) FLAVOR=$2; shift 2 ;;
+    --debug-out) DEBUG_OUT=$2; shift 2 ;;
     --no-run-check) RUN_CHECK=0; shift ;;
     --check-only) CHECK_ONLY=1; shift ;;
     --keep-context) KEEP_CTX=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
 
 VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -n1)
-TAG=${TAG:-localhost/proxsmtpd:$VERSION}
+case "$FLAVOR" in
+  full) SUFFIX="" ;;
+  minimal) SUFFIX=-minimal ;;
+  *) echo "--flavor must be full or minimal, not $FLAVOR" >&2; exit 2 ;;
+esac
+TAG=${TAG:-localhost/proxsmtpd:$VERSION$SUFFIX}
+DEBUG_OUT=${DEBUG_OUT:-$ROOT/target/image}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # podman, buildah, runc, debootstrap, smtp-sink, swaks
 QUIET=1 WITH_PODMAN=1 "$ROOT/scripts/install-deploy-tools.sh" >/dev/null
@@ -115,6 +130,7 @@ if [ "$MODE" = full ]; then
   step "cargo vendor (crates for the offline builder stage)"
   (cd "$CTX" && cargo vendor --locked --quiet vendor >/dev/null) || die "cargo vendor"
   TARGET=runtime
+  [ "$FLAVOR" = full ] || TARGET=runtime-minimal
 else
   if [ -z "$BINARY" ]; then
     step "cargo build --release --locked (host binary for the runtime-prebuilt stage)"
@@ -122,8 +138,22 @@ else
     BINARY="$ROOT/target/release/proxsmtpd"
   fi
   [ -x "$BINARY" ] || die "no executable binary at $BINARY"
-  install -D -m 0755 "$BINARY" "$CTX/prebuilt/proxsmtpd"
-  TARGET=runtime-prebuilt
+  if [ "$FLAVOR" = full ]; then
+    install -D -m 0755 "$BINARY" "$CTX/prebuilt/proxsmtpd"
+    TARGET=runtime-prebuilt
+  else
+    # stripped, its debug info kept in a separate file the binary names (gnu-debuglink)
+    step "strip the binary; debug info -> $DEBUG_OUT/proxsmtpd-$VERSION.debug"
+    mkdir -p "$CTX/prebuilt" "$DEBUG_OUT"
+    DEBUG_FILE="$DEBUG_OUT/proxsmtpd-$VERSION.debug"
+    objcopy --only-keep-debug "$BINARY" "$DEBUG_FILE" || die "objcopy --only-keep-debug"
+    objcopy --strip-all --add-gnu-debuglink="$DEBUG_FILE" "$BINARY" "$CTX/prebuilt/proxsmtpd" \
+      || die "objcopy --strip-all"
+    chmod 0755 "$CTX/prebuilt/proxsmtpd"; chmod 0644 "$DEBUG_FILE"
+    echo "binary $(stat -c %s "$BINARY") bytes -> stripped $(stat -c %s "$CTX/prebuilt/proxsmtpd")," \
+      "debug info $(stat -c %s "$DEBUG_FILE") in $DEBUG_FILE"
+    TARGET=runtime-minimal-prebuilt
+  fi
 fi
 
 # --- 3. podman build ------------------------------------------------------------------
@@ -135,6 +165,16 @@ podman build --pull=never --network=none --target "$TARGET" \
   -t "$TAG" "$CTX" > "$WORK/build.log" 2>&1 \
   || { tail -n 30 "$WORK/build.log" >&2; die "podman build (stage log above)"; }
 podman image inspect "$TAG" --format 'user={{.Config.User}} ports={{.Config.ExposedPorts}} size={{.Size}}'
+if [ "$FLAVOR" = minimal ] && [ "$MODE" = full ]; then
+  # the debug info of the binary compiled in the builder stage (Dockerfile stage debug-info)
+  step "podman build --target debug-info -> $DEBUG_OUT/proxsmtpd-$VERSION.debug"
+  podman build --pull=never --network=none --target debug-info -t "$TAG-debug-info" "$CTX" \
+    >> "$WORK/build.log" 2>&1 || { tail -n 30 "$WORK/build.log" >&2; die "podman build debug-info"; }
+  mkdir -p "$DEBUG_OUT"
+  cid=$(podman create "$TAG-debug-info" /proxsmtpd.debug)
+  podman cp "$cid:/proxsmtpd.debug" "$DEBUG_OUT/proxsmtpd-$VERSION.debug"; podman rm "$cid" >/dev/null
+  podman rmi "$TAG-debug-info" >/dev/null
+fi
 
 fi
 [ "$RUN_CHECK" = 1 ] || { echo "image-build: built $TAG (run check skipped)"; exit 0; }
@@ -179,19 +219,46 @@ swaks --silent 2 --server 127.0.0.1 --port "$SMTP_PORT" --from sender@example.or
 for _ in $(seq 1 50); do grep -rqs "$MARK" "$DUMP" && break; sleep 0.1; done
 grep -rqs "$MARK" "$DUMP" || die "the message did not reach the upstream smtp-sink"
 echo "mail through the container reached the upstream"
-uid=$(podman exec "$CONTAINER" id -u 2>/dev/null || podman inspect -f '{{.Config.User}}' "$CONTAINER")
-echo "container uid: $uid"
 
-# Process 1 is proxsmtpd as a small init with the proxy as its child (README, "Container
-# mode"); SIGTERM to it drains the proxy and the container exits 0.
-init_comm=$(podman exec "$CONTAINER" cat /proc/1/comm)
-init_kids=$(podman exec "$CONTAINER" cat /proc/1/task/1/children)
-[ "$init_comm" = proxsmtpd ] && [ -n "$init_kids" ] \
+# The checks below look at the container from the host (/proc of its processes, its
+# exported file tree): no shell or tool inside the image is needed, so both flavors are
+# checked the same way. Process 1 is proxsmtpd as a small init with the proxy as its child
+# (README, "Container mode"); SIGTERM to it drains the proxy and the container exits 0.
+pid1=$(podman inspect -f '{{.State.Pid}}' "$CONTAINER")
+[ -n "$pid1" ] && [ "$pid1" != 0 ] && [ -r "/proc/$pid1/status" ] || die "no host pid for the container's process 1"
+# uid_of PID: the real and effective uid of a process
+uid_of() { awk '/^Uid:/ {print $2 "/" $3}' "/proc/$1/status"; }
+init_comm=$(cat "/proc/$pid1/comm")
+init_kids=$(cat "/proc/$pid1/task/$pid1/children")
+child=${init_kids%% *}
+[ "$init_comm" = proxsmtpd ] && [ -n "$child" ] \
   || die "process 1 should be proxsmtpd with the proxy as its child (comm=$init_comm children=$init_kids)"
-echo "process 1: $init_comm, its child: $(podman exec "$CONTAINER" cat "/proc/${init_kids%% *}/comm")"
+echo "process 1: $init_comm, its child: $(cat "/proc/$child/comm")"
+[ "$(uid_of "$pid1")" = 10025/10025 ] && [ "$(uid_of "$child")" = 10025/10025 ] \
+  || die "uid of process 1 / its child: $(uid_of "$pid1") / $(uid_of "$child"), not 10025"
+echo "container uid: 10025 (process 1 and the proxy; image user $(podman inspect -f '{{.Config.User}}' "$CONTAINER"))"
+# the root filesystem is read-only (the spool volume aside)
+[ "$(podman inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$CONTAINER")" = true ] || die "root filesystem not read-only"
+awk '$2 == "/" {print $4}' "/proc/$pid1/mounts" | grep -q '^ro\(,\|$\)' \
+  || die "/ is not mounted read-only inside the container: $(awk '$2 == "/"' "/proc/$pid1/mounts")"
+echo "root filesystem: read-only"
+# the file tree: the full flavor keeps /bin/sh for FilterCommand, the minimal one has no
+# shell and no package manager
+podman export "$CONTAINER" | tar -t > "$WORK/files.txt"
+has() { grep -qx "\./$1\|$1" "$WORK/files.txt"; }
+if [ "$FLAVOR" = minimal ]; then
+  for f in bin/sh usr/bin/sh bin/bash usr/bin/bash bin/dash usr/bin/dash usr/bin/busybox \
+           usr/bin/apt usr/bin/apt-get usr/bin/dpkg usr/bin/env; do
+    has "$f" && die "the minimal image has $f"
+  done
+  echo "no shell, no package manager: $(grep -vc '/$' "$WORK/files.txt") files and links, /bin/sh absent"
+else
+  has bin/sh || has usr/bin/sh || die "the full image has no /bin/sh (FilterCommand needs it)"
+  echo "/bin/sh present (FilterCommand scripts)"
+fi
 step "podman stop (SIGTERM to process 1)"
 podman stop -t 20 "$CONTAINER" >/dev/null
 exit_code=$(podman inspect -f '{{.State.ExitCode}}' "$CONTAINER")
 [ "$exit_code" = 0 ] || { podman logs "$CONTAINER" 2>&1 | tail -n 20 >&2; die "exit code after SIGTERM: $exit_code"; }
 echo "stopped on SIGTERM, exit code 0"
-echo "image-build: OK $TAG"
+echo "image-build: OK $TAG ($FLAVOR, $(podman image inspect -f '{{.Size}}' "$TAG") bytes)"
