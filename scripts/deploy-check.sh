@@ -9,7 +9,8 @@
 #              rendered pod (deploy/check/pod_checks.py; TLS: the Secret mounted whole,
 #              never subPath, key readable, env, smtps port and Service port); the rendered
 #              PrometheusRule through promtool; the README lists every value; TLS values the
-#              templates must refuse
+#              templates must refuse; image.flavor minimal refused with any FilterCommand
+#              (helm template and lint) and accepted without one (ci/standalone-minimal-image)
 #   kustomize  kubectl kustomize k8s/base and k8s/examples/*, validated and checked the same way
 #   image      hadolint on the Dockerfile (building the image: scripts/image-build.sh)
 #   alerts     promtool check rules; promtool test rules (deploy/alerts/tests/: each alert
@@ -154,6 +155,20 @@ refuse "sidecar.persistence when no mail container mounts the volume" "$HELM" te
 refuse "sidecar.persistence.existingClaim with 2 replicas" "$HELM" template x "$CHART" -f "$CHART/ci/sidecar-plain-postfix.yaml" --set replicaCount=2
 refuse "schema refuses an unknown service.ipFamilies entry" "$HELM" template x "$CHART" --set upstream.host=m --set 'service.ipFamilies={IPv5}'
 refuse "FilterCommand naming a script that is not shipped" "$HELM" template x "$CHART" -f "$CHART/ci/standalone-minimal.yaml" --set filters.command=/etc/proxsmtpd/filters/missing.sh
+# the minimal image has no /bin/sh, which runs every FilterCommand: refused however it is set.
+# fails_with PATTERN CMD...: CMD must fail, and for the reason PATTERN names.
+fails_with() {
+  local pat=$1; shift
+  if "$@" > "$W/fails" 2>&1; then echo "accepted: $*"; return 1; fi
+  cat "$W/fails"; grep -q -- "$pat" "$W/fails"
+}
+MIN_IMAGE=(-f "$CHART/ci/standalone-minimal-image.yaml")
+check "schema refuses an unknown image.flavor" fails_with "/image/flavor" "$HELM" template x "$CHART" "${MIN_IMAGE[@]}" --set image.flavor=tiny
+check "schema refuses image.flavor minimal with filters.command (helm template)" fails_with "/filters/command" "$HELM" template x "$CHART" -f "$CHART/ci/standalone-minimal.yaml" --set image.flavor=minimal
+check "schema refuses image.flavor minimal with filters.command (helm lint)" fails_with "/filters/command" "$HELM" lint --strict "$CHART" -f "$CHART/ci/standalone-minimal.yaml" --set image.flavor=minimal
+check "schema refuses image.flavor minimal with config.extraSettings.FilterCommand" fails_with "invalid propertyName 'filtercommand'" "$HELM" template x "$CHART" "${MIN_IMAGE[@]}" --set config.extraSettings.filtercommand=/usr/local/bin/check
+check "schema refuses image.flavor minimal with PROXSMTPD_FILTER_COMMAND in extraEnv" fails_with "/extraEnv" "$HELM" template x "$CHART" "${MIN_IMAGE[@]}" --set 'extraEnv[0].name=PROXSMTPD_FILTER_COMMAND' --set 'extraEnv[0].value=/usr/local/bin/check'
+check "schema accepts image.flavor full with filters.command [standalone-minimal]" "$HELM" lint --strict "$CHART" -f "$CHART/ci/standalone-minimal.yaml" --set image.flavor=full
 # TLS: an existing Secret only (no inline keys), and nothing that would stop the proxy
 TLS_ON=(--set tls.enabled=true --set tls.secretName=smtp-tls)
 refuse "schema refuses an inline certificate (tls.create)" "$HELM" template x "$CHART" "${TLS_ON[@]}" --set tls.create=true
@@ -236,6 +251,14 @@ check "operator options rendered [standalone-operator]" holds "$W/render-standal
   'all(r["annotations"]["runbook_url"].startswith("https://docs.example.org/proxsmtpd/runbook.html#") for r in alerts())' \
   'any("job=\"proxsmtpd-metrics\", namespace=\"mail\"" in str(r["expr"]) for r in alerts())' \
   '"checksum/config" in template()["metadata"]["annotations"]'
+APP_VERSION=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$CHART/Chart.yaml")
+check "image.flavor minimal without FilterCommand accepted: tag -minimal, no FilterCommand, test pod on the full image [standalone-minimal-image]" holds "$W/render-standalone-minimal-image.yaml" \
+  "container(\"proxsmtpd\")[\"image\"].endswith(\":$APP_VERSION-minimal\")" \
+  'not any("FilterCommand" in v for c in kind("ConfigMap") for v in (c.get("data") or {}).values())' \
+  'kind("Pod")[0]["spec"]["containers"][0]["image"] + "-minimal" == container("proxsmtpd")["image"]'
+check "image.flavor full is the default: the tag as it is, test pod on the same image [standalone-minimal]" holds "$W/render-standalone-minimal.yaml" \
+  "container(\"proxsmtpd\")[\"image\"].endswith(\":$APP_VERSION\")" \
+  'kind("Pod")[0]["spec"]["containers"][0]["image"] == container("proxsmtpd")["image"]'
 check "helm test pod: the chart's image, an SMTP exchange with the Service [standalone-operator]" holds "$W/render-standalone-operator.yaml" \
   '[p["metadata"]["annotations"]["helm.sh/hook"] for p in kind("Pod")] == ["test"]' \
   'kind("Pod")[0]["spec"]["containers"][0]["image"] == container("proxsmtpd")["image"]' \

@@ -49,11 +49,32 @@ app.kubernetes.io/component: {{ ternary "mail" "smtp-proxy" (eq .Values.mode "si
 {{- end -}}
 {{- end -}}
 
+{{/*
+The proxy's image. image.flavor minimal: the same repository, the tag with the suffix
+-minimal (scripts/image-build.sh --flavor minimal); a digest names the image as it is.
+*/}}
 {{- define "proxsmtpd.image" -}}
 {{- if .Values.image.digest -}}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if and (eq (default "full" .Values.image.flavor) "minimal") (not (hasSuffix "-minimal" $tag)) -}}
+{{- $tag = printf "%s-minimal" $tag -}}
+{{- end -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The helm test pod's image: it needs bash, so with image.flavor minimal the full flavor of
+the same repository and tag (without the -minimal suffix, and not the digest, which names
+the minimal image).
+*/}}
+{{- define "proxsmtpd.testImage" -}}
+{{- if eq (default "full" .Values.image.flavor) "minimal" -}}
+{{- printf "%s:%s" .Values.image.repository (trimSuffix "-minimal" (default .Chart.AppVersion .Values.image.tag)) -}}
+{{- else -}}
+{{- include "proxsmtpd.image" . -}}
 {{- end -}}
 {{- end -}}
 
