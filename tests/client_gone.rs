@@ -25,6 +25,16 @@ fn send_and_leave(c: &mut Client) {
     c.send(stuff(&default_message()));
 }
 
+/// The whole message, then the client closes; the proxy counts one abandoned message.
+fn leave_and_see_it_counted(mut c: Client, admin: &SocketAddr) {
+    send_and_leave(&mut c);
+    c.close();
+    metric("proxsmtpd_messages_abandoned_total")
+        .value(1.0)
+        .timeout(secs(10))
+        .assert_in(admin);
+}
+
 #[test]
 fn client_gone_while_the_filter_runs_gets_nothing_delivered() {
     timed(60, || {
@@ -44,13 +54,8 @@ fn client_gone_while_the_filter_runs_gets_nothing_delivered() {
                 b = b.set("FilterType", "file");
             }
             let p = b.start();
-            let mut c = p.open();
-            send_and_leave(&mut c);
-            c.close();
-            metric("proxsmtpd_messages_abandoned_total")
-                .value(1.0)
-                .timeout(secs(10))
-                .assert_in(&admin);
+            let c = p.open();
+            leave_and_see_it_counted(c, &admin);
             up.assert_nothing_delivered();
             assert!(
                 p.wait_log("status=CLIENT-GONE", secs(5)),
@@ -81,13 +86,8 @@ fn client_gone_before_the_end_of_a_streamed_message_is_committed() {
             .upstream(&up)
             .set("AdminListen", &admin.to_string())
             .start();
-        let mut c = p.open();
-        send_and_leave(&mut c);
-        c.close();
-        metric("proxsmtpd_messages_abandoned_total")
-            .value(1.0)
-            .timeout(secs(10))
-            .assert_in(&admin);
+        let c = p.open();
+        leave_and_see_it_counted(c, &admin);
         assert!(up.wait_closed(0, secs(5)), "upstream left open");
         assert!(up.delivered().is_empty(), "{:#?}", up.summary());
         assert!(

@@ -18,6 +18,20 @@ fn proxy(up: &Upstream, settings: &[(&str, &str)]) -> Proxy {
     b.start()
 }
 
+/// A proxy (with `filter` as FilterCommand, if any) and a client that has had its 354.
+fn into_data(up: &Upstream, filter: Option<&str>, settings: &[(&str, &str)]) -> (Proxy, Client) {
+    let mut all = settings.to_vec();
+    if let Some(f) = filter {
+        all.push(("FilterCommand", f));
+    }
+    let p = proxy(up, &all);
+    let mut c = p.open();
+    assert_eq!(c.cmd("MAIL FROM:<a@example.org>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<b@example.net>").code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    (p, c)
+}
+
 /// Sends `bytes` one at a time, `gap` apart, until the proxy answers or closes (or the
 /// bytes run out); returns when the answer came, measured from the first byte.
 fn drip(c: &mut Client, bytes: &[u8], gap: Duration) -> Option<(Duration, u16)> {
@@ -58,15 +72,7 @@ fn a_body_dripped_below_the_minimum_rate_is_cut_off() {
     timed(60, || {
         for filter in [None, Some("cat")] {
             let up = Upstream::start();
-            let mut settings = vec![];
-            if let Some(f) = filter {
-                settings.push(("FilterCommand", f));
-            }
-            let p = proxy(&up, &settings);
-            let mut c = p.open();
-            assert_eq!(c.cmd("MAIL FROM:<a@example.org>").code, 250);
-            assert_eq!(c.cmd("RCPT TO:<b@example.net>").code, 250);
-            assert_eq!(c.cmd("DATA").code, 354);
+            let (_p, mut c) = into_data(&up, filter, &[]);
             let body = stuff(&message("drip", &b"x".repeat(200)));
             let (after, code) = drip(&mut c, &body, ms(700)).expect("no answer to a dripped body");
             assert_eq!(code, 421, "{filter:?}: answered {code} after {after:?}");
@@ -82,15 +88,7 @@ fn a_slow_but_honest_link_delivers() {
     timed(60, || {
         for filter in [None, Some("cat")] {
             let up = Upstream::start();
-            let mut settings = vec![("MinDataRate", "500")];
-            if let Some(f) = filter {
-                settings.push(("FilterCommand", f));
-            }
-            let p = proxy(&up, &settings);
-            let mut c = p.open();
-            assert_eq!(c.cmd("MAIL FROM:<a@example.org>").code, 250);
-            assert_eq!(c.cmd("RCPT TO:<b@example.net>").code, 250);
-            assert_eq!(c.cmd("DATA").code, 354);
+            let (_p, mut c) = into_data(&up, filter, &[("MinDataRate", "500")]);
             // About 800 bytes a second for 6 s: twice TimeOut, above the minimum rate.
             let content = message("honest", &b"0123456789abcdef\r\n".repeat(260));
             let wire = stuff(&content);
