@@ -6,6 +6,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 export CARGO_TERM_COLOR=never
+# Every prerequisite is installed above: a test that cannot run fails instead of skipping.
+# (Not PROXSMTPD_*: the proxy refuses unknown PROXSMTPD_ variables, and tests pass their
+# environment on to it.)
+export TESTS_STRICT=1
 
 failed=()
 step() {

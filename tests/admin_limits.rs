@@ -63,7 +63,7 @@ fn half_sent(admin: SocketAddr, n: usize) -> Vec<TcpStream> {
 #[test]
 fn an_admin_flood_does_not_starve_smtp() {
     if !have_prlimit() {
-        eprintln!("note: prlimit (util-linux) not found; skipping");
+        skip!("prlimit (util-linux) not found; skipping");
         return;
     }
     timed(90, || {
@@ -195,7 +195,7 @@ fn idle_admin_connections_are_closed() {
 #[test]
 fn soft_nofile_limit_is_raised_to_the_hard_limit() {
     if !have_prlimit() {
-        eprintln!("note: prlimit (util-linux) not found; skipping");
+        skip!("prlimit (util-linux) not found; skipping");
         return;
     }
     timed(30, || {

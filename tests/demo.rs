@@ -42,7 +42,7 @@ fn demo_accepts_rejects_and_drops_without_a_mail_server() {
     // The demo's addresses are fixed, as the README shows them.
     let _turn = ports_lock();
     if !(port_free(SMTP) && port_free("127.0.0.1:10026") && port_free(ADMIN)) {
-        eprintln!("skipped: the demo's ports 10025/10026/9925 are in use here");
+        skip!("the demo's ports 10025/10026/9925 are in use here");
         return;
     }
     timed(30, || {
@@ -110,7 +110,7 @@ fn demo_ports_free() -> bool {
 fn demo_takes_set_and_d_and_explains_itself() {
     let _turn = ports_lock();
     if !demo_ports_free() {
-        eprintln!("skipped: the demo's ports 10025/10026/9925 are in use here");
+        skip!("the demo's ports 10025/10026/9925 are in use here");
         return;
     }
     timed(30, || {
@@ -173,7 +173,7 @@ fn demo_takes_set_and_d_and_explains_itself() {
 fn second_demo_refuses_without_touching_the_first() {
     let _turn = ports_lock();
     if !demo_ports_free() {
-        eprintln!("skipped: the demo's ports 10025/10026/9925 are in use here");
+        skip!("the demo's ports 10025/10026/9925 are in use here");
         return;
     }
     timed(40, || {

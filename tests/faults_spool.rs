@@ -171,7 +171,7 @@ impl SmallFs {
     /// `None` (with a note) when not root or when mounting is not allowed here.
     fn mount(size: &str) -> Option<SmallFs> {
         if !is_root() {
-            eprintln!("note: not root: the full-disk case needs a tmpfs mount; skipped");
+            skip!("not root: the full-disk case needs a tmpfs mount; skipped");
             return None;
         }
         let dir = tempfile::Builder::new()
@@ -192,7 +192,7 @@ impl SmallFs {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            eprintln!("note: mounting a tmpfs failed here; the full-disk case is skipped");
+            skip!("mounting a tmpfs failed here; the full-disk case is skipped");
             return None;
         }
         Some(SmallFs { path, _dir: dir })
@@ -251,7 +251,7 @@ fn spool_full_for_the_filter_output() {
 fn spool_over_the_file_size_limit() {
     timed(60, || {
         if !std::path::Path::new("/usr/bin/prlimit").exists() {
-            eprintln!("note: prlimit is not installed; skipped");
+            skip!("prlimit is not installed; skipped");
             return;
         }
         let up = Upstream::start();

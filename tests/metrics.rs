@@ -757,7 +757,7 @@ fn promtool_accepts_the_exposition() {
         if !std::path::Path::new("/usr/bin/promtool").exists()
             && Command::new("promtool").arg("--version").output().is_err()
         {
-            eprintln!("note: promtool is not installed (Debian package prometheus); skipping");
+            skip!("promtool is not installed (Debian package prometheus); skipping");
             return;
         }
         let (_p, admin, _up) = traffic_with_distinctive_addresses();
@@ -1016,7 +1016,7 @@ fn openmetrics_is_served_when_asked_for() {
             .output()
             .is_err()
         {
-            eprintln!("note: prometheus is not installed; skipping the real scrape");
+            skip!("prometheus is not installed; skipping the real scrape");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

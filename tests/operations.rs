@@ -85,7 +85,7 @@ fn status_field(pid: i32, field: &str) -> String {
 fn user_setting_drops_privileges() {
     timed(30, || {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("note: not running as root; User test skipped");
+            skip!("not running as root; User test skipped");
             return;
         }
         let up = Upstream::start();
@@ -110,7 +110,7 @@ fn user_setting_drops_supplementary_groups() {
     // deviation from 1.10: the original keeps the supplementary groups of the starting user.
     timed(30, || {
         if !nix::unistd::geteuid().is_root() || !std::path::Path::new("/usr/bin/setpriv").exists() {
-            eprintln!("note: needs root and setpriv; test skipped");
+            skip!("needs root and setpriv; test skipped");
             return;
         }
         let up = Upstream::start();

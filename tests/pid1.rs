@@ -36,7 +36,7 @@ fn namespace_wrapper() -> Option<Vec<&'static str>> {
         .status()
         .is_ok_and(|s| s.success());
     if !works {
-        eprintln!("note: `{}` is refused here; skipped", wrapper.join(" "));
+        skip!("`{}` is refused here; skipped", wrapper.join(" "));
         return None;
     }
     Some(wrapper)
@@ -182,7 +182,7 @@ fn no_orphan_stays_a_zombie() {
             .status()
             .is_ok_and(|s| s.success());
         if !entered {
-            eprintln!("note: nsenter into the namespace is refused here; that part is skipped");
+            skip!("nsenter into the namespace is refused here; that part is skipped");
             return;
         }
         assert!(

@@ -162,18 +162,18 @@ fn find_in_path(program: &str) -> Option<PathBuf> {
 /// The Python interpreter, when everything the tests need is there; otherwise a note.
 fn prerequisites() -> Option<PathBuf> {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("note: not running as root; transparent proxy test skipped");
+        skip!("not running as root; transparent proxy test skipped");
         return None;
     }
     for tool in ["ip", "iptables"] {
         if find_in_path(tool).is_none() {
-            eprintln!("note: `{tool}` not found; transparent proxy test skipped");
+            skip!("`{tool}` not found; transparent proxy test skipped");
             return None;
         }
     }
     let python = find_in_path("python3");
     if python.is_none() {
-        eprintln!("note: `python3` not found; transparent proxy test skipped");
+        skip!("`python3` not found; transparent proxy test skipped");
     }
     python
 }

@@ -23,7 +23,7 @@ pub const SWAKS: &str = "/usr/bin/swaks";
 pub fn have(tool: &str) -> bool {
     let ok = Path::new(tool).exists();
     if !ok {
-        eprintln!("note: {tool} is not installed; skipping this test");
+        crate::skip!("{tool} is not installed; skipping this test");
     }
     ok
 }
