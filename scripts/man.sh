@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# man.sh - regenerate the manual pages under man/ from the code (src/man.rs and the
+# man.sh - regenerate the manual pages under man/ from the code (src/process/man.rs and the
 # settings list in src/config/reference.rs), with the release binary:
 #   scripts/man.sh [BINARY]      (default target/release/proxsmtpd, built when missing)
 # tests/man.rs fails while the committed pages differ from what the binary prints.

@@ -1,36 +1,21 @@
 //! proxsmtpd: an SMTP filtering proxy, a drop-in successor to proxsmtpd 1.10.
 //!
-//! Layout:
-//! - `smtp`: the protocol pieces, sans-IO (line framing, replies, commands, EHLO filter,
-//!   the DATA receiver and the wire encoder).
-//! - `session`: the per-connection relay state machine, sans-IO.
+//! Module map, one folder per concern:
+//! - `protocol`: SMTP without I/O: line framing, replies, commands, the EHLO filter, the
+//!   DATA receiver and the wire encoder, the session state machine, the relay core that
+//!   ties them together, and PROXY header parsing.
+//! - `proxy`: tokio moving bytes: listeners, client connections, the upstream, TLS streams,
+//!   socket options and the message transaction.
 //! - `filter`: the filter contract (running it, its verdict, the Header setting).
-//! - `proxy`: tokio moving bytes: listener, upstream connection, relay, message transaction.
 //! - `config`: settings, the proxsmtpd.conf reader and the layered configuration.
-//! - `tls`: certificates (reloaded when they change) and TLS configurations for both sides.
-//! - `admin`, `metrics`, `telemetry`, `logging`: what operators see; `man`: the manual pages.
-//! - `app`, `cli`, `daemon`, `init`, `privileges`, `sd_notify`, `sockopt`: the process around
-//!   it all.
+//! - `ops`: what operators see: admin server, metrics, traces, logs.
+//! - `process`: the process around it all: command line, start-up, privileges, daemon
+//!   mode, PID 1, reload, demo, systemd notification, manual pages.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod app;
-pub mod cli;
 pub mod config;
-pub mod daemon;
-pub mod demo;
 pub mod filter;
-pub mod init;
-pub mod logging;
-pub mod man;
-pub mod metrics;
-pub mod privileges;
+pub mod ops;
+pub mod process;
+pub mod protocol;
 pub mod proxy;
-pub mod proxy_protocol;
-pub mod reload;
-pub mod sd_notify;
-pub mod session;
-pub mod smtp;
-pub mod sockopt;
-pub mod telemetry;
-pub mod tls;

@@ -2,20 +2,20 @@
 
 use std::process::ExitCode;
 
-use proxsmtpd::cli::{self, Command};
+use proxsmtpd::process::cli::{self, Command};
 
 fn main() -> ExitCode {
-    proxsmtpd::app::close_inherited_descriptors();
-    proxsmtpd::app::clear_inherited_signal_mask();
+    proxsmtpd::process::app::close_inherited_descriptors();
+    proxsmtpd::process::app::clear_inherited_signal_mask();
     // As a container's entry point it is process 1, which every orphan of the namespace
     // that no subreaper takes is handed to: it stays a small init around the proxy.
-    if proxsmtpd::init::is_process_one() {
-        return proxsmtpd::init::supervise();
+    if proxsmtpd::process::init::is_process_one() {
+        return proxsmtpd::process::init::supervise();
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    // Hidden: the manual pages, generated from the settings list (see src/man.rs).
+    // Hidden: the manual pages, generated from the settings list (see src/process/man.rs).
     if args.first().map(String::as_str) == Some("--man") {
-        return match args.get(1).and_then(|s| proxsmtpd::man::page(s)) {
+        return match args.get(1).and_then(|s| proxsmtpd::process::man::page(s)) {
             Some(page) if args.len() == 2 => {
                 print!("{page}");
                 ExitCode::SUCCESS
@@ -35,8 +35,8 @@ fn main() -> ExitCode {
             print!("{}", cli::help_text());
             ExitCode::SUCCESS
         }
-        Ok(Command::Run(run_args)) => proxsmtpd::app::run(run_args),
-        Ok(Command::Demo(demo_args)) => proxsmtpd::demo::main(demo_args),
+        Ok(Command::Run(run_args)) => proxsmtpd::process::app::run(run_args),
+        Ok(Command::Demo(demo_args)) => proxsmtpd::process::demo::main(demo_args),
         Err(e) => {
             if !e.message.is_empty() {
                 eprintln!("proxsmtpd: {}", e.message);

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use proxsmtpd::smtp::command::{classify, envelope_address, xforward_attribute, Verb};
+use proxsmtpd::protocol::command::{classify, envelope_address, xforward_attribute, Verb};
 
 const XFORWARD_NAMES: &[&str] = &["ADDR", "HELO", "NAME", "PROTO", "SOURCE", "IDENT", ""];
 

@@ -10,8 +10,8 @@
 
 use fuzz_support::{normalise, only_crlf, seed_and_rest, Rng};
 use libfuzzer_sys::fuzz_target;
-use proxsmtpd::smtp::data::DataReceiver;
-use proxsmtpd::smtp::encode::{HeaderPlacement, WireEncoder};
+use proxsmtpd::protocol::data::DataReceiver;
+use proxsmtpd::protocol::encode::{HeaderPlacement, WireEncoder};
 
 /// What the receiver made of the chunks: content, done, bytes consumed, bare line ends.
 #[derive(Debug, PartialEq, Eq)]

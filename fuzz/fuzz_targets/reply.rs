@@ -10,8 +10,8 @@
 use bytes::{Bytes, BytesMut};
 use fuzz_support::{seed_and_rest, Rng};
 use libfuzzer_sys::fuzz_target;
-use proxsmtpd::smtp::line::{Framed, LineReader};
-use proxsmtpd::smtp::reply::{reply_code, Reply, ReplyAssembler, ReplyError, MAX_REPLY_LINES};
+use proxsmtpd::protocol::line::{Framed, LineReader};
+use proxsmtpd::protocol::reply::{reply_code, Reply, ReplyAssembler, ReplyError, MAX_REPLY_LINES};
 
 /// The proxy's limit for upstream reply lines.
 const REPLY_LINE_LIMIT: usize = 16 * 1024;

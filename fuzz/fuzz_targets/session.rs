@@ -17,10 +17,10 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use proxsmtpd::config::FilterType;
-use proxsmtpd::session::{Action, Policy, Session, TlsPolicy};
-use proxsmtpd::smtp::command::has_forbidden_bytes;
-use proxsmtpd::smtp::line::{Framed, LineReader, COMMAND_LINE_LIMIT};
-use proxsmtpd::smtp::reply::ReplyAssembler;
+use proxsmtpd::protocol::session::{Action, Policy, Session, TlsPolicy};
+use proxsmtpd::protocol::command::has_forbidden_bytes;
+use proxsmtpd::protocol::line::{Framed, LineReader, COMMAND_LINE_LIMIT};
+use proxsmtpd::protocol::reply::ReplyAssembler;
 
 /// The proxy's limit for upstream reply lines.
 const REPLY_LINE_LIMIT: usize = 16 * 1024;
@@ -151,7 +151,7 @@ impl Driver {
         Ok(())
     }
 
-    fn next_reply(&mut self) -> Result<Option<proxsmtpd::smtp::reply::Reply>, Closed> {
+    fn next_reply(&mut self) -> Result<Option<proxsmtpd::protocol::reply::Reply>, Closed> {
         while let Some(framed) = self.upstream_lines.next(&mut self.upstream_buf) {
             let Framed::Line(line) = framed else {
                 return Err(Closed);

@@ -14,6 +14,7 @@
 
 pub mod address;
 pub mod cidr;
+pub mod file_watch;
 pub mod layered;
 pub mod legacy;
 pub mod names;

@@ -21,11 +21,11 @@ use super::transaction;
 use super::upstream::{self, ClientInfo, TlsStep};
 use crate::config::{Settings, UpstreamTls};
 use crate::filter::verdict::format_reply;
-use crate::metrics::UpstreamStage;
-use crate::session::{Action, Policy, Session, TlsPolicy};
-use crate::smtp::line::{Framed, LineReader, COMMAND_LINE_LIMIT};
-use crate::smtp::reply::{Reply, ReplyAssembler, ReplyError};
-use crate::tls::{self, ClientTls, ServerTls, Tls, TlsInfo};
+use crate::ops::metrics::UpstreamStage;
+use crate::protocol::line::{Framed, LineReader, COMMAND_LINE_LIMIT};
+use crate::protocol::reply::{Reply, ReplyAssembler, ReplyError};
+use crate::protocol::session::{Action, Policy, Session, TlsPolicy};
+use crate::proxy::tls::{self, ClientTls, ServerTls, Tls, TlsInfo};
 
 pub const REPLY_UPSTREAM_UNAVAILABLE: &[u8] =
     b"421 4.4.1 Upstream server unavailable, try again later\r\n";
@@ -164,7 +164,7 @@ impl Conn {
         loop {
             match self.buffered_reply() {
                 Ok(Some(reply)) => {
-                    crate::metrics::upstream_reply(stage, self.upstream_active);
+                    crate::ops::metrics::upstream_reply(stage, self.upstream_active);
                     return Ok(reply);
                 }
                 Ok(None) => {}
@@ -236,12 +236,12 @@ impl Conn {
 }
 
 pub fn upstream_failure(stage: UpstreamStage, reason: String) -> Fatal {
-    crate::metrics::global().upstream_error(stage);
+    crate::ops::metrics::global().upstream_error(stage);
     Fatal::Upstream(reason)
 }
 
 pub fn protocol_error(stage: UpstreamStage, reason: String) -> Fatal {
-    crate::metrics::global().upstream_error(stage);
+    crate::ops::metrics::global().upstream_error(stage);
     Fatal::UpstreamProtocol(reason)
 }
 
@@ -284,7 +284,7 @@ fn tls_established(id: ConnectionId, side: &str, info: &TlsInfo) {
         info.version,
         info.cipher
     );
-    crate::metrics::global().tls_session(side, info.version);
+    crate::ops::metrics::global().tls_session(side, info.version);
 }
 
 impl Conn {
@@ -313,7 +313,7 @@ impl Conn {
             }
             Err(e) => {
                 tracing::warn!("{}: client TLS handshake failed: {e}", self.id);
-                crate::metrics::global().tls_handshake_failure("client");
+                crate::ops::metrics::global().tls_handshake_failure("client");
                 Err(Fatal::ClientGone)
             }
         }
@@ -324,7 +324,7 @@ impl Conn {
         let result = self.negotiate_upstream_tls(client).await;
         if let Err(Refusal::Tls(_)) = &result {
             // Read and write failures were counted at their stage already.
-            crate::metrics::global().upstream_error(UpstreamStage::Connect);
+            crate::ops::metrics::global().upstream_error(UpstreamStage::Connect);
         }
         result.map_err(|r| match r {
             Refusal::Io(reason) | Refusal::Tls(reason) => reason,
@@ -409,7 +409,7 @@ impl Conn {
                 Ok(Greeting::Consumed)
             }
             Err(e) => {
-                crate::metrics::global().tls_handshake_failure("upstream");
+                crate::ops::metrics::global().tls_handshake_failure("upstream");
                 Err(Refusal::Tls(e))
             }
         }
@@ -471,7 +471,7 @@ pub async fn serve(
             }
             Err(e) => {
                 tracing::warn!("{id}: client TLS handshake failed: {e}");
-                crate::metrics::global().tls_handshake_failure("client");
+                crate::ops::metrics::global().tls_handshake_failure("client");
                 return;
             }
         }
@@ -481,7 +481,7 @@ pub async fn serve(
         Ok(u) => u,
         Err(e) => {
             tracing::error!("{id}: SERVER: couldn't connect to upstream: {e}");
-            crate::metrics::global().upstream_error(UpstreamStage::Connect);
+            crate::ops::metrics::global().upstream_error(UpstreamStage::Connect);
             observe::replies_sent(REPLY_UPSTREAM_UNAVAILABLE);
             let _ = tokio::time::timeout(
                 settings.timeout,
@@ -632,7 +632,7 @@ async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
         // Replies already buffered are handled before waiting for more input.
         match conn.buffered_reply() {
             Ok(Some(reply)) => {
-                crate::metrics::upstream_reply(stage_of(&session), conn.upstream_active);
+                crate::ops::metrics::upstream_reply(stage_of(&session), conn.upstream_active);
                 session.upstream_reply(reply);
                 deadlines.upstream = Instant::now() + conn.settings.timeout;
                 perform(conn, &mut session, shared, &mut deadlines).await?;
@@ -749,7 +749,7 @@ async fn perform(
 fn trace_line(id: ConnectionId, direction: &str, bytes: &Bytes) {
     if tracing::enabled!(tracing::Level::DEBUG) {
         for line in bytes.split_inclusive(|&b| b == b'\n') {
-            let text = String::from_utf8_lossy(crate::smtp::line::trim_line_end(line));
+            let text = String::from_utf8_lossy(crate::protocol::line::trim_line_end(line));
             let cut = observe::printable(&text.chars().take(79).collect::<String>());
             tracing::debug!("{id}: {direction} {cut}");
         }

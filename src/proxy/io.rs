@@ -27,10 +27,10 @@ impl Stream {
     }
 
     /// The negotiated TLS parameters, when this is a TLS stream.
-    pub fn tls_info(&self) -> Option<crate::tls::TlsInfo> {
+    pub fn tls_info(&self) -> Option<crate::proxy::tls::TlsInfo> {
         match self {
-            Stream::TlsServer(s) => Some(crate::tls::TlsInfo::of(s.get_ref().1)),
-            Stream::TlsClient(s) => Some(crate::tls::TlsInfo::of(s.get_ref().1)),
+            Stream::TlsServer(s) => Some(crate::proxy::tls::TlsInfo::of(s.get_ref().1)),
+            Stream::TlsClient(s) => Some(crate::proxy::tls::TlsInfo::of(s.get_ref().1)),
             _ => None,
         }
     }

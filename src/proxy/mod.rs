@@ -1,7 +1,11 @@
-//! The proxy: accepting clients, connecting upstream, relaying and the message transaction.
+//! Tokio moving bytes: the listeners, client connections, the upstream, TLS streams, socket
+//! options and the message transaction.
 pub mod connection;
 pub mod io;
 pub mod observe;
+pub mod proxy_header;
 pub mod server;
+pub mod sockopt;
+pub mod tls;
 pub mod transaction;
 pub mod upstream;

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::connection::Conn;
-use crate::metrics::{self, MessageSource, MessageVerdict};
-use crate::session::Envelope;
-use crate::smtp::reply::{reply_code, Reply};
-use crate::telemetry;
+use crate::ops::metrics::{self, MessageSource, MessageVerdict};
+use crate::ops::telemetry;
+use crate::protocol::reply::{reply_code, Reply};
+use crate::protocol::session::Envelope;
+use crate::proxy::tls::TlsInfo;
 
 /// Connection ids as the original shows them: six hex digits from 100000 up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +160,7 @@ pub fn message(conn: &Conn, envelope: &Envelope, outcome: Outcome) {
         },
     );
     let tls = conn.tls.as_ref();
-    telemetry::record_tls(&tracing::Span::current(), tls);
+    record_tls(&tracing::Span::current(), tls);
     tracing::info!(
         target: "proxsmtpd::message",
         verdict,
@@ -212,5 +213,16 @@ pub fn replies_sent(bytes: &[u8]) {
                 metrics::global().reply_sent(code);
             }
         }
+    }
+}
+
+/// Records on a [`telemetry::message_span`] whether the client used TLS, and which (OpenTelemetry's
+/// `tls.*` attributes: `tls.protocol.version` is `1.2` or `1.3`).
+fn record_tls(span: &tracing::Span, tls: Option<&TlsInfo>) {
+    span.record("tls.established", tls.is_some());
+    if let Some(tls) = tls {
+        let version = tls.version.strip_prefix("TLSv").unwrap_or(tls.version);
+        span.record("tls.protocol.version", version);
+        span.record("tls.cipher", tls.cipher.as_str());
     }
 }

@@ -18,9 +18,9 @@ use super::connection::{self, Shared};
 use super::io::Stream;
 use super::observe::ConnectionId;
 use super::upstream::ClientInfo;
+use super::{proxy_header, sockopt};
 use crate::config::{ListenAddress, Settings, Transparent};
-use crate::tls::Tls;
-use crate::{proxy_protocol, sockopt};
+use crate::proxy::tls::Tls;
 
 pub const REPLY_BUSY: &[u8] = b"421 Server busy, too many connections\r\n";
 
@@ -57,7 +57,7 @@ impl BoundListener {
                 let fd = sock::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
                 sock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
                 if transparent == Transparent::Full {
-                    crate::sockopt::set_ip_transparent(&fd)?;
+                    crate::proxy::sockopt::set_ip_transparent(&fd)?;
                 }
                 sock::bind(fd.as_raw_fd(), &sock::SockaddrStorage::from(*addr))?;
                 sock::listen(&fd, sock::Backlog::new(LISTEN_BACKLOG)?)?;
@@ -97,7 +97,7 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (stream, peer) = l.accept().await?;
                 let _ = stream.set_nodelay(true);
-                crate::sockopt::prefer_delayed_acks(&stream);
+                crate::proxy::sockopt::prefer_delayed_acks(&stream);
                 let local = stream.local_addr().ok();
                 let original_destination = match transparent {
                     Transparent::Off => None,
@@ -154,17 +154,17 @@ async fn proxy_header(
     stream: &mut Stream,
     mut info: ClientInfo,
     received: &mut BytesMut,
-) -> Result<ClientInfo, proxy_protocol::ProxyError> {
+) -> Result<ClientInfo, proxy_header::ProxyError> {
     let Some(peer) = info.peer else {
         return Ok(info);
     };
     if !settings.proxy_protocol
-        || !proxy_protocol::is_trusted(peer.ip(), &settings.proxy_protocol_trusted)
+        || !proxy_header::is_trusted(peer.ip(), &settings.proxy_protocol_trusted)
     {
         return Ok(info);
     }
     let timeout = settings.timeout.min(PROXY_HEADER_TIMEOUT);
-    let header = proxy_protocol::read_header(stream, timeout, received).await?;
+    let header = proxy_header::read_header(stream, timeout, received).await?;
     if let Some(source) = header.source {
         info.peer = Some(SocketAddr::new(source.ip().to_canonical(), source.port()));
     }
@@ -217,7 +217,7 @@ pub async fn run(
                 "too many connections open (max {}). sent busy response",
                 initial.max_connections
             );
-            crate::metrics::global().connection_refused();
+            crate::ops::metrics::global().connection_refused();
             let timeout = initial.timeout;
             sessions.spawn(async move {
                 // A TLS client could not read a clear-text reply: it only sees the close.
@@ -250,9 +250,9 @@ pub async fn run(
                 .peer
                 .map(|p| p.ip())
                 .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-            let span = crate::telemetry::connection_span(id.value(), client_ip);
+            let span = crate::ops::telemetry::connection_span(id.value(), client_ip);
             async move {
-                let metrics = crate::metrics::global();
+                let metrics = crate::ops::metrics::global();
                 metrics.connection_opened();
                 connection::serve(stream, info, received, id, shared).await;
                 metrics.connection_closed();

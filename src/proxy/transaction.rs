@@ -32,11 +32,11 @@ use crate::config::FilterType;
 use crate::filter::header::{self, HeaderContext};
 use crate::filter::run::{self as filter_run, FilterJob, Mode};
 use crate::filter::verdict::{self, ReplyKind, Verdict};
-use crate::metrics::{MessageVerdict, UpstreamStage};
-use crate::session::{DataMode, Envelope};
-use crate::smtp::data::DataReceiver;
-use crate::smtp::deadline::DataDeadline;
-use crate::smtp::encode::{HeaderPlacement, WireEncoder};
+use crate::ops::metrics::{MessageVerdict, UpstreamStage};
+use crate::protocol::data::DataReceiver;
+use crate::protocol::deadline::DataDeadline;
+use crate::protocol::encode::{HeaderPlacement, WireEncoder};
+use crate::protocol::session::{DataMode, Envelope};
 
 pub const REPLY_START_INPUT: &[u8] = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n";
 pub const REPLY_LOCAL_ERROR: &[u8] = b"451 Local Error\r\n";
@@ -52,7 +52,7 @@ const WRITE_CHUNK: usize = 64 * 1024;
 /// Runs one message transaction inside its own `smtp.message` span.
 pub async fn run(conn: &mut Conn, envelope: &Envelope, mode: DataMode) -> Result<(), Fatal> {
     use tracing::Instrument;
-    let span = crate::telemetry::message_span();
+    let span = crate::ops::telemetry::message_span();
     match mode {
         DataMode::Passthrough => passthrough(conn, envelope).instrument(span).await,
         // KeepAlives promise NOOPs upstream while the proxy holds a message, which needs
@@ -280,12 +280,12 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         return Err(abandon(conn, envelope, size, false).await);
     };
     let filter_time = filter_started.elapsed();
-    crate::metrics::global().filter_finished(filter_time);
+    crate::ops::metrics::global().filter_finished(filter_time);
     match &result.exit {
-        verdict::Exit::TimedOut => crate::metrics::global().filter_timeout(),
+        verdict::Exit::TimedOut => crate::ops::metrics::global().filter_timeout(),
         verdict::Exit::SpawnFailed(e) => {
             tracing::error!("{}: couldn't run filter command: {e}", conn.id);
-            crate::metrics::global().filter_spawn_failure();
+            crate::ops::metrics::global().filter_spawn_failure();
         }
         verdict::Exit::Signal(sig) => {
             tracing::error!(
@@ -294,7 +294,7 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
             )
         }
         // The shell's "not found" / "not executable": the filter could not be started.
-        verdict::Exit::Code(126 | 127) => crate::metrics::global().filter_spawn_failure(),
+        verdict::Exit::Code(126 | 127) => crate::ops::metrics::global().filter_spawn_failure(),
         verdict::Exit::Code(_) => {}
     }
 
@@ -427,7 +427,7 @@ fn header_placement(conn: &Conn) -> HeaderPlacement {
 
 /// The upstream's answer to the message goes to the client. The outcome is the upstream's
 /// even when the client is gone by then; the relay loop notices the closed client next.
-async fn send_final_reply(conn: &mut Conn, reply: &crate::smtp::reply::Reply) {
+async fn send_final_reply(conn: &mut Conn, reply: &crate::protocol::reply::Reply) {
     if conn.send_client(&reply.raw()).await.is_err() {
         conn.client_eof = true;
     }
@@ -556,7 +556,7 @@ enum UpstreamData {
     /// The upstream said 354 and takes the body.
     Open,
     /// The upstream answered DATA with something else: its reply is the client's answer.
-    Refused(crate::smtp::reply::Reply),
+    Refused(crate::protocol::reply::Reply),
     /// The upstream connection failed; the client gets 451 after its dot.
     Failed(Fatal),
 }

@@ -9,9 +9,9 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::io::Stream;
 use crate::config::{OutAddress, Settings, Transparent, UpstreamTls};
-use crate::smtp::ehlo;
-use crate::smtp::reply::Reply;
-use crate::sockopt;
+use crate::protocol::ehlo;
+use crate::protocol::reply::Reply;
+use crate::proxy::sockopt;
 
 /// What the proxy knows about an accepted client connection.
 #[derive(Debug, Clone, Default)]

@@ -205,7 +205,7 @@ fn header_wire_form(header: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::data::DataReceiver;
+    use crate::protocol::data::DataReceiver;
 
     fn encode_chunks(placement: &HeaderPlacement, chunks: &[&[u8]]) -> Vec<u8> {
         let mut enc = WireEncoder::new(placement.clone());

@@ -37,7 +37,7 @@ use tracing_subscriber::filter::{FilterFn, Filtered};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
-use crate::metrics::MessageVerdict;
+use crate::ops::metrics::MessageVerdict;
 
 /// The layer returned by [`otel_layer`]: the OpenTelemetry layer behind a per-layer filter.
 pub type OtelLayer<S> =
@@ -258,17 +258,6 @@ pub fn message_span() -> Span {
         tls.cipher = Empty,
         otel.status_code = Empty,
     )
-}
-
-/// Records on a [`message_span`] whether the client used TLS, and which (OpenTelemetry's
-/// `tls.*` attributes: `tls.protocol.version` is `1.2` or `1.3`).
-pub fn record_tls(span: &Span, tls: Option<&crate::tls::TlsInfo>) {
-    span.record("tls.established", tls.is_some());
-    if let Some(tls) = tls {
-        let version = tls.version.strip_prefix("TLSv").unwrap_or(tls.version);
-        span.record("tls.protocol.version", version);
-        span.record("tls.cipher", tls.cipher.as_str());
-    }
 }
 
 /// The OpenTelemetry layer exports only signed integers as numbers (unsigned ones become

@@ -30,12 +30,6 @@ fn version(path: &Path) -> Option<Version> {
     })
 }
 
-/// The script a filter command runs, when its program is a path to a file (also behind
-/// `VAR=value` assignments or `sh -c '...'`).
-pub fn filter_script(command: &str) -> Option<PathBuf> {
-    crate::filter::check::script_path(command)
-}
-
 /// Watches a set of files; `changed` says whether any differs from the last look.
 #[derive(Debug)]
 pub struct Watcher {
@@ -74,6 +68,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::filter::check::script_path as filter_script;
 
     #[test]
     fn filter_script_is_the_first_word_when_it_is_a_path() {

@@ -8,7 +8,7 @@
 //!   down) and, only when configured, `upstream` (the upstream
 //!   server answers; cached so that probes do not hammer it).
 //! - `?verbose` on any probe lists every check as `[+]name ok` / `[-]name failed`.
-//! - `GET /metrics`: [`crate::metrics::global`] in the Prometheus text format.
+//! - `GET /metrics`: [`crate::ops::metrics::global`] in the Prometheus text format.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::metrics;
+use crate::ops::metrics;
 
 /// An asynchronous check that the upstream server answers (true = healthy).
 pub type UpstreamCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;

@@ -5,7 +5,7 @@
 //! TLS Secret mounts them (`tls.crt`, `tls.key`). They are loaded at startup (a broken pair
 //! stops the start) and then polled like the configuration file: a changed pair replaces
 //! the running one for new handshakes, a broken one is refused and the running one stays.
-//! The session ([`crate::session`]) decides when TLS starts; this module only provides the
+//! The session ([`crate::protocol::session`]) decides when TLS starts; this module only provides the
 //! configurations and the facts about an established connection.
 
 use std::fmt;
@@ -22,8 +22,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::sync::watch;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use crate::config::file_watch;
 use crate::config::{Settings, UpstreamTls};
-use crate::reload;
 
 /// What is known of an established TLS connection, for the filter, logs, metrics and traces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,7 +178,7 @@ impl ServerTls {
     /// Loads a certificate and key; on error the running pair (if any) stays.
     pub fn load(&self, cert: &Path, key: &Path) -> Result<(), TlsError> {
         let key_pair = load_certified_key(cert, key)?;
-        crate::metrics::global()
+        crate::ops::metrics::global()
             .set_tls_certificate_expiry(key_pair.cert.first().and_then(|leaf| not_after(leaf)));
         self.current.set(Some(Loaded {
             paths: (cert.to_path_buf(), key.to_path_buf()),
@@ -190,7 +190,7 @@ impl ServerTls {
     /// Stops offering TLS (the configuration no longer names a certificate).
     pub fn clear(&self) {
         self.current.set(None);
-        crate::metrics::global().set_tls_certificate_expiry(None);
+        crate::ops::metrics::global().set_tls_certificate_expiry(None);
     }
 }
 
@@ -213,11 +213,11 @@ fn configured_paths(settings: &Settings) -> Option<(PathBuf, PathBuf)> {
 pub async fn watch_certificates(tls: Arc<Tls>, mut settings: watch::Receiver<Arc<Settings>>) {
     let mut wanted = configured_paths(&settings.borrow_and_update());
     let files = |paths: &Option<(PathBuf, PathBuf)>| {
-        reload::Watcher::new(paths.iter().flat_map(|(c, k)| [c.clone(), k.clone()]))
+        file_watch::Watcher::new(paths.iter().flat_map(|(c, k)| [c.clone(), k.clone()]))
     };
     let mut watcher = files(&wanted);
     loop {
-        tokio::time::sleep(reload::POLL_INTERVAL).await;
+        tokio::time::sleep(file_watch::POLL_INTERVAL).await;
         let configured = configured_paths(&settings.borrow_and_update());
         let moved = configured != wanted;
         let changed = watcher.changed();
@@ -244,7 +244,7 @@ pub fn reload_certificate(server: &ServerTls, paths: Option<&(PathBuf, PathBuf)>
     match server.load(cert, key) {
         Ok(()) => {
             tracing::info!("TLS certificate loaded: {}", cert.display());
-            crate::metrics::global().tls_certificate_reload(true);
+            crate::ops::metrics::global().tls_certificate_reload(true);
         }
         Err(e) => {
             let keeping = if server.has_certificate() {
@@ -253,7 +253,7 @@ pub fn reload_certificate(server: &ServerTls, paths: Option<&(PathBuf, PathBuf)>
                 "TLS stays unavailable"
             };
             tracing::error!("TLS certificate reload refused, {keeping}: {e}");
-            crate::metrics::global().tls_certificate_reload(false);
+            crate::ops::metrics::global().tls_certificate_reload(false);
         }
     }
 }

@@ -34,9 +34,9 @@ use std::net::IpAddr;
 use bytes::Bytes;
 
 use crate::config::FilterType;
-use crate::smtp::command::{self, Verb};
-use crate::smtp::ehlo;
-use crate::smtp::reply::Reply;
+use crate::protocol::command::{self, Verb};
+use crate::protocol::ehlo;
+use crate::protocol::reply::Reply;
 
 pub const REPLY_LINE_TOO_LONG: &[u8] = b"500 Line too long\r\n";
 pub const REPLY_FORBIDDEN_BYTES: &[u8] =
@@ -602,7 +602,7 @@ impl Session {
 
 /// Whether a command line has anything after its verb.
 fn has_parameters(line: &[u8]) -> bool {
-    let text = crate::smtp::line::trim_line_end(line);
+    let text = crate::protocol::line::trim_line_end(line);
     let start = text
         .iter()
         .position(|b| !b.is_ascii_whitespace())

@@ -16,9 +16,9 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::cli::{DemoArgs, RunArgs};
-use crate::smtp::data::DataReceiver;
-use crate::smtp::line::{trim_line_end, Framed, LineReader, COMMAND_LINE_LIMIT};
+use crate::process::cli::{DemoArgs, RunArgs};
+use crate::protocol::data::DataReceiver;
+use crate::protocol::line::{trim_line_end, Framed, LineReader, COMMAND_LINE_LIMIT};
 
 const DEMO_FILTER: &str = r#"#!/bin/sh
 # Demo filter for proxsmtpd: the message arrives on stdin, the filtered message goes to
@@ -120,7 +120,7 @@ pub fn main(args: DemoArgs) -> ExitCode {
         config_path: config,
         ..args.run
     };
-    let code = crate::app::run(run);
+    let code = crate::process::app::run(run);
     drop(capture);
     code
 }

@@ -12,13 +12,15 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-use crate::admin::{self, Health};
-use crate::cli::RunArgs;
+use crate::config::file_watch;
 use crate::config::{self, ConfigError, LoadOptions, OutAddress, Settings};
-use crate::logging::{self, LogTarget};
+use crate::ops::admin::{self, Health};
+use crate::ops::logging::{self, LogTarget};
+use crate::ops::telemetry;
+use crate::process::cli::RunArgs;
+use crate::process::{daemon, privileges};
 use crate::proxy::server::{self, BoundListener};
-use crate::tls::Tls;
-use crate::{daemon, privileges, reload, telemetry};
+use crate::proxy::tls::Tls;
 
 fn load(args: &RunArgs) -> Result<(Settings, Vec<String>), ConfigError> {
     let loaded = config::load(&LoadOptions {
@@ -168,7 +170,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     // Under systemd with `Type=notify` (NOTIFY_SOCKET set) the service manager wants the
     // process it started to stay and say READY=1; everywhere else (the original's
     // `Type=forking` units, init scripts, a shell) it forks into the background as before.
-    let under_systemd = crate::sd_notify::init_from_env();
+    let under_systemd = crate::process::sd_notify::init_from_env();
     let foreground = args.debug_level.is_some() || settings.container || under_systemd;
     if !foreground {
         if let Err(e) = daemon::daemonize() {
@@ -378,7 +380,7 @@ async fn serve(
         if let Err(e) = crate::filter::check::filter_ready(&settings) {
             tracing::warn!("{e}: not ready until it can run");
         }
-        let metrics = crate::metrics::global();
+        let metrics = crate::ops::metrics::global();
         metrics.set_max_connections(settings.max_connections);
         metrics.config_loaded();
     }
@@ -420,18 +422,18 @@ async fn serve(
     ));
     // Certificates are watched whatever ReloadWatch says: they are rotated behind the
     // proxy's back (cert-manager, a renewed Secret) and an expired one fails every client.
-    tokio::spawn(crate::tls::watch_certificates(
+    tokio::spawn(crate::proxy::tls::watch_certificates(
         tls.clone(),
         settings_rx.clone(),
     ));
 
     // Built now (the process collector reads /proc once) rather than on the first
     // connection's way to its upstream.
-    crate::metrics::global();
+    crate::ops::metrics::global();
 
     // Every listener is bound and listening, the configuration and filter are loaded.
-    crate::sd_notify::notify(&ready_status);
-    crate::sd_notify::spawn_watchdog();
+    crate::process::sd_notify::notify(&ready_status);
+    crate::process::sd_notify::spawn_watchdog();
 
     let mut rx = shutdown_rx.clone();
     // On a worker thread rather than this one: a session spawned from a worker starts on
@@ -483,15 +485,15 @@ async fn signals(
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                crate::sd_notify::notify(&crate::sd_notify::reloading_message(
-                    crate::sd_notify::monotonic_now(),
+                crate::process::sd_notify::notify(&crate::process::sd_notify::reloading_message(
+                    crate::process::sd_notify::monotonic_now(),
                 ));
                 reload(&args, &settings_tx);
-                crate::sd_notify::notify("READY=1");
+                crate::process::sd_notify::notify("READY=1");
             }
         }
     }
-    crate::sd_notify::notify("STOPPING=1\nSTATUS=draining sessions");
+    crate::process::sd_notify::notify("STOPPING=1\nSTATUS=draining sessions");
     tracing::info!("shutting down: draining sessions");
     health.set_draining();
     let _ = shutdown_tx.send(true);
@@ -506,14 +508,14 @@ pub fn reload(args: &RunArgs, settings_tx: &watch::Sender<Arc<Settings>>) {
             if let Err(e) = crate::filter::check::filter_ready(&settings) {
                 tracing::warn!("{e}: not ready until it can run");
             }
-            let metrics = crate::metrics::global();
+            let metrics = crate::ops::metrics::global();
             metrics.config_reload(true);
             metrics.set_max_connections(settings.max_connections);
             let _ = settings_tx.send(Arc::new(settings));
         }
         Err(e) => {
             tracing::error!("configuration reload refused, keeping the running one: {e}");
-            crate::metrics::global().config_reload(false);
+            crate::ops::metrics::global().config_reload(false);
         }
     }
 }
@@ -526,20 +528,20 @@ async fn watch_files(args: RunArgs, settings_tx: Arc<watch::Sender<Arc<Settings>
         if let Some(script) = settings
             .filter_command
             .as_deref()
-            .and_then(reload::filter_script)
+            .and_then(crate::filter::check::script_path)
         {
             paths.push(script);
         }
         paths
     };
-    let mut watcher = reload::Watcher::new(watched(&settings_tx.borrow()));
+    let mut watcher = file_watch::Watcher::new(watched(&settings_tx.borrow()));
     loop {
-        tokio::time::sleep(reload::POLL_INTERVAL).await;
+        tokio::time::sleep(file_watch::POLL_INTERVAL).await;
         if watcher.changed() {
             tracing::info!("configuration or filter changed on disk");
             reload(&args, &settings_tx);
             // The filter script may have moved with the new configuration.
-            watcher = reload::Watcher::new(watched(&settings_tx.borrow()));
+            watcher = file_watch::Watcher::new(watched(&settings_tx.borrow()));
         }
     }
 }
