@@ -7,5 +7,6 @@ pub mod ehlo;
 pub mod encode;
 pub mod line;
 pub mod proxy_header;
+pub mod relay;
 pub mod reply;
 pub mod session;

@@ -15,235 +15,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::io::{self as stream_io, Ready, Rewound, Stream};
+use super::conn::{
+    protocol_error, upstream_failure, Conn, Fatal, READ_BUFFER, REPLY_SHUTTING_DOWN, REPLY_TIMEOUT,
+    REPLY_UPSTREAM_LOST, REPLY_UPSTREAM_PROTOCOL, REPLY_UPSTREAM_UNAVAILABLE,
+};
+use super::io::{Rewound, Stream};
 use super::observe::{self, ConnectionId};
+use super::tls::{self, ClientTls, ServerTls, Tls, TlsInfo};
 use super::transaction;
 use super::upstream::{self, ClientInfo, TlsStep};
 use crate::config::{Settings, UpstreamTls};
 use crate::filter::verdict::format_reply;
 use crate::ops::metrics::UpstreamStage;
-use crate::protocol::line::{Framed, LineReader, COMMAND_LINE_LIMIT};
-use crate::protocol::reply::{Reply, ReplyAssembler, ReplyError};
-use crate::protocol::session::{Action, Policy, Session, TlsPolicy};
-use crate::proxy::tls::{self, ClientTls, ServerTls, Tls, TlsInfo};
-
-pub const REPLY_UPSTREAM_UNAVAILABLE: &[u8] =
-    b"421 4.4.1 Upstream server unavailable, try again later\r\n";
-pub const REPLY_TIMEOUT: &[u8] = b"421 4.4.2 Timeout exceeded, closing connection\r\n";
-pub const REPLY_UPSTREAM_LOST: &[u8] = b"421 4.4.2 Upstream connection lost\r\n";
-pub const REPLY_SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down\r\n";
-pub const REPLY_UPSTREAM_PROTOCOL: &[u8] =
-    b"421 4.5.0 Upstream protocol error, closing connection\r\n";
-
-/// Upstream reply lines are limited far above what any server sends (RFC 5321 says 512).
-const REPLY_LINE_LIMIT: usize = 16 * 1024;
-pub(super) const READ_BUFFER: usize = 16 * 1024;
-
-/// Why a connection ended early.
-#[derive(Debug)]
-pub enum Fatal {
-    ClientGone,
-    ClientTimeout,
-    /// The upstream failed; the client has been told (or cannot be).
-    Upstream(String),
-    /// The upstream cannot be used before the client is greeted (its TLS failed).
-    UpstreamUnavailable(String),
-    /// The upstream said something out of turn (a reply before our command or before the
-    /// end of the message): nothing it says can be trusted to match a command any more.
-    UpstreamProtocol(String),
-    Shutdown,
-}
-
-/// The two sides of one proxied connection and their buffers.
-pub struct Conn {
-    pub id: ConnectionId,
-    pub settings: Arc<Settings>,
-    pub info: ClientInfo,
-    pub client: Stream,
-    pub client_buf: BytesMut,
-    client_lines: LineReader,
-    pub client_eof: bool,
-    /// The client's TLS, once established.
-    pub tls: Option<TlsInfo>,
-    pub upstream: Stream,
-    pub server: String,
-    /// The name the upstream's TLS certificate must carry.
-    upstream_tls_name: String,
-    upstream_buf: BytesMut,
-    upstream_lines: LineReader,
-    assembler: ReplyAssembler,
-    /// When the upstream last saw traffic from us, for KeepAlives.
-    pub upstream_active: Instant,
-}
-
-impl Conn {
-    pub async fn send_client(&mut self, bytes: &[u8]) -> Result<(), Fatal> {
-        observe::replies_sent(bytes);
-        let timeout = self.settings.timeout;
-        match tokio::time::timeout(timeout, self.client.write_all(bytes)).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(Fatal::ClientGone),
-        }
-    }
-
-    /// Sends a command (or the last part of a message, with its terminating dot) whose reply
-    /// comes next. Anything the upstream has sent before it cannot be that reply: it is a
-    /// protocol error, never relayed as the answer.
-    pub async fn send_command(&mut self, bytes: &[u8], stage: UpstreamStage) -> Result<(), Fatal> {
-        self.ensure_upstream_silent(stage)?;
-        self.send_upstream(bytes, stage).await
-    }
-
-    /// Fails when the upstream has sent anything not yet taken as a reply.
-    pub fn ensure_upstream_silent(&mut self, stage: UpstreamStage) -> Result<(), Fatal> {
-        let early = !self.upstream_buf.is_empty()
-            || match stream_io::read_ready(&mut self.upstream, &mut self.upstream_buf) {
-                Ready::Nothing => false,
-                Ready::Data => true,
-                Ready::Closed => {
-                    return Err(upstream_failure(
-                        stage,
-                        "server disconnected unexpectedly".into(),
-                    ))
-                }
-            };
-        if early {
-            return Err(protocol_error(
-                stage,
-                format!(
-                    "protocol error: the server spoke out of turn before our {}",
-                    stage.as_str()
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Whether the client has closed its side (it would get no reply any more). Bytes it
-    /// sent stay where they are for the next read.
-    pub fn client_gone(&mut self) -> bool {
-        if self.client_eof {
-            return true;
-        }
-        if stream_io::read_ready(&mut self.client, &mut self.client_buf) == Ready::Closed {
-            self.client_eof = true;
-        }
-        self.client_eof
-    }
-
-    pub async fn send_upstream(&mut self, bytes: &[u8], stage: UpstreamStage) -> Result<(), Fatal> {
-        let timeout = self.settings.timeout;
-        self.upstream_active = Instant::now();
-        match tokio::time::timeout(timeout, self.upstream.write_all(bytes)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(upstream_failure(stage, format!("write failed: {e}"))),
-            Err(_) => Err(upstream_failure(stage, "write timed out".into())),
-        }
-    }
-
-    /// Takes the next complete reply already buffered, if any.
-    fn buffered_reply(&mut self) -> Result<Option<Reply>, String> {
-        while let Some(framed) = self.upstream_lines.next(&mut self.upstream_buf) {
-            let line = match framed {
-                Framed::Line(line) => line,
-                Framed::TooLong => return Err("reply line too long".into()),
-            };
-            if let Some(reply) = self.assembler.push(line).map_err(|e| match e {
-                ReplyError::TooManyLines => "reply has too many lines".to_string(),
-                ReplyError::Malformed => "malformed reply".to_string(),
-            })? {
-                return Ok(Some(reply));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Reads one complete (multi-line) reply, waiting at most TimeOut.
-    pub async fn read_reply(&mut self, stage: UpstreamStage) -> Result<Reply, Fatal> {
-        let deadline = Instant::now() + self.settings.timeout;
-        loop {
-            match self.buffered_reply() {
-                Ok(Some(reply)) => {
-                    crate::ops::metrics::upstream_reply(stage, self.upstream_active);
-                    return Ok(reply);
-                }
-                Ok(None) => {}
-                Err(e) => return Err(upstream_failure(stage, e)),
-            }
-            self.upstream_buf.reserve(READ_BUFFER);
-            match tokio::time::timeout_at(deadline, self.upstream.read_buf(&mut self.upstream_buf))
-                .await
-            {
-                Ok(Ok(0)) => {
-                    return Err(upstream_failure(
-                        stage,
-                        "server disconnected unexpectedly".into(),
-                    ))
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(upstream_failure(stage, format!("read failed: {e}"))),
-                Err(_) => {
-                    return Err(upstream_failure(
-                        stage,
-                        "network operation timed out".into(),
-                    ))
-                }
-            }
-        }
-    }
-
-    /// Sends a command of our own and reads its whole reply.
-    pub async fn command(&mut self, line: &[u8], stage: UpstreamStage) -> Result<Reply, Fatal> {
-        self.send_command(line, stage).await?;
-        self.read_reply(stage).await
-    }
-
-    /// Sends a NOOP when the upstream has been quiet for KeepAlives seconds.
-    pub async fn keepalive_if_due(&mut self) -> Result<(), Fatal> {
-        if let Some(interval) = self.settings.keep_alives {
-            if self.upstream_active.elapsed() >= interval {
-                self.command(b"NOOP\r\n", UpstreamStage::Data).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// When the next keepalive is due, if KeepAlives is on.
-    pub fn next_keepalive(&self) -> Option<Instant> {
-        self.settings
-            .keep_alives
-            .map(|interval| self.upstream_active + interval)
-    }
-
-    /// Reads more client bytes into the buffer; waits at most until `deadline`, sending
-    /// keepalives upstream meanwhile. Returns the number of bytes read (0 = the client
-    /// closed).
-    pub async fn read_client(&mut self, deadline: Instant) -> Result<usize, Fatal> {
-        loop {
-            self.client_buf.reserve(READ_BUFFER);
-            let wake = match self.next_keepalive() {
-                Some(at) if at < deadline => at,
-                _ => deadline,
-            };
-            match tokio::time::timeout_at(wake, self.client.read_buf(&mut self.client_buf)).await {
-                Ok(Ok(n)) => return Ok(n),
-                Ok(Err(_)) => return Err(Fatal::ClientGone),
-                Err(_) if wake >= deadline => return Err(Fatal::ClientTimeout),
-                Err(_) => self.keepalive_if_due().await?,
-            }
-        }
-    }
-}
-
-pub fn upstream_failure(stage: UpstreamStage, reason: String) -> Fatal {
-    crate::ops::metrics::global().upstream_error(stage);
-    Fatal::Upstream(reason)
-}
-
-pub fn protocol_error(stage: UpstreamStage, reason: String) -> Fatal {
-    crate::ops::metrics::global().upstream_error(stage);
-    Fatal::UpstreamProtocol(reason)
-}
+use crate::protocol::line::trim_line_end;
+use crate::protocol::relay::{End, Relay, Stage, Step};
+use crate::protocol::reply::Reply;
+use crate::protocol::session::{Policy, Session, TlsPolicy};
 
 /// Everything a connection needs from the server.
 pub struct Shared {
@@ -288,19 +75,9 @@ fn tls_established(id: ConnectionId, side: &str, info: &TlsInfo) {
 }
 
 impl Conn {
-    /// The client's STARTTLS was answered 220: the handshake, on a clean slate.
+    /// The client's STARTTLS was answered 220 (the relay has dropped what came after it):
+    /// the handshake.
     async fn start_client_tls(&mut self, server: &ServerTls) -> Result<(), Fatal> {
-        // Anything after the STARTTLS line came in clear text before the handshake; taking
-        // it as commands under TLS is the STARTTLS command-injection attack.
-        if !self.client_buf.is_empty() {
-            tracing::warn!(
-                "{}: discarded {} bytes the client sent after STARTTLS",
-                self.id,
-                self.client_buf.len()
-            );
-        }
-        self.client_buf.clear();
-        self.client_lines = LineReader::new(COMMAND_LINE_LIMIT);
         let stream = self.client.detach();
         match accept_tls(server, stream, Bytes::new(), self.settings.timeout).await {
             Ok(stream) => {
@@ -379,7 +156,7 @@ impl Conn {
             }
             TlsStep::Fail(reason) => return Err(Refusal::Tls(reason)),
         }
-        if !self.upstream_buf.is_empty() {
+        if !self.relay.upstream_buf.is_empty() {
             // Replies cannot be pipelined behind 220 to STARTTLS: someone injected them.
             return Err(Refusal::Tls(
                 "the upstream sent data after its 220 to STARTTLS".into(),
@@ -400,8 +177,7 @@ impl Conn {
         match result {
             Ok(stream) => {
                 self.upstream = stream;
-                self.upstream_lines = LineReader::new(REPLY_LINE_LIMIT);
-                self.assembler = ReplyAssembler::default();
+                self.relay.upstream_restarted();
                 self.upstream_active = Instant::now();
                 if let Some(info) = self.upstream.tls_info() {
                     tls_established(self.id, "upstream", &info);
@@ -426,8 +202,6 @@ enum Refusal {
 
 /// How the upstream's greeting was dealt with before relaying began.
 enum Greeting {
-    /// Not read yet: the session relays it.
-    Pending,
     /// Read by the proxy: the session relays this reply as the greeting.
     Read(Reply),
     /// Read and answered by the proxy (EHLO, maybe STARTTLS): the session greets the client.
@@ -494,30 +268,31 @@ pub async fn serve(
     };
     tracing::debug!("{id}: SERVER connected to: {}", upstream.server);
 
+    let session = Session::with_tls(
+        policy(&settings, &info),
+        tls_policy(&settings, &shared.tls, client_tls.is_some()),
+    );
+    let mut core = Relay::new(session, settings.timeout, std::time::Instant::now());
+    core.client_buf = received;
     let mut conn = Conn {
         id,
         settings,
         info,
         client,
-        client_buf: received,
-        client_lines: LineReader::new(COMMAND_LINE_LIMIT),
-        client_eof: false,
         tls: client_tls,
         upstream: upstream.stream,
         server: upstream.server,
         upstream_tls_name: upstream.tls_name,
-        upstream_buf: BytesMut::with_capacity(READ_BUFFER),
-        upstream_lines: LineReader::new(REPLY_LINE_LIMIT),
-        assembler: ReplyAssembler::default(),
+        relay: core,
         upstream_active: Instant::now(),
     };
     let mut hard_stop = shared.hard_stop.clone();
     let result = tokio::select! {
-        result = relay(&mut conn, &mut shared) => result,
+        result = run(&mut conn, &mut shared) => result,
         _ = hard_stop.wait_for(|stop| *stop) => Err(Fatal::Shutdown),
     };
     match result {
-        Ok(()) | Err(Fatal::ClientGone) => {}
+        Ok(()) | Err(Fatal::Done) | Err(Fatal::ClientGone) => {}
         Err(Fatal::ClientTimeout) => {
             tracing::error!("{id}: network operation timed out");
             let _ = conn.send_client(REPLY_TIMEOUT).await;
@@ -557,190 +332,124 @@ fn policy(settings: &Settings, info: &ClientInfo) -> Policy {
     }
 }
 
-fn tls_policy(settings: &Settings, tls: &Tls, conn: &Conn) -> TlsPolicy {
+fn tls_policy(settings: &Settings, tls: &Tls, implicit: bool) -> TlsPolicy {
     TlsPolicy {
         offer_starttls: tls.server.has_certificate(),
         required: settings.tls_required,
-        implicit: conn.tls.is_some(),
+        implicit,
     }
 }
 
-/// When each side must have finished what it owes: the client its next whole command
-/// line, the upstream its whole reply. TimeOut bounds each of these as a whole, not each
-/// read, so a peer sending a byte at a time cannot hold a session (and its upstream
-/// connection) for ever.
-struct Deadlines {
-    client: Instant,
-    upstream: Instant,
-}
-
-impl Deadlines {
-    fn new(timeout: std::time::Duration) -> Deadlines {
-        let now = Instant::now();
-        Deadlines {
-            client: now + timeout,
-            upstream: now + timeout,
-        }
-    }
-}
-
-/// The command phase: relays until either side leaves.
-async fn relay(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
-    let greeting = match conn.settings.upstream_tls {
-        UpstreamTls::Off => Greeting::Pending,
-        _ => conn
+/// The command phase: pumps bytes between the sockets and the relay and carries out its
+/// steps until the connection ends.
+async fn run(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
+    match conn.settings.upstream_tls {
+        UpstreamTls::Off => {}
+        _ => match conn
             .start_upstream_tls(&shared.tls.client)
             .await
-            .map_err(Fatal::UpstreamUnavailable)?,
-    };
-    let mut session = Session::with_tls(
-        policy(&conn.settings, &conn.info),
-        tls_policy(&conn.settings, &shared.tls, conn),
-    );
-    let mut deadlines = Deadlines::new(conn.settings.timeout);
-    match greeting {
-        Greeting::Pending => {}
-        Greeting::Read(reply) => session.upstream_reply(reply),
-        Greeting::Consumed => session.upstream_greeted(),
+            .map_err(Fatal::UpstreamUnavailable)?
+        {
+            Greeting::Read(reply) => conn.relay.greeting_read(reply),
+            Greeting::Consumed => conn.relay.greeting_consumed(),
+        },
     }
-    perform(conn, &mut session, shared, &mut deadlines).await?;
-    let mut draining = *shared.shutdown.borrow();
+    let mut draining = false;
     loop {
-        // Feed every complete client line the session can take now.
-        while session.accepts_client_input() {
-            let framed = match conn.client_lines.next(&mut conn.client_buf) {
-                Some(f) => Some(f),
-                // An unterminated command from a client that left is never forwarded: the
-                // upstream would wait for its end.
-                None if conn.client_eof => {
-                    conn.client_buf.clear();
-                    None
-                }
-                None => None,
-            };
-            match framed {
-                Some(Framed::Line(line)) => {
-                    trace_line(conn.id, "CLIENT <", &line);
-                    session.client_line(line);
-                }
-                Some(Framed::TooLong) => session.client_line_too_long(),
-                None => break,
-            }
-            deadlines.client = Instant::now() + conn.settings.timeout;
-            perform(conn, &mut session, shared, &mut deadlines).await?;
+        while let Some(step) = conn.relay.next_step(std::time::Instant::now()) {
+            perform(conn, step, shared).await?;
         }
-        // Replies already buffered are handled before waiting for more input.
-        match conn.buffered_reply() {
-            Ok(Some(reply)) => {
-                crate::ops::metrics::upstream_reply(stage_of(&session), conn.upstream_active);
-                session.upstream_reply(reply);
-                deadlines.upstream = Instant::now() + conn.settings.timeout;
-                perform(conn, &mut session, shared, &mut deadlines).await?;
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => return Err(upstream_failure(UpstreamStage::Command, e)),
+        if !draining && *shared.shutdown.borrow() {
+            draining = true;
+            conn.relay.drain();
+            continue;
         }
-        if conn.client_eof && !session.awaiting_upstream() {
-            return Ok(());
-        }
-        if draining && session.is_idle() {
-            return Err(Fatal::Shutdown);
-        }
-
-        let want_client = session.accepts_client_input() && !conn.client_eof;
-        let awaiting_upstream = session.awaiting_upstream();
-        let due = if awaiting_upstream {
-            deadlines.upstream
-        } else {
-            deadlines.client
-        };
-        conn.client_buf.reserve(READ_BUFFER);
-        conn.upstream_buf.reserve(READ_BUFFER);
+        let wants = conn.relay.wants();
+        let deadline = Instant::from_std(wants.deadline);
+        let Relay {
+            client_buf,
+            upstream_buf,
+            ..
+        } = &mut conn.relay;
+        client_buf.reserve(READ_BUFFER);
+        upstream_buf.reserve(READ_BUFFER);
         tokio::select! {
-            read = conn.client.read_buf(&mut conn.client_buf), if want_client => {
-                match read {
-                    Ok(0) | Err(_) => conn.client_eof = true,
-                    Ok(_) => {}
+            read = conn.client.read_buf(client_buf), if wants.client => {
+                if matches!(read, Ok(0) | Err(_)) {
+                    conn.relay.client_closed();
                 }
             }
-            read = conn.upstream.read_buf(&mut conn.upstream_buf) => {
-                match read {
-                    Ok(0) | Err(_) => {
-                        // Whatever the upstream said last has been relayed; a client still
-                        // waiting for an answer gets a 421 rather than a silent close.
-                        if awaiting_upstream {
-                            return Err(upstream_failure(stage_of(&session), "server disconnected unexpectedly".into()));
-                        }
-                        return Ok(());
-                    }
-                    Ok(_) => {}
+            read = conn.upstream.read_buf(upstream_buf) => {
+                if matches!(read, Ok(0) | Err(_)) {
+                    conn.relay.upstream_closed();
                 }
             }
-            _ = tokio::time::sleep_until(due) => {
-                if awaiting_upstream {
-                    return Err(upstream_failure(stage_of(&session), "network operation timed out".into()));
-                }
-                return Err(Fatal::ClientTimeout);
-            }
+            _ = tokio::time::sleep_until(deadline) => conn.relay.timed_out(),
             changed = shared.shutdown.changed(), if !draining => {
-                draining = changed.is_err() || *shared.shutdown.borrow();
+                if changed.is_err() || *shared.shutdown.borrow() {
+                    draining = true;
+                    conn.relay.drain();
+                }
             }
         }
     }
 }
 
-/// Which stage an upstream failure in the command phase belongs to.
-fn stage_of(session: &Session) -> UpstreamStage {
-    if session.awaiting_greeting() {
-        UpstreamStage::Greeting
-    } else {
-        UpstreamStage::Command
+fn upstream_stage(stage: Stage) -> UpstreamStage {
+    match stage {
+        Stage::Greeting => UpstreamStage::Greeting,
+        Stage::Command => UpstreamStage::Command,
     }
 }
 
-/// Carries out the session's actions in order.
-async fn perform(
-    conn: &mut Conn,
-    session: &mut Session,
-    shared: &Shared,
-    deadlines: &mut Deadlines,
-) -> Result<(), Fatal> {
-    loop {
-        let actions = session.take_actions();
-        if actions.is_empty() {
-            return Ok(());
+/// Carries out one step of the relay.
+async fn perform(conn: &mut Conn, step: Step, shared: &Shared) -> Result<(), Fatal> {
+    match step {
+        Step::ToUpstream(bytes) => {
+            trace_line(conn.id, "SERVER >", &bytes);
+            let stage = upstream_stage(conn.relay.stage());
+            conn.send_command(&bytes, stage).await
         }
-        for action in actions {
-            match action {
-                Action::ToUpstream(bytes) => {
-                    trace_line(conn.id, "SERVER >", &bytes);
-                    conn.send_command(&bytes, stage_of(session)).await?;
-                    deadlines.upstream = Instant::now() + conn.settings.timeout;
-                }
-                Action::ToClient(bytes) => {
-                    trace_line(conn.id, "CLIENT >", &bytes);
-                    conn.send_client(&bytes).await?;
-                    // The client's turn begins with our answer.
-                    deadlines.client = Instant::now() + conn.settings.timeout;
-                }
-                Action::UpstreamProtocolError(reason) => {
-                    return Err(protocol_error(stage_of(session), reason));
-                }
-                Action::PolicyReject => observe::policy_reject(conn, session.envelope()),
-                Action::BeginData(mode) => {
-                    // A reloaded configuration applies from the next message on.
-                    conn.settings = shared.settings.borrow().clone();
-                    let result = transaction::run(conn, session.envelope(), mode).await;
-                    session.transaction_done();
-                    result?;
-                    deadlines.client = Instant::now() + conn.settings.timeout;
-                }
-                Action::StartTls => {
-                    conn.start_client_tls(&shared.tls.server).await?;
-                    session.tls_established();
-                }
+        Step::ToClient(bytes) => {
+            trace_line(conn.id, "CLIENT >", &bytes);
+            conn.send_client(&bytes).await
+        }
+        Step::Replied(stage) => {
+            crate::ops::metrics::upstream_reply(upstream_stage(stage), conn.upstream_active);
+            Ok(())
+        }
+        Step::PolicyReject => {
+            observe::policy_reject(conn, conn.relay.envelope());
+            Ok(())
+        }
+        Step::BeginData(mode) => {
+            // A reloaded configuration applies from the next message on.
+            conn.settings = shared.settings.borrow().clone();
+            conn.relay.set_timeout(conn.settings.timeout);
+            let envelope = conn.relay.envelope().clone();
+            let result = transaction::run(conn, &envelope, mode).await;
+            conn.relay.transaction_done(std::time::Instant::now());
+            result
+        }
+        Step::StartTls { discarded } => {
+            if discarded > 0 {
+                tracing::warn!(
+                    "{}: discarded {discarded} bytes the client sent after STARTTLS",
+                    conn.id
+                );
             }
+            conn.start_client_tls(&shared.tls.server).await?;
+            conn.relay.tls_established();
+            Ok(())
+        }
+        Step::End(End::Done) => Err(Fatal::Done),
+        Step::End(End::ClientTimeout) => Err(Fatal::ClientTimeout),
+        Step::End(End::Shutdown) => Err(Fatal::Shutdown),
+        Step::End(End::Upstream { stage, reason }) => {
+            Err(upstream_failure(upstream_stage(stage), reason))
+        }
+        Step::End(End::UpstreamProtocol { stage, reason }) => {
+            Err(protocol_error(upstream_stage(stage), reason))
         }
     }
 }
@@ -749,7 +458,7 @@ async fn perform(
 fn trace_line(id: ConnectionId, direction: &str, bytes: &Bytes) {
     if tracing::enabled!(tracing::Level::DEBUG) {
         for line in bytes.split_inclusive(|&b| b == b'\n') {
-            let text = String::from_utf8_lossy(crate::protocol::line::trim_line_end(line));
+            let text = String::from_utf8_lossy(trim_line_end(line));
             let cut = observe::printable(&text.chars().take(79).collect::<String>());
             tracing::debug!("{id}: {direction} {cut}");
         }

@@ -1,5 +1,6 @@
 //! Tokio moving bytes: the listeners, client connections, the upstream, TLS streams, socket
 //! options and the message transaction.
+pub mod conn;
 pub mod connection;
 pub mod io;
 pub mod observe;

@@ -5,7 +5,6 @@ use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use super::connection::Conn;
 use crate::ops::metrics::{self, MessageSource, MessageVerdict};
 use crate::ops::telemetry;
 use crate::protocol::reply::{reply_code, Reply};
@@ -34,6 +33,15 @@ impl fmt::Display for ConnectionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:06X}", self.0)
     }
+}
+
+/// What the per-message records say about the connection a message came on.
+pub trait Connection {
+    fn id(&self) -> ConnectionId;
+    /// The client's address; `None` for unix-socket clients.
+    fn client(&self) -> Option<std::net::SocketAddr>;
+    /// The client's TLS, once established.
+    fn tls(&self) -> Option<&TlsInfo>;
 }
 
 /// How a message ended.
@@ -126,9 +134,9 @@ pub fn printable(text: &str) -> String {
     out
 }
 
-fn summary(conn: &Conn, envelope: &Envelope, status: Option<&str>) -> String {
+fn summary(conn: &impl Connection, envelope: &Envelope, status: Option<&str>) -> String {
     let mut line = String::with_capacity(128);
-    if let Some(peer) = conn.info.peer {
+    if let Some(peer) = conn.client() {
         line.push_str(&format!("client={}", peer.ip()));
     } else {
         line.push_str("client=");
@@ -146,7 +154,7 @@ fn summary(conn: &Conn, envelope: &Envelope, status: Option<&str>) -> String {
 }
 
 /// Logs the per-message line and records the message in metrics and its span.
-pub fn message(conn: &Conn, envelope: &Envelope, outcome: Outcome) {
+pub fn message(conn: &impl Connection, envelope: &Envelope, outcome: Outcome) {
     let elapsed = outcome.started.elapsed();
     let verdict = outcome.verdict.as_str();
     telemetry::record_message(
@@ -159,7 +167,7 @@ pub fn message(conn: &Conn, envelope: &Envelope, outcome: Outcome) {
             upstream_reply_code: outcome.upstream_code,
         },
     );
-    let tls = conn.tls.as_ref();
+    let tls = conn.tls();
     record_tls(&tracing::Span::current(), tls);
     tracing::info!(
         target: "proxsmtpd::message",
@@ -173,33 +181,33 @@ pub fn message(conn: &Conn, envelope: &Envelope, outcome: Outcome) {
         tls_version = tls.map(|t| t.version),
         tls_cipher = tls.map(|t| t.cipher.as_str()),
         "{}: {}",
-        conn.id,
+        conn.id(),
         summary(conn, envelope, outcome.status.as_deref())
     );
     metrics::global().message(outcome.verdict, outcome.source(), outcome.size);
 }
 
 /// The client left before the answer to its message; nothing was delivered.
-pub fn abandoned(conn: &Conn, envelope: &Envelope, size: u64) {
+pub fn abandoned(conn: &impl Connection, envelope: &Envelope, size: u64) {
     tracing::warn!(
         target: "proxsmtpd::message",
         verdict = "abandoned",
         size,
         recipients = envelope.recipients.len(),
         "{}: {}",
-        conn.id,
+        conn.id(),
         summary(conn, envelope, Some("CLIENT-GONE"))
     );
     metrics::global().message_abandoned();
 }
 
 /// FilterType reject refused a DATA.
-pub fn policy_reject(conn: &Conn, envelope: &Envelope) {
+pub fn policy_reject(conn: &impl Connection, envelope: &Envelope) {
     tracing::info!(
         target: "proxsmtpd::message",
         verdict = "rejected",
         "{}: {}",
-        conn.id,
+        conn.id(),
         summary(conn, envelope, Some("REJECTED"))
     );
     metrics::global().message(MessageVerdict::Rejected, MessageSource::Filter, 0);

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Buf;
 use tokio::io::AsyncReadExt;
 
-use super::connection::{Conn, Fatal, READ_BUFFER};
+use super::conn::{Conn, Fatal, READ_BUFFER};
 use super::observe::{self, Outcome};
 use crate::config::FilterType;
 use crate::filter::header::{self, HeaderContext};
@@ -94,8 +94,8 @@ async fn receive_body(
     let mut content = Vec::new();
     let mut sink_error = None;
     loop {
-        let feed = receiver.feed(&conn.client_buf, &mut content);
-        conn.client_buf.advance(feed.consumed);
+        let feed = receiver.feed(&conn.relay.client_buf, &mut content);
+        conn.relay.client_buf.advance(feed.consumed);
         if !content.is_empty() && sink_error.is_none() {
             if let Err(e) = sink(&content) {
                 sink_error = Some(e);
@@ -110,7 +110,7 @@ async fn receive_body(
                 sink_error,
             });
         }
-        if conn.client_eof {
+        if conn.relay.client_eof {
             return Err(client_left(conn));
         }
         let due = tokio::time::Instant::from_std(deadline.due());
@@ -122,7 +122,7 @@ async fn receive_body(
 }
 
 fn client_left(conn: &mut Conn) -> Fatal {
-    conn.client_eof = true;
+    conn.relay.client_closed();
     tracing::error!("{}: unexpected end of data from client", conn.id);
     Fatal::ClientGone
 }
@@ -257,14 +257,14 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         // the message again, so delivering it would make a duplicate.
         loop {
             let wake = conn.next_keepalive();
-            let watch = !conn.client_eof && conn.client_buf.len() < WATCH_LIMIT;
-            conn.client_buf.reserve(READ_BUFFER);
+            let watch = !conn.relay.client_eof && conn.relay.client_buf.len() < WATCH_LIMIT;
+            conn.relay.client_buf.reserve(READ_BUFFER);
             tokio::select! {
                 outcome = &mut filter => break Some(outcome),
                 _ = sleep_until_opt(wake) => conn.keepalive_if_due().await?,
-                read = conn.client.read_buf(&mut conn.client_buf), if watch => {
+                read = conn.client.read_buf(&mut conn.relay.client_buf), if watch => {
                     if matches!(read, Ok(0) | Err(_)) {
-                        conn.client_eof = true;
+                        conn.relay.client_closed();
                         // Dropping the run ends the filter's process group.
                         break None;
                     }
@@ -429,7 +429,7 @@ fn header_placement(conn: &Conn) -> HeaderPlacement {
 /// even when the client is gone by then; the relay loop notices the closed client next.
 async fn send_final_reply(conn: &mut Conn, reply: &crate::protocol::reply::Reply) {
     if conn.send_client(&reply.raw()).await.is_err() {
-        conn.client_eof = true;
+        conn.relay.client_closed();
     }
 }
 
@@ -589,14 +589,14 @@ async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
     let mut content = Vec::new();
     let mut out = Vec::new();
     loop {
-        let feed = receiver.feed(&conn.client_buf, &mut content);
-        conn.client_buf.advance(feed.consumed);
+        let feed = receiver.feed(&conn.relay.client_buf, &mut content);
+        conn.relay.client_buf.advance(feed.consumed);
         encoder.encode(&content, &mut out);
         content.clear();
         if feed.done {
             break;
         }
-        if out.len() >= WRITE_CHUNK || conn.client_buf.is_empty() {
+        if out.len() >= WRITE_CHUNK || conn.relay.client_buf.is_empty() {
             // After a NUL the message will be refused: nothing more goes upstream.
             if receiver.nul_bytes() == 0 {
                 forward(conn, &mut upstream, &out).await;
@@ -709,14 +709,14 @@ async fn passthrough(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> 
     let mut content = Vec::with_capacity(WRITE_CHUNK);
     let mut out = Vec::with_capacity(WRITE_CHUNK * 2);
     loop {
-        let feed = receiver.feed(&conn.client_buf, &mut content);
-        conn.client_buf.advance(feed.consumed);
+        let feed = receiver.feed(&conn.relay.client_buf, &mut content);
+        conn.relay.client_buf.advance(feed.consumed);
         encoder.encode(&content, &mut out);
         content.clear();
         if feed.done {
             break;
         }
-        if out.len() >= WRITE_CHUNK || conn.client_buf.is_empty() {
+        if out.len() >= WRITE_CHUNK || conn.relay.client_buf.is_empty() {
             if receiver.nul_bytes() == 0 {
                 conn.send_upstream(&out, UpstreamStage::Data).await?;
             }
@@ -739,6 +739,6 @@ async fn passthrough(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> 
 }
 
 async fn read_more(conn: &mut Conn) -> std::io::Result<usize> {
-    conn.client_buf.reserve(READ_BUFFER);
-    conn.client.read_buf(&mut conn.client_buf).await
+    conn.relay.client_buf.reserve(READ_BUFFER);
+    conn.client.read_buf(&mut conn.relay.client_buf).await
 }

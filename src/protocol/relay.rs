@@ -1,0 +1,383 @@
+//! The relay core: one connection's command phase, without I/O.
+//!
+//! [`Relay`] owns what both sides have sent and not yet been taken (the client's bytes and
+//! the upstream's), the line readers and the reply assembler, the [`Session`] state machine,
+//! and the rules that are not the session's but the connection's: what happens to a line
+//! the client left unfinished when it closed, when the connection ends after either side
+//! closed, when a draining proxy may close an idle session, which side's deadline runs, and
+//! that the client's bytes after STARTTLS are thrown away unread.
+//!
+//! The caller moves bytes: it appends what it reads to [`Relay::client_buf`] or
+//! [`Relay::upstream_buf`] (or reports a close), then takes [`Step`]s from
+//! [`Relay::next_step`] and carries each out, in order, until there is none; then it waits
+//! for what [`Relay::wants`] names, or its deadline. The same loop runs in the proxy and in
+//! the session fuzz target. Time is passed in, never read here.
+//!
+//! The body of a message is the transaction's: at [`Step::BeginData`] the caller runs it
+//! (taking its bytes from the same buffers and its replies from [`Relay::next_reply`]), then
+//! calls [`Relay::transaction_done`]. A stage that must wait for a verdict before a command
+//! goes upstream (a milter, a hook) is such a step too: nothing more is taken from the
+//! client until the caller has carried out the step and asks for the next.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::line::{Framed, LineReader, COMMAND_LINE_LIMIT};
+use super::reply::{Reply, ReplyAssembler, ReplyError};
+use super::session::{Action, DataMode, Envelope, Session};
+
+/// Upstream reply lines are limited far above what any server sends (RFC 5321 says 512).
+pub const REPLY_LINE_LIMIT: usize = 16 * 1024;
+
+/// What the caller must do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    ToClient(Bytes),
+    /// A command (or the proxy's own) whose reply comes next: the upstream must not have
+    /// said anything before it (see [`Relay::stage`] for the error's stage).
+    ToUpstream(Bytes),
+    /// The client's STARTTLS was answered: its bytes received after the command (this
+    /// many) have been discarded; run the handshake, then call [`Relay::tls_established`]
+    /// (or end the connection when it fails).
+    StartTls {
+        discarded: usize,
+    },
+    /// The client's DATA is next: run the message transaction, then call
+    /// [`Relay::transaction_done`].
+    BeginData(DataMode),
+    /// FilterType reject refused a DATA: log it as a rejected message.
+    PolicyReject,
+    /// An upstream reply was taken at this stage (for latency metrics).
+    Replied(Stage),
+    /// The connection is over; nothing more will come.
+    End(End),
+}
+
+/// Which part of the conversation with the upstream a failure belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Greeting,
+    Command,
+}
+
+/// Why the connection ends.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// The client left with nothing owed to it, or the upstream closed owing nothing.
+    Done,
+    /// The client did not send its next command line in time.
+    ClientTimeout,
+    /// The upstream failed (closed, timed out, sent what is not a reply); the client is
+    /// owed an answer.
+    Upstream { stage: Stage, reason: String },
+    /// The upstream spoke out of turn: nothing it says can be matched to a command any more.
+    UpstreamProtocol { stage: Stage, reason: String },
+    /// The proxy is draining and the session is idle.
+    Shutdown,
+}
+
+/// What the caller waits for when there is no step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wants {
+    /// Read from the client (the upstream is always read: a close or an unsolicited reply
+    /// must be seen).
+    pub client: bool,
+    /// When to call [`Relay::timed_out`]: the upstream's deadline while it owes a reply,
+    /// otherwise the client's.
+    pub deadline: Instant,
+}
+
+/// The side whose clock restarts once the step just handed out has been carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    None,
+    Client,
+    Upstream,
+}
+
+#[derive(Debug)]
+pub struct Relay {
+    session: Session,
+    /// Client bytes received and not yet taken (the caller appends; the transaction reads
+    /// the body from here too).
+    pub client_buf: BytesMut,
+    /// The client closed its side (or its connection failed).
+    pub client_eof: bool,
+    client_lines: LineReader,
+    /// Upstream bytes received and not yet taken as replies.
+    pub upstream_buf: BytesMut,
+    upstream_lines: LineReader,
+    assembler: ReplyAssembler,
+    steps: VecDeque<Step>,
+    ended: bool,
+    draining: bool,
+    timeout: Duration,
+    /// The client must finish its next command line by then (TimeOut from our answer).
+    client_due: Instant,
+    /// The upstream must finish the reply it owes by then (TimeOut from our command).
+    upstream_due: Instant,
+    restart: Restart,
+}
+
+impl Relay {
+    /// A connection whose upstream greeting is still to come; `timeout` is TimeOut.
+    pub fn new(session: Session, timeout: Duration, now: Instant) -> Relay {
+        Relay {
+            session,
+            client_buf: BytesMut::new(),
+            client_eof: false,
+            client_lines: LineReader::new(COMMAND_LINE_LIMIT),
+            upstream_buf: BytesMut::new(),
+            upstream_lines: LineReader::new(REPLY_LINE_LIMIT),
+            assembler: ReplyAssembler::default(),
+            steps: VecDeque::new(),
+            ended: false,
+            draining: false,
+            timeout,
+            client_due: now + timeout,
+            upstream_due: now + timeout,
+            restart: Restart::None,
+        }
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    pub fn envelope(&self) -> &Envelope {
+        self.session.envelope()
+    }
+
+    /// A reloaded TimeOut, from the next deadline on.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// The stage an upstream failure now belongs to.
+    pub fn stage(&self) -> Stage {
+        if self.session.awaiting_greeting() {
+            Stage::Greeting
+        } else {
+            Stage::Command
+        }
+    }
+
+    /// The proxy read the upstream's greeting itself and relays it as it is.
+    pub fn greeting_read(&mut self, reply: Reply) {
+        self.session.upstream_reply(reply);
+        self.collect();
+    }
+
+    /// The proxy read and answered the upstream's greeting itself (it started TLS with it):
+    /// the client is greeted by the session.
+    pub fn greeting_consumed(&mut self) {
+        self.session.upstream_greeted();
+        self.collect();
+    }
+
+    /// The upstream connection now speaks TLS: what was read before is gone with the
+    /// clear-text layer.
+    pub fn upstream_restarted(&mut self) {
+        self.upstream_buf.clear();
+        self.upstream_lines = LineReader::new(REPLY_LINE_LIMIT);
+        self.assembler = ReplyAssembler::default();
+    }
+
+    pub fn client_closed(&mut self) {
+        self.client_eof = true;
+    }
+
+    /// The upstream closed its side (or its connection failed).
+    pub fn upstream_closed(&mut self) {
+        // Whatever the upstream said last has been relayed; a client still waiting for an
+        // answer gets a 4xx rather than a silent close.
+        let end = if self.session.awaiting_upstream() {
+            End::Upstream {
+                stage: self.stage(),
+                reason: "server disconnected unexpectedly".into(),
+            }
+        } else {
+            End::Done
+        };
+        self.end(end);
+    }
+
+    /// The deadline of [`Relay::wants`] passed.
+    pub fn timed_out(&mut self) {
+        let end = if self.session.awaiting_upstream() {
+            End::Upstream {
+                stage: self.stage(),
+                reason: "network operation timed out".into(),
+            }
+        } else {
+            End::ClientTimeout
+        };
+        self.end(end);
+    }
+
+    /// The proxy is shutting down: the session ends as soon as it is idle.
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// The client's TLS handshake after [`Step::StartTls`] succeeded.
+    pub fn tls_established(&mut self) {
+        self.session.tls_established();
+        self.collect();
+    }
+
+    /// The message transaction begun at [`Step::BeginData`] is over, whatever its outcome.
+    pub fn transaction_done(&mut self, now: Instant) {
+        self.session.transaction_done();
+        self.client_due = now + self.timeout;
+        self.collect();
+    }
+
+    /// Takes the next complete upstream reply already received, if any.
+    pub fn next_reply(&mut self) -> Result<Option<Reply>, String> {
+        while let Some(framed) = self.upstream_lines.next(&mut self.upstream_buf) {
+            let line = match framed {
+                Framed::Line(line) => line,
+                Framed::TooLong => return Err("reply line too long".into()),
+            };
+            let reply = self.assembler.push(line).map_err(|e| match e {
+                ReplyError::TooManyLines => "reply has too many lines".to_string(),
+                ReplyError::Malformed => "malformed reply".to_string(),
+            })?;
+            if reply.is_some() {
+                return Ok(reply);
+            }
+        }
+        Ok(None)
+    }
+
+    /// What to wait for when [`Relay::next_step`] has nothing.
+    pub fn wants(&self) -> Wants {
+        let awaiting_upstream = self.session.awaiting_upstream();
+        Wants {
+            client: !self.client_eof && self.session.accepts_client_input(),
+            deadline: if awaiting_upstream {
+                self.upstream_due
+            } else {
+                self.client_due
+            },
+        }
+    }
+
+    /// The next thing to do, or `None` when more input (or the deadline) is needed. `now`
+    /// is when the previous step was carried out.
+    pub fn next_step(&mut self, now: Instant) -> Option<Step> {
+        match std::mem::replace(&mut self.restart, Restart::None) {
+            Restart::None => {}
+            // The client's turn begins with our answer; the upstream's with our command.
+            Restart::Client => self.client_due = now + self.timeout,
+            Restart::Upstream => self.upstream_due = now + self.timeout,
+        }
+        loop {
+            if let Some(step) = self.steps.pop_front() {
+                return Some(self.hand_out(step));
+            }
+            if self.ended {
+                return None;
+            }
+            if self.take_client_line(now) || self.take_reply(now) {
+                continue;
+            }
+            if self.client_eof && !self.session.awaiting_upstream() {
+                self.end(End::Done);
+            } else if self.draining && self.session.is_idle() {
+                self.end(End::Shutdown);
+            } else {
+                return None;
+            }
+        }
+    }
+
+    fn hand_out(&mut self, mut step: Step) -> Step {
+        match &mut step {
+            Step::ToClient(_) => self.restart = Restart::Client,
+            Step::ToUpstream(_) => self.restart = Restart::Upstream,
+            Step::StartTls { discarded } => {
+                *discarded = self.client_buf.len();
+                // Anything after the STARTTLS line came in clear text before the handshake;
+                // taking it as commands under TLS is the STARTTLS command-injection attack.
+                self.client_buf.clear();
+                self.client_lines = LineReader::new(COMMAND_LINE_LIMIT);
+            }
+            _ => {}
+        }
+        step
+    }
+
+    /// Feeds the session the next complete client line, when it takes one now.
+    fn take_client_line(&mut self, now: Instant) -> bool {
+        if !self.session.accepts_client_input() {
+            return false;
+        }
+        match self.client_lines.next(&mut self.client_buf) {
+            Some(Framed::Line(line)) => self.session.client_line(line),
+            Some(Framed::TooLong) => self.session.client_line_too_long(),
+            None => {
+                // An unterminated command from a client that left is never forwarded: the
+                // upstream would wait for its end.
+                if self.client_eof {
+                    self.client_buf.clear();
+                }
+                return false;
+            }
+        }
+        self.client_due = now + self.timeout;
+        self.collect();
+        true
+    }
+
+    /// Feeds the session the next complete upstream reply already received.
+    fn take_reply(&mut self, now: Instant) -> bool {
+        match self.next_reply() {
+            Ok(Some(reply)) => {
+                self.steps.push_back(Step::Replied(self.stage()));
+                self.session.upstream_reply(reply);
+                self.upstream_due = now + self.timeout;
+                self.collect();
+                true
+            }
+            Ok(None) => false,
+            Err(reason) => {
+                self.end(End::Upstream {
+                    stage: Stage::Command,
+                    reason,
+                });
+                true
+            }
+        }
+    }
+
+    /// Turns the session's actions into steps.
+    fn collect(&mut self) {
+        for action in self.session.take_actions() {
+            let step = match action {
+                Action::ToUpstream(bytes) => Step::ToUpstream(bytes),
+                Action::ToClient(bytes) => Step::ToClient(bytes),
+                Action::BeginData(mode) => Step::BeginData(mode),
+                Action::PolicyReject => Step::PolicyReject,
+                Action::StartTls => Step::StartTls { discarded: 0 },
+                Action::UpstreamProtocolError(reason) => {
+                    let stage = self.stage();
+                    self.end(End::UpstreamProtocol { stage, reason });
+                    return;
+                }
+            };
+            self.steps.push_back(step);
+        }
+    }
+
+    /// Ends the connection after the steps already queued: nothing more is taken in.
+    fn end(&mut self, end: End) {
+        if !self.ended {
+            self.ended = true;
+            self.steps.push_back(Step::End(end));
+        }
+    }
+}

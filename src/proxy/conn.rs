@@ -1,0 +1,233 @@
+//! One proxied connection's two sides and the waiting on them: writes and reads with
+//! TimeOut, the check that the upstream is silent before each command, keepalives while a
+//! body is coming. What the bytes mean is the [`Relay`]'s.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::io::{self as stream_io, Ready, Stream};
+use super::observe::{self, ConnectionId};
+use super::upstream::ClientInfo;
+use crate::config::Settings;
+use crate::ops::metrics::UpstreamStage;
+use crate::protocol::relay::Relay;
+use crate::protocol::reply::Reply;
+use crate::proxy::tls::TlsInfo;
+
+pub const REPLY_UPSTREAM_UNAVAILABLE: &[u8] =
+    b"421 4.4.1 Upstream server unavailable, try again later\r\n";
+pub const REPLY_TIMEOUT: &[u8] = b"421 4.4.2 Timeout exceeded, closing connection\r\n";
+pub const REPLY_UPSTREAM_LOST: &[u8] = b"421 4.4.2 Upstream connection lost\r\n";
+pub const REPLY_SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down\r\n";
+pub const REPLY_UPSTREAM_PROTOCOL: &[u8] =
+    b"421 4.5.0 Upstream protocol error, closing connection\r\n";
+
+pub(super) const READ_BUFFER: usize = 16 * 1024;
+
+/// Why a connection ended early.
+#[derive(Debug)]
+pub enum Fatal {
+    /// Not a failure: both sides are done.
+    Done,
+    ClientGone,
+    ClientTimeout,
+    /// The upstream failed; the client has been told (or cannot be).
+    Upstream(String),
+    /// The upstream cannot be used before the client is greeted (its TLS failed).
+    UpstreamUnavailable(String),
+    /// The upstream said something out of turn (a reply before our command or before the
+    /// end of the message): nothing it says can be trusted to match a command any more.
+    UpstreamProtocol(String),
+    Shutdown,
+}
+
+/// The two sides of one proxied connection and their buffers.
+pub struct Conn {
+    pub id: ConnectionId,
+    pub settings: Arc<Settings>,
+    pub info: ClientInfo,
+    pub client: Stream,
+    /// The client's TLS, once established.
+    pub tls: Option<TlsInfo>,
+    pub upstream: Stream,
+    pub server: String,
+    /// The name the upstream's TLS certificate must carry.
+    pub upstream_tls_name: String,
+    /// Both sides' unread bytes and the protocol state: every decision is made there.
+    pub relay: Relay,
+    /// When the upstream last saw traffic from us, for KeepAlives.
+    pub upstream_active: Instant,
+}
+
+impl Conn {
+    pub async fn send_client(&mut self, bytes: &[u8]) -> Result<(), Fatal> {
+        observe::replies_sent(bytes);
+        let timeout = self.settings.timeout;
+        match tokio::time::timeout(timeout, self.client.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Fatal::ClientGone),
+        }
+    }
+
+    /// Sends a command (or the last part of a message, with its terminating dot) whose reply
+    /// comes next. Anything the upstream has sent before it cannot be that reply: it is a
+    /// protocol error, never relayed as the answer.
+    pub async fn send_command(&mut self, bytes: &[u8], stage: UpstreamStage) -> Result<(), Fatal> {
+        self.ensure_upstream_silent(stage)?;
+        self.send_upstream(bytes, stage).await
+    }
+
+    /// Fails when the upstream has sent anything not yet taken as a reply.
+    pub fn ensure_upstream_silent(&mut self, stage: UpstreamStage) -> Result<(), Fatal> {
+        let early = !self.relay.upstream_buf.is_empty()
+            || match stream_io::read_ready(&mut self.upstream, &mut self.relay.upstream_buf) {
+                Ready::Nothing => false,
+                Ready::Data => true,
+                Ready::Closed => {
+                    return Err(upstream_failure(
+                        stage,
+                        "server disconnected unexpectedly".into(),
+                    ))
+                }
+            };
+        if early {
+            return Err(protocol_error(
+                stage,
+                format!(
+                    "protocol error: the server spoke out of turn before our {}",
+                    stage.as_str()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the client has closed its side (it would get no reply any more). Bytes it
+    /// sent stay where they are for the next read.
+    pub fn client_gone(&mut self) -> bool {
+        if self.relay.client_eof {
+            return true;
+        }
+        if stream_io::read_ready(&mut self.client, &mut self.relay.client_buf) == Ready::Closed {
+            self.relay.client_closed();
+        }
+        self.relay.client_eof
+    }
+
+    pub async fn send_upstream(&mut self, bytes: &[u8], stage: UpstreamStage) -> Result<(), Fatal> {
+        let timeout = self.settings.timeout;
+        self.upstream_active = Instant::now();
+        match tokio::time::timeout(timeout, self.upstream.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(upstream_failure(stage, format!("write failed: {e}"))),
+            Err(_) => Err(upstream_failure(stage, "write timed out".into())),
+        }
+    }
+
+    /// Reads one complete (multi-line) reply, waiting at most TimeOut.
+    pub async fn read_reply(&mut self, stage: UpstreamStage) -> Result<Reply, Fatal> {
+        let deadline = Instant::now() + self.settings.timeout;
+        loop {
+            match self.relay.next_reply() {
+                Ok(Some(reply)) => {
+                    crate::ops::metrics::upstream_reply(stage, self.upstream_active);
+                    return Ok(reply);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(upstream_failure(stage, e)),
+            }
+            self.relay.upstream_buf.reserve(READ_BUFFER);
+            match tokio::time::timeout_at(
+                deadline,
+                self.upstream.read_buf(&mut self.relay.upstream_buf),
+            )
+            .await
+            {
+                Ok(Ok(0)) => {
+                    return Err(upstream_failure(
+                        stage,
+                        "server disconnected unexpectedly".into(),
+                    ))
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(upstream_failure(stage, format!("read failed: {e}"))),
+                Err(_) => {
+                    return Err(upstream_failure(
+                        stage,
+                        "network operation timed out".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Sends a command of our own and reads its whole reply.
+    pub async fn command(&mut self, line: &[u8], stage: UpstreamStage) -> Result<Reply, Fatal> {
+        self.send_command(line, stage).await?;
+        self.read_reply(stage).await
+    }
+
+    /// Sends a NOOP when the upstream has been quiet for KeepAlives seconds.
+    pub async fn keepalive_if_due(&mut self) -> Result<(), Fatal> {
+        if let Some(interval) = self.settings.keep_alives {
+            if self.upstream_active.elapsed() >= interval {
+                self.command(b"NOOP\r\n", UpstreamStage::Data).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// When the next keepalive is due, if KeepAlives is on.
+    pub fn next_keepalive(&self) -> Option<Instant> {
+        self.settings
+            .keep_alives
+            .map(|interval| self.upstream_active + interval)
+    }
+
+    /// Reads more client bytes into the buffer; waits at most until `deadline`, sending
+    /// keepalives upstream meanwhile. Returns the number of bytes read (0 = the client
+    /// closed).
+    pub async fn read_client(&mut self, deadline: Instant) -> Result<usize, Fatal> {
+        loop {
+            self.relay.client_buf.reserve(READ_BUFFER);
+            let wake = match self.next_keepalive() {
+                Some(at) if at < deadline => at,
+                _ => deadline,
+            };
+            match tokio::time::timeout_at(wake, self.client.read_buf(&mut self.relay.client_buf))
+                .await
+            {
+                Ok(Ok(n)) => return Ok(n),
+                Ok(Err(_)) => return Err(Fatal::ClientGone),
+                Err(_) if wake >= deadline => return Err(Fatal::ClientTimeout),
+                Err(_) => self.keepalive_if_due().await?,
+            }
+        }
+    }
+}
+
+pub fn upstream_failure(stage: UpstreamStage, reason: String) -> Fatal {
+    crate::ops::metrics::global().upstream_error(stage);
+    Fatal::Upstream(reason)
+}
+
+pub fn protocol_error(stage: UpstreamStage, reason: String) -> Fatal {
+    crate::ops::metrics::global().upstream_error(stage);
+    Fatal::UpstreamProtocol(reason)
+}
+
+impl observe::Connection for Conn {
+    fn id(&self) -> ConnectionId {
+        self.id
+    }
+
+    fn client(&self) -> Option<std::net::SocketAddr> {
+        self.info.peer
+    }
+
+    fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
+    }
+}
