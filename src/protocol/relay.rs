@@ -49,8 +49,11 @@ pub enum Step {
     BeginData(DataMode),
     /// FilterType reject refused a DATA: log it as a rejected message.
     PolicyReject,
-    /// An upstream reply was taken at this stage (for latency metrics).
-    Replied(Stage),
+    /// An upstream reply with this code was taken at this stage (for latency metrics).
+    Replied {
+        stage: Stage,
+        code: u16,
+    },
     /// The connection is over; nothing more will come.
     End(End),
 }
@@ -337,7 +340,10 @@ impl Relay {
     fn take_reply(&mut self, now: Instant) -> bool {
         match self.next_reply() {
             Ok(Some(reply)) => {
-                self.steps.push_back(Step::Replied(self.stage()));
+                self.steps.push_back(Step::Replied {
+                    stage: self.stage(),
+                    code: reply.code,
+                });
                 self.session.upstream_reply(reply);
                 self.upstream_due = now + self.timeout;
                 self.collect();
@@ -379,5 +385,284 @@ impl Relay {
             self.ended = true;
             self.steps.push_back(Step::End(end));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FilterType;
+    use crate::protocol::session::{Policy, TlsPolicy};
+
+    const TIMEOUT: Duration = Duration::from_secs(30);
+
+    fn relay_with(tls: TlsPolicy) -> (Relay, Instant) {
+        let policy = Policy {
+            filter_type: FilterType::Pipe,
+            filter_reject_reply: b"530 Email Rejected\r\n".to_vec(),
+            skip_authenticated: false,
+            xclient: false,
+            client_ip: None,
+        };
+        let now = Instant::now();
+        (
+            Relay::new(Session::with_tls(policy, tls), TIMEOUT, now),
+            now,
+        )
+    }
+
+    fn relay() -> (Relay, Instant) {
+        relay_with(TlsPolicy::default())
+    }
+
+    fn with_tls() -> (Relay, Instant) {
+        relay_with(TlsPolicy {
+            offer_starttls: true,
+            required: false,
+            implicit: false,
+        })
+    }
+
+    /// Runs a script against the relay and returns what it did, one line per step.
+    /// `C:` client bytes (CRLF added unless the text ends with `\`), `S:` upstream reply,
+    /// `CLIENT-EOF`, `UPSTREAM-EOF`, `TIMEOUT`, `DRAIN`, `TLS`, `DONE` (the transaction
+    /// finished), `+N` N seconds pass.
+    fn run(r: &mut Relay, mut now: Instant, script: &[&str]) -> Vec<String> {
+        let mut out = Vec::new();
+        for line in script {
+            match *line {
+                "CLIENT-EOF" => r.client_closed(),
+                "UPSTREAM-EOF" => r.upstream_closed(),
+                "TIMEOUT" => r.timed_out(),
+                "DRAIN" => r.drain(),
+                "TLS" => r.tls_established(),
+                "DONE" => r.transaction_done(now),
+                _ => {
+                    if let Some(secs) = line.strip_prefix('+') {
+                        now += Duration::from_secs(secs.parse().unwrap());
+                    } else if let Some(text) = line.strip_prefix("C: ") {
+                        match text.strip_suffix('\\') {
+                            Some(partial) => r.client_buf.extend_from_slice(partial.as_bytes()),
+                            None => r
+                                .client_buf
+                                .extend_from_slice(format!("{text}\r\n").as_bytes()),
+                        }
+                    } else if let Some(text) = line.strip_prefix("S: ") {
+                        r.upstream_buf
+                            .extend_from_slice(format!("{text}\r\n").as_bytes());
+                    } else {
+                        panic!("bad script line {line}");
+                    }
+                }
+            }
+            while let Some(step) = r.next_step(now) {
+                out.push(match step {
+                    Step::ToClient(b) => format!(">cl {}", String::from_utf8_lossy(&b).trim_end()),
+                    Step::ToUpstream(b) => {
+                        format!(">up {}", String::from_utf8_lossy(&b).trim_end())
+                    }
+                    Step::StartTls { discarded } => format!("START-TLS discarded {discarded}"),
+                    Step::BeginData(mode) => format!("DATA {mode:?}"),
+                    Step::PolicyReject => "POLICY-REJECT".into(),
+                    Step::Replied { stage, code } => format!("replied {code} {stage:?}"),
+                    Step::End(end) => format!("END {end:?}"),
+                });
+            }
+        }
+        out
+    }
+
+    const GREETED: &[&str] = &["S: 220 sink", "C: EHLO c", "S: 250 sink"];
+
+    fn greeted() -> (Relay, Instant) {
+        let (mut r, now) = relay();
+        run(&mut r, now, GREETED);
+        (r, now)
+    }
+
+    fn ends(out: &[String]) -> Vec<&str> {
+        out.iter()
+            .filter(|l| l.starts_with("END") || l.starts_with(">"))
+            .map(String::as_str)
+            .collect()
+    }
+
+    #[test]
+    fn end_of_input_rules() {
+        let long_reply = format!("S: 250 {}", "x".repeat(20_000));
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            (
+                "a client that leaves owing nothing ends the connection",
+                &["CLIENT-EOF"],
+                &["END Done"],
+            ),
+            (
+                "an unterminated command of a departed client is never relayed",
+                &["C: MAIL FROM:<a@x>\\", "CLIENT-EOF"],
+                &["END Done"],
+            ),
+            (
+                "a client that leaves after a command still gets its reply relayed first",
+                &["C: NOOP", "CLIENT-EOF", "S: 250 ok"],
+                &[">up NOOP", ">cl 250 ok", "END Done"],
+            ),
+            (
+                "the upstream closing while it owes a reply is a failure of that command",
+                &["C: NOOP", "UPSTREAM-EOF"],
+                &[
+                    ">up NOOP",
+                    "END Upstream { stage: Command, reason: \"server disconnected unexpectedly\" }",
+                ],
+            ),
+            (
+                "the upstream closing owing nothing just ends the connection",
+                &["UPSTREAM-EOF"],
+                &["END Done"],
+            ),
+            (
+                "a reply line too long is an upstream failure",
+                &["C: NOOP", &long_reply],
+                &[
+                    ">up NOOP",
+                    "END Upstream { stage: Command, reason: \"reply line too long\" }",
+                ],
+            ),
+            (
+                "a reply with no command outstanding is a protocol error",
+                &["S: 250 surprise"],
+                &["END UpstreamProtocol { stage: Command, reason: \"protocol error: reply 250 with no command outstanding\" }"],
+            ),
+            (
+                "a 421 with no command outstanding is relayed",
+                &["S: 421 bye"],
+                &[">cl 421 bye"],
+            ),
+            (
+                "nothing happens after the end",
+                &["UPSTREAM-EOF", "C: NOOP", "S: 250 x"],
+                &["END Done"],
+            ),
+        ];
+        for (name, script, want) in cases {
+            let (mut r, now) = greeted();
+            let out = run(&mut r, now, script);
+            assert_eq!(ends(&out), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_greeting_stage() {
+        let (mut r, now) = relay();
+        let out = run(&mut r, now, &["C: EHLO early", "UPSTREAM-EOF"]);
+        assert_eq!(
+            out,
+            ["END Upstream { stage: Greeting, reason: \"server disconnected unexpectedly\" }"]
+        );
+        let (mut r, now) = relay();
+        assert_eq!(run(&mut r, now, &["TIMEOUT"]).len(), 1);
+        let (mut r, now) = relay();
+        let out = run(&mut r, now, &["S: 220 sink", "C: EHLO c"]);
+        assert_eq!(
+            out,
+            [
+                "replied 220 Greeting",
+                ">cl 220 smtp.passthru",
+                ">up EHLO c"
+            ]
+        );
+    }
+
+    #[test]
+    fn draining_ends_only_an_idle_session() {
+        let (mut r, now) = greeted();
+        assert_eq!(run(&mut r, now, &["DRAIN"]), ["END Shutdown"]);
+
+        // In a transaction: the session goes on until the transaction is over.
+        let (mut r, now) = greeted();
+        let out = run(
+            &mut r,
+            now,
+            &["C: MAIL FROM:<a@x>", "S: 250 ok", "DRAIN", "C: NOOP"],
+        );
+        assert_eq!(
+            ends(&out),
+            [">up MAIL FROM:<a@x>", ">cl 250 ok", ">up NOOP"]
+        );
+        let out = run(&mut r, now, &["S: 250 ok", "C: RSET", "S: 250 reset"]);
+        assert_eq!(
+            ends(&out),
+            [">cl 250 ok", ">up RSET", ">cl 250 reset", "END Shutdown"]
+        );
+
+        // While a command is outstanding: its reply first.
+        let (mut r, now) = greeted();
+        let out = run(&mut r, now, &["C: NOOP", "DRAIN", "S: 250 ok"]);
+        assert_eq!(ends(&out), [">up NOOP", ">cl 250 ok", "END Shutdown"]);
+    }
+
+    #[test]
+    fn deadlines_follow_whose_turn_it_is() {
+        let (mut r, start) = greeted();
+        // The client's turn: TimeOut from our last answer.
+        assert!(r.wants().client);
+        let client_due = r.wants().deadline;
+        assert!(client_due >= start + TIMEOUT);
+        assert_eq!(run(&mut r, start, &["TIMEOUT"]), ["END ClientTimeout"]);
+
+        // The upstream's turn: TimeOut from our command, whatever the client does.
+        let (mut r, start) = greeted();
+        let later = start + Duration::from_secs(10);
+        run(&mut r, later, &["C: NOOP"]);
+        r.next_step(later);
+        assert_eq!(r.wants().deadline, later + TIMEOUT);
+        assert_eq!(
+            run(&mut r, later, &["TIMEOUT"]),
+            ["END Upstream { stage: Command, reason: \"network operation timed out\" }"]
+        );
+
+        // A partial line does not move the client's deadline; a whole one does.
+        let (mut r, start) = greeted();
+        let due = r.wants().deadline;
+        run(&mut r, start + Duration::from_secs(20), &["C: NO\\"]);
+        assert_eq!(r.wants().deadline, due);
+    }
+
+    #[test]
+    fn the_client_is_not_read_while_a_transaction_or_handshake_runs() {
+        let (mut r, now) = greeted();
+        let out = run(
+            &mut r,
+            now,
+            &[
+                "C: MAIL FROM:<a@x>",
+                "S: 250 ok",
+                "C: RCPT TO:<b@y>",
+                "S: 250 ok",
+                "C: DATA",
+            ],
+        );
+        assert_eq!(out.last().map(String::as_str), Some("DATA Filter"));
+        assert!(!r.wants().client);
+        // The body stays in the buffer for the transaction.
+        let out = run(&mut r, now, &["C: Subject: x", "C: ."]);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(&r.client_buf[..], b"Subject: x\r\n.\r\n");
+        r.client_buf.clear();
+        run(&mut r, now, &["DONE"]);
+        assert!(r.wants().client);
+    }
+
+    #[test]
+    fn bytes_after_starttls_are_discarded() {
+        let (mut r, now) = with_tls();
+        run(&mut r, now, GREETED);
+        let out = run(&mut r, now, &["C: STARTTLS\r\nMAIL FROM:<evil@x>"]);
+        assert_eq!(
+            out,
+            [">cl 220 2.0.0 Ready to start TLS", "START-TLS discarded 20",]
+        );
+        assert!(r.client_buf.is_empty());
+        let out = run(&mut r, now, &["TLS", "S: 250 reset", "C: EHLO again"]);
+        assert_eq!(out, [">up RSET", "replied 250 Command", ">up EHLO again"]);
     }
 }

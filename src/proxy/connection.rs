@@ -414,7 +414,7 @@ async fn perform(conn: &mut Conn, step: Step, shared: &Shared) -> Result<(), Fat
             trace_line(conn.id, "CLIENT >", &bytes);
             conn.send_client(&bytes).await
         }
-        Step::Replied(stage) => {
+        Step::Replied { stage, .. } => {
             crate::ops::metrics::upstream_reply(upstream_stage(stage), conn.upstream_active);
             Ok(())
         }
