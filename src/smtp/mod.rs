@@ -6,3 +6,5 @@ pub mod ehlo;
 pub mod encode;
 pub mod line;
 pub mod reply;
+#[cfg(test)]
+mod test_rng;
