@@ -37,7 +37,7 @@ impl fmt::Display for ConnectionId {
 
 /// How a message ended.
 #[derive(Debug, Clone)]
-pub struct Outcome {
+pub struct MessageOutcome {
     pub verdict: MessageVerdict,
     /// The `status=` item; `None` when no filter is configured (the original logs none).
     pub status: Option<String>,
@@ -47,9 +47,9 @@ pub struct Outcome {
     pub upstream_code: Option<u16>,
 }
 
-impl Outcome {
+impl MessageOutcome {
     pub fn new(verdict: MessageVerdict, status: String, size: u64, started: Instant) -> Self {
-        Outcome {
+        MessageOutcome {
             verdict,
             status: Some(status),
             size,
@@ -60,7 +60,7 @@ impl Outcome {
     }
 
     pub fn local_error(size: u64, started: Instant) -> Self {
-        Outcome::new(
+        MessageOutcome::new(
             MessageVerdict::LocalError,
             "FILTER-ERROR".into(),
             size,
@@ -75,7 +75,7 @@ impl Outcome {
             4 => MessageVerdict::TempFailed,
             _ => MessageVerdict::Rejected,
         };
-        let mut outcome = Outcome::new(verdict, "FILTERED".into(), size, started);
+        let mut outcome = MessageOutcome::new(verdict, "FILTERED".into(), size, started);
         outcome.upstream_code = Some(reply.code);
         outcome
     }
@@ -145,7 +145,7 @@ fn summary(conn: &Conn, envelope: &Envelope, status: Option<&str>) -> String {
 }
 
 /// Logs the per-message line and records the message in metrics and its span.
-pub fn message(conn: &Conn, envelope: &Envelope, outcome: Outcome) {
+pub fn message(conn: &Conn, envelope: &Envelope, outcome: MessageOutcome) {
     let elapsed = outcome.started.elapsed();
     let verdict = outcome.verdict.as_str();
     telemetry::record_message(
