@@ -103,8 +103,9 @@ fi
 echo "binary: $BINARY"
 EXPOSITION="$W/exposition.txt"
 check "/metrics of $BINARY (started with TLS)" to_file "$EXPOSITION" deploy/check/exposition.sh "$BINARY"
+promtool_metrics() { promtool check metrics < "$1"; }
 check "promtool check metrics on it ($(grep -c '^# TYPE proxsmtpd_' "$EXPOSITION") proxsmtpd families)" \
-  bash -c 'promtool check metrics < "$1"' _ "$EXPOSITION"
+  promtool_metrics "$EXPOSITION"
 
 # --- sources and copies -----------------------------------------------------------------
 echo "== dashboards and alert rules"

@@ -24,11 +24,10 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 fuzz_dir=$root/fuzz
 
-smoke=false
 seconds=300
 for arg in "$@"; do
     case $arg in
-        --smoke) smoke=true; seconds=8 ;;
+        --smoke) seconds=8 ;;
         -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
         *[!0-9]*|'') echo "usage: $0 [--smoke] [SECONDS_PER_TARGET]" >&2; exit 2 ;;
         *) seconds=$arg ;;
@@ -53,6 +52,7 @@ fi
 # reply and data targets start with 8 bytes that seed their chunking.
 seed() { # target name printf-format
     mkdir -p "$fuzz_dir/corpus/$1"
+    # shellcheck disable=SC2059  # the seed is written as a printf format, for its escapes
     printf "$3" >"$fuzz_dir/corpus/$1/seed-$2"
 }
 write_seeds() {

@@ -13,6 +13,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 BINARY=${1:-$HERE/../../target/release/proxsmtpd}
 W=$(mktemp -d /tmp/proxsmtpd-exposition.XXXXXX)
 PID=
+# shellcheck disable=SC2317,SC2329  # called by the EXIT trap
 cleanup() {
   if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi
   rm -rf "$W"

@@ -26,6 +26,7 @@ PY="$TOOLS/venv/bin/python"; [ -x "$PY" ] || PY=python3
 
 W=$(mktemp -d /tmp/proxsmtpd-live.XXXXXX)
 PIDS=()
+# shellcheck disable=SC2317,SC2329  # called by the EXIT trap
 cleanup() {
   local p
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
