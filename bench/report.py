@@ -170,7 +170,7 @@ def main():
             if line.startswith("round\t"):  # a PREFIX-runs.tsv written earlier
                 header = line.rstrip("\n").split("\t")
             elif header:
-                runs.append({k: v for k, v in zip(header, line.rstrip("\n").split("\t")) if v != ""})
+                runs.append({k: v for k, v in zip(header, line.rstrip("\n").split("\t"), strict=False) if v != ""})
             else:
                 runs.append(parse_line(line))
     meta = {}

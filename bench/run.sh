@@ -211,7 +211,7 @@ stop_pid() { # stop one process we started, by its PID only
   wait "$pid" 2>/dev/null
   return 0
 }
-# shellcheck disable=SC2329  # called by the EXIT trap
+# shellcheck disable=SC2317,SC2329  # called by the EXIT trap
 cleanup() {
   stop_pid "$CHILD_PID"; stop_pid "$PERF_PID"; stop_pid "$PROXY_PID"; stop_pid "$SINK_PID"
   rm -rf "$WORK"

@@ -44,7 +44,7 @@ def one_session(host, port, body, timeout):
         step(b"QUIT\r\n", b"221")
         rfile.close()
     marks.append(time.perf_counter())
-    return [(b - a) * 1e6 for a, b in zip(marks, marks[1:])]
+    return [(b - a) * 1e6 for a, b in zip(marks, marks[1:], strict=False)]
 
 
 def main():

@@ -43,13 +43,15 @@ die() { printf 'deb-upgrade-test: FAILED: %s\n' "$*" >&2; exit 1; }
 for tool in debootstrap smtp-sink python3 systemd-analyze dpkg-deb cargo-deb; do
   command -v "$tool" >/dev/null || die "$tool is missing"
 done
+# the newest package (ls -t: by modification time; the names hold no odd characters)
+# shellcheck disable=SC2012
 DEB=${1:-$(ls -t target/debian/proxsmtpd_*.deb 2>/dev/null | head -n1 || true)}
-[ -n "$DEB" ] && [ -f "$DEB" ] || die "no package (scripts/deb.sh first)"
+[ -f "$DEB" ] || die "no package (scripts/deb.sh first)"
 DEB=$(readlink -f "$DEB")
 
 SINK_PID=""
 cleanup() {
-  [ -n "$SINK_PID" ] && kill "$SINK_PID" 2>/dev/null || true
+  if [ -n "$SINK_PID" ]; then kill "$SINK_PID" 2>/dev/null || true; fi
   stop_proxies
   for m in proc dev/pts dev; do umount "$R/$m" 2>/dev/null || true; done
 }
@@ -210,6 +212,7 @@ step "dpkg -i $(basename "$DEB")"
 cp "$DEB" "$R/tmp/new.deb"
 in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq /tmp/new.deb > "$WORK/apt.log" 2>&1 \
   || { tail -n 20 "$WORK/apt.log" >&2; die "installing our package"; }
+# shellcheck disable=SC2016  # ${Status} is dpkg-query's, not the shell's
 in_root dpkg-query -W -f='${Status}\n' proxsmtp 2>/dev/null | grep -q 'not-installed\|config-files' \
   || die "proxsmtp still installed"
 [ "$(md5sum < "$R/etc/proxsmtp/test.conf")" = "$CONF_SUM" ] || die "/etc/proxsmtp/test.conf changed"

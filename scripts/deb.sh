@@ -62,6 +62,7 @@ build() {
   # The manual pages in the package are the committed ones: they must be what this binary
   # generates (tests/man.rs checks the same).
   for page in "8 man/proxsmtpd.8" "5 man/proxsmtpd.conf.5"; do
+    # shellcheck disable=SC2086  # split "SECTION FILE" into $1 and $2
     set -- $page
     "$target_dir/release/proxsmtpd" --man "$1" | cmp -s - "$2" \
       || die "$2 differs from \`proxsmtpd --man $1\`: run scripts/man.sh"
@@ -80,9 +81,11 @@ check() {
   need man
   need systemd-analyze
   if [ -z "$DEB" ]; then
+    # the newest package (ls -t: by modification time; the names hold no odd characters)
+    # shellcheck disable=SC2012
     DEB=$(ls -t "$OUT"/proxsmtpd_*.deb 2>/dev/null | head -n1 || true)
   fi
-  [ -n "$DEB" ] && [ -f "$DEB" ] || die "no package to check (scripts/deb.sh first)"
+  [ -f "$DEB" ] || die "no package to check (scripts/deb.sh first)"
   x=$(mktemp -d)
   trap 'rm -rf "$x"' EXIT
   dpkg-deb -R "$DEB" "$x/root" || die "dpkg-deb -R $DEB"
@@ -123,6 +126,7 @@ check() {
   local bin=$x/root/usr/sbin/proxsmtpd
   "$bin" -v | grep -q "version $VERSION" || fail "proxsmtpd -v does not say $VERSION"
   for page in "8 man8/proxsmtpd.8.gz" "5 man5/proxsmtpd.conf.5.gz"; do
+    # shellcheck disable=SC2086  # split "SECTION FILE" into $1 and $2
     set -- $page
     zcat "$x/root/usr/share/man/$2" | cmp -s - <("$bin" --man "$1") \
       || fail "/usr/share/man/$2 is not what the packaged binary generates"
@@ -141,9 +145,9 @@ check() {
     sed "s|/usr/sbin/proxsmtpd|$bin|" "$x/root/lib/systemd/system/$u" > "$units/$u"
   done
   cp "$units/proxsmtp@.service" "$units/proxsmtp@example.service"
-  verify=$(cd "$units" && SYSTEMD_LOG_LEVEL=warning systemd-analyze verify --man=no \
+  verify=$(cd "$units" && { SYSTEMD_LOG_LEVEL=warning systemd-analyze verify --man=no \
       ./proxsmtpd.service ./proxsmtp@example.service ./proxsmtp.target 2>&1 \
-    | grep -v -e 'running with root privileges' || true)
+    | grep -v -e 'running with root privileges' || true; })
   [ -z "$verify" ] || fail "systemd-analyze verify: $verify"
 
   # lintian: no error, no warning (info and pedantic tags are shown, not failed on).

@@ -13,35 +13,34 @@
 #              (helm template and lint) and accepted without one (ci/standalone-minimal-image)
 #   kustomize  kubectl kustomize k8s/base and k8s/examples/*, validated and checked the same way
 #   image      hadolint on the Dockerfile (building the image: scripts/image-build.sh)
+#   metrics    the /metrics exposition of the binary (deploy/check/exposition.sh: started on
+#              loopback with TLS), through promtool check metrics; the metric names that
+#              dashboards and rules may use are the families it exports
 #   alerts     promtool check rules; promtool test rules (deploy/alerts/tests/: each alert
-#              fires and stays silent when it should); dashboards and rules use only contract
-#              metrics; every alert has a runbook_url into docs/runbook.md; the chart's copies
-#              are identical to dashboards/ and deploy/alerts/
+#              fires and stays silent when it should); dashboards and rules use only metrics
+#              the binary exports (a query naming one it does not export is refused); every
+#              alert has a runbook_url into docs/runbook.md; the chart's copies are identical
+#              to dashboards/ and deploy/alerts/
 #   live       a real Prometheus scrapes a running proxsmtpd under scripted traffic, then every
 #              dashboard query and alert rule is evaluated over its HTTP API
 #              (deploy/check/live-metrics.sh)
 #
-# Usage: scripts/deploy-check.sh [--metrics-source binary|static] [--binary PATH] [--no-live]
-#   --metrics-source  binary (default): target/release/proxsmtpd (else target/debug/proxsmtpd,
-#                     else `cargo build --release`) and its admin /metrics; static: a generated
-#                     exposition with the contract's metric names, for use while the binary has
-#                     no /metrics. Env DEPLOY_CHECK_METRICS.
-#   --binary          the proxsmtpd binary for the live part. Env DEPLOY_CHECK_BINARY.
+# Usage: scripts/deploy-check.sh [--binary PATH] [--no-live]
+#   --binary   the proxsmtpd binary (default target/release/proxsmtpd, else
+#              target/debug/proxsmtpd, else `cargo build --release`). Env DEPLOY_CHECK_BINARY.
 # Prints one line per check and `N passed, M failed` last; exit status 1 if any check failed.
 # Tools are installed on first use by scripts/install-deploy-tools.sh.
 set -uo pipefail
 exec </dev/null
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 1
-SOURCE=${DEPLOY_CHECK_METRICS:-binary}
 BINARY=${DEPLOY_CHECK_BINARY:-}
 LIVE=1
 while [ $# -gt 0 ]; do
   case "$1" in
-    --metrics-source) SOURCE=$2; shift 2 ;;
     --binary) BINARY=$2; shift 2 ;;
     --no-live) LIVE=0; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -59,6 +58,12 @@ check() {
     FAILED=$((FAILED + 1)); printf 'FAIL %s\n' "$name"
     grep -v '^OK \|^ok \|^PASS ' "$W/out" | tail -n 25 | sed 's/^/     /'
   fi
+}
+# fails_with PATTERN CMD...: CMD must fail, and for the reason PATTERN names.
+fails_with() {
+  local pat=$1; shift
+  if "$@" > "$W/fails" 2>&1; then echo "accepted: $*"; return 1; fi
+  cat "$W/fails"; grep -q -- "$pat" "$W/fails"
 }
 # to_file OUT CMD...: CMD's standard output into OUT.
 to_file() { local o=$1; shift; "$@" > "$o"; }
@@ -84,11 +89,37 @@ echo "$("$HELM" version --short) / kubectl $("$KUBECTL" version --client 2>/dev/
      "/ hadolint $("$HADOLINT" --version | awk '{print $NF}') / $(promtool --version 2>&1 | head -n1 | awk '{print $1, $3}')"
 VALIDATE=("$PY" deploy/check/k8s_strict.py -q -k 1.29.0 -k 1.35.0 --prom-models "$T/node")
 
+# --- the binary's metrics ---------------------------------------------------------------
+echo "== metrics of the binary"
+if [ -z "$BINARY" ]; then
+  # the release binary; else a debug one a test run left; else build the release one
+  BINARY=target/release/proxsmtpd
+  [ -x "$BINARY" ] || [ ! -x target/debug/proxsmtpd ] || BINARY=target/debug/proxsmtpd
+  if [ ! -x "$BINARY" ]; then
+    echo "building $BINARY (cargo build --release --locked)"
+    cargo build --release --locked --quiet > "$W/cargo.log" 2>&1 || tail -n 20 "$W/cargo.log"
+  fi
+fi
+echo "binary: $BINARY"
+EXPOSITION="$W/exposition.txt"
+check "/metrics of $BINARY (started with TLS)" to_file "$EXPOSITION" deploy/check/exposition.sh "$BINARY"
+promtool_metrics() { promtool check metrics < "$1"; }
+check "promtool check metrics on it ($(grep -c '^# TYPE proxsmtpd_' "$EXPOSITION") proxsmtpd families)" \
+  promtool_metrics "$EXPOSITION"
+
 # --- sources and copies -----------------------------------------------------------------
 echo "== dashboards and alert rules"
 check "chart copies identical to dashboards/ and deploy/alerts/" deploy/sync-chart-files.sh --check
-check "dashboard JSON structure, contract metrics only" "$PY" deploy/check/static_checks.py dashboard dashboards/*.json
-check "alert rules: contract metrics, severity, summary, description" "$PY" deploy/check/static_checks.py rules deploy/alerts/*.yaml
+check "dashboard JSON structure, only metrics the binary exports" "$PY" deploy/check/static_checks.py dashboard "$EXPOSITION" dashboards/*.json
+check "alert rules: only metrics the binary exports, severity, summary, description" "$PY" deploy/check/static_checks.py rules "$EXPOSITION" deploy/alerts/*.yaml
+# the same checks must refuse a metric the binary does not export
+sed 's/proxsmtpd_messages_total/proxsmtpd_messages_lost_total/g' dashboards/proxsmtpd.json > "$W/unknown-metric.json"
+rule_files=(deploy/alerts/*.yaml)
+sed '0,/proxsmtpd_[a-z_]*_total/s//proxsmtpd_no_such_total/' "${rule_files[0]}" > "$W/unknown-metric.yaml"
+check "a dashboard query naming a metric the binary does not export is refused" \
+  fails_with "proxsmtpd_messages_lost_total" "$PY" deploy/check/static_checks.py dashboard "$EXPOSITION" "$W/unknown-metric.json"
+check "an alert rule naming a metric the binary does not export is refused" \
+  fails_with "proxsmtpd_no_such_total" "$PY" deploy/check/static_checks.py rules "$EXPOSITION" "$W/unknown-metric.yaml"
 for r in deploy/alerts/*.yaml; do check "promtool check rules $r" promtool check rules "$r"; done
 # every alert fires when it should and stays silent when it should not
 for t in deploy/alerts/tests/*.yaml; do check "promtool test rules $t" promtool test rules "$t"; done
@@ -156,12 +187,6 @@ refuse "sidecar.persistence.existingClaim with 2 replicas" "$HELM" template x "$
 refuse "schema refuses an unknown service.ipFamilies entry" "$HELM" template x "$CHART" --set upstream.host=m --set 'service.ipFamilies={IPv5}'
 refuse "FilterCommand naming a script that is not shipped" "$HELM" template x "$CHART" -f "$CHART/ci/standalone-minimal.yaml" --set filters.command=/etc/proxsmtpd/filters/missing.sh
 # the minimal image has no /bin/sh, which runs every FilterCommand: refused however it is set.
-# fails_with PATTERN CMD...: CMD must fail, and for the reason PATTERN names.
-fails_with() {
-  local pat=$1; shift
-  if "$@" > "$W/fails" 2>&1; then echo "accepted: $*"; return 1; fi
-  cat "$W/fails"; grep -q -- "$pat" "$W/fails"
-}
 MIN_IMAGE=(-f "$CHART/ci/standalone-minimal-image.yaml")
 check "schema refuses an unknown image.flavor" fails_with "/image/flavor" "$HELM" template x "$CHART" "${MIN_IMAGE[@]}" --set image.flavor=tiny
 check "schema refuses image.flavor minimal with filters.command (helm template)" fails_with "/filters/command" "$HELM" template x "$CHART" -f "$CHART/ci/standalone-minimal.yaml" --set image.flavor=minimal
@@ -283,22 +308,8 @@ check "hadolint Dockerfile" "$HADOLINT" Dockerfile
 
 # --- live: Prometheus, dashboards and alerts on real metrics ------------------------------
 if [ "$LIVE" = 1 ]; then
-  echo "== live metrics ($SOURCE)"
-  live_args=("$SOURCE")
-  if [ "$SOURCE" = binary ]; then
-    if [ -z "$BINARY" ]; then
-      # the release binary; else a debug one a test run left; else build the release one
-      BINARY=target/release/proxsmtpd
-      [ -x "$BINARY" ] || [ ! -x target/debug/proxsmtpd ] || BINARY=target/debug/proxsmtpd
-      if [ ! -x "$BINARY" ]; then
-        echo "building $BINARY (cargo build --release --locked)"
-        cargo build --release --locked --quiet > "$W/cargo.log" 2>&1 || tail -n 20 "$W/cargo.log"
-      fi
-    fi
-    echo "binary: $BINARY"
-    live_args+=("$BINARY")
-  fi
-  deploy/check/live-metrics.sh "${live_args[@]}" > "$W/live.log" 2>&1
+  echo "== live metrics"
+  deploy/check/live-metrics.sh "$BINARY" > "$W/live.log" 2>&1
   live_rc=$?
   while IFS= read -r line; do
     case "$line" in

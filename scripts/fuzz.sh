@@ -5,9 +5,9 @@
 #   scripts/fuzz.sh [SECONDS]      a campaign of SECONDS per target (default 300), then a
 #                                  table of executions per target from libFuzzer's final stats
 #
-# Targets (fuzz/fuzz_targets/): command, reply, data, session, config. Seed inputs are
-# written into fuzz/corpus/<target>/ on every run; the corpus grows there and crashing
-# inputs land in fuzz/artifacts/<target>/ (both ignored by git). Reproduce a crash with
+# Targets (fuzz/fuzz_targets/): command, reply, data, session, config, proxy_header. Seed
+# inputs are written into fuzz/corpus/<target>/ on every run; the corpus grows there and
+# crashing inputs land in fuzz/artifacts/<target>/ (both ignored by git). Reproduce a crash with
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run -O -a -s none <target> <file>     (in fuzz/)
 #
 # Toolchain: cargo-fuzz passes nightly-only flags to rustc (-Zsanitizer, the sanitizer-
@@ -24,18 +24,17 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 fuzz_dir=$root/fuzz
 
-smoke=false
 seconds=300
 for arg in "$@"; do
     case $arg in
-        --smoke) smoke=true; seconds=8 ;;
+        --smoke) seconds=8 ;;
         -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
         *[!0-9]*|'') echo "usage: $0 [--smoke] [SECONDS_PER_TARGET]" >&2; exit 2 ;;
         *) seconds=$arg ;;
     esac
 done
 
-targets=(command reply data session config)
+targets=(command reply data session config proxy_header)
 export RUSTC_BOOTSTRAP=1
 export CARGO_TERM_COLOR=never
 # The instrumented build of every dependency takes minutes: keep it outside the checkout
@@ -53,6 +52,7 @@ fi
 # reply and data targets start with 8 bytes that seed their chunking.
 seed() { # target name printf-format
     mkdir -p "$fuzz_dir/corpus/$1"
+    # shellcheck disable=SC2059  # the seed is written as a printf format, for its escapes
     printf "$3" >"$fuzz_dir/corpus/$1/seed-$2"
 }
 write_seeds() {
@@ -80,11 +80,20 @@ write_seeds() {
     seed config example '# proxsmtpd.conf\nListen: 127.0.0.1:10025\nOutAddress: 10026\nFilterCommand: cat\nFilterType: pipe\nFilterTimeout: 30\nHeader: X-Filtered: yes\nMaxConnections: 64\nTimeOut: 180\nKeepAlives: 0\nTempDirectory: /tmp\nXClient: off\nSkip: authenticated\n'
     seed config modern 'AdminListen: 127.0.0.1:9090\r\nContainer: yes\r\nDrainTimeout: 30\r\nProxyProtocol: on\r\nProxyProtocolTrusted: 10.0.0.0/8, 2001:db8::/32\r\nLogFormat: json\r\nOutAddress: [::1]:25\r\nTransparentProxy: full\r\nUpstreamTls: opportunistic\r\n'
     seed config bad 'FilterType: reject\nFilterReject: 550 no\nMaxConnections: 99999\n'
+
+    # PROXY headers as balancers send them, followed by the client's first bytes.
+    seed proxy_header v1-tcp4 'PROXY TCP4 192.0.2.10 198.51.100.1 56324 25\r\nEHLO c\r\n'
+    seed proxy_header v1-tcp6 'PROXY TCP6 2001:db8::1 2001:db8::25 40000 587\r\n'
+    seed proxy_header v1-unknown 'PROXY UNKNOWN\r\n'
+    seed proxy_header v2-tcp4 '\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xc0\x00\x02\x0a\xc6\x33\x64\x01\xdc\x04\x00\x19EHLO c\r\n'
+    seed proxy_header v2-tcp6-tlv '\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x2a\x20\x01\x0d\xb8\0\0\0\0\0\0\0\0\0\0\0\x01\x20\x01\x0d\xb8\0\0\0\0\0\0\0\0\0\0\0\x25\x9c\x40\x02\x4b\x04\x00\x03abc'
+    seed proxy_header v2-local '\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00'
 }
 
 dict_for() {
     case $1 in
         config) echo "$fuzz_dir/dict/config.dict" ;;
+        proxy_header) echo "$fuzz_dir/dict/proxy.dict" ;;
         *) echo "$fuzz_dir/dict/smtp.dict" ;;
     esac
 }

@@ -65,8 +65,8 @@ die() { printf 'image-build: FAILED: %s\n' "$*" >&2; exit 1; }
 WORK=$(mktemp -d /var/tmp/proxsmtpd-image.XXXXXX)
 CONTAINER="" SINK_PID=""
 cleanup() {
-  [ -n "$CONTAINER" ] && podman rm -f -v "$CONTAINER" >/dev/null 2>&1 || true
-  [ -n "$SINK_PID" ] && kill "$SINK_PID" 2>/dev/null || true
+  if [ -n "$CONTAINER" ]; then podman rm -f -v "$CONTAINER" >/dev/null 2>&1 || true; fi
+  if [ -n "$SINK_PID" ]; then kill "$SINK_PID" 2>/dev/null || true; fi
   if [ "$KEEP_CTX" = 1 ]; then echo "build context kept in $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -225,16 +225,16 @@ echo "mail through the container reached the upstream"
 # checked the same way. Process 1 is proxsmtpd as a small init with the proxy as its child
 # (README, "Container mode"); SIGTERM to it drains the proxy and the container exits 0.
 pid1=$(podman inspect -f '{{.State.Pid}}' "$CONTAINER")
-[ -n "$pid1" ] && [ "$pid1" != 0 ] && [ -r "/proc/$pid1/status" ] || die "no host pid for the container's process 1"
+{ [ -n "$pid1" ] && [ "$pid1" != 0 ] && [ -r "/proc/$pid1/status" ]; } || die "no host pid for the container's process 1"
 # uid_of PID: the real and effective uid of a process
 uid_of() { awk '/^Uid:/ {print $2 "/" $3}' "/proc/$1/status"; }
 init_comm=$(cat "/proc/$pid1/comm")
 init_kids=$(cat "/proc/$pid1/task/$pid1/children")
 child=${init_kids%% *}
-[ "$init_comm" = proxsmtpd ] && [ -n "$child" ] \
+{ [ "$init_comm" = proxsmtpd ] && [ -n "$child" ]; } \
   || die "process 1 should be proxsmtpd with the proxy as its child (comm=$init_comm children=$init_kids)"
 echo "process 1: $init_comm, its child: $(cat "/proc/$child/comm")"
-[ "$(uid_of "$pid1")" = 10025/10025 ] && [ "$(uid_of "$child")" = 10025/10025 ] \
+{ [ "$(uid_of "$pid1")" = 10025/10025 ] && [ "$(uid_of "$child")" = 10025/10025 ]; } \
   || die "uid of process 1 / its child: $(uid_of "$pid1") / $(uid_of "$child"), not 10025"
 echo "container uid: 10025 (process 1 and the proxy; image user $(podman inspect -f '{{.Config.User}}' "$CONTAINER"))"
 # the root filesystem is read-only (the spool volume aside)

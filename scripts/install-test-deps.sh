@@ -9,11 +9,16 @@
 #              and clamd on loopback; the packages' services and freshclam never run)
 #   lintian man-db
 #              the Debian package's checks (scripts/deb.sh --check)
+#   openssl    certificates for the TLS tests and deployment checks
+#   python3-venv shellcheck
+#              the lint of the scripts (scripts/lint.sh), with ruff from PyPI (pinned) in
+#              a venv under ~/.cache/proxsmtpd/lint-venv
 #   cargo-deb  (cargo install, pinned) builds the Debian package (scripts/deb.sh)
 set -euo pipefail
 need=()
 for pkg in proxsmtp postfix swaks prometheus python3 procps iproute2 iptables \
-           spamd spamc clamav-daemon clamdscan lintian man-db; do
+           spamd spamc clamav-daemon clamdscan lintian man-db openssl \
+           shellcheck python3-venv; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -54,4 +59,12 @@ CARGO_DEB_VERSION=3.8.0
 if ! cargo deb --version 2>/dev/null | grep -qx "cargo-deb $CARGO_DEB_VERSION"; then
     echo "installing: cargo-deb $CARGO_DEB_VERSION"
     cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION" --quiet
+fi
+# ruff, pinned, for scripts/lint.sh: in its own venv (the system Python is externally managed).
+RUFF_VERSION=0.17.6
+lint_venv=${XDG_CACHE_HOME:-$HOME/.cache}/proxsmtpd/lint-venv
+if ! "$lint_venv/bin/ruff" --version 2>/dev/null | grep -qx "ruff $RUFF_VERSION"; then
+    echo "installing: ruff $RUFF_VERSION"
+    python3 -m venv "$lint_venv"
+    "$lint_venv/bin/pip" install --quiet --disable-pip-version-check "ruff==$RUFF_VERSION"
 fi

@@ -191,7 +191,7 @@ metric() {
     }
     END { if (found) print sum }'
 }
-metric_ge() { local v; v=$(metric "$1" "$2"); [ -n "$v" ] && awk -v v="$v" -v n="$3" 'BEGIN {exit !(v >= n)}' || { echo "$2 = ${v:-absent}, expected >= $3"; return 1; }; }
+metric_ge() { local v; v=$(metric "$1" "$2"); { [ -n "$v" ] && awk -v v="$v" -v n="$3" 'BEGIN {exit !(v >= n)}'; } || { echo "$2 = ${v:-absent}, expected >= $3"; return 1; }; }
 # swaks_to PORT RCPT MARK [swaks args...]: one message, the transcript in $W/swaks-MARK.log
 swaks_to() {
   local port=$1 rcpt=$2 mark=$3; shift 3
@@ -221,7 +221,7 @@ kubelet_layout() {
 kubelet_update() {
   local vol=$1 mode=$2 key=$3 src=$4 d old ts
   d=$(podman volume inspect -f '{{.Mountpoint}}' "$vol") || return 1
-  old=$(readlink "$d/..data") && [ -n "$old" ] && [ -d "$d/$old" ] || { echo "$vol: no ..data layout"; return 1; }
+  { old=$(readlink "$d/..data") && [ -n "$old" ] && [ -d "$d/$old" ]; } || { echo "$vol: no ..data layout"; return 1; }
   ts="..$(date -u +%Y_%m_%d_%H_%M_%S.%N)"
   cp -a "$d/$old" "$d/$ts"
   install -m "$mode" "$src" "$d/$ts/$key"
@@ -267,6 +267,7 @@ common_checks() {
   # one more message through, so that anything wrongly relayed would be in the sink by now
   local lmark="kp-$case-last-$RANDOM"
   swaks_to "$smtp" rcpt@example.net "$lmark"; wait_for 30 in_sink "$lmark" >/dev/null
+  # shellcheck disable=SC2016  # the single quotes are inside double quotes: the marks are expanded
   check "[$case] rejected${dmark:+ and dropped} messages never reach the sink" bash -c "! grep -rqs -e '$rmark' ${dmark:+-e '$dmark'} '$W/sink'"
   check "[$case] counters: accepted >= 2, rejected >= 1${dmark:+, dropped >= 1}" bash -c "
     $(declare -f metric metric_ge); metric_ge $admin 'proxsmtpd_messages_total{verdict=\"accepted\"}' 2 &&
@@ -423,7 +424,6 @@ play_case() {
   fi
   check "[$c] podman kube play" play "$c" "$W/$c.pods.yaml" || return
   # ConfigMap volumes laid out as the kubelet does (files through ..data, defaultMode)
-  local cm
   while read -r vol mode; do
     [ -n "$vol" ] || continue
     check "[$c] ConfigMap volume $vol in the kubelet layout (..data symlink, mode $mode)" kubelet_layout "$vol" "$mode"
@@ -438,6 +438,7 @@ play_case() {
   fi
   if [ -n "$mail" ]; then
     local fvol; fvol=$(meta "$W/$c.meta.json" 'print([cm["volume"]+" "+cm["mode"] for p in m["pods"] for cm in p["configmaps"] if "filters" in cm["volume"]][0])')
+    # shellcheck disable=SC2086  # "VOLUME MODE": two arguments
     reload_check "$c" "$pod" "$proxy" "$smtp" "$admin" ${fvol} "$mail"
     local claim; claim=$(python3 -c 'import sys,yaml; print([d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) if d][0])' "$W/$c.claims.yaml" 2>/dev/null)
     if [ -n "$claim" ]; then

@@ -3,7 +3,7 @@
 # integration tests, the differential conformance suite, deployment checks and the
 # benchmark smoke run. Every step runs; the script fails if any step failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 root=$(pwd)
 export CARGO_TERM_COLOR=never
 # Every prerequisite is installed above: a test that cannot run fails instead of skipping.
@@ -26,6 +26,7 @@ step() {
 
 step "install test dependencies" scripts/install-test-deps.sh
 step "cargo fmt" cargo fmt --all -- --check
+step "lint scripts" bash scripts/lint.sh
 # Built first so that clippy reuses the compiled dependencies.
 step "build" cargo build --release
 step "cargo clippy" cargo clippy --release --all-targets -- -D warnings

@@ -75,7 +75,8 @@ class TsDeclarations:
     def __init__(self, node_dir):
         self.modules = os.path.join(node_dir, "node_modules")
 
-    @functools.lru_cache(maxsize=None)
+    # one TsDeclarations per run: the cache holding `self` lives no longer than the process would
+    @functools.lru_cache(maxsize=None)  # noqa: B019
     def interface(self, dts_path):
         """{property: declaration file of its type or None} of the first interface in a file;
         None when the file declares no interface (a type alias such as Duration)."""
@@ -227,7 +228,7 @@ def main():
         else:
             ts = TsDeclarations(args.prom_models)
             results = check_prometheus_operator(args.prom_models, [d for _, d in prom])
-            for (label, doc), msg in zip(prom, results):
+            for (label, doc), msg in zip(prom, results, strict=True):
                 dts = ts.kind_file(doc["apiVersion"], doc["kind"])
                 if not os.path.exists(dts):
                     report(False, label, f"no @kubernetes-models/prometheus-operator model for {doc['apiVersion']} {doc['kind']}")

@@ -2,32 +2,31 @@
 # live-metrics.sh - a real Prometheus scrapes proxsmtpd under scripted traffic; then every
 # dashboard query and alert rule is evaluated through the Prometheus HTTP API.
 #
-# Usage: deploy/check/live-metrics.sh binary [PROXSMTPD_BINARY]   (default target/release/proxsmtpd)
-#        deploy/check/live-metrics.sh static
-#   binary  upstream smtp-sink <- proxsmtpd (AdminListen, test-filter.sh) <- smtp-source/swaks:
-#           accepted mail of three sizes, rejected, dropped and temp-failed mail, filter
-#           timeouts, upstream errors (the sink stopped for a moment), connections refused
-#           at MaxConnections, config reloads (SIGHUP, good and bad config); with openssl on
-#           the host also TLS: STARTTLS and implicit-TLS mail (TLS 1.3 and 1.2, Python's ssl
-#           client), a failed handshake, certificate reloads through a Secret-like `..data`
-#           symlink swap (a good pair, a broken one, the good one again).
-#   static  a generated exposition with the contract's metric names, growing over time,
-#           served by `python3 -m http.server` (for use before the binary has /metrics).
+# Usage: deploy/check/live-metrics.sh [PROXSMTPD_BINARY]   (default target/release/proxsmtpd)
+# Upstream smtp-sink <- proxsmtpd (AdminListen, test-filter.sh) <- smtp-source/swaks:
+# accepted mail of three sizes, rejected, dropped and temp-failed mail, filter timeouts,
+# upstream errors (the sink stopped for a moment), connections refused at MaxConnections,
+# config reloads (SIGHUP, good and bad config); with openssl on the host also TLS: STARTTLS
+# and implicit-TLS mail (TLS 1.3 and 1.2, Python's ssl client), a failed handshake,
+# certificate reloads through a Secret-like `..data` symlink swap (a good pair, a broken
+# one, the good one again).
 # Prometheus (Debian prometheus) scrapes every second with the target labels a Kubernetes
 # ServiceMonitor gives (namespace, pod) and loads deploy/alerts/*.rules.yaml.
-# Checks: `promtool check metrics` on the exposition, then deploy/check/promql_check.py.
+# Checks: `promtool check metrics` on the exposition, then deploy/check/promql_check.py; and
+# promql_check.py must fail on a dashboard and a rule that name a metric the binary does not
+# export.
 # Env: DEPLOY_TOOLS_DIR (tools cache, for the venv python with PyYAML).
 set -euo pipefail
 exec </dev/null   # nothing below may wait for a terminal
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-SOURCE=${1:-binary}
-BINARY=${2:-$ROOT/target/release/proxsmtpd}
+BINARY=${1:-$ROOT/target/release/proxsmtpd}
 TOOLS=${DEPLOY_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/proxsmtpd-deploy-tools}
 PY="$TOOLS/venv/bin/python"; [ -x "$PY" ] || PY=python3
 
 W=$(mktemp -d /tmp/proxsmtpd-live.XXXXXX)
 PIDS=()
+# shellcheck disable=SC2317,SC2329  # called by the EXIT trap
 cleanup() {
   local p
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -72,10 +71,9 @@ start_sink() {
   say "FAIL smtp-sink did not start"; return 1
 }
 
-if [ "$SOURCE" = binary ]; then
-  [ -x "$BINARY" ] || { say "FAIL no proxsmtpd binary at $BINARY (cargo build --release)"; exit 1; }
-  mkdir -p "$W/spool"
-  cat > "$W/proxsmtpd.conf" <<EOF
+[ -x "$BINARY" ] || { say "FAIL no proxsmtpd binary at $BINARY (cargo build --release)"; exit 1; }
+mkdir -p "$W/spool"
+cat > "$W/proxsmtpd.conf" <<EOF
 Listen: 127.0.0.1:$SMTP
 OutAddress: 127.0.0.1:$SINK
 AdminListen: 127.0.0.1:$ADMIN
@@ -86,36 +84,25 @@ MaxConnections: 4
 TimeOut: 10
 DrainTimeout: 5
 EOF
-  if [ "$TLS" = 1 ]; then
-    tls_version v1
-    printf 'TlsCertificate: %s\nTlsKey: %s\nTlsListen: 127.0.0.1:%s\n' \
-      "$W/tls/tls.crt" "$W/tls/tls.key" "$SMTPS" >> "$W/proxsmtpd.conf"
-  else
-    say "note: no openssl on this host: no TLS traffic (the TLS series stay at 0)"
-  fi
-  start_sink
-  # PROXSMTPD_* variables of the caller would override the config file: drop them
-  unset_args=(); for v in $(compgen -e | grep '^PROXSMTPD_' || true); do unset_args+=(-u "$v"); done
-  env "${unset_args[@]}" "$BINARY" -d 2 -f "$W/proxsmtpd.conf" > "$W/proxsmtpd.log" 2>&1 &
-  PROXY_PID=$!; PIDS+=("$PROXY_PID")
-  if ! wait_http "http://127.0.0.1:$ADMIN/readyz" 10; then
-    say "FAIL $BINARY did not answer 200 on /readyz (AdminListen 127.0.0.1:$ADMIN) within 10 s;"
-    say "     until the admin server exists, run with DEPLOY_CHECK_METRICS=static. Its log:"
-    tail -n 15 "$W/proxsmtpd.log" | sed 's/^/     /'
-    exit 1
-  fi
-  wait_http "http://127.0.0.1:$ADMIN/metrics" 5 || { say "FAIL no /metrics on the admin server"; exit 1; }
-elif [ "$SOURCE" = static ]; then
-  mkdir -p "$W/www"
-  "$PY" "$HERE/fake_exposition.py" "$W/www" 3600 0.5 &
-  PIDS+=("$!")
-  for _ in $(seq 1 50); do [ -f "$W/www/metrics" ] && break; sleep 0.1; done
-  (cd "$W/www" && exec python3 -m http.server --bind 127.0.0.1 "$ADMIN") > "$W/http.log" 2>&1 &
-  PIDS+=("$!")
-  wait_http "http://127.0.0.1:$ADMIN/metrics" 10 || { say "FAIL the static exposition is not served"; exit 1; }
+if [ "$TLS" = 1 ]; then
+  tls_version v1
+  printf 'TlsCertificate: %s\nTlsKey: %s\nTlsListen: 127.0.0.1:%s\n' \
+    "$W/tls/tls.crt" "$W/tls/tls.key" "$SMTPS" >> "$W/proxsmtpd.conf"
 else
-  say "usage: $0 binary [BINARY] | static"; exit 2
+  say "note: no openssl on this host: no TLS traffic (the TLS series stay at 0)"
 fi
+start_sink
+# PROXSMTPD_* variables of the caller would override the config file: drop them
+unset_args=(); for v in $(compgen -e | grep '^PROXSMTPD_' || true); do unset_args+=(-u "$v"); done
+env "${unset_args[@]}" "$BINARY" -d 2 -f "$W/proxsmtpd.conf" > "$W/proxsmtpd.log" 2>&1 &
+PROXY_PID=$!; PIDS+=("$PROXY_PID")
+if ! wait_http "http://127.0.0.1:$ADMIN/readyz" 10; then
+  say "FAIL $BINARY did not answer 200 on /readyz (AdminListen 127.0.0.1:$ADMIN) within 10 s;"
+  say "     its log:"
+  tail -n 15 "$W/proxsmtpd.log" | sed 's/^/     /'
+  exit 1
+fi
+wait_http "http://127.0.0.1:$ADMIN/metrics" 5 || { say "FAIL no /metrics on the admin server"; exit 1; }
 
 # --- Prometheus -------------------------------------------------------------------------
 mkdir -p "$W/rules"
@@ -153,81 +140,76 @@ swaks_to() {   # swaks_to RCPT [more swaks args]: one message, any reply is fine
   swaks --silent 2 --server 127.0.0.1 --port "$SMTP" --from sender@example.org --to "$1" \
     --timeout 15 "${@:2}" >> "$W/swaks.log" 2>&1 || true
 }
-if [ "$SOURCE" = binary ]; then
-  say "traffic: accepted mail of 3 sizes, rejected, dropped, temp-failed, filter timeouts"
-  for len in 800 20000 300000; do
-    smtp-source -s 2 -m 20 -l "$len" -f sender@example.org -t ok@example.net "127.0.0.1:$SMTP" \
-      >> "$W/source.log" 2>&1 || say "note: smtp-source -l $len: $(tail -n 1 "$W/source.log")"
-  done
-  for _ in $(seq 1 12); do swaks_to reject@example.net; done
-  for _ in $(seq 1 4); do swaks_to drop@example.net; swaks_to tempfail@example.net; done
-  swaks_to slow@example.net & s1=$!
-  swaks_to slow@example.net & s2=$!
-  wait "$s1" "$s2"
-  say "traffic: upstream stopped for a moment (upstream errors)"
-  kill "$SINK_PID"; wait "$SINK_PID" 2>/dev/null || true
-  for _ in $(seq 1 3); do swaks_to ok@example.net; done
-  start_sink
-  say "traffic: MaxConnections reached (refused connections)"
-  python3 - "$SMTP" <<'EOF'
+say "traffic: accepted mail of 3 sizes, rejected, dropped, temp-failed, filter timeouts"
+for len in 800 20000 300000; do
+  smtp-source -s 2 -m 20 -l "$len" -f sender@example.org -t ok@example.net "127.0.0.1:$SMTP" \
+    >> "$W/source.log" 2>&1 || say "note: smtp-source -l $len: $(tail -n 1 "$W/source.log")"
+done
+for _ in $(seq 1 12); do swaks_to reject@example.net; done
+for _ in $(seq 1 4); do swaks_to drop@example.net; swaks_to tempfail@example.net; done
+swaks_to slow@example.net & s1=$!
+swaks_to slow@example.net & s2=$!
+wait "$s1" "$s2"
+say "traffic: upstream stopped for a moment (upstream errors)"
+kill "$SINK_PID"; wait "$SINK_PID" 2>/dev/null || true
+for _ in $(seq 1 3); do swaks_to ok@example.net; done
+start_sink
+say "traffic: MaxConnections reached (refused connections)"
+python3 - "$SMTP" <<'EOF'
 import socket, sys, time
 held = []
 for _ in range(7):
-    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
-    held.append(s)
+  s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+  held.append(s)
 time.sleep(1.5)
 for s in held:
-    s.close()
+  s.close()
 EOF
-  if [ "$TLS" = 1 ]; then
-    say "traffic: TLS (STARTTLS and implicit TLS, 1.3 and 1.2), a failed handshake, certificate reloads"
-    python3 - "$SMTP" "$SMTPS" > "$W/tls-traffic.log" 2>&1 <<'EOF' || say "note: TLS traffic: $(tail -n 1 "$W/tls-traffic.log")"
+if [ "$TLS" = 1 ]; then
+  say "traffic: TLS (STARTTLS and implicit TLS, 1.3 and 1.2), a failed handshake, certificate reloads"
+  python3 - "$SMTP" "$SMTPS" > "$W/tls-traffic.log" 2>&1 <<'EOF' || say "note: TLS traffic: $(tail -n 1 "$W/tls-traffic.log")"
 import smtplib, socket, ssl, sys
 smtp, smtps = int(sys.argv[1]), int(sys.argv[2])
 msg = "From: sender@example.org\r\nTo: ok@example.net\r\nSubject: over TLS\r\n\r\nEncrypted.\r\n"
 def context(version):
-    ctx = ssl.create_default_context()
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE   # self-signed, made here
-    ctx.minimum_version = ctx.maximum_version = version
-    return ctx
+  ctx = ssl.create_default_context()
+  ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE   # self-signed, made here
+  ctx.minimum_version = ctx.maximum_version = version
+  return ctx
 failed = 0
 for version, n in ((ssl.TLSVersion.TLSv1_3, 4), (ssl.TLSVersion.TLSv1_2, 2)):
-    for _ in range(n):
-        try:
-            with smtplib.SMTP("127.0.0.1", smtp, timeout=15) as s:
-                s.starttls(context=context(version))
-                s.sendmail("sender@example.org", ["ok@example.net"], msg)
-            with smtplib.SMTP_SSL("127.0.0.1", smtps, timeout=15, context=context(version)) as s:
-                s.sendmail("sender@example.org", ["ok@example.net"], msg)
-        except (OSError, smtplib.SMTPException) as e:
-            failed += 1
-            print(f"TLS session failed: {e!r}")
+  for _ in range(n):
+      try:
+          with smtplib.SMTP("127.0.0.1", smtp, timeout=15) as s:
+              s.starttls(context=context(version))
+              s.sendmail("sender@example.org", ["ok@example.net"], msg)
+          with smtplib.SMTP_SSL("127.0.0.1", smtps, timeout=15, context=context(version)) as s:
+              s.sendmail("sender@example.org", ["ok@example.net"], msg)
+      except (OSError, smtplib.SMTPException) as e:
+          failed += 1
+          print(f"TLS session failed: {e!r}")
 # a client that speaks SMTP on the implicit-TLS port: a failed handshake
 with socket.create_connection(("127.0.0.1", smtps), timeout=5) as s:
-    s.sendall(b"EHLO plain.example\r\n")
-    try:
-        s.recv(1024)
-    except OSError:
-        pass
+  s.sendall(b"EHLO plain.example\r\n")
+  try:
+      s.recv(1024)
+  except OSError:
+      pass
 sys.exit(1 if failed else 0)
 EOF
-    tls_version v2; sleep 3                                 # a renewed certificate
-    tls_version v3 "-----BEGIN CERTIFICATE-----"; sleep 3   # a broken one: refused
-    tls_current v2; sleep 3                                 # the good one again
-  fi
-  say "traffic: config reloads (SIGHUP with a good and with a broken config)"
-  kill -HUP "$PROXY_PID"; sleep 1
-  cp "$W/proxsmtpd.conf" "$W/proxsmtpd.conf.good"
-  echo "NoSuchSetting: 1" >> "$W/proxsmtpd.conf"
-  kill -HUP "$PROXY_PID"; sleep 1
-  cp "$W/proxsmtpd.conf.good" "$W/proxsmtpd.conf"
-  kill -HUP "$PROXY_PID"
-  for _ in $(seq 1 10); do swaks_to ok@example.net; done
-  kill -0 "$PROXY_PID" 2>/dev/null || { say "FAIL proxsmtpd died during the traffic"; tail -n 20 "$W/proxsmtpd.log"; exit 1; }
-else
-  say "traffic: the static exposition grows for 12 s"
-  sleep 12
+  tls_version v2; sleep 3                                 # a renewed certificate
+  tls_version v3 "-----BEGIN CERTIFICATE-----"; sleep 3   # a broken one: refused
+  tls_current v2; sleep 3                                 # the good one again
 fi
+say "traffic: config reloads (SIGHUP with a good and with a broken config)"
+kill -HUP "$PROXY_PID"; sleep 1
+cp "$W/proxsmtpd.conf" "$W/proxsmtpd.conf.good"
+echo "NoSuchSetting: 1" >> "$W/proxsmtpd.conf"
+kill -HUP "$PROXY_PID"; sleep 1
+cp "$W/proxsmtpd.conf.good" "$W/proxsmtpd.conf"
+kill -HUP "$PROXY_PID"
+for _ in $(seq 1 10); do swaks_to ok@example.net; done
+kill -0 "$PROXY_PID" 2>/dev/null || { say "FAIL proxsmtpd died during the traffic"; tail -n 20 "$W/proxsmtpd.log"; exit 1; }
 sleep 3   # the last scrapes and rule evaluations
 END=$(date +%s)
 
@@ -245,4 +227,20 @@ dash_args=(); for d in "$ROOT"/dashboards/*.json; do dash_args+=(--dashboard "$d
 rule_args=(); for r in "$ROOT"/deploy/alerts/*.yaml; do rule_args+=(--rules "$r"); done
 "$PY" "$HERE/promql_check.py" --url "http://127.0.0.1:$PROM" --start "$START" --end "$END" \
   --rate-interval 1m "${dash_args[@]}" "${rule_args[@]}" || status=1
+# the same check on a dashboard and a rule naming a metric the binary does not export: it must fail
+sed 's/proxsmtpd_messages_total/proxsmtpd_messages_lost_total/g' "$ROOT/dashboards/proxsmtpd.json" > "$W/unknown-metric.json"
+sed '0,/proxsmtpd_[a-z_]*_total/s//proxsmtpd_no_such_total/' "${rule_args[1]}" > "$W/unknown-metric.yaml"
+for bad in "--dashboard $W/unknown-metric.json proxsmtpd_messages_lost_total" "--rules $W/unknown-metric.yaml proxsmtpd_no_such_total"; do
+  read -r opt file metric <<< "$bad"
+  what=${opt#--}; what=${what%s}
+  if "$PY" "$HERE/promql_check.py" --url "http://127.0.0.1:$PROM" --start "$START" --end "$END" \
+       --rate-interval 1m "$opt" "$file" > "$W/unknown.txt" 2>&1; then
+    say "FAIL promql_check.py accepted a $what naming $metric, which the binary does not export"; status=1
+  elif grep -q "^FAIL .*$metric" "$W/unknown.txt"; then
+    say "PASS promql_check.py refuses a $what naming $metric, which the binary does not export"
+  else
+    say "FAIL promql_check.py failed on a $what naming $metric, but not for that metric:"
+    sed 's/^/     /' "$W/unknown.txt" | tail -n 10; status=1
+  fi
+done
 exit $status

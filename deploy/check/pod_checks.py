@@ -104,7 +104,10 @@ def file_mode(source, name):
 
 def check_tls(c, settings, expect, ctr, pod, mounts, volumes, ports, services):
     cert, key = settings.get("tlscertificate"), settings.get("tlskey")
-    on = lambda v: str(v).lower() in ("on", "yes", "true", "1")
+
+    def on(v):
+        return str(v).lower() in ("on", "yes", "true", "1")
+
     if expect == "off":
         names = sorted(k for k in settings if k.startswith(("tls", "upstreamtls")))
         c.check(not names, f"no TLS setting (STARTTLS stays refused): {names or 'none'}")
@@ -179,9 +182,13 @@ def main():
         return 2
     path, layout = args
     expect = {"--tls": "on", "--no-tls": "off"}.get(flags[0] if flags else "", "any")
-    docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if isinstance(d, dict)]
+    with open(path, encoding="utf-8") as f:
+        docs = [d for d in yaml.safe_load_all(f) if isinstance(d, dict)]
     c = Checker(f"{path.rsplit('/', 1)[-1]} [{layout}]")
-    outside = [d for f in existing for d in yaml.safe_load_all(open(f, encoding="utf-8")) if isinstance(d, dict)]
+    outside = []
+    for name in existing:
+        with open(name, encoding="utf-8") as f:
+            outside += [d for d in yaml.safe_load_all(f) if isinstance(d, dict)]
     configmaps = {d["metadata"]["name"]: d for d in docs + outside if d.get("kind") == "ConfigMap"}
     workloads = [d for d in docs if d.get("kind") in ("Deployment", "StatefulSet", "DaemonSet")]
 
@@ -202,7 +209,7 @@ def main():
     # --- layout ---
     if layout == "standalone":
         c.check(where == "containers" and not pod.get("initContainers"),
-                f"standalone: the proxy is a regular container, no init containers"
+                "standalone: the proxy is a regular container, no init containers"
                 + (f" (extra containers: {[x['name'] for x in others]})" if others else ""))
     elif layout == "sidecar-native":
         c.check(where == "initContainers" and ctr.get("restartPolicy") == "Always",

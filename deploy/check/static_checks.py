@@ -2,10 +2,11 @@
 """File-level checks of the deployment artefacts, for scripts/deploy-check.sh.
 
   values-doc CHART             every value in CHART/values.yaml is listed in CHART/README.md
-  dashboard FILE...            Grafana JSON: parses, uid and title, unique panel ids, panels
+  dashboard EXPOSITION FILE... Grafana JSON: parses, uid and title, unique panel ids, panels
                                inside the 24-column grid, every target has a datasource and
-                               an expression, only metrics of the operational contract
-  rules FILE...                alert rules use only metrics of the operational contract, and
+                               an expression, only metrics the binary exports (the families
+                               of EXPOSITION, its /metrics: deploy/check/exposition.sh)
+  rules EXPOSITION FILE...     alert rules use only metrics the binary exports, and
                                every alert has a severity label, a summary, a description and
                                a runbook_url whose section exists in docs/runbook.md
   schema-descriptions SCHEMA   every key of a values.schema.json (properties at any depth,
@@ -19,21 +20,13 @@ import sys
 
 import yaml
 
-# The metric families of the operational contract (histograms without their suffixes).
-CONTRACT = {
-    "proxsmtpd_build_info", "proxsmtpd_messages_total", "proxsmtpd_filter_duration_seconds",
-    "proxsmtpd_message_size_bytes", "proxsmtpd_connections_total", "proxsmtpd_connections_active",
-    "proxsmtpd_connections_refused_total", "proxsmtpd_upstream_errors_total",
-    "proxsmtpd_filter_timeouts_total", "proxsmtpd_filter_spawn_failures_total",
-    "proxsmtpd_replies_total", "proxsmtpd_config_reloads_total", "proxsmtpd_draining",
-    "proxsmtpd_tls_sessions_total", "proxsmtpd_tls_handshake_failures_total",
-    "proxsmtpd_tls_certificate_reloads_total",
-    # added with "the operator's day": the connection limit, the reload state, the upstream
-    # reply latency by stage and the certificate's expiry
-    "proxsmtpd_max_connections", "proxsmtpd_config_last_reload_successful",
-    "proxsmtpd_config_last_reload_success_timestamp_seconds", "proxsmtpd_upstream_reply_duration_seconds",
-    "proxsmtpd_tls_certificate_expiry_timestamp_seconds",
-}
+def exported_families(path):
+    """The metric families of a Prometheus text exposition (its `# TYPE` lines): what the
+    binary exports, read from its /metrics (deploy/check/exposition.sh)."""
+    with open(path, encoding="utf-8") as f:
+        return {m.group(1) for m in re.finditer(r"^# TYPE (\S+) \S+$", f.read(), re.M)}
+
+
 METRIC = re.compile(r"\b(proxsmtpd_[a-z_]+?)(?:_bucket|_sum|_count)?\b(?!\s*\()")
 
 
@@ -108,7 +101,7 @@ def panels_of(dash):
         yield from p.get("panels", [])
 
 
-def dashboard(files):
+def dashboard(files, exported):
     problems, n = [], 0
     for path in files:
         try:
@@ -137,9 +130,9 @@ def dashboard(files):
                     problems.append(f"{path}: panel {p.get('id')} target {t.get('refId')} has no datasource")
                 if not t.get("expr"):
                     problems.append(f"{path}: panel {p.get('id')} target {t.get('refId')} has no expr")
-                unknown = metrics_in(t.get("expr", "")) - CONTRACT
+                unknown = metrics_in(t.get("expr", "")) - exported
                 if unknown:
-                    problems.append(f"{path}: panel {p.get('id')} uses metrics outside the contract: {sorted(unknown)}")
+                    problems.append(f"{path}: panel {p.get('id')} uses metrics the binary does not export: {sorted(unknown)}")
     return problems, f"{n} queries"
 
 
@@ -156,7 +149,7 @@ def runbook_anchors():
     return {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in heads}
 
 
-def rules(files):
+def rules(files, exported):
     problems, n = [], 0
     for path in files:
         with open(path, encoding="utf-8") as f:
@@ -165,9 +158,9 @@ def rules(files):
             for r in g.get("rules", []):
                 n += 1
                 name = r.get("alert") or r.get("record")
-                unknown = metrics_in(str(r.get("expr", ""))) - CONTRACT
+                unknown = metrics_in(str(r.get("expr", ""))) - exported
                 if unknown:
-                    problems.append(f"{path}: {name} uses metrics outside the contract: {sorted(unknown)}")
+                    problems.append(f"{path}: {name} uses metrics the binary does not export: {sorted(unknown)}")
                 if r.get("alert"):
                     if not (r.get("labels") or {}).get("severity"):
                         problems.append(f"{path}: {name} has no severity label")
@@ -187,8 +180,8 @@ def main():
         print(__doc__, file=sys.stderr)
         return 2
     cmd, args = sys.argv[1], sys.argv[2:]
-    problems, summary = {"values-doc": lambda: values_doc(args[0]), "dashboard": lambda: dashboard(args),
-                         "rules": lambda: rules(args),
+    problems, summary = {"values-doc": lambda: values_doc(args[0]), "dashboard": lambda: dashboard(args[1:], exported_families(args[0])),
+                         "rules": lambda: rules(args[1:], exported_families(args[0])),
                          "schema-descriptions": lambda: schema_descriptions(args[0])}[cmd]()
     for p in problems:
         print(f"problem: {p}")

@@ -77,7 +77,8 @@ def main():
         h, ip = x.split("=", 1)
         aliases.setdefault(ip, []).append(h)
 
-    docs = [d for d in yaml.safe_load_all(open(a.src)) if isinstance(d, dict)]
+    with open(a.src) as f:
+        docs = [d for d in yaml.safe_load_all(f) if isinstance(d, dict)]
     out, tests = [], []
     report = []
 
@@ -110,7 +111,8 @@ def main():
     with open(a.dst, "w") as f:
         yaml.safe_dump_all(out, f, sort_keys=False)
     if a.meta:
-        json.dump(meta(out, claims, tests), open(a.meta, "w"), indent=1)
+        with open(a.meta, "w") as f:
+            json.dump(meta(out, claims, tests), f, indent=1)
     if a.test_pod:
         with open(a.test_pod, "w") as f:
             yaml.safe_dump_all(tests, f, sort_keys=False)

@@ -48,7 +48,7 @@ pub struct FilterJob<'a> {
 
 /// How the run ended.
 #[derive(Debug)]
-pub struct Outcome {
+pub struct FilterRun {
     pub exit: Exit,
     /// The last non-blank stderr line (or why the command could not be found).
     pub stderr_last: Option<String>,
@@ -94,7 +94,7 @@ const SHELL_WORDS: &[&str] = &[
 ///
 /// Dropping the returned future kills the filter's whole process group; the exited
 /// processes are then reaped by tokio in the background.
-pub async fn run(job: FilterJob<'_>) -> Outcome {
+pub async fn execute(job: FilterJob<'_>) -> FilterRun {
     let started = Instant::now();
     restore_default_signals();
     if job.mode == Mode::File && !job.env.iter().any(|(k, _)| k == "EMAIL") {
@@ -112,7 +112,7 @@ pub async fn run(job: FilterJob<'_>) -> Outcome {
             (child, pid, registration)
         }
         Err((exit, stderr_last)) => {
-            return Outcome {
+            return FilterRun {
                 exit,
                 stderr_last,
                 duration: started.elapsed(),
@@ -121,7 +121,7 @@ pub async fn run(job: FilterJob<'_>) -> Outcome {
         }
     };
     // Declared after `child` and the registration so that it drops first: the group is
-    // killed, then tokio takes over reaping the child if `run` did not finish, and the
+    // killed, then tokio takes over reaping the child if `execute` did not finish, and the
     // orphan sweep looks for what left the group.
     let mut group = GroupGuard(pid.and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw));
     debug!(pid, command = job.command, "started filter command");
@@ -171,7 +171,7 @@ pub async fn run(job: FilterJob<'_>) -> Outcome {
     group.kill(Signal::SIGKILL);
     group.disarm();
     debug!(pid, ?exit, "filter command finished");
-    Outcome {
+    FilterRun {
         exit,
         stderr_last: tracker.last_line(),
         duration: started.elapsed(),
@@ -475,9 +475,9 @@ mod tests {
     async fn absurd_timeouts_do_not_panic() {
         let _ = deadline_after(Duration::MAX);
         let f = fixture("");
-        let out = run(f.pipe_job("true", Duration::MAX)).await;
+        let out = execute(f.pipe_job("true", Duration::MAX)).await;
         assert_eq!(out.exit, Exit::Code(0));
-        let out = run(f.pipe_job("sleep 1", Duration::ZERO)).await;
+        let out = execute(f.pipe_job("sleep 1", Duration::ZERO)).await;
         assert_eq!(out.exit, Exit::TimedOut);
     }
 
@@ -565,7 +565,7 @@ mod tests {
         let message = "Subject: hi\r\n\r\nbody line\r\n.leading dot\r\n";
         for command in ["cat", "cat | cat", "/bin/cat -"] {
             let f = fixture(message);
-            let out = run(f.pipe_job(command, LONG)).await;
+            let out = execute(f.pipe_job(command, LONG)).await;
             assert_eq!(out.exit, Exit::Code(0), "{command}");
             assert_eq!(out.stderr_last, None);
             assert_eq!(f.output(), message, "{command}");
@@ -585,7 +585,7 @@ mod tests {
             output: None,
             env: vec![("EMAIL".into(), email)],
         };
-        let out = run(job).await;
+        let out = execute(job).await;
         assert_eq!(out.exit, Exit::Code(0));
         assert_eq!(
             std::fs::read_to_string(&f.input).unwrap(),
@@ -607,7 +607,7 @@ mod tests {
 
         // Direct exec: `env` prints the whole environment.
         let f = fixture("");
-        let out = run(FilterJob {
+        let out = execute(FilterJob {
             env: env.clone(),
             ..f.pipe_job("env", LONG)
         })
@@ -630,7 +630,7 @@ mod tests {
         // Through sh, with exact values.
         let f = fixture("");
         let command = r#"printf '[%s]' "$SENDER" "$RECIPIENTS" "$CLIENT" "${REMOTE_HELO-unset}""#;
-        let out = run(FilterJob {
+        let out = execute(FilterJob {
             env,
             ..f.pipe_job(command, LONG)
         })
@@ -671,7 +671,7 @@ mod tests {
         ];
         for (command, exit, stderr) in cases {
             let f = fixture(&"x".repeat(1 << 20));
-            let out = run(f.pipe_job(command, LONG)).await;
+            let out = execute(f.pipe_job(command, LONG)).await;
             assert_eq!(&out.exit, exit, "{command}");
             assert_eq!(out.stderr_last.as_deref(), *stderr, "{command}");
         }
@@ -704,7 +704,7 @@ mod tests {
             (no_shebang, Exit::Code(3), "from script"),
         ];
         for (command, exit, stderr) in cases {
-            let out = run(f.pipe_job(command, LONG)).await;
+            let out = execute(f.pipe_job(command, LONG)).await;
             assert_eq!(&out.exit, exit, "{command}");
             let last = out.stderr_last.unwrap_or_default();
             assert!(last.contains(stderr), "{command}: {last}");
@@ -714,7 +714,7 @@ mod tests {
             input: Path::new("/nonexistent/spool"),
             ..f.pipe_job("cat", LONG)
         };
-        let out = run(missing_input).await;
+        let out = execute(missing_input).await;
         assert!(matches!(out.exit, Exit::SpawnFailed(_)), "{:?}", out.exit);
         assert_eq!(out.pid, None);
     }
@@ -742,7 +742,7 @@ mod tests {
         for (command, want) in cases {
             let f = fixture("");
             let before = rss_kib();
-            let out = run(f.pipe_job(command, LONG)).await;
+            let out = execute(f.pipe_job(command, LONG)).await;
             assert_eq!(out.exit, Exit::Code(1));
             assert_eq!(out.stderr_last.as_deref(), Some(*want));
             assert!(rss_kib() < before + 20 * 1024, "memory grew");
@@ -755,7 +755,7 @@ mod tests {
         let timeout = Duration::from_secs(1);
         let started = StdInstant::now();
         let command = "trap '' TERM; sleep 60 & sleep 60";
-        let out = run(f.pipe_job(command, timeout)).await;
+        let out = execute(f.pipe_job(command, timeout)).await;
         assert_eq!(out.exit, Exit::TimedOut);
         // 1 s of inactivity, 1 s of grace (min(timeout, 3 s)), then SIGKILL.
         assert!(
@@ -783,7 +783,7 @@ mod tests {
         ];
         for command in cases {
             let f = fixture("");
-            let out = run(f.pipe_job(command, timeout)).await;
+            let out = execute(f.pipe_job(command, timeout)).await;
             assert_eq!(out.exit, Exit::Code(0), "{command}");
             assert!(out.duration > Duration::from_millis(1500));
         }
@@ -798,14 +798,14 @@ mod tests {
             output: None,
             env: vec![("EMAIL".into(), email)],
         };
-        assert_eq!(run(job).await.exit, Exit::TimedOut);
+        assert_eq!(execute(job).await.exit, Exit::TimedOut);
     }
 
     #[tokio::test]
     async fn lingering_grandchild_neither_blocks_nor_survives() {
         let f = fixture("");
         let started = StdInstant::now();
-        let out = run(f.pipe_job("(sleep 30 &) ; echo done >&2; exit 0", LONG)).await;
+        let out = execute(f.pipe_job("(sleep 30 &) ; echo done >&2; exit 0", LONG)).await;
         assert_eq!(out.exit, Exit::Code(0));
         assert_eq!(out.stderr_last.as_deref(), Some("done"));
         assert!(
@@ -822,7 +822,7 @@ mod tests {
         let pid_file = f.dir.path().join("pid");
         let command = format!("echo $$ > {}; sleep 60 & sleep 60", pid_file.display());
         let job = f.pipe_job(&command, LONG);
-        let dropped = tokio::time::timeout(Duration::from_millis(500), run(job)).await;
+        let dropped = tokio::time::timeout(Duration::from_millis(500), execute(job)).await;
         assert!(dropped.is_err(), "filter should still be running");
         let mut pid = String::new();
         std::fs::File::open(&pid_file)
@@ -835,7 +835,7 @@ mod tests {
     #[tokio::test]
     async fn filter_gets_default_signal_dispositions() {
         let f = fixture("");
-        let out = run(f.pipe_job("grep SigIgn /proc/self/status", LONG)).await;
+        let out = execute(f.pipe_job("grep SigIgn /proc/self/status", LONG)).await;
         assert_eq!(out.exit, Exit::Code(0));
         let mask = ignored_mask(&f.output());
         for sig in [

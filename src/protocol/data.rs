@@ -191,6 +191,7 @@ impl DataReceiver {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_rng::Rng;
     use super::*;
 
     /// What the receiver yields for `wire`, fed as the given chunks: (content, done,
@@ -416,37 +417,14 @@ mod tests {
         }
     }
 
-    /// Small deterministic PRNG (xorshift64*) so the tests need no extra crate.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
-
     #[test]
     fn random_inputs_match_reference_under_random_chunking() {
         const ALPHABET: &[u8] = b"..\r\r\n\nab \xff";
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20_000 {
-            let len = rng.below(30);
-            let wire: Vec<u8> = (0..len)
-                .map(|_| ALPHABET[rng.below(ALPHABET.len())])
-                .collect();
+            let wire = rng.bytes(ALPHABET, 29);
             let expected = reference(&wire);
-            let mut chunks = Vec::new();
-            let mut rest = &wire[..];
-            while !rest.is_empty() {
-                let n = 1 + rng.below(rest.len());
-                chunks.push(&rest[..n]);
-                rest = &rest[n..];
-            }
+            let chunks = rng.chunks(&wire);
             assert_eq!(run_chunks(&chunks), expected, "{wire:?} as {chunks:?}");
         }
     }

@@ -204,6 +204,7 @@ fn header_wire_form(header: &[u8]) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_rng::Rng;
     use super::*;
     use crate::protocol::data::DataReceiver;
 
@@ -465,34 +466,6 @@ mod tests {
                 let got = encode_chunks(&placement, &[&content[..a], &content[a..]]);
                 assert_eq!(got, expected, "split {a}");
             }
-        }
-    }
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn bytes(&mut self, alphabet: &[u8], max_len: usize) -> Vec<u8> {
-            let len = self.below(max_len + 1);
-            (0..len)
-                .map(|_| alphabet[self.below(alphabet.len())])
-                .collect()
-        }
-        fn chunks<'a>(&mut self, mut rest: &'a [u8]) -> Vec<&'a [u8]> {
-            let mut chunks = Vec::new();
-            while !rest.is_empty() {
-                let n = 1 + self.below(rest.len());
-                chunks.push(&rest[..n]);
-                rest = &rest[n..];
-            }
-            chunks
         }
     }
 

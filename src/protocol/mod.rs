@@ -10,3 +10,5 @@ pub mod proxy_header;
 pub mod relay;
 pub mod reply;
 pub mod session;
+#[cfg(test)]
+mod test_rng;

@@ -46,7 +46,7 @@ pub trait Connection {
 
 /// How a message ended.
 #[derive(Debug, Clone)]
-pub struct Outcome {
+pub struct MessageOutcome {
     pub verdict: MessageVerdict,
     /// The `status=` item; `None` when no filter is configured (the original logs none).
     pub status: Option<String>,
@@ -56,9 +56,9 @@ pub struct Outcome {
     pub upstream_code: Option<u16>,
 }
 
-impl Outcome {
+impl MessageOutcome {
     pub fn new(verdict: MessageVerdict, status: String, size: u64, started: Instant) -> Self {
-        Outcome {
+        MessageOutcome {
             verdict,
             status: Some(status),
             size,
@@ -69,7 +69,7 @@ impl Outcome {
     }
 
     pub fn local_error(size: u64, started: Instant) -> Self {
-        Outcome::new(
+        MessageOutcome::new(
             MessageVerdict::LocalError,
             "FILTER-ERROR".into(),
             size,
@@ -84,7 +84,7 @@ impl Outcome {
             4 => MessageVerdict::TempFailed,
             _ => MessageVerdict::Rejected,
         };
-        let mut outcome = Outcome::new(verdict, "FILTERED".into(), size, started);
+        let mut outcome = MessageOutcome::new(verdict, "FILTERED".into(), size, started);
         outcome.upstream_code = Some(reply.code);
         outcome
     }
@@ -154,7 +154,7 @@ fn summary(conn: &impl Connection, envelope: &Envelope, status: Option<&str>) ->
 }
 
 /// Logs the per-message line and records the message in metrics and its span.
-pub fn message(conn: &impl Connection, envelope: &Envelope, outcome: Outcome) {
+pub fn message(conn: &impl Connection, envelope: &Envelope, outcome: MessageOutcome) {
     let elapsed = outcome.started.elapsed();
     let verdict = outcome.verdict.as_str();
     telemetry::record_message(

@@ -27,7 +27,7 @@ use bytes::Buf;
 use tokio::io::AsyncReadExt;
 
 use super::conn::{Conn, Fatal, READ_BUFFER};
-use super::observe::{self, Outcome};
+use super::observe::{self, MessageOutcome};
 use crate::config::FilterType;
 use crate::filter::header::{self, HeaderContext};
 use crate::filter::run::{self as filter_run, FilterJob, Mode};
@@ -154,10 +154,10 @@ async fn refuse_nul(
     envelope: &Envelope,
     size: u64,
     started: Instant,
-) -> Result<Outcome, Fatal> {
+) -> Result<MessageOutcome, Fatal> {
     tracing::warn!("{}: refused a message containing NUL octets", conn.id);
     conn.send_client(REPLY_NUL_IN_DATA).await?;
-    let outcome = Outcome::new(
+    let outcome = MessageOutcome::new(
         MessageVerdict::Rejected,
         "NUL-IN-DATA".into(),
         size,
@@ -188,7 +188,7 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         Err(fatal) => {
             // The client left mid-body: the upstream never saw DATA, so RSET is enough.
             let _ = conn.command(b"RSET\r\n", UpstreamStage::Command).await;
-            observe::message(conn, envelope, Outcome::local_error(0, started));
+            observe::message(conn, envelope, MessageOutcome::local_error(0, started));
             return Err(fatal);
         }
     };
@@ -249,7 +249,7 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
     };
     let filter_started = Instant::now();
     let result = {
-        let filter = filter_run::run(job);
+        let filter = filter_run::execute(job);
         tokio::pin!(filter);
         // KeepAlives continue while the filter runs: the upstream has not seen DATA yet,
         // so a NOOP is safe and keeps a slow filter from costing the upstream connection.
@@ -320,7 +320,7 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
             observe::message(
                 conn,
                 envelope,
-                Outcome::new(verdict, status, size, started).with_filter(filter_time),
+                MessageOutcome::new(verdict, status, size, started).with_filter(filter_time),
             );
             conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
             Ok(())
@@ -348,7 +348,7 @@ async fn local_error(
     filter_time: Option<Duration>,
 ) -> Result<(), Fatal> {
     conn.send_client(REPLY_LOCAL_ERROR).await?;
-    let mut outcome = Outcome::local_error(size, started);
+    let mut outcome = MessageOutcome::local_error(size, started);
     if let Some(t) = filter_time {
         outcome = outcome.with_filter(t);
     }
@@ -441,14 +441,14 @@ async fn deliver_recorded(
     path: &Path,
     size: u64,
     started: Instant,
-) -> Result<Outcome, Fatal> {
+) -> Result<MessageOutcome, Fatal> {
     match deliver(conn, envelope, path, size, started).await {
         Ok(outcome) => Ok(outcome),
         // Counted as abandoned already.
         Err(Fatal::ClientGone) => Err(Fatal::ClientGone),
         Err(fatal) => {
             let outcome =
-                Outcome::new(MessageVerdict::TempFailed, "FILTERED".into(), size, started);
+                MessageOutcome::new(MessageVerdict::TempFailed, "FILTERED".into(), size, started);
             observe::message(conn, envelope, outcome);
             Err(fatal)
         }
@@ -463,7 +463,7 @@ async fn deliver(
     path: &Path,
     size: u64,
     started: Instant,
-) -> Result<Outcome, Fatal> {
+) -> Result<MessageOutcome, Fatal> {
     // Opened before DATA: once the upstream said 354 there is no clean way back.
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -471,7 +471,7 @@ async fn deliver(
             tracing::error!("{}: couldn't open cache file: {e}", conn.id);
             conn.send_client(REPLY_LOCAL_ERROR).await?;
             conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
-            return Ok(Outcome::local_error(size, started));
+            return Ok(MessageOutcome::local_error(size, started));
         }
     };
     if conn.client_gone() {
@@ -481,7 +481,7 @@ async fn deliver(
     if reply.code != 354 {
         tracing::debug!("{}: server refused data transfer", conn.id);
         send_final_reply(conn, &reply).await;
-        return Ok(Outcome::from_reply(&reply, size, started));
+        return Ok(MessageOutcome::from_reply(&reply, size, started));
     }
     let mut encoder = WireEncoder::new(header_placement(conn));
     // Small buffers that grow with the message: a large zeroed buffer per message costs
@@ -524,7 +524,7 @@ async fn finish_data(
     last: &[u8],
     size: u64,
     started: Instant,
-) -> Result<Outcome, Fatal> {
+) -> Result<MessageOutcome, Fatal> {
     if conn.client_gone() {
         tracing::warn!(
             "{}: client disconnected before its answer; message not delivered",
@@ -539,7 +539,7 @@ async fn finish_data(
     match conn.read_reply(UpstreamStage::Final).await {
         Ok(reply) => {
             send_final_reply(conn, &reply).await;
-            Ok(Outcome::from_reply(&reply, size, started))
+            Ok(MessageOutcome::from_reply(&reply, size, started))
         }
         Err(e) => {
             // The upstream's answer is unknown: a temporary failure lets the client retry.
@@ -608,7 +608,7 @@ async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
             Ok(()) => continue,
             Err(fatal) => fatal,
         };
-        let outcome = Outcome::local_error(receiver.content_bytes(), started);
+        let outcome = MessageOutcome::local_error(receiver.content_bytes(), started);
         observe::message(conn, envelope, outcome.unfiltered());
         return Err(fatal);
     }
@@ -632,7 +632,7 @@ async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         UpstreamData::Refused(reply) => {
             tracing::debug!("{}: server refused data transfer", conn.id);
             send_final_reply(conn, &reply).await;
-            Ok(Outcome::from_reply(&reply, size, started))
+            Ok(MessageOutcome::from_reply(&reply, size, started))
         }
         UpstreamData::Failed(fatal) => {
             // The upstream's answer is unknown: a temporary failure lets the client retry.
@@ -650,7 +650,7 @@ async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         Err(Fatal::ClientGone) => Err(Fatal::ClientGone),
         Err(fatal) => {
             let outcome =
-                Outcome::new(MessageVerdict::TempFailed, "FILTERED".into(), size, started);
+                MessageOutcome::new(MessageVerdict::TempFailed, "FILTERED".into(), size, started);
             observe::message(conn, envelope, outcome.unfiltered());
             Err(fatal)
         }
