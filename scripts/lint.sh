@@ -5,6 +5,8 @@
 # with `# shellcheck disable=SCxxxx` or `# noqa: RULE` and the reason on the same line or
 # the line above.
 #
+# Then scripts/check-imports.py: no import cycle in src/, and src/protocol/ free of I/O.
+#
 # Tools: shellcheck (Debian) and ruff (PyPI, pinned, in ~/.cache/proxsmtpd/lint-venv), both
 # installed by scripts/install-test-deps.sh. A missing tool is a failure.
 set -euo pipefail
