@@ -365,21 +365,26 @@ fn proxsmtpd_8() -> String {
          has no authentication: bind it to a private address.",
     );
 
-    sh(&mut o, "FILES");
-    tp(
+    files_and_see_also(
         &mut o,
+        "/etc/proxsmtp/*.conf",
+        "Configurations of the proxsmtp@.service instances.",
+        ".BR proxsmtpd.conf (5),\n.BR systemd.service (5)",
+    );
+    o
+}
+
+/// The closing sections: the configuration file, one more file, and the related pages.
+fn files_and_see_also(o: &mut String, path: &str, what: &str, see_also: &str) {
+    sh(o, "FILES");
+    tp(
+        o,
         &bold("/etc/proxsmtpd.conf"),
         "The default configuration file.",
     );
-    tp(
-        &mut o,
-        &bold("/etc/proxsmtp/*.conf"),
-        "Configurations of the proxsmtp@.service instances.",
-    );
-
-    sh(&mut o, "SEE ALSO");
-    let _ = writeln!(o, ".BR proxsmtpd.conf (5),\n.BR systemd.service (5)");
-    o
+    tp(o, &bold(path), what);
+    sh(o, "SEE ALSO");
+    let _ = writeln!(o, "{see_also}");
 }
 
 fn setting_entry(o: &mut String, d: &SettingDoc) {
@@ -465,19 +470,12 @@ fn proxsmtpd_conf_5() -> String {
          setting on the command line.",
     );
 
-    sh(&mut o, "FILES");
-    tp(
+    files_and_see_also(
         &mut o,
-        &bold("/etc/proxsmtpd.conf"),
-        "The default configuration file.",
-    );
-    tp(
-        &mut o,
-        &bold("/usr/share/doc/proxsmtpd/examples/"),
+        "/usr/share/doc/proxsmtpd/examples/",
         "Example filter scripts.",
+        ".BR proxsmtpd (8)",
     );
-    sh(&mut o, "SEE ALSO");
-    let _ = writeln!(o, ".BR proxsmtpd (8)");
     o
 }
 
