@@ -568,3 +568,50 @@ fn tls_listen(name: &'static str, v: &str) -> Result<Option<ListenAddress>, Stri
             .map_err(|e| e.replacen("Listen", name, 1)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    /// Names (case-insensitively) and keys are one per setting; keys are snake_case.
+    #[test]
+    fn registry_entries_are_unique() {
+        let names: HashSet<String> = SETTINGS.iter().map(|s| s.name.to_lowercase()).collect();
+        let keys: HashSet<&str> = SETTINGS.iter().map(|s| s.key).collect();
+        assert_eq!(names.len(), SETTINGS.len(), "duplicate name");
+        assert_eq!(keys.len(), SETTINGS.len(), "duplicate key");
+        for s in SETTINGS {
+            assert!(
+                s.key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{}: key {:?} is not snake_case",
+                s.name,
+                s.key
+            );
+        }
+    }
+
+    /// Each entry's parser writes its own field, and its messages name its setting.
+    #[test]
+    fn parsers_reach_their_fields() {
+        let s = |name: &str, value: &str| {
+            let setting = SETTINGS.iter().find(|s| s.name == name).unwrap();
+            let mut settings = Settings::default();
+            (setting.apply)(&mut settings, value).map(|()| settings)
+        };
+        assert_eq!(s("TimeOut", "7").unwrap().timeout, Duration::from_secs(7));
+        assert_eq!(
+            s("TimeOut", "7").unwrap().filter_timeout,
+            Duration::from_secs(30)
+        );
+        assert!(s("Skip", "authenticated").unwrap().skip_authenticated);
+        assert_eq!(
+            s("TransparentProxy", "full").unwrap().transparent,
+            Transparent::Full
+        );
+        assert_eq!(
+            s("TlsListen", "0").unwrap_err(),
+            "invalid TlsListen socket name or ip: 0"
+        );
+    }
+}
