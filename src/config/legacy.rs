@@ -1,6 +1,6 @@
-//! The original `proxsmtpd.conf` format, read exactly as proxsmtpd 1.10 reads it, and the
-//! validation of every setting's value, shared by all configuration sources so that their
-//! messages are identical.
+//! The original `proxsmtpd.conf` format, read exactly as proxsmtpd 1.10 reads it, and
+//! [`apply_setting`], the registry's validation of one value, shared by all configuration
+//! sources so that their messages are identical.
 //!
 //! Grammar: LF-separated lines (a last line without LF counts); leading whitespace skipped;
 //! empty lines and lines starting with `#` ignored (a `#` later in a line is part of the
@@ -8,25 +8,9 @@
 //! whitespace, so CRLF files work); names case-insensitive; the last value wins except for
 //! `Skip`, which accumulates; the first bad line ends the parse.
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::time::Duration;
-
-use super::address::{parse_listen, parse_out_address};
-use super::cidr::parse_cidr_list;
 use super::names::{self, SettingName};
-use super::settings::{FilterType, LogFormat, Settings, Transparent, UpstreamTls};
+use super::settings::Settings;
 use super::ConfigError;
-
-/// Longest duration a setting can hold (2^32-1 s, about 136 years): large enough to mean
-/// "never", small enough that deadline arithmetic cannot overflow.
-const MAX_SECONDS: u64 = u32::MAX as u64;
-
-const INVALID_FILTER_TYPE: &str =
-    "invalid value for FilterType (must specify 'pipe' or 'file' or 'reject')";
-const INVALID_LOG_FORMAT: &str = "invalid value for LogFormat (must specify 'text' or 'json')";
-const INVALID_UPSTREAM_TLS: &str =
-    "invalid value for UpstreamTls (must specify 'off' or 'opportunistic' or 'required')";
 
 /// One accepted line of a `proxsmtpd.conf` file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,178 +90,26 @@ fn trim_start_bytes(mut b: &[u8]) -> &[u8] {
     b
 }
 
-/// Applies one setting by its CamelCase name (case-insensitive). The value is trimmed.
-/// On error returns the original's message, e.g. `invalid setting: FilterTimeout`.
+/// Applies one setting by its CamelCase name (case-insensitive) with the registry's parser.
+/// The value is trimmed. On error returns the original's message, e.g.
+/// `invalid setting: FilterTimeout`.
 pub fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result<(), String> {
     let Some(setting) = names::by_name(name) else {
         return Err(format!("invalid config line: {name}"));
     };
-    let v = trim(value);
-    let s = settings;
-    let invalid_setting = || format!("invalid setting: {}", setting.name);
-    let invalid_value = || format!("invalid value for {}", setting.name);
-    match setting.name {
-        "FilterCommand" => s.filter_command = Some(v.to_string()),
-        "FilterTimeout" => s.filter_timeout = seconds(v, 1).ok_or_else(invalid_setting)?,
-        "FilterType" => {
-            s.filter_type = match v.to_ascii_lowercase().as_str() {
-                "pipe" => FilterType::Pipe,
-                "file" => FilterType::File,
-                "reject" => FilterType::Reject,
-                _ => return Err(INVALID_FILTER_TYPE.into()),
-            }
-        }
-        "FilterReject" => s.filter_reject = v.to_string(),
-        // Trimming has removed the leading whitespace the original strips from Header.
-        "Header" => s.header = non_empty(v),
-        "KeepAlives" => {
-            let d = seconds(v, 0).ok_or_else(invalid_setting)?;
-            s.keep_alives = (!d.is_zero()).then_some(d);
-        }
-        "Listen" => s.listen = parse_listen(v)?,
-        "MaxConnections" => {
-            s.max_connections = integer(v)
-                .filter(|n| (2..=10239).contains(n))
-                .and_then(|n| usize::try_from(n).ok())
-                .ok_or("invalid setting: MaxConnections (must be between 1 and 10240)")?
-        }
-        "OutAddress" => s.out_address = Some(parse_out_address(v)?),
-        "PidFile" => s.pid_file = non_empty(v).map(PathBuf::from),
-        "Skip" => {
-            if !v.eq_ignore_ascii_case("authenticated") {
-                return Err("invalid value for Skip (must specify 'authenticated')".into());
-            }
-            s.skip_authenticated = true;
-        }
-        "TempDirectory" => {
-            s.temp_directory = non_empty(v)
-                .map(PathBuf::from)
-                .ok_or_else(invalid_setting)?
-        }
-        "TimeOut" => s.timeout = seconds(v, 1).ok_or_else(invalid_setting)?,
-        "TransparentProxy" => {
-            s.transparent = match v.to_ascii_lowercase().as_str() {
-                "client" => Transparent::Client,
-                "full" => Transparent::Full,
-                _ => match boolean(v).ok_or_else(invalid_value)? {
-                    true => Transparent::Client,
-                    false => Transparent::Off,
-                },
-            }
-        }
-        "User" => s.user = Some(non_empty(v).ok_or_else(invalid_setting)?),
-        "XClient" => s.xclient = boolean(v).ok_or_else(invalid_value)?,
-        "AdminListen" => s.admin_listen = admin_listen(v).ok_or_else(invalid_setting)?,
-        "Container" => s.container = boolean(v).ok_or_else(invalid_value)?,
-        "DrainTimeout" => s.drain_timeout = seconds(v, 0).ok_or_else(invalid_setting)?,
-        "MinDataRate" => {
-            s.min_data_rate = integer(v)
-                .and_then(|n| u64::try_from(n).ok())
-                .ok_or_else(invalid_setting)?
-        }
-        "ProxyProtocol" => s.proxy_protocol = boolean(v).ok_or_else(invalid_value)?,
-        "ProxyProtocolTrusted" => {
-            s.proxy_protocol_trusted =
-                parse_cidr_list(v).map_err(|e| format!("{} ({e})", invalid_setting()))?
-        }
-        "ReadinessCheckUpstream" => {
-            s.readiness_check_upstream = boolean(v).ok_or_else(invalid_value)?
-        }
-        "LogFormat" => {
-            s.log_format = match v.to_ascii_lowercase().as_str() {
-                "text" => LogFormat::Text,
-                "json" => LogFormat::Json,
-                _ => return Err(INVALID_LOG_FORMAT.into()),
-            }
-        }
-        "ReloadWatch" => s.reload_watch = boolean(v).ok_or_else(invalid_value)?,
-        "TlsCertificate" => s.tls_certificate = non_empty(v).map(PathBuf::from),
-        "TlsKey" => s.tls_key = non_empty(v).map(PathBuf::from),
-        "TlsRequired" => s.tls_required = boolean(v).ok_or_else(invalid_value)?,
-        "TlsListen" => {
-            s.tls_listen = match v {
-                "" => None,
-                v => Some(parse_listen(v).map_err(|e| e.replacen("Listen", "TlsListen", 1))?),
-            }
-        }
-        "UpstreamTls" => {
-            s.upstream_tls = match v.to_ascii_lowercase().as_str() {
-                "off" => UpstreamTls::Off,
-                "opportunistic" => UpstreamTls::Opportunistic,
-                "required" => UpstreamTls::Required,
-                _ => return Err(INVALID_UPSTREAM_TLS.into()),
-            }
-        }
-        "UpstreamTlsCa" => s.upstream_tls_ca = non_empty(v).map(PathBuf::from),
-        "UpstreamTlsVerify" => s.upstream_tls_verify = boolean(v).ok_or_else(invalid_value)?,
-        other => return Err(format!("invalid config line: {other}")),
-    }
-    Ok(())
-}
-
-fn non_empty(v: &str) -> Option<String> {
-    (!v.is_empty()).then(|| v.to_string())
-}
-
-/// The original's booleans, case-insensitive.
-fn boolean(v: &str) -> Option<bool> {
-    match v.to_ascii_lowercase().as_str() {
-        "0" | "no" | "false" | "f" | "off" => Some(false),
-        "1" | "yes" | "true" | "t" | "on" => Some(true),
-        _ => None,
-    }
-}
-
-/// An integer as `strtol(v, &end, 10)` with `*end == '\0'` reads it: optional sign, decimal
-/// digits, the whole value; an empty value is 0 and out-of-range values saturate.
-fn integer(v: &str) -> Option<i64> {
-    if v.is_empty() {
-        return Some(0);
-    }
-    let (negative, digits) = match v.as_bytes()[0] {
-        b'-' => (true, &v[1..]),
-        b'+' => (false, &v[1..]),
-        _ => (false, v),
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let magnitude = digits.bytes().fold(0i64, |n, b| {
-        n.saturating_mul(10).saturating_add(i64::from(b - b'0'))
-    });
-    Some(if negative {
-        magnitude.saturating_neg()
-    } else {
-        magnitude
-    })
-}
-
-/// Whole seconds of at least `min`.
-fn seconds(v: &str, min: i64) -> Option<Duration> {
-    let n = integer(v).filter(|n| *n >= min)?;
-    let n = u64::try_from(n).ok()?.min(MAX_SECONDS);
-    Some(Duration::from_secs(n))
-}
-
-/// Empty: no admin server; a bare port: all IPv4 addresses; else `ip:port` / `[v6]:port`.
-fn admin_listen(v: &str) -> Option<Option<SocketAddr>> {
-    if v.is_empty() {
-        return Some(None);
-    }
-    if v.len() <= 5 && v.bytes().all(|b| b.is_ascii_digit()) {
-        let port = v.parse::<u16>().ok().filter(|p| *p != 0)?;
-        return Some(Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))));
-    }
-    let addr: SocketAddr = v.parse().ok()?;
-    (addr.port() != 0).then_some(Some(addr))
+    (setting.apply)(settings, trim(value))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::cidr::Cidr;
-    use crate::config::settings::{ListenAddress, OutAddress};
-    use std::path::Path;
+    use crate::config::settings::{
+        FilterType, ListenAddress, LogFormat, OutAddress, Transparent, UpstreamTls,
+    };
+    use crate::config::values::MAX_SECONDS;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
 
     fn applied(name: &str, value: &str) -> Result<Settings, String> {
         let mut s = Settings::default();
@@ -634,28 +466,5 @@ mod tests {
             e.message.starts_with("invalid config line: Header: caf"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn integers_like_strtol() {
-        let cases = [
-            ("", Some(0)),
-            ("0", Some(0)),
-            ("-0", Some(0)),
-            ("+12", Some(12)),
-            ("-12", Some(-12)),
-            ("0012", Some(12)),
-            ("99999999999999999999", Some(i64::MAX)),
-            ("-99999999999999999999", Some(-i64::MAX)),
-            ("12a", None),
-            ("1 2", None),
-            ("0x10", None),
-            ("-", None),
-            ("--1", None),
-            ("1e3", None),
-        ];
-        for (input, want) in cases {
-            assert_eq!(integer(input), want, "{input:?}");
-        }
     }
 }

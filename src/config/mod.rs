@@ -1,8 +1,11 @@
 //! Configuration: the settings type and the readers that fill it.
 //!
-//! - `settings`: the [`Settings`] type and its defaults.
-//! - `names`: every setting's names (`proxsmtpd.conf`, TOML/YAML, environment).
-//! - `reference`: every setting's default and meaning, in words (the manual pages).
+//! - `settings`: the registry: every setting declared once (names, field and type in
+//!   [`Settings`], default, parser, documentation); everything below derives from it.
+//! - `values`: the value parsers the registry's settings share.
+//! - `names`: lookups of a setting by its names (`proxsmtpd.conf`, TOML/YAML, environment).
+//! - `reference`: every setting's default and meaning, in words (the manual pages and the
+//!   README's settings table).
 //! - `address`: the `Listen` / `OutAddress` syntax.
 //! - `cidr`: networks for `ProxyProtocolTrusted`.
 //! - `legacy`: the original `proxsmtpd.conf` reader and the per-setting validation shared by
@@ -20,6 +23,7 @@ pub mod legacy;
 pub mod names;
 pub mod reference;
 pub mod settings;
+pub mod values;
 
 pub use address::{parse_listen, parse_out_address};
 pub use cidr::Cidr;

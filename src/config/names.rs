@@ -1,28 +1,12 @@
-//! The names of every setting in each configuration source.
+//! Every setting's names in each configuration source, from the registry
+//! ([`super::settings::SETTINGS`]): lookups by name, key and environment variable.
 
-/// One setting's names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SettingName {
-    /// `proxsmtpd.conf` and command line name (matched case-insensitively there).
-    pub name: &'static str,
-    /// TOML / YAML key; the environment variable is `PROXSMTPD_` + this in upper case.
-    pub key: &'static str,
-    pub kind: Kind,
-}
+pub use super::settings::{Kind, Setting, SETTINGS};
 
-/// How repeated and list values are treated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// One value; the last one wins.
-    Single,
-    /// Repeated `proxsmtpd.conf` lines accumulate; a TOML/YAML array gives each value
-    /// (`Skip`).
-    Accumulating,
-    /// A comma-separated list; a TOML/YAML array is joined with commas.
-    CommaList,
-}
+/// A setting as the name lookups see it.
+pub type SettingName = Setting;
 
-impl SettingName {
+impl Setting {
     /// `PROXSMTPD_<KEY>`.
     pub fn env_var(&self) -> String {
         format!("{ENV_PREFIX}{}", self.key.to_ascii_uppercase())
@@ -31,58 +15,6 @@ impl SettingName {
 
 /// Prefix of every environment variable read as a setting.
 pub const ENV_PREFIX: &str = "PROXSMTPD_";
-
-const fn s(name: &'static str, key: &'static str) -> SettingName {
-    SettingName {
-        name,
-        key,
-        kind: Kind::Single,
-    }
-}
-
-/// Every setting, in the order they are applied (the original's settings first).
-pub const SETTINGS: &[SettingName] = &[
-    s("FilterCommand", "filter_command"),
-    s("FilterTimeout", "filter_timeout"),
-    s("FilterType", "filter_type"),
-    s("FilterReject", "filter_reject"),
-    s("Header", "header"),
-    s("KeepAlives", "keep_alives"),
-    s("Listen", "listen"),
-    s("MaxConnections", "max_connections"),
-    s("OutAddress", "out_address"),
-    s("PidFile", "pid_file"),
-    SettingName {
-        name: "Skip",
-        key: "skip",
-        kind: Kind::Accumulating,
-    },
-    s("TempDirectory", "temp_directory"),
-    s("TimeOut", "timeout"),
-    s("TransparentProxy", "transparent_proxy"),
-    s("User", "user"),
-    s("XClient", "xclient"),
-    s("AdminListen", "admin_listen"),
-    s("Container", "container"),
-    s("DrainTimeout", "drain_timeout"),
-    s("MinDataRate", "min_data_rate"),
-    s("ProxyProtocol", "proxy_protocol"),
-    SettingName {
-        name: "ProxyProtocolTrusted",
-        key: "proxy_protocol_trusted",
-        kind: Kind::CommaList,
-    },
-    s("ReadinessCheckUpstream", "readiness_check_upstream"),
-    s("LogFormat", "log_format"),
-    s("ReloadWatch", "reload_watch"),
-    s("TlsCertificate", "tls_certificate"),
-    s("TlsKey", "tls_key"),
-    s("TlsRequired", "tls_required"),
-    s("TlsListen", "tls_listen"),
-    s("UpstreamTls", "upstream_tls"),
-    s("UpstreamTlsCa", "upstream_tls_ca"),
-    s("UpstreamTlsVerify", "upstream_tls_verify"),
-];
 
 /// Looks up a `proxsmtpd.conf` / command line name, case-insensitively.
 pub fn by_name(name: &str) -> Option<&'static SettingName> {

@@ -1,10 +1,20 @@
-//! The settings type: every `proxsmtpd.conf` setting with the original's defaults.
+//! The settings registry: every setting declared once, with its `proxsmtpd.conf` name,
+//! TOML/YAML key (the environment variable is `PROXSMTPD_` + the key in upper case), field
+//! and type in [`Settings`], default, value parser and documentation.
+//!
+//! Everything else derives from it: the `proxsmtpd.conf` reader, the TOML/YAML, environment
+//! and `--set` layers and their messages ([`super::legacy::apply_setting`]), the name
+//! lookups ([`super::names`]), the manual's settings reference ([`super::reference`],
+//! `proxsmtpd --man 5`) and the README's settings table (checked by a unit test in
+//! `reference`). A new setting is one entry in the [`registry!`] invocation below.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::cidr::Cidr;
+use super::address::{parse_listen, parse_out_address};
+use super::cidr::{parse_cidr_list, Cidr};
+use super::values::{self, Parser};
 
 /// How the filter command receives the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,98 +81,457 @@ pub enum LogFormat {
 /// Postfix's `smtpd_min_data_rate` default: a 56k modem sends 14 times as fast.
 pub const DEFAULT_MIN_DATA_RATE: u64 = 500;
 
-/// Every setting: those of the original `proxsmtpd.conf` and the newer ones. Each has a
-/// CamelCase name (`proxsmtpd.conf`, command line), a snake_case key (TOML, YAML) and an
-/// environment variable `PROXSMTPD_<KEY>`; see [`super::names::SETTINGS`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settings {
-    /// `FilterCommand`: run as `/bin/sh -c <value>` for every message; `None` when unset
-    /// (no filtering). `Some("")` runs `sh -c ""`, which forwards an empty message.
-    pub filter_command: Option<String>,
-    /// `FilterTimeout` (seconds, > 0, default 30): the filter's inactivity timeout, its
-    /// wait-for-exit limit and the grace time between SIGTERM and SIGKILL.
-    pub filter_timeout: Duration,
-    /// `FilterType`: `pipe` (default), `file` or `reject`.
-    pub filter_type: FilterType,
-    /// `FilterReject`: the reply in `reject` mode (default `530 Email Rejected`).
-    pub filter_reject: String,
-    /// `Header`: a header line added to every filtered message; `None` when unset or empty.
-    /// Leading whitespace removed.
-    pub header: Option<String>,
-    /// `KeepAlives` (seconds, >= 0): NOOPs upstream while the client sends and the filter
-    /// runs; `None` when 0 (off, the default).
-    pub keep_alives: Option<Duration>,
-    /// `Listen`: where the SMTP listener binds (default `0.0.0.0:10025`).
-    pub listen: ListenAddress,
-    /// `MaxConnections` (2..10239, default 64).
-    pub max_connections: usize,
-    /// `OutAddress`: the upstream; required unless `TransparentProxy` is on.
-    pub out_address: Option<OutAddress>,
-    /// `PidFile`: `None` when unset or empty. In the file it overrides `-p`.
-    pub pid_file: Option<PathBuf>,
-    /// `Skip: authenticated`: pass messages of authenticated sessions unfiltered.
-    pub skip_authenticated: bool,
-    /// `TempDirectory` (default `/tmp/`): where messages are spooled; also the filter's TMPDIR.
-    pub temp_directory: PathBuf,
-    /// `TimeOut` (seconds, > 0, default 180): the time a client has for each whole command
-    /// line, the upstream for each whole reply, and the limit of every write and connect.
-    pub timeout: Duration,
-    /// `MinDataRate` (bytes per second, >= 0, default 500): the slowest a message body may
-    /// arrive; every read earns its bytes / rate seconds, capped at TimeOut. 0 turns it off.
-    pub min_data_rate: u64,
-    /// `TransparentProxy`: off (default), `client` (or any true boolean) or `full`.
-    pub transparent: Transparent,
-    /// `User`: user name or uid to switch to.
-    pub user: Option<String>,
-    /// `XClient`: send `XCLIENT ADDR=` upstream (default off).
-    pub xclient: bool,
-    /// `AdminListen`: `ip:port` (or a bare port on all IPv4 addresses) of the admin HTTP
-    /// server (`/livez`, `/readyz`, `/healthz`, `/metrics`); `None` (default, or an empty
-    /// value) runs no admin server.
-    pub admin_listen: Option<SocketAddr>,
-    /// `Container`: stay in the foreground without `-d` and log JSON lines to stdout.
-    /// Default off.
-    pub container: bool,
-    /// `DrainTimeout` (seconds, >= 0, default 30): on SIGTERM/SIGINT, how long sessions in a
-    /// transaction may go on before they are told 421 and closed.
-    pub drain_timeout: Duration,
-    /// `ProxyProtocol`: expect a PROXY protocol v1 or v2 header from peers listed in
-    /// `ProxyProtocolTrusted` (default off).
-    pub proxy_protocol: bool,
-    /// `ProxyProtocolTrusted`: comma-separated networks (`10.0.0.0/8, 2001:db8::/32`, a bare
-    /// address is a single host) allowed to send a PROXY header. Empty by default.
-    pub proxy_protocol_trusted: Vec<Cidr>,
-    /// `ReadinessCheckUpstream`: make `/readyz` also check (cached) that the upstream
-    /// answers. Default off, so an upstream outage does not take every instance out.
-    pub readiness_check_upstream: bool,
-    /// `LogFormat`: `text` (default) or `json`. Container mode logs JSON whatever this says.
-    pub log_format: LogFormat,
-    /// `ReloadWatch` (default on): watch the config file and the filter command's files and
-    /// apply changes to new messages, as SIGHUP does.
-    pub reload_watch: bool,
-    /// `TlsCertificate`: PEM certificate chain (leaf first) offered to clients, e.g. a
-    /// Kubernetes TLS Secret's `tls.crt`. With `TlsKey` it turns on STARTTLS; without them
-    /// STARTTLS is hidden and refused with 502, as in the original. Reloaded when the file
-    /// changes; a broken new pair is refused and the running one kept.
-    pub tls_certificate: Option<PathBuf>,
-    /// `TlsKey`: the PEM private key of `TlsCertificate` (PKCS#8, PKCS#1 or SEC1).
-    pub tls_key: Option<PathBuf>,
-    /// `TlsRequired` (default off): refuse MAIL, RCPT, DATA and AUTH before STARTTLS with
-    /// `530 5.7.0 Must issue a STARTTLS command first`.
-    pub tls_required: bool,
-    /// `TlsListen`: a second listener (same syntax as `Listen`, give the port, e.g.
-    /// `0.0.0.0:10465`) where clients speak TLS from the first byte (implicit TLS, the port
-    /// 465 style). `None` (default, or an empty value) opens none.
-    pub tls_listen: Option<ListenAddress>,
-    /// `UpstreamTls`: `off` (default), `opportunistic` or `required`.
-    pub upstream_tls: UpstreamTls,
-    /// `UpstreamTlsCa`: PEM bundle of the CAs trusted for the upstream's certificate;
-    /// `None` (default) uses the system's store (`/etc/ssl/certs`).
-    pub upstream_tls_ca: Option<PathBuf>,
-    /// `UpstreamTlsVerify` (default on): check the upstream's certificate against the CAs
-    /// and its name (the `OutAddress` host name or IP address). Turn off only for an
-    /// upstream on the same host or pod.
-    pub upstream_tls_verify: bool,
+/// How repeated and list values are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One value; the last one wins.
+    Single,
+    /// Repeated `proxsmtpd.conf` lines accumulate; a TOML/YAML array gives each value
+    /// (`Skip`).
+    Accumulating,
+    /// A comma-separated list; a TOML/YAML array is joined with commas.
+    CommaList,
+}
+
+/// One setting of the registry.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// `proxsmtpd.conf` and command line name (matched case-insensitively there).
+    pub name: &'static str,
+    /// TOML / YAML key; the environment variable is `PROXSMTPD_` + this in upper case.
+    pub key: &'static str,
+    pub kind: Kind,
+    /// The default, as an operator would write or read it.
+    pub default: &'static str,
+    /// What it does (plain text, sentences): the manual and the README say this.
+    pub doc: &'static str,
+    /// Whether proxsmtpd 1.10 had it (else it is one of the newer settings).
+    pub original: bool,
+    /// Parses the trimmed value into its field of [`Settings`]; the error is the message
+    /// every source reports (`invalid setting: FilterTimeout`).
+    pub apply: fn(&mut Settings, &str) -> Result<(), String>,
+}
+
+impl PartialEq for Setting {
+    fn eq(&self, other: &Setting) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for Setting {}
+
+/// Declares [`Settings`], its `Default` and [`SETTINGS`] from one entry per setting:
+///
+/// ```text
+/// CamelCaseName {
+///     key: "snake_case_key",
+///     field: settings_field: Type = default_value_expression,
+///     kind: Single | Accumulating | CommaList,
+///     original: bool,            // proxsmtpd 1.10 had it
+///     default: "as documented",  // checked against the default value by a unit test
+///     parse: values::parser,     // fn(name, trimmed value) -> Result<Type, message>
+///     doc: "What it does.",
+/// }
+/// ```
+macro_rules! registry {
+    ($(
+        $name:ident {
+            key: $key:literal,
+            field: $field:ident: $ty:ty = $value:expr,
+            kind: $kind:ident,
+            original: $original:literal,
+            default: $default:literal,
+            parse: $parse:expr,
+            doc: $doc:literal $(,)?
+        }
+    )*) => {
+        /// Every setting: those of the original `proxsmtpd.conf` and the newer ones, as
+        /// declared in the registry ([`SETTINGS`]).
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub struct Settings {
+            $(
+                #[doc = concat!("`", stringify!($name), "` (default: ", $default, "). ", $doc)]
+                pub $field: $ty,
+            )*
+        }
+
+        impl Default for Settings {
+            fn default() -> Self {
+                Settings {
+                    $($field: $value,)*
+                }
+            }
+        }
+
+        /// Every setting, in the order they are applied (the original's settings first).
+        pub const SETTINGS: &[Setting] = &[$(
+            Setting {
+                name: stringify!($name),
+                key: $key,
+                kind: Kind::$kind,
+                default: $default,
+                doc: $doc,
+                original: $original,
+                apply: |settings, value| {
+                    let parse: Parser<$ty> = $parse;
+                    settings.$field = parse(stringify!($name), value)?;
+                    Ok(())
+                },
+            },
+        )*];
+    };
+}
+
+registry! {
+    FilterCommand {
+        key: "filter_command",
+        field: filter_command: Option<String> = None,
+        kind: Single,
+        original: true,
+        default: "unset (no filtering)",
+        parse: values::some_text,
+        doc: "The command every message is filtered through, run as /bin/sh -c with this value. \
+            Specify all the arguments the command needs as on a command line. An empty value \
+            runs sh -c \"\", which forwards an empty message.",
+    }
+    FilterTimeout {
+        key: "filter_timeout",
+        field: filter_timeout: Duration = Duration::from_secs(30),
+        kind: Single,
+        original: true,
+        default: "30",
+        parse: values::seconds::<1>,
+        doc: "Seconds of filter inactivity (no output) before it is killed and the message \
+            deferred with 451; also how long the filter may take to exit and the grace time \
+            between SIGTERM and SIGKILL. Must be greater than 0.",
+    }
+    FilterType {
+        key: "filter_type",
+        field: filter_type: FilterType = FilterType::Pipe,
+        kind: Single,
+        original: true,
+        default: "pipe",
+        parse: |name, v| {
+            values::choice(name, v, &[
+                ("pipe", FilterType::Pipe),
+                ("file", FilterType::File),
+                ("reject", FilterType::Reject),
+            ])
+        },
+        doc: "pipe: the message on the filter's standard input, the message to deliver on its \
+            standard output. file: the message in the file named by $EMAIL, edited in place. \
+            reject: no filter; every MAIL, RCPT and DATA is refused with FilterReject.",
+    }
+    FilterReject {
+        key: "filter_reject",
+        field: filter_reject: String = DEFAULT_FILTER_REJECT.to_string(),
+        kind: Single,
+        original: true,
+        default: "530 Email Rejected",
+        parse: values::text,
+        doc: "The reply in reject mode; a text without a leading SMTP code becomes \
+            550 Content Rejected; <text>.",
+    }
+    Header {
+        key: "header",
+        field: header: Option<String> = None,
+        kind: Single,
+        original: true,
+        default: "none",
+        parse: values::optional_text,
+        doc: "A header line added to every filtered message. %i is the client's IP address, %l \
+            the local IP address, %d the date, %% a percent sign; \\r, \\n and \\t are escapes. \
+            A header starting with Received: goes first, any other at the end of the header \
+            block.",
+    }
+    KeepAlives {
+        key: "keep_alives",
+        field: keep_alives: Option<Duration> = None,
+        kind: Single,
+        original: true,
+        default: "0 (off)",
+        parse: values::optional_seconds,
+        doc: "Seconds of upstream silence after which a NOOP is sent upstream while the message \
+            arrives and while the filter runs, so that the upstream does not time out.",
+    }
+    Listen {
+        key: "listen",
+        field: listen: ListenAddress = ListenAddress::Tcp(SocketAddr::from(([0, 0, 0, 0], DEFAULT_LISTEN_PORT))),
+        kind: Single,
+        original: true,
+        default: "0.0.0.0:10025",
+        parse: |_, v| parse_listen(v),
+        doc: "Where to accept SMTP connections: address:port, [IPv6]:port, a bare port (all IPv4 \
+            addresses) or the path of a unix socket.",
+    }
+    MaxConnections {
+        key: "max_connections",
+        field: max_connections: usize = 64,
+        kind: Single,
+        original: true,
+        default: "64",
+        parse: max_connections,
+        doc: "The most concurrent client connections (2 to 10239); more are told \
+            421 Server busy, too many connections.",
+    }
+    OutAddress {
+        key: "out_address",
+        field: out_address: Option<OutAddress> = None,
+        kind: Single,
+        original: true,
+        default: "none; required unless TransparentProxy is on",
+        parse: |_, v| parse_out_address(v).map(Some),
+        doc: "The upstream SMTP server: host:port, 1.2.3.4:25, [::1]:25, a bare port (connect \
+            back to the client's own address on that port, see LOOPBACK FEATURE in \
+            proxsmtpd(8)) or a unix socket path. The port defaults to 25. Host names are \
+            resolved again for every connection.",
+    }
+    PidFile {
+        key: "pid_file",
+        field: pid_file: Option<PathBuf> = None,
+        kind: Single,
+        original: true,
+        default: "none",
+        parse: values::optional_path,
+        doc: "A file the process id is written to; it overrides the -p option.",
+    }
+    Skip {
+        key: "skip",
+        field: skip_authenticated: bool = false,
+        kind: Accumulating,
+        original: true,
+        default: "none",
+        parse: |name, v| values::choice(name, v, &[("authenticated", true)]),
+        doc: "authenticated: messages of clients that authenticated with the upstream (AUTH \
+            answered 235) pass unfiltered. The setting may be repeated.",
+    }
+    TempDirectory {
+        key: "temp_directory",
+        field: temp_directory: PathBuf = PathBuf::from("/tmp/"),
+        kind: Single,
+        original: true,
+        default: "/tmp/",
+        parse: values::required_path,
+        doc: "Where message bodies are spooled (files proxsmtpd.XXXXXX, mode 0600, always \
+            removed) when there is a filter, or KeepAlives without one; also the filter's \
+            TMPDIR. It should not be world-writable.",
+    }
+    TimeOut {
+        key: "timeout",
+        field: timeout: Duration = Duration::from_secs(180),
+        kind: Single,
+        original: true,
+        default: "180",
+        parse: values::seconds::<1>,
+        doc: "Seconds a client has for each whole command line and the upstream for each whole \
+            reply before the connection is closed (421 to the client); also the limit of every \
+            write and of connecting upstream.",
+    }
+    TransparentProxy {
+        key: "transparent_proxy",
+        field: transparent: Transparent = Transparent::Off,
+        kind: Single,
+        original: true,
+        default: "off",
+        parse: transparent_proxy,
+        doc: "client (or any true value): connect to the original destination of the \
+            intercepted connection; full: also connect from the client's own address \
+            (IP_TRANSPARENT). OutAddress is then ignored. See TRANSPARENT PROXY FEATURE in \
+            proxsmtpd(8).",
+    }
+    User {
+        key: "user",
+        field: user: Option<String> = None,
+        kind: Single,
+        original: true,
+        default: "none",
+        parse: values::required_text,
+        doc: "The user (name or uid) to switch to once the listening sockets are bound; \
+            supplementary groups are dropped.",
+    }
+    XClient {
+        key: "xclient",
+        field: xclient: bool = false,
+        kind: Single,
+        original: true,
+        default: "off",
+        parse: values::boolean,
+        doc: "Send XCLIENT ADDR=<client address> upstream when the upstream offers XCLIENT, then \
+            greet it again.",
+    }
+    AdminListen {
+        key: "admin_listen",
+        field: admin_listen: Option<SocketAddr> = None,
+        kind: Single,
+        original: false,
+        default: "none (no admin server)",
+        parse: values::admin_address,
+        doc: "address:port (or a bare port on all IPv4 addresses) of the admin HTTP server: \
+            /livez, /readyz, /healthz and /metrics (Prometheus). Never the SMTP port.",
+    }
+    Container {
+        key: "container",
+        field: container: bool = false,
+        kind: Single,
+        original: false,
+        default: "off",
+        parse: values::boolean,
+        doc: "Stay in the foreground without -d and log JSON lines to standard output.",
+    }
+    DrainTimeout {
+        key: "drain_timeout",
+        field: drain_timeout: Duration = DEFAULT_DRAIN_TIMEOUT,
+        kind: Single,
+        original: false,
+        default: "30",
+        parse: values::seconds::<0>,
+        doc: "On SIGTERM or SIGINT, the seconds sessions in a transaction may take to finish \
+            before they are told 421 and closed.",
+    }
+    MinDataRate {
+        key: "min_data_rate",
+        field: min_data_rate: u64 = DEFAULT_MIN_DATA_RATE,
+        kind: Single,
+        original: false,
+        default: "500",
+        parse: values::count,
+        doc: "Bytes per second a message body must arrive at, as Postfix's \
+            smtpd_min_data_rate: each read earns its bytes / rate seconds, never more than \
+            TimeOut ahead; a slower client is told 421 4.4.2. 0 turns it off.",
+    }
+    ProxyProtocol {
+        key: "proxy_protocol",
+        field: proxy_protocol: bool = false,
+        kind: Single,
+        original: false,
+        default: "off",
+        parse: values::boolean,
+        doc: "Expect a PROXY protocol v1 or v2 header from the peers listed in \
+            ProxyProtocolTrusted.",
+    }
+    ProxyProtocolTrusted {
+        key: "proxy_protocol_trusted",
+        field: proxy_protocol_trusted: Vec<Cidr> = Vec::new(),
+        kind: CommaList,
+        original: false,
+        default: "none",
+        parse: |name, v| {
+            parse_cidr_list(v).map_err(|e| format!("{} ({e})", values::invalid_setting(name)))
+        },
+        doc: "Comma-separated networks (10.0.0.0/8, 2001:db8::/32; a bare address is one host) \
+            allowed to send a PROXY protocol header.",
+    }
+    ReadinessCheckUpstream {
+        key: "readiness_check_upstream",
+        field: readiness_check_upstream: bool = false,
+        kind: Single,
+        original: false,
+        default: "off",
+        parse: values::boolean,
+        doc: "Make /readyz also require that the upstream accepts connections (checked at most \
+            every 10 seconds).",
+    }
+    LogFormat {
+        key: "log_format",
+        field: log_format: LogFormat = LogFormat::Text,
+        kind: Single,
+        original: false,
+        default: "text",
+        parse: |name, v| {
+            values::choice(name, v, &[("text", LogFormat::Text), ("json", LogFormat::Json)])
+        },
+        doc: "text, or json: one JSON object per line on standard output, with the per-message \
+            summary as fields.",
+    }
+    ReloadWatch {
+        key: "reload_watch",
+        field: reload_watch: bool = true,
+        kind: Single,
+        original: false,
+        default: "on",
+        parse: values::boolean,
+        doc: "Watch the configuration file and the filter script and apply changes to new \
+            messages, as SIGHUP does.",
+    }
+    TlsCertificate {
+        key: "tls_certificate",
+        field: tls_certificate: Option<PathBuf> = None,
+        kind: Single,
+        original: false,
+        default: "none",
+        parse: values::optional_path,
+        doc: "PEM certificate chain (leaf first) offered to clients. With TlsKey it turns on \
+            STARTTLS; without them STARTTLS is hidden and refused with 502, as by proxsmtpd \
+            1.10. Reloaded when the file changes.",
+    }
+    TlsKey {
+        key: "tls_key",
+        field: tls_key: Option<PathBuf> = None,
+        kind: Single,
+        original: false,
+        default: "none",
+        parse: values::optional_path,
+        doc: "The PEM private key of TlsCertificate (PKCS#8, PKCS#1 or SEC1).",
+    }
+    TlsRequired {
+        key: "tls_required",
+        field: tls_required: bool = false,
+        kind: Single,
+        original: false,
+        default: "off",
+        parse: values::boolean,
+        doc: "Refuse MAIL, RCPT, DATA and AUTH before STARTTLS with \
+            530 5.7.0 Must issue a STARTTLS command first.",
+    }
+    TlsListen {
+        key: "tls_listen",
+        field: tls_listen: Option<ListenAddress> = None,
+        kind: Single,
+        original: false,
+        default: "none",
+        parse: tls_listen,
+        doc: "A second listener, same syntax as Listen (e.g. 0.0.0.0:10465), where clients speak \
+            TLS from the first byte (implicit TLS, the port 465 style).",
+    }
+    UpstreamTls {
+        key: "upstream_tls",
+        field: upstream_tls: UpstreamTls = UpstreamTls::Off,
+        kind: Single,
+        original: false,
+        default: "off",
+        parse: |name, v| {
+            values::choice(
+                name,
+                v,
+                &[
+                    ("off", UpstreamTls::Off),
+                    ("opportunistic", UpstreamTls::Opportunistic),
+                    ("required", UpstreamTls::Required),
+                ],
+            )
+        },
+        doc: "STARTTLS towards the upstream: off, opportunistic (when the upstream offers it) or \
+            required (else 421 to the client).",
+    }
+    UpstreamTlsCa {
+        key: "upstream_tls_ca",
+        field: upstream_tls_ca: Option<PathBuf> = None,
+        kind: Single,
+        original: false,
+        default: "the system store (/etc/ssl/certs)",
+        parse: values::optional_path,
+        doc: "PEM bundle of the certificate authorities trusted for the upstream's certificate.",
+    }
+    UpstreamTlsVerify {
+        key: "upstream_tls_verify",
+        field: upstream_tls_verify: bool = true,
+        kind: Single,
+        original: false,
+        default: "on",
+        parse: values::boolean,
+        doc: "Check the upstream's certificate and its name (the OutAddress host name or IP \
+            address). Turn it off only for an upstream on the same host or pod.",
+    }
 }
 
 pub const DEFAULT_LISTEN_PORT: u16 = 10025;
@@ -170,41 +539,79 @@ pub const DEFAULT_OUT_PORT: u16 = 25;
 pub const DEFAULT_FILTER_REJECT: &str = "530 Email Rejected";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            filter_command: None,
-            filter_timeout: Duration::from_secs(30),
-            filter_type: FilterType::Pipe,
-            filter_reject: DEFAULT_FILTER_REJECT.to_string(),
-            header: None,
-            keep_alives: None,
-            listen: ListenAddress::Tcp(SocketAddr::from(([0, 0, 0, 0], DEFAULT_LISTEN_PORT))),
-            max_connections: 64,
-            out_address: None,
-            pid_file: None,
-            skip_authenticated: false,
-            temp_directory: PathBuf::from("/tmp/"),
-            timeout: Duration::from_secs(180),
-            min_data_rate: DEFAULT_MIN_DATA_RATE,
-            transparent: Transparent::Off,
-            user: None,
-            xclient: false,
-            admin_listen: None,
-            container: false,
-            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-            proxy_protocol: false,
-            proxy_protocol_trusted: Vec::new(),
-            readiness_check_upstream: false,
-            log_format: LogFormat::Text,
-            reload_watch: true,
-            tls_certificate: None,
-            tls_key: None,
-            tls_required: false,
-            tls_listen: None,
-            upstream_tls: UpstreamTls::Off,
-            upstream_tls_ca: None,
-            upstream_tls_verify: true,
+/// 2..10239, with the original's message (which says 1 and 10240).
+fn max_connections(_: &'static str, v: &str) -> Result<usize, String> {
+    values::integer(v)
+        .filter(|n| (2..=10239).contains(n))
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| "invalid setting: MaxConnections (must be between 1 and 10240)".into())
+}
+
+/// `client`, `full`, or a boolean (true is `client`).
+fn transparent_proxy(name: &'static str, v: &str) -> Result<Transparent, String> {
+    Ok(match v.to_ascii_lowercase().as_str() {
+        "client" => Transparent::Client,
+        "full" => Transparent::Full,
+        _ => match values::boolean(name, v)? {
+            true => Transparent::Client,
+            false => Transparent::Off,
+        },
+    })
+}
+
+/// Empty: none; else the `Listen` syntax, with this setting's name in the message.
+fn tls_listen(name: &'static str, v: &str) -> Result<Option<ListenAddress>, String> {
+    match v {
+        "" => Ok(None),
+        v => parse_listen(v)
+            .map(Some)
+            .map_err(|e| e.replacen("Listen", name, 1)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    /// Names (case-insensitively) and keys are one per setting; keys are snake_case.
+    #[test]
+    fn registry_entries_are_unique() {
+        let names: HashSet<String> = SETTINGS.iter().map(|s| s.name.to_lowercase()).collect();
+        let keys: HashSet<&str> = SETTINGS.iter().map(|s| s.key).collect();
+        assert_eq!(names.len(), SETTINGS.len(), "duplicate name");
+        assert_eq!(keys.len(), SETTINGS.len(), "duplicate key");
+        for s in SETTINGS {
+            assert!(
+                s.key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{}: key {:?} is not snake_case",
+                s.name,
+                s.key
+            );
         }
+    }
+
+    /// Each entry's parser writes its own field, and its messages name its setting.
+    #[test]
+    fn parsers_reach_their_fields() {
+        let s = |name: &str, value: &str| {
+            let setting = SETTINGS.iter().find(|s| s.name == name).unwrap();
+            let mut settings = Settings::default();
+            (setting.apply)(&mut settings, value).map(|()| settings)
+        };
+        assert_eq!(s("TimeOut", "7").unwrap().timeout, Duration::from_secs(7));
+        assert_eq!(
+            s("TimeOut", "7").unwrap().filter_timeout,
+            Duration::from_secs(30)
+        );
+        assert!(s("Skip", "authenticated").unwrap().skip_authenticated);
+        assert_eq!(
+            s("TransparentProxy", "full").unwrap().transparent,
+            Transparent::Full
+        );
+        assert_eq!(
+            s("TlsListen", "0").unwrap_err(),
+            "invalid TlsListen socket name or ip: 0"
+        );
     }
 }
