@@ -5,7 +5,28 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
-use super::settings::{ListenAddress, OutAddress, DEFAULT_LISTEN_PORT, DEFAULT_OUT_PORT};
+pub const DEFAULT_LISTEN_PORT: u16 = 10025;
+pub const DEFAULT_OUT_PORT: u16 = 25;
+
+/// Where the SMTP listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddress {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// Where each session connects upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutAddress {
+    /// An IP literal with a port.
+    Ip(SocketAddr),
+    /// A host name, resolved again for every connection (as the original does).
+    Host { name: String, port: u16 },
+    /// A bare port: connect back to the client's own address on that port.
+    ClientLoopback(u16),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
 
 /// `sun_path` is 108 bytes including the terminating NUL.
 const UNIX_PATH_MAX: usize = 108;

@@ -18,9 +18,10 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 
 use super::address::resolve;
+use super::address::{OutAddress, DEFAULT_OUT_PORT};
 use super::legacy::{apply_setting, read_legacy};
 use super::names::{self, Kind, SettingName, ENV_PREFIX, SETTINGS};
-use super::settings::{OutAddress, Settings, Transparent, UpstreamTls, DEFAULT_OUT_PORT};
+use super::settings::{Settings, Transparent, UpstreamTls};
 use super::{ConfigError, EXIT_UNREADABLE};
 
 /// What to load.
@@ -564,7 +565,8 @@ fn command_line_layer(overrides: &[(String, String)]) -> Result<LayerValues, Con
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::settings::{FilterType, ListenAddress, LogFormat};
+    use crate::config::address::ListenAddress;
+    use crate::config::settings::{FilterType, LogFormat};
     use std::time::Duration;
 
     fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {

@@ -25,7 +25,10 @@ pub mod reference;
 pub mod settings;
 pub mod values;
 
-pub use address::{parse_listen, parse_out_address};
+pub use address::{
+    parse_listen, parse_out_address, ListenAddress, OutAddress, DEFAULT_LISTEN_PORT,
+    DEFAULT_OUT_PORT,
+};
 pub use cidr::Cidr;
 pub use layered::{load, validate, Layer, LoadOptions, Loaded, ParsedOption};
 pub use legacy::{apply_setting, parse_legacy};

@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::address::{parse_listen, parse_out_address};
+use super::address::{
+    parse_listen, parse_out_address, ListenAddress, OutAddress, DEFAULT_LISTEN_PORT,
+};
 use super::cidr::{parse_cidr_list, Cidr};
 use super::values::{self, Parser};
 
@@ -35,26 +37,6 @@ pub enum Transparent {
     Client,
     /// As `Client`, and connect from the client's own address (IP_TRANSPARENT).
     Full,
-}
-
-/// Where the SMTP listener binds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddress {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-/// Where each session connects upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OutAddress {
-    /// An IP literal with a port.
-    Ip(SocketAddr),
-    /// A host name, resolved again for every connection (as the original does).
-    Host { name: String, port: u16 },
-    /// A bare port: connect back to the client's own address on that port.
-    ClientLoopback(u16),
-    /// A unix socket path.
-    Unix(PathBuf),
 }
 
 /// `UpstreamTls`: STARTTLS towards the upstream.
@@ -534,8 +516,6 @@ registry! {
     }
 }
 
-pub const DEFAULT_LISTEN_PORT: u16 = 10025;
-pub const DEFAULT_OUT_PORT: u16 = 25;
 pub const DEFAULT_FILTER_REJECT: &str = "530 Email Rejected";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
