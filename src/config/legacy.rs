@@ -103,8 +103,8 @@ pub fn apply_setting(settings: &mut Settings, name: &str, value: &str) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::cidr::Cidr;
     use crate::config::address::{ListenAddress, OutAddress};
+    use crate::config::cidr::Cidr;
     use crate::config::settings::{FilterType, LogFormat, Transparent, UpstreamTls};
     use crate::config::values::MAX_SECONDS;
     use std::path::{Path, PathBuf};

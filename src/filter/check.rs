@@ -27,7 +27,7 @@ const BUILTINS: &[&str] = &[
 
 /// Whether the configured filter can run (always, without a filter or in `reject` mode);
 /// the error says why not.
-pub fn filter_ready(settings: &Settings) -> Result<(), String> {
+pub(crate) fn filter_ready(settings: &Settings) -> Result<(), String> {
     if settings.filter_type == FilterType::Reject {
         return Ok(());
     }
@@ -38,7 +38,7 @@ pub fn filter_ready(settings: &Settings) -> Result<(), String> {
 }
 
 /// Checks `command` with the given `PATH` value.
-pub fn check(command: &str, path_var: Option<&std::ffi::OsStr>) -> Result<(), String> {
+pub(crate) fn check(command: &str, path_var: Option<&std::ffi::OsStr>) -> Result<(), String> {
     match program(command, 0) {
         Some(Program::Path(path)) => check_executable(&path),
         Some(Program::Name(name)) => {
@@ -53,7 +53,7 @@ pub fn check(command: &str, path_var: Option<&std::ffi::OsStr>) -> Result<(), St
 }
 
 /// The script a filter command runs, when its program is a path (for the file watcher).
-pub fn script_path(command: &str) -> Option<PathBuf> {
+pub(crate) fn script_path(command: &str) -> Option<PathBuf> {
     match program(command, 0)? {
         Program::Path(path) => Some(path),
         Program::Name(_) => None,

@@ -6,21 +6,21 @@
 //! and a percent sign. The caller appends the final CRLF.
 
 /// Longest expansion kept, in bytes (the original's buffer held 1023 bytes and a NUL).
-pub const MAX_HEADER_LEN: usize = 1023;
+pub(crate) const MAX_HEADER_LEN: usize = 1023;
 
 /// Values the template may refer to.
-pub struct HeaderContext<'a> {
+pub(crate) struct HeaderContext<'a> {
     /// Client IP address, without port (`%i`).
-    pub client_ip: &'a str,
+    pub(crate) client_ip: &'a str,
     /// Local IP address the connection was accepted on (`%l`).
-    pub local_ip: &'a str,
+    pub(crate) local_ip: &'a str,
     /// Delivery time (`%d`).
-    pub now: &'a jiff::Zoned,
+    pub(crate) now: &'a jiff::Zoned,
 }
 
 /// Expands `template`. Returns the header text (without a final CRLF) and one warning per
 /// unknown `%x` sequence, worded like the original's log message.
-pub fn expand(template: &str, ctx: &HeaderContext) -> (String, Vec<String>) {
+pub(crate) fn expand(template: &str, ctx: &HeaderContext) -> (String, Vec<String>) {
     let mut out = String::with_capacity(template.len() + 64);
     let mut warnings = Vec::new();
     let mut chars = template.chars();
@@ -54,7 +54,7 @@ pub fn expand(template: &str, ctx: &HeaderContext) -> (String, Vec<String>) {
 
 /// A header starting with `Received:` (any case) goes first in the message, as trace
 /// headers must; any other header goes at the end of the header block.
-pub fn is_received(expanded: &str) -> bool {
+pub(crate) fn is_received(expanded: &str) -> bool {
     expanded
         .as_bytes()
         .get(..9)
@@ -66,7 +66,7 @@ pub fn is_received(expanded: &str) -> bool {
 ///
 /// The original printed the offset remainder in seconds (`+051800` for India); the offset
 /// is written as `+HHMM` here, which is what it meant and what RFC 5322 readers expect.
-pub fn format_date(now: &jiff::Zoned) -> String {
+pub(crate) fn format_date(now: &jiff::Zoned) -> String {
     let mut date = now.strftime("%a %b %e %H:%M:%S %Y").to_string();
     let offset = now.offset().seconds();
     let sign = if offset < 0 { '-' } else { '+' };

@@ -11,7 +11,3 @@ pub mod header;
 pub mod orphans;
 pub mod run;
 pub mod verdict;
-
-pub use header::{expand as expand_header, format_date, is_received, HeaderContext};
-pub use run::{execute, FilterJob, FilterRun, Mode};
-pub use verdict::{decide, format_reply, Exit, ReplyKind, StderrTracker, Verdict};

@@ -45,7 +45,7 @@ fn spawn_gate() -> &'static RwLock<()> {
 
 /// Runs `spawn` and registers the filter it starts (`pid` says which pid that is) until the
 /// returned registration is dropped.
-pub fn spawn_registered<T, E>(
+pub(crate) fn spawn_registered<T, E>(
     spawn: impl FnOnce() -> Result<T, E>,
     pid: impl Fn(&T) -> Option<u32>,
 ) -> Result<(T, Registration), E> {
@@ -62,7 +62,7 @@ pub fn spawn_registered<T, E>(
 /// wait for, and its group has been killed: a descendant that left the group just before
 /// that kill is now an orphan of this process that no SIGCHLD announces, so a sweep is
 /// asked for.
-pub struct Registration(Option<i32>);
+pub(crate) struct Registration(Option<i32>);
 
 impl Drop for Registration {
     fn drop(&mut self) {
@@ -80,7 +80,7 @@ fn sweep_wanted() -> &'static Notify {
 
 /// Makes this process the subreaper of what its filters leave and watches for those orphans.
 /// Needs a tokio runtime; call once, after daemonising.
-pub fn start_reaping() {
+pub(crate) fn start_reaping() {
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         warn!("couldn't become a child subreaper ({e}): what a filter runs outside its process group can outlive it");
         return;

@@ -24,7 +24,7 @@ use super::verdict::{Exit, StderrTracker};
 
 /// How the message reaches the filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// The message on stdin, the filtered message on stdout.
     Pipe,
     /// The message in the file named by `EMAIL`, changed in place.
@@ -32,29 +32,29 @@ pub enum Mode {
 }
 
 /// One run of the filter command.
-pub struct FilterJob<'a> {
+pub(crate) struct FilterJob<'a> {
     /// The FilterCommand setting.
-    pub command: &'a str,
-    pub mode: Mode,
+    pub(crate) command: &'a str,
+    pub(crate) mode: Mode,
     /// FilterTimeout: the longest time without any sign of activity.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// The spool file with the message content.
-    pub input: &'a Path,
+    pub(crate) input: &'a Path,
     /// Pipe mode: receives the filter's stdout.
-    pub output: Option<std::fs::File>,
+    pub(crate) output: Option<std::fs::File>,
     /// SENDER, RECIPIENTS, CLIENT, SERVER, REMOTE, REMOTE_HELO, TMPDIR, EMAIL as applicable.
-    pub env: Vec<(String, String)>,
+    pub(crate) env: Vec<(String, String)>,
 }
 
 /// How the run ended.
 #[derive(Debug)]
-pub struct FilterRun {
-    pub exit: Exit,
+pub(crate) struct FilterRun {
+    pub(crate) exit: Exit,
     /// The last non-blank stderr line (or why the command could not be found).
-    pub stderr_last: Option<String>,
-    pub duration: Duration,
+    pub(crate) stderr_last: Option<String>,
+    pub(crate) duration: Duration,
     /// The filter's pid, which is also its process group id.
-    pub pid: Option<u32>,
+    pub(crate) pid: Option<u32>,
 }
 
 /// Variables that belong to the filter contract: never inherited from the daemon, so that
@@ -94,7 +94,7 @@ const SHELL_WORDS: &[&str] = &[
 ///
 /// Dropping the returned future kills the filter's whole process group; the exited
 /// processes are then reaped by tokio in the background.
-pub async fn execute(job: FilterJob<'_>) -> FilterRun {
+pub(crate) async fn execute(job: FilterJob<'_>) -> FilterRun {
     let started = Instant::now();
     restore_default_signals();
     if job.mode == Mode::File && !job.env.iter().any(|(k, _)| k == "EMAIL") {

@@ -1,10 +1,10 @@
 //! What the filter's exit status and its last stderr line mean for the message.
 
 /// Most bytes of a stderr line kept (the original's limit).
-pub const MAX_STDERR_LINE: usize = 255;
+pub(crate) const MAX_STDERR_LINE: usize = 255;
 
 /// Longest reply line sent to the client, CRLF not counted.
-pub const MAX_REPLY_LEN: usize = 256;
+pub(crate) const MAX_REPLY_LEN: usize = 256;
 
 /// Text used when a rejecting filter said nothing.
 const DEFAULT_REJECT_TEXT: &str = "Content Rejected";
@@ -12,7 +12,7 @@ const DEFAULT_REJECT_TEXT: &str = "Content Rejected";
 /// Remembers the last non-blank line a filter wrote to stderr, in bounded memory however
 /// much it writes, and whatever way its output is split into chunks.
 #[derive(Debug, Default)]
-pub struct StderrTracker {
+pub(crate) struct StderrTracker {
     /// The line being received: leading whitespace skipped, at most MAX_STDERR_LINE bytes.
     current: Vec<u8>,
     /// The last complete non-blank line, trimmed.
@@ -20,12 +20,12 @@ pub struct StderrTracker {
 }
 
 impl StderrTracker {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Takes the next piece of the filter's stderr.
-    pub fn feed(&mut self, mut chunk: &[u8]) {
+    pub(crate) fn feed(&mut self, mut chunk: &[u8]) {
         while let Some(nl) = memchr::memchr(b'\n', chunk) {
             self.push(&chunk[..nl]);
             if let Some(line) = trimmed(&self.current) {
@@ -38,7 +38,7 @@ impl StderrTracker {
     }
 
     /// The last non-blank line, counting an unterminated final line.
-    pub fn last_line(&self) -> Option<String> {
+    pub(crate) fn last_line(&self) -> Option<String> {
         trimmed(&self.current).or_else(|| self.last.clone())
     }
 
@@ -85,7 +85,7 @@ fn trimmed(line: &[u8]) -> Option<String> {
 /// `ddd ` so the client never waits for lines that will not come, control characters are
 /// removed (a TAB becomes a space) so the text cannot break the reply line, and the line is cut at 256 bytes on a
 /// character boundary (at most 256 characters, and never over SMTP's line limit).
-pub fn format_reply(text: &str) -> String {
+pub(crate) fn format_reply(text: &str) -> String {
     let clean: String = text
         .chars()
         .map(|c| if c == '\t' { ' ' } else { c })
@@ -125,7 +125,7 @@ fn reply_code(text: &str) -> Option<&str> {
 
 /// How the filter process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exit {
+pub(crate) enum Exit {
     /// Normal exit with this status.
     Code(i32),
     /// Killed by this signal.
@@ -138,7 +138,7 @@ pub enum Exit {
 
 /// What the proxy does with the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Deliver the (filtered) message upstream.
     Deliver,
     /// Send `reply` to the client; the upstream gets RSET and never sees DATA.
@@ -149,7 +149,7 @@ pub enum Verdict {
 
 /// The class of a filter's reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplyKind {
+pub(crate) enum ReplyKind {
     /// 2xx: a silent drop. The client is told the message was accepted; it is not sent.
     Drop,
     /// 4xx: the client should try again later.
@@ -159,7 +159,7 @@ pub enum ReplyKind {
 }
 
 /// Decides from the exit and the last stderr line.
-pub fn decide(exit: &Exit, stderr_last: Option<&str>) -> Verdict {
+pub(crate) fn decide(exit: &Exit, stderr_last: Option<&str>) -> Verdict {
     match exit {
         Exit::Code(0) => Verdict::Deliver,
         // Deviation from the original, which rejected with the shell's message (e.g.

@@ -25,17 +25,18 @@ use axum::Router;
 use crate::ops::metrics;
 
 /// An asynchronous check that the upstream server answers (true = healthy).
-pub type UpstreamCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+pub(crate) type UpstreamCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
 /// A synchronous check that the filter command can run (true = runnable).
-pub type FilterCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+pub(crate) type FilterCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// How long one upstream check may take before it counts as failed. Kubernetes gives a probe
 /// one second by default, so a slow upstream must not hold the answer much longer.
 const UPSTREAM_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Readiness state shared between the proxy core and the admin server.
-pub struct Health {
+pub(crate) struct Health {
     listener_bound: AtomicBool,
     config_loaded: AtomicBool,
     draining: AtomicBool,
@@ -59,7 +60,7 @@ impl Default for Health {
 
 impl Health {
     /// Not ready: nothing bound or loaded yet, no upstream check.
-    pub fn new() -> Health {
+    pub(crate) fn new() -> Health {
         Health {
             listener_bound: AtomicBool::new(false),
             config_loaded: AtomicBool::new(false),
@@ -71,14 +72,14 @@ impl Health {
 
     /// Adds the `filter` check: FilterCommand names something that can run. Evaluated at
     /// each probe, so a reload or a fixed script is seen at once.
-    pub fn with_filter_check(mut self, check: FilterCheck) -> Health {
+    pub(crate) fn with_filter_check(mut self, check: FilterCheck) -> Health {
         self.filter = Some(check);
         self
     }
 
     /// Adds the opt-in upstream check (ReadinessCheckUpstream). Its result is reused for `ttl`;
     /// a check taking longer than two seconds counts as failed.
-    pub fn with_upstream_check(mut self, check: UpstreamCheck, ttl: Duration) -> Health {
+    pub(crate) fn with_upstream_check(mut self, check: UpstreamCheck, ttl: Duration) -> Health {
         self.upstream = Some(Upstream {
             check,
             ttl,
@@ -87,21 +88,21 @@ impl Health {
         self
     }
 
-    pub fn set_listener_bound(&self) {
+    pub(crate) fn set_listener_bound(&self) {
         self.listener_bound.store(true, Ordering::SeqCst);
     }
 
-    pub fn set_config_loaded(&self) {
+    pub(crate) fn set_config_loaded(&self) {
         self.config_loaded.store(true, Ordering::SeqCst);
     }
 
     /// Readiness fails from now on; also sets the `proxsmtpd_draining` gauge.
-    pub fn set_draining(&self) {
+    pub(crate) fn set_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
         metrics::global().set_draining(true);
     }
 
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 
@@ -122,7 +123,8 @@ impl Health {
     }
 
     /// True when every readiness check passes.
-    pub async fn is_ready(&self) -> bool {
+    #[cfg(test)]
+    async fn is_ready(&self) -> bool {
         self.checks().await.iter().all(|(_, ok)| *ok)
     }
 }
@@ -148,15 +150,15 @@ impl Upstream {
 /// At most this many admin connections are served at once; more are closed as soon as they
 /// are accepted. Probes and scrapes need a handful; a flood of idle connections must never
 /// take the descriptors SMTP needs (see [`connection_cap`]).
-pub const MAX_CONNECTIONS: usize = 64;
+pub(crate) const MAX_CONNECTIONS: usize = 64;
 
 /// A request's headers must arrive within this time, and an idle keep-alive connection is
 /// closed after it (hyper's header timer also runs while waiting for the next request).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// No admin connection lives longer than this, whatever the peer does (a slow reader of
 /// `/metrics`, say): it is then asked to close, and cut off shortly after.
-pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+pub(crate) const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// The request line and headers together; probes and scrapers send a few hundred bytes.
 /// hyper's smallest read buffer is 8 KiB, which also bounds one read.
@@ -165,14 +167,14 @@ const MAX_HEADER_BYTES: usize = 8 * 1024;
 /// The admin connection limit for a process allowed `nofile` descriptors: at most
 /// [`MAX_CONNECTIONS`], and never more than an eighth of the limit, so that the rest stays
 /// for SMTP sessions (two sockets, a spool file and the filter's pipes each).
-pub fn connection_cap(nofile: u64) -> usize {
+pub(crate) fn connection_cap(nofile: u64) -> usize {
     let eighth = usize::try_from(nofile / 8).unwrap_or(usize::MAX);
     eighth.clamp(1, MAX_CONNECTIONS)
 }
 
 /// Serves the admin routes on `listener` until `shutdown` completes, at most `cap`
 /// connections at a time (see [`connection_cap`]).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     health: Arc<Health>,
     cap: usize,

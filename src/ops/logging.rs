@@ -23,7 +23,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
 /// The target of the per-message summary event (see the module documentation).
-pub const SUMMARY_TARGET: &str = "proxsmtpd::message";
+pub(crate) const SUMMARY_TARGET: &str = "proxsmtpd::message";
 
 /// The syslog socket of the local system.
 const DEV_LOG: &str = "/dev/log";
@@ -37,7 +37,7 @@ const SYSLOG_SEND_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Where log events go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogTarget {
+pub(crate) enum LogTarget {
     /// `-d level`: `proxsmtpd: <message>` lines on stderr. `level` <= 0 shows errors,
     /// 1 adds warnings, 2 and 3 info, 4 debug (every SMTP line relayed).
     Stderr { level: i32 },
@@ -49,13 +49,13 @@ pub enum LogTarget {
 
 /// A layer added below the output, for example the OpenTelemetry layer. It sees every
 /// event and span; give it its own filter if it should not.
-pub type ExtraLayer = Box<dyn Layer<Registry> + Send + Sync>;
+pub(crate) type ExtraLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
 type Base = Layered<Option<ExtraLayer>, Registry>;
 
 /// Installs the global subscriber. Call once, after daemonising (the syslog lines carry the
 /// pid). A second call leaves the first subscriber in place.
-pub fn init(target: LogTarget, extra: Option<ExtraLayer>) {
+pub(crate) fn init(target: LogTarget, extra: Option<ExtraLayer>) {
     let output: Box<dyn Layer<Base> + Send + Sync> = match target {
         LogTarget::Stderr { level } => stderr_layer(level, std::io::stderr).boxed(),
         LogTarget::Syslog => SyslogLayer::new(DEV_LOG)

@@ -13,7 +13,7 @@ use prometheus::{
 
 /// Final outcome of one message, as seen by the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MessageVerdict {
+pub(crate) enum MessageVerdict {
     /// The upstream server accepted the message.
     Accepted,
     /// The client got a 5xx from the filter or the upstream server.
@@ -27,16 +27,8 @@ pub enum MessageVerdict {
 }
 
 impl MessageVerdict {
-    pub const ALL: [MessageVerdict; 5] = [
-        MessageVerdict::Accepted,
-        MessageVerdict::Rejected,
-        MessageVerdict::Dropped,
-        MessageVerdict::TempFailed,
-        MessageVerdict::LocalError,
-    ];
-
     /// The value of the `verdict` label (also used in logs and traces).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             MessageVerdict::Accepted => "accepted",
             MessageVerdict::Rejected => "rejected",
@@ -49,7 +41,7 @@ impl MessageVerdict {
 
 /// Who decided a message's outcome (the `source` label of `proxsmtpd_messages_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MessageSource {
+pub(crate) enum MessageSource {
     /// The filter's verdict (or `FilterType: reject`).
     Filter,
     /// The upstream server's reply (or its loss).
@@ -61,7 +53,7 @@ pub enum MessageSource {
 
 impl MessageSource {
     /// The value of the `source` label.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             MessageSource::Filter => "filter",
             MessageSource::Upstream => "upstream",
@@ -83,7 +75,7 @@ const MESSAGE_SERIES: [(MessageVerdict, MessageSource); 7] = [
 
 /// The SMTP stage at which talking to the upstream server failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamStage {
+pub(crate) enum UpstreamStage {
     Connect,
     Greeting,
     Command,
@@ -92,7 +84,7 @@ pub enum UpstreamStage {
 }
 
 impl UpstreamStage {
-    pub const ALL: [UpstreamStage; 5] = [
+    pub(crate) const ALL: [UpstreamStage; 5] = [
         UpstreamStage::Connect,
         UpstreamStage::Greeting,
         UpstreamStage::Command,
@@ -101,7 +93,7 @@ impl UpstreamStage {
     ];
 
     /// The value of the `stage` label.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             UpstreamStage::Connect => "connect",
             UpstreamStage::Greeting => "greeting",
@@ -130,7 +122,7 @@ const REPLY_BUCKETS: [f64; 16] = [
 ];
 
 /// The git revision the binary was built from (`unknown` without git, e.g. from a tarball).
-pub const REVISION: &str = env!("BUILD_REVISION");
+pub(crate) const REVISION: &str = env!("BUILD_REVISION");
 
 /// Filter run time: from fast scripts (a few ms) up to slow content scanners near the timeout.
 const FILTER_BUCKETS: [f64; 14] = [
@@ -152,7 +144,7 @@ const SIZE_BUCKETS: [f64; 10] = [
 ];
 
 /// All metrics of the process, registered in their own [`Registry`].
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     messages: IntCounterVec,
     filter_duration: Histogram,
@@ -183,7 +175,7 @@ pub struct Metrics {
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();
 
 /// The process-wide metrics, created on first use.
-pub fn global() -> &'static Metrics {
+pub(crate) fn global() -> &'static Metrics {
     GLOBAL.get_or_init(Metrics::new)
 }
 
@@ -195,7 +187,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A fresh, independent set of metrics (the process uses [`global`]; tests use their own).
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let registry = Registry::new();
         // The definitions below are static, so a failure is a programming error that the unit
         // tests catch; it can never be caused by input.
@@ -357,30 +349,25 @@ impl Metrics {
     #[cfg(not(target_os = "linux"))]
     fn register_process_collector(&self) {}
 
-    /// The registry holding every metric, for callers that add their own collectors.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// A client connection was accepted.
-    pub fn connection_opened(&self) {
+    pub(crate) fn connection_opened(&self) {
         self.connections_total.inc();
         self.connections_active.inc();
     }
 
     /// An accepted client connection ended (pairs with [`Metrics::connection_opened`]).
-    pub fn connection_closed(&self) {
+    pub(crate) fn connection_closed(&self) {
         self.connections_active.dec();
     }
 
     /// A connection was turned away at MaxConnections (not counted in `connections_total`).
-    pub fn connection_refused(&self) {
+    pub(crate) fn connection_refused(&self) {
         self.connections_refused.inc();
     }
 
     /// A message finished with `verdict`, decided by `source`; `size_bytes` is the DATA size
     /// received from the client.
-    pub fn message(&self, verdict: MessageVerdict, source: MessageSource, size_bytes: u64) {
+    pub(crate) fn message(&self, verdict: MessageVerdict, source: MessageSource, size_bytes: u64) {
         self.messages
             .with_label_values(&[verdict.as_str(), source.as_str()])
             .inc();
@@ -390,29 +377,29 @@ impl Metrics {
 
     /// The client left before the answer to its message: it was not delivered (the client
     /// will send it again).
-    pub fn message_abandoned(&self) {
+    pub(crate) fn message_abandoned(&self) {
         self.messages_abandoned.inc();
     }
 
     /// The filter finished (whatever its verdict) after `duration`.
-    pub fn filter_finished(&self, duration: Duration) {
+    pub(crate) fn filter_finished(&self, duration: Duration) {
         self.filter_duration.observe(duration.as_secs_f64());
     }
 
-    pub fn filter_timeout(&self) {
+    pub(crate) fn filter_timeout(&self) {
         self.filter_timeouts.inc();
     }
 
-    pub fn filter_spawn_failure(&self) {
+    pub(crate) fn filter_spawn_failure(&self) {
         self.filter_spawn_failures.inc();
     }
 
-    pub fn upstream_error(&self, stage: UpstreamStage) {
+    pub(crate) fn upstream_error(&self, stage: UpstreamStage) {
         self.upstream_errors[stage as usize].inc();
     }
 
     /// A reply with `code` was sent to a client; codes outside 200..=599 are not counted.
-    pub fn reply_sent(&self, code: u16) {
+    pub(crate) fn reply_sent(&self, code: u16) {
         if let Some(counter) = (code / 100)
             .checked_sub(2)
             .and_then(|i| self.replies.get(usize::from(i)))
@@ -422,7 +409,7 @@ impl Metrics {
     }
 
     /// A reload was applied (`ok`) or refused; also sets the last-reload gauges.
-    pub fn config_reload(&self, ok: bool) {
+    pub(crate) fn config_reload(&self, ok: bool) {
         if ok {
             self.config_reload_success.inc();
             self.config_loaded();
@@ -433,7 +420,7 @@ impl Metrics {
     }
 
     /// The configuration was loaded at start (or reloaded): the last load succeeded, now.
-    pub fn config_loaded(&self) {
+    pub(crate) fn config_loaded(&self) {
         self.config_last_reload_successful.set(1);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -443,14 +430,14 @@ impl Metrics {
     }
 
     /// The MaxConnections in force (at start and after each reload).
-    pub fn set_max_connections(&self, max: usize) {
+    pub(crate) fn set_max_connections(&self, max: usize) {
         self.max_connections
             .set(i64::try_from(max).unwrap_or(i64::MAX));
     }
 
     /// An upstream reply at `stage` arrived `duration` after the proxy last wrote upstream.
     /// Connect has no reply and is not timed.
-    pub fn upstream_reply(&self, stage: UpstreamStage, duration: Duration) {
+    pub(crate) fn upstream_reply(&self, stage: UpstreamStage, duration: Duration) {
         if let Some(i) = REPLY_STAGES.iter().position(|s| *s == stage) {
             self.upstream_reply_duration[i].observe(duration.as_secs_f64());
         }
@@ -458,7 +445,7 @@ impl Metrics {
 
     /// The notAfter of the client-facing certificate in force, as a Unix time; `None` when
     /// no certificate is loaded (the series then disappears).
-    pub fn set_tls_certificate_expiry(&self, not_after: Option<i64>) {
+    pub(crate) fn set_tls_certificate_expiry(&self, not_after: Option<i64>) {
         let mut registered = self
             .tls_certificate_expiry_registered
             .lock()
@@ -485,32 +472,32 @@ impl Metrics {
     }
 
     /// A TLS handshake completed; `side` is `client` or `upstream`, `version` e.g. `TLSv1.3`.
-    pub fn tls_session(&self, side: &str, version: &str) {
+    pub(crate) fn tls_session(&self, side: &str, version: &str) {
         self.tls_sessions.with_label_values(&[side, version]).inc();
     }
 
-    pub fn tls_handshake_failure(&self, side: &str) {
+    pub(crate) fn tls_handshake_failure(&self, side: &str) {
         self.tls_handshake_failures.with_label_values(&[side]).inc();
     }
 
-    pub fn tls_certificate_reload(&self, ok: bool) {
+    pub(crate) fn tls_certificate_reload(&self, ok: bool) {
         let result = if ok { "success" } else { "failure" };
         self.tls_certificate_reloads
             .with_label_values(&[result])
             .inc();
     }
 
-    pub fn set_draining(&self, draining: bool) {
+    pub(crate) fn set_draining(&self, draining: bool) {
         self.draining.set(i64::from(draining));
     }
 
     /// All metrics in the OpenMetrics 1.0 text format ([`OPENMETRICS_CONTENT_TYPE`]).
-    pub fn render_openmetrics(&self) -> String {
+    pub(crate) fn render_openmetrics(&self) -> String {
         encode_openmetrics(&self.registry.gather())
     }
 
     /// All metrics in the Prometheus text exposition format (version 0.0.4).
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         let encoder = prometheus::TextEncoder::new();
         match encoder.encode(&self.registry.gather(), &mut buf) {
@@ -523,7 +510,7 @@ impl Metrics {
 }
 
 /// The content type of [`Metrics::render_openmetrics`].
-pub const OPENMETRICS_CONTENT_TYPE: &str =
+pub(crate) const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// A number as OpenMetrics writes it: `+Inf`, `-Inf`, `NaN`, integral values with `.0`
@@ -586,7 +573,7 @@ fn openmetrics_sample(
 /// Metric families in the OpenMetrics 1.0 text format: a counter family is named without
 /// its `_total` suffix (a counter whose name lacks one is exposed as `unknown`), histograms
 /// carry their `+Inf` bucket, and the exposition ends with `# EOF`.
-pub fn encode_openmetrics(families: &[prometheus::proto::MetricFamily]) -> String {
+pub(crate) fn encode_openmetrics(families: &[prometheus::proto::MetricFamily]) -> String {
     use prometheus::proto::MetricType;
     let mut out = String::new();
     for mf in families {
@@ -692,7 +679,7 @@ pub fn encode_openmetrics(families: &[prometheus::proto::MetricFamily]) -> Strin
 
 /// Records the latency of an upstream reply at `stage`, `since` the proxy last wrote
 /// upstream (see [`Metrics::upstream_reply`]).
-pub fn upstream_reply(stage: UpstreamStage, since: tokio::time::Instant) {
+pub(crate) fn upstream_reply(stage: UpstreamStage, since: tokio::time::Instant) {
     global().upstream_reply(stage, since.elapsed());
 }
 

@@ -40,7 +40,7 @@ use tracing_subscriber::Layer;
 use crate::ops::metrics::MessageVerdict;
 
 /// The layer returned by [`otel_layer`]: the OpenTelemetry layer behind a per-layer filter.
-pub type OtelLayer<S> =
+pub(crate) type OtelLayer<S> =
     Filtered<OpenTelemetryLayer<S, Tracer>, FilterFn<fn(&Metadata<'_>) -> bool>, S>;
 
 /// How long dropping an [`OtelGuard`] waits for the last spans to be sent.
@@ -48,15 +48,15 @@ const DROP_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the exporter needs, resolved from the environment by [`OtelConfig::from_env`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OtelConfig {
+pub(crate) struct OtelConfig {
     /// Full URL of the traces endpoint; `None` lets the exporter read the `OTEL_*` variables.
-    pub endpoint: Option<String>,
-    pub service_name: String,
+    pub(crate) endpoint: Option<String>,
+    pub(crate) service_name: String,
 }
 
 impl OtelConfig {
     /// `Some` when the environment asks for trace export, `None` when it does not.
-    pub fn from_env() -> Option<OtelConfig> {
+    pub(crate) fn from_env() -> Option<OtelConfig> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
@@ -94,7 +94,7 @@ impl OtelConfig {
 
 /// Why trace export could not be set up (the proxy can run on without it).
 #[derive(Debug)]
-pub struct TelemetryError(String);
+pub(crate) struct TelemetryError(String);
 
 impl std::fmt::Display for TelemetryError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -106,7 +106,7 @@ impl std::error::Error for TelemetryError {}
 
 /// The OTLP layer when the environment asks for it (`Ok(None)` otherwise), and the guard that
 /// sends the last spans. Must be called inside a tokio runtime: the batch exporter runs on it.
-pub fn otel_layer<S>() -> Result<Option<(OtelLayer<S>, OtelGuard)>, TelemetryError>
+pub(crate) fn otel_layer<S>() -> Result<Option<(OtelLayer<S>, OtelGuard)>, TelemetryError>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
@@ -117,7 +117,9 @@ where
 }
 
 /// Like [`otel_layer`], with explicit settings.
-pub fn otel_layer_with<S>(config: &OtelConfig) -> Result<(OtelLayer<S>, OtelGuard), TelemetryError>
+pub(crate) fn otel_layer_with<S>(
+    config: &OtelConfig,
+) -> Result<(OtelLayer<S>, OtelGuard), TelemetryError>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
@@ -176,13 +178,13 @@ fn is_own_target(target: &str) -> bool {
 
 /// Owns the tracer provider. Prefer [`OtelGuard::shutdown`] at exit; dropping the guard also
 /// sends the pending spans, waiting at most five seconds.
-pub struct OtelGuard {
+pub(crate) struct OtelGuard {
     provider: Option<SdkTracerProvider>,
 }
 
 impl OtelGuard {
     /// Sends the pending spans and stops the exporter; safe on any tokio runtime flavour.
-    pub async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         if let Some(provider) = self.provider.take() {
             // The SDK blocks the calling thread until the batch task (on the runtime) is done.
             let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
@@ -214,7 +216,7 @@ impl Drop for OtelGuard {
 }
 
 /// True when `PROXSMTPD_TRACE_ADDRESSES` is on (read once): client addresses go into traces.
-pub fn trace_addresses() -> bool {
+pub(crate) fn trace_addresses() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("PROXSMTPD_TRACE_ADDRESSES").is_ok_and(|v| is_on(&v)))
 }
@@ -226,7 +228,7 @@ fn is_on(value: &str) -> bool {
 }
 
 /// The span of one client connection. `client` is recorded only when [`trace_addresses`] is on.
-pub fn connection_span(connection_id: u64, client: IpAddr) -> Span {
+pub(crate) fn connection_span(connection_id: u64, client: IpAddr) -> Span {
     connection_span_with(connection_id, trace_addresses().then_some(client))
 }
 
@@ -245,7 +247,7 @@ fn connection_span_with(connection_id: u64, client: Option<IpAddr>) -> Span {
 
 /// The span of one message transaction, a child of the current (connection) span. Fill it in
 /// with [`record_message`] before it ends.
-pub fn message_span() -> Span {
+pub(crate) fn message_span() -> Span {
     tracing::info_span!(
         "smtp.message",
         message.verdict = Empty,
@@ -268,18 +270,18 @@ fn saturating_i64(n: impl TryInto<i64>) -> i64 {
 
 /// What is known about a message when it is finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MessageOutcome {
-    pub verdict: MessageVerdict,
-    pub size_bytes: u64,
-    pub recipients: usize,
+pub(crate) struct MessageOutcome {
+    pub(crate) verdict: MessageVerdict,
+    pub(crate) size_bytes: u64,
+    pub(crate) recipients: usize,
     /// `None` when no filter ran (e.g. the upstream refused before DATA).
-    pub filter_duration: Option<Duration>,
+    pub(crate) filter_duration: Option<Duration>,
     /// The upstream server's final reply code, when it answered.
-    pub upstream_reply_code: Option<u16>,
+    pub(crate) upstream_reply_code: Option<u16>,
 }
 
 /// Records `outcome` on a span made by [`message_span`].
-pub fn record_message(span: &Span, outcome: &MessageOutcome) {
+pub(crate) fn record_message(span: &Span, outcome: &MessageOutcome) {
     span.record("message.verdict", outcome.verdict.as_str());
     span.record("message.size_bytes", saturating_i64(outcome.size_bytes));
     span.record("message.recipients", saturating_i64(outcome.recipients));

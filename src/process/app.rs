@@ -82,7 +82,7 @@ const FDS_BASE: u64 = 32;
 /// Raises the soft RLIMIT_NOFILE to the hard limit (a service manager's default soft limit
 /// of 1024 is far below what MaxConnections may need); returns the soft limit now in force
 /// and what went wrong, if anything.
-pub fn raise_nofile_limit() -> (u64, Option<String>) {
+pub(crate) fn raise_nofile_limit() -> (u64, Option<String>) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok(limits) => limits,
@@ -501,7 +501,7 @@ async fn signals(
 
 /// Applies a changed configuration to new messages; a broken one is refused and the
 /// running one stays.
-pub fn reload(args: &RunArgs, settings_tx: &watch::Sender<Arc<Settings>>) {
+pub(crate) fn reload(args: &RunArgs, settings_tx: &watch::Sender<Arc<Settings>>) {
     match load(args) {
         Ok((settings, _)) => {
             tracing::info!("configuration reloaded");

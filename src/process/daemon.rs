@@ -12,20 +12,20 @@ use std::path::{Path, PathBuf};
 /// any other thread) starts: fork copies only the calling thread, and the runtime's worker
 /// threads would be missing in the child. Relative paths (config, pid file, TempDirectory)
 /// must be resolved before, since the working directory becomes `/`.
-pub fn daemonize() -> Result<(), String> {
+pub(crate) fn daemonize() -> Result<(), String> {
     nix::unistd::daemon(false, false).map_err(|e| format!("couldn't run as daemon: {e}"))
 }
 
 /// A pid file: the process id in decimal and a line feed, removed again when dropped.
 #[derive(Debug)]
-pub struct PidFile {
+pub(crate) struct PidFile {
     path: Option<PathBuf>,
 }
 
 impl PidFile {
     /// Writes the current process id to `path`, replacing an older file. Write it after
     /// [`daemonize`], so it holds the daemon's pid.
-    pub fn write(path: impl AsRef<Path>) -> io::Result<PidFile> {
+    pub(crate) fn write(path: impl AsRef<Path>) -> io::Result<PidFile> {
         let path = path.as_ref();
         fs::write(path, format!("{}\n", std::process::id()))?;
         Ok(PidFile {
@@ -33,13 +33,8 @@ impl PidFile {
         })
     }
 
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        self.path.as_deref().unwrap_or(Path::new(""))
-    }
-
     /// Removes the file now, reporting failure (dropping removes it silently).
-    pub fn remove(mut self) -> io::Result<()> {
+    pub(crate) fn remove(mut self) -> io::Result<()> {
         match self.path.take() {
             Some(path) => fs::remove_file(path),
             None => Ok(()),
@@ -67,7 +62,6 @@ mod tests {
         let dropped = dir.path().join("dropped.pid");
         fs::write(&dropped, "stale contents that are longer\n").unwrap();
         let file = PidFile::write(&dropped).unwrap();
-        assert_eq!(file.path(), dropped);
         assert_eq!(fs::read_to_string(&dropped).unwrap(), want);
         drop(file);
         assert!(!dropped.exists());

@@ -17,7 +17,7 @@ use nix::unistd::{self, Gid, Uid, User};
 /// IP_TRANSPARENT on every upstream socket. Capabilities are per thread, so this must run
 /// before any other thread exists (before the tokio runtime starts): threads created later
 /// inherit them.
-pub fn drop_to_user(user: &str, keep_net_admin: bool) -> Result<Vec<String>, String> {
+pub(crate) fn drop_to_user(user: &str, keep_net_admin: bool) -> Result<Vec<String>, String> {
     let entry = lookup(user)?;
     if !unistd::geteuid().is_root() {
         return Ok(vec![format!(
@@ -55,7 +55,7 @@ pub fn drop_to_user(user: &str, keep_net_admin: bool) -> Result<Vec<String>, Str
 
 /// The original's warning for running as root, when the process does: for use when no
 /// `User` is configured.
-pub fn root_warning_if_root() -> Option<String> {
+pub(crate) fn root_warning_if_root() -> Option<String> {
     unistd::geteuid().is_root().then(root_warning)
 }
 

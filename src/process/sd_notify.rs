@@ -16,13 +16,13 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 /// The environment variables the protocol uses.
-pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
-pub const WATCHDOG_USEC: &str = "WATCHDOG_USEC";
-pub const WATCHDOG_PID: &str = "WATCHDOG_PID";
+pub(crate) const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+pub(crate) const WATCHDOG_USEC: &str = "WATCHDOG_USEC";
+pub(crate) const WATCHDOG_PID: &str = "WATCHDOG_PID";
 
 /// A connection to the service manager's notification socket.
 #[derive(Debug)]
-pub struct Notifier {
+pub(crate) struct Notifier {
     socket: UnixDatagram,
     target: SocketAddr,
     /// Half of `WATCHDOG_USEC` (as systemd recommends), when the watchdog is on for us.
@@ -33,7 +33,7 @@ impl Notifier {
     /// From the values of `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID`; `None` when
     /// there is no socket to talk to. `pid` is this process's id, to which a `WATCHDOG_PID`
     /// must be equal for the watchdog to be ours.
-    pub fn new(
+    pub(crate) fn new(
         socket: Option<&str>,
         watchdog_usec: Option<&str>,
         watchdog_pid: Option<&str>,
@@ -53,7 +53,7 @@ impl Notifier {
     }
 
     /// From this process's environment.
-    pub fn from_env() -> io::Result<Option<Notifier>> {
+    pub(crate) fn from_env() -> io::Result<Option<Notifier>> {
         let var = |name| std::env::var(name).ok();
         Notifier::new(
             var(NOTIFY_SOCKET).as_deref(),
@@ -64,7 +64,7 @@ impl Notifier {
     }
 
     /// Sends one notification: `VARIABLE=value` lines.
-    pub fn notify(&self, state: &str) -> io::Result<()> {
+    pub(crate) fn notify(&self, state: &str) -> io::Result<()> {
         let sent = self.socket.send_to_addr(state.as_bytes(), &self.target)?;
         if sent != state.len() {
             return Err(io::Error::new(
@@ -76,7 +76,7 @@ impl Notifier {
     }
 
     /// How often `WATCHDOG=1` is due (half the unit's `WatchdogSec=`), if at all.
-    pub fn watchdog_interval(&self) -> Option<Duration> {
+    pub(crate) fn watchdog_interval(&self) -> Option<Duration> {
         self.watchdog
     }
 }
@@ -105,12 +105,12 @@ fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, own: u32) -> Option<
 
 /// `RELOADING=1` with the `CLOCK_MONOTONIC` time in microseconds (which
 /// `Type=notify-reload` requires and other types accept).
-pub fn reloading_message(monotonic: Duration) -> String {
+pub(crate) fn reloading_message(monotonic: Duration) -> String {
     format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic.as_micros())
 }
 
 /// The `CLOCK_MONOTONIC` time, as systemd reads it.
-pub fn monotonic_now() -> Duration {
+pub(crate) fn monotonic_now() -> Duration {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(Duration::from)
         .unwrap_or_default()
@@ -122,7 +122,7 @@ static GLOBAL: OnceLock<Option<Notifier>> = OnceLock::new();
 /// commands (which inherit the environment) cannot speak for the daemon. Call it while the
 /// process has a single thread. Returns whether the process runs under a service manager
 /// that waits for `READY=1`.
-pub fn init_from_env() -> bool {
+pub(crate) fn init_from_env() -> bool {
     let notifier = GLOBAL.get_or_init(|| match Notifier::from_env() {
         Ok(n) => n,
         Err(e) => {
@@ -137,12 +137,12 @@ pub fn init_from_env() -> bool {
 }
 
 /// The notifier [`init_from_env`] found.
-pub fn global() -> Option<&'static Notifier> {
+pub(crate) fn global() -> Option<&'static Notifier> {
     GLOBAL.get().and_then(Option::as_ref)
 }
 
 /// Sends `state` when running under a service manager; failures are logged, never fatal.
-pub fn notify(state: &str) {
+pub(crate) fn notify(state: &str) {
     if let Some(n) = global() {
         if let Err(e) = n.notify(state) {
             tracing::warn!("couldn't notify the service manager ({state:?}): {e}");
@@ -152,7 +152,7 @@ pub fn notify(state: &str) {
 
 /// Sends `WATCHDOG=1` every half `WatchdogSec=` from the runtime, for as long as it runs:
 /// a wedged runtime stops the pings and systemd restarts the service.
-pub fn spawn_watchdog() {
+pub(crate) fn spawn_watchdog() {
     let Some(interval) = global().and_then(Notifier::watchdog_interval) else {
         return;
     };

@@ -16,19 +16,19 @@ use crate::protocol::relay::Relay;
 use crate::protocol::reply::Reply;
 use crate::proxy::tls::TlsInfo;
 
-pub const REPLY_UPSTREAM_UNAVAILABLE: &[u8] =
+pub(crate) const REPLY_UPSTREAM_UNAVAILABLE: &[u8] =
     b"421 4.4.1 Upstream server unavailable, try again later\r\n";
-pub const REPLY_TIMEOUT: &[u8] = b"421 4.4.2 Timeout exceeded, closing connection\r\n";
-pub const REPLY_UPSTREAM_LOST: &[u8] = b"421 4.4.2 Upstream connection lost\r\n";
-pub const REPLY_SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down\r\n";
-pub const REPLY_UPSTREAM_PROTOCOL: &[u8] =
+pub(crate) const REPLY_TIMEOUT: &[u8] = b"421 4.4.2 Timeout exceeded, closing connection\r\n";
+pub(crate) const REPLY_UPSTREAM_LOST: &[u8] = b"421 4.4.2 Upstream connection lost\r\n";
+pub(crate) const REPLY_SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down\r\n";
+pub(crate) const REPLY_UPSTREAM_PROTOCOL: &[u8] =
     b"421 4.5.0 Upstream protocol error, closing connection\r\n";
 
 pub(super) const READ_BUFFER: usize = 16 * 1024;
 
 /// Why a connection ended early.
 #[derive(Debug)]
-pub enum Fatal {
+pub(crate) enum Fatal {
     /// Not a failure: both sides are done.
     Done,
     ClientGone,
@@ -44,25 +44,25 @@ pub enum Fatal {
 }
 
 /// The two sides of one proxied connection and their buffers.
-pub struct Conn {
-    pub id: ConnectionId,
-    pub settings: Arc<Settings>,
-    pub info: ClientInfo,
-    pub client: Stream,
+pub(crate) struct Conn {
+    pub(crate) id: ConnectionId,
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) info: ClientInfo,
+    pub(crate) client: Stream,
     /// The client's TLS, once established.
-    pub tls: Option<TlsInfo>,
-    pub upstream: Stream,
-    pub server: String,
+    pub(crate) tls: Option<TlsInfo>,
+    pub(crate) upstream: Stream,
+    pub(crate) server: String,
     /// The name the upstream's TLS certificate must carry.
-    pub upstream_tls_name: String,
+    pub(crate) upstream_tls_name: String,
     /// Both sides' unread bytes and the protocol state: every decision is made there.
-    pub relay: Relay,
+    pub(crate) relay: Relay,
     /// When the upstream last saw traffic from us, for KeepAlives.
-    pub upstream_active: Instant,
+    pub(crate) upstream_active: Instant,
 }
 
 impl Conn {
-    pub async fn send_client(&mut self, bytes: &[u8]) -> Result<(), Fatal> {
+    pub(crate) async fn send_client(&mut self, bytes: &[u8]) -> Result<(), Fatal> {
         observe::replies_sent(bytes);
         let timeout = self.settings.timeout;
         match tokio::time::timeout(timeout, self.client.write_all(bytes)).await {
@@ -74,13 +74,17 @@ impl Conn {
     /// Sends a command (or the last part of a message, with its terminating dot) whose reply
     /// comes next. Anything the upstream has sent before it cannot be that reply: it is a
     /// protocol error, never relayed as the answer.
-    pub async fn send_command(&mut self, bytes: &[u8], stage: UpstreamStage) -> Result<(), Fatal> {
+    pub(crate) async fn send_command(
+        &mut self,
+        bytes: &[u8],
+        stage: UpstreamStage,
+    ) -> Result<(), Fatal> {
         self.ensure_upstream_silent(stage)?;
         self.send_upstream(bytes, stage).await
     }
 
     /// Fails when the upstream has sent anything not yet taken as a reply.
-    pub fn ensure_upstream_silent(&mut self, stage: UpstreamStage) -> Result<(), Fatal> {
+    pub(crate) fn ensure_upstream_silent(&mut self, stage: UpstreamStage) -> Result<(), Fatal> {
         let early = !self.relay.upstream_buf.is_empty()
             || match stream_io::read_ready(&mut self.upstream, &mut self.relay.upstream_buf) {
                 Ready::Nothing => false,
@@ -106,7 +110,7 @@ impl Conn {
 
     /// Whether the client has closed its side (it would get no reply any more). Bytes it
     /// sent stay where they are for the next read.
-    pub fn client_gone(&mut self) -> bool {
+    pub(crate) fn client_gone(&mut self) -> bool {
         if self.relay.client_eof {
             return true;
         }
@@ -116,7 +120,11 @@ impl Conn {
         self.relay.client_eof
     }
 
-    pub async fn send_upstream(&mut self, bytes: &[u8], stage: UpstreamStage) -> Result<(), Fatal> {
+    pub(crate) async fn send_upstream(
+        &mut self,
+        bytes: &[u8],
+        stage: UpstreamStage,
+    ) -> Result<(), Fatal> {
         let timeout = self.settings.timeout;
         self.upstream_active = Instant::now();
         match tokio::time::timeout(timeout, self.upstream.write_all(bytes)).await {
@@ -127,7 +135,7 @@ impl Conn {
     }
 
     /// Reads one complete (multi-line) reply, waiting at most TimeOut.
-    pub async fn read_reply(&mut self, stage: UpstreamStage) -> Result<Reply, Fatal> {
+    pub(crate) async fn read_reply(&mut self, stage: UpstreamStage) -> Result<Reply, Fatal> {
         let deadline = Instant::now() + self.settings.timeout;
         loop {
             match self.relay.next_reply() {
@@ -164,13 +172,17 @@ impl Conn {
     }
 
     /// Sends a command of our own and reads its whole reply.
-    pub async fn command(&mut self, line: &[u8], stage: UpstreamStage) -> Result<Reply, Fatal> {
+    pub(crate) async fn command(
+        &mut self,
+        line: &[u8],
+        stage: UpstreamStage,
+    ) -> Result<Reply, Fatal> {
         self.send_command(line, stage).await?;
         self.read_reply(stage).await
     }
 
     /// Sends a NOOP when the upstream has been quiet for KeepAlives seconds.
-    pub async fn keepalive_if_due(&mut self) -> Result<(), Fatal> {
+    pub(crate) async fn keepalive_if_due(&mut self) -> Result<(), Fatal> {
         if let Some(interval) = self.settings.keep_alives {
             if self.upstream_active.elapsed() >= interval {
                 self.command(b"NOOP\r\n", UpstreamStage::Data).await?;
@@ -180,7 +192,7 @@ impl Conn {
     }
 
     /// When the next keepalive is due, if KeepAlives is on.
-    pub fn next_keepalive(&self) -> Option<Instant> {
+    pub(crate) fn next_keepalive(&self) -> Option<Instant> {
         self.settings
             .keep_alives
             .map(|interval| self.upstream_active + interval)
@@ -189,7 +201,7 @@ impl Conn {
     /// Reads more client bytes into the buffer; waits at most until `deadline`, sending
     /// keepalives upstream meanwhile. Returns the number of bytes read (0 = the client
     /// closed).
-    pub async fn read_client(&mut self, deadline: Instant) -> Result<usize, Fatal> {
+    pub(crate) async fn read_client(&mut self, deadline: Instant) -> Result<usize, Fatal> {
         loop {
             self.relay.client_buf.reserve(READ_BUFFER);
             let wake = match self.next_keepalive() {
@@ -208,12 +220,12 @@ impl Conn {
     }
 }
 
-pub fn upstream_failure(stage: UpstreamStage, reason: String) -> Fatal {
+pub(crate) fn upstream_failure(stage: UpstreamStage, reason: String) -> Fatal {
     crate::ops::metrics::global().upstream_error(stage);
     Fatal::Upstream(reason)
 }
 
-pub fn protocol_error(stage: UpstreamStage, reason: String) -> Fatal {
+pub(crate) fn protocol_error(stage: UpstreamStage, reason: String) -> Fatal {
     crate::ops::metrics::global().upstream_error(stage);
     Fatal::UpstreamProtocol(reason)
 }

@@ -33,13 +33,13 @@ use crate::protocol::reply::Reply;
 use crate::protocol::session::{Policy, Session, TlsPolicy};
 
 /// Everything a connection needs from the server.
-pub struct Shared {
-    pub settings: watch::Receiver<Arc<Settings>>,
+pub(crate) struct Shared {
+    pub(crate) settings: watch::Receiver<Arc<Settings>>,
     /// Set when draining starts: idle sessions are closed with 421.
-    pub shutdown: watch::Receiver<bool>,
+    pub(crate) shutdown: watch::Receiver<bool>,
     /// Set at the drain deadline: every session is ended with 421.
-    pub hard_stop: watch::Receiver<bool>,
-    pub tls: Arc<Tls>,
+    pub(crate) hard_stop: watch::Receiver<bool>,
+    pub(crate) tls: Arc<Tls>,
 }
 
 /// Runs a TLS handshake as the server on `stream`, `received` being bytes already read
@@ -218,7 +218,7 @@ fn local_name() -> String {
 }
 
 /// Serves one accepted client until it leaves.
-pub async fn serve(
+pub(crate) async fn serve(
     mut client: Stream,
     info: ClientInfo,
     mut received: BytesMut,

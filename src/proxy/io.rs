@@ -8,7 +8,7 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-pub enum Stream {
+pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
     /// A client speaking TLS (after STARTTLS, or on the implicit-TLS listener).
@@ -22,12 +22,12 @@ pub enum Stream {
 impl Stream {
     /// Takes the stream out for a TLS handshake, leaving [`Stream::Detached`] in its place
     /// until the TLS stream is put back (a failed handshake leaves it detached).
-    pub fn detach(&mut self) -> Stream {
+    pub(crate) fn detach(&mut self) -> Stream {
         std::mem::replace(self, Stream::Detached)
     }
 
     /// The negotiated TLS parameters, when this is a TLS stream.
-    pub fn tls_info(&self) -> Option<crate::proxy::tls::TlsInfo> {
+    pub(crate) fn tls_info(&self) -> Option<crate::proxy::tls::TlsInfo> {
         match self {
             Stream::TlsServer(s) => Some(crate::proxy::tls::TlsInfo::of(s.get_ref().1)),
             Stream::TlsClient(s) => Some(crate::proxy::tls::TlsInfo::of(s.get_ref().1)),
@@ -99,7 +99,7 @@ impl AsyncWrite for Stream {
 
 /// What [`read_ready`] found on a stream without waiting.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Ready {
+pub(crate) enum Ready {
     /// Nothing has arrived.
     Nothing,
     /// Bytes have arrived (on a TLS stream: appended to the buffer, decrypted).
@@ -116,7 +116,7 @@ pub enum Ready {
 /// does not depend on whether the runtime has noticed the bytes yet, and they stay in the
 /// socket for the next ordinary read. A TLS stream is polled once instead (records such as
 /// session tickets are not data); plaintext it yields goes into `buf`.
-pub fn read_ready(stream: &mut Stream, buf: &mut bytes::BytesMut) -> Ready {
+pub(crate) fn read_ready(stream: &mut Stream, buf: &mut bytes::BytesMut) -> Ready {
     use std::os::fd::AsRawFd;
     let fd = match stream {
         Stream::Tcp(s) => s.as_raw_fd(),
@@ -151,13 +151,13 @@ fn poll_once(stream: &mut Stream, buf: &mut bytes::BytesMut) -> Ready {
 
 /// A stream with bytes already read from it put back in front: reading a PROXY protocol
 /// header may have taken the start of an implicit-TLS client's handshake with it.
-pub struct Rewound {
+pub(crate) struct Rewound {
     buffered: Bytes,
     inner: Stream,
 }
 
 impl Rewound {
-    pub fn new(buffered: Bytes, inner: Stream) -> Rewound {
+    pub(crate) fn new(buffered: Bytes, inner: Stream) -> Rewound {
         Rewound { buffered, inner }
     }
 }

@@ -13,10 +13,10 @@ use crate::proxy::tls::TlsInfo;
 
 /// Connection ids as the original shows them: six hex digits from 100000 up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionId(u32);
+pub(crate) struct ConnectionId(u32);
 
 impl ConnectionId {
-    pub fn value(self) -> u64 {
+    pub(crate) fn value(self) -> u64 {
         u64::from(self.0)
     }
 }
@@ -24,7 +24,7 @@ impl ConnectionId {
 static NEXT_ID: AtomicU32 = AtomicU32::new(0x100000);
 
 impl ConnectionId {
-    pub fn next() -> Self {
+    pub(crate) fn next() -> Self {
         ConnectionId(NEXT_ID.fetch_add(1, Ordering::Relaxed))
     }
 }
@@ -36,7 +36,7 @@ impl fmt::Display for ConnectionId {
 }
 
 /// What the per-message records say about the connection a message came on.
-pub trait Connection {
+pub(crate) trait Connection {
     fn id(&self) -> ConnectionId;
     /// The client's address; `None` for unix-socket clients.
     fn client(&self) -> Option<std::net::SocketAddr>;
@@ -46,18 +46,23 @@ pub trait Connection {
 
 /// How a message ended.
 #[derive(Debug, Clone)]
-pub struct MessageOutcome {
-    pub verdict: MessageVerdict,
+pub(crate) struct MessageOutcome {
+    pub(crate) verdict: MessageVerdict,
     /// The `status=` item; `None` when no filter is configured (the original logs none).
-    pub status: Option<String>,
-    pub size: u64,
-    pub started: Instant,
-    pub filter_time: Option<Duration>,
-    pub upstream_code: Option<u16>,
+    pub(crate) status: Option<String>,
+    pub(crate) size: u64,
+    pub(crate) started: Instant,
+    pub(crate) filter_time: Option<Duration>,
+    pub(crate) upstream_code: Option<u16>,
 }
 
 impl MessageOutcome {
-    pub fn new(verdict: MessageVerdict, status: String, size: u64, started: Instant) -> Self {
+    pub(crate) fn new(
+        verdict: MessageVerdict,
+        status: String,
+        size: u64,
+        started: Instant,
+    ) -> Self {
         MessageOutcome {
             verdict,
             status: Some(status),
@@ -68,7 +73,7 @@ impl MessageOutcome {
         }
     }
 
-    pub fn local_error(size: u64, started: Instant) -> Self {
+    pub(crate) fn local_error(size: u64, started: Instant) -> Self {
         MessageOutcome::new(
             MessageVerdict::LocalError,
             "FILTER-ERROR".into(),
@@ -78,7 +83,7 @@ impl MessageOutcome {
     }
 
     /// The upstream's final answer decides the verdict.
-    pub fn from_reply(reply: &Reply, size: u64, started: Instant) -> Self {
+    pub(crate) fn from_reply(reply: &Reply, size: u64, started: Instant) -> Self {
         let verdict = match reply.code / 100 {
             2 => MessageVerdict::Accepted,
             4 => MessageVerdict::TempFailed,
@@ -89,17 +94,17 @@ impl MessageOutcome {
         outcome
     }
 
-    pub fn with_filter(mut self, time: Duration) -> Self {
+    pub(crate) fn with_filter(mut self, time: Duration) -> Self {
         self.filter_time = Some(time);
         self
     }
 
-    pub fn unfiltered(mut self) -> Self {
+    pub(crate) fn unfiltered(mut self) -> Self {
         self.status = None;
         self
     }
 
-    pub fn skipped(mut self) -> Self {
+    pub(crate) fn skipped(mut self) -> Self {
         self.status = Some("SKIPPED".into());
         self
     }
@@ -108,7 +113,7 @@ impl MessageOutcome {
     /// said before), the filter when its verdict was sent without asking the upstream
     /// (reject, defer, drop), the proxy itself for a local error; a message lost with the
     /// upstream connection (no reply, no filter verdict) is the upstream's.
-    pub fn source(&self) -> MessageSource {
+    pub(crate) fn source(&self) -> MessageSource {
         match self.verdict {
             MessageVerdict::LocalError => MessageSource::Local,
             MessageVerdict::Dropped => MessageSource::Filter,
@@ -122,7 +127,7 @@ impl MessageOutcome {
 
 /// Client-supplied text as it may appear in a log line: control characters (CR, LF, ESC,
 /// ...) are shown as `\xNN`, so a sender cannot forge or hide log lines.
-pub fn printable(text: &str) -> String {
+pub(crate) fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if c.is_control() {
@@ -154,7 +159,7 @@ fn summary(conn: &impl Connection, envelope: &Envelope, status: Option<&str>) ->
 }
 
 /// Logs the per-message line and records the message in metrics and its span.
-pub fn message(conn: &impl Connection, envelope: &Envelope, outcome: MessageOutcome) {
+pub(crate) fn message(conn: &impl Connection, envelope: &Envelope, outcome: MessageOutcome) {
     let elapsed = outcome.started.elapsed();
     let verdict = outcome.verdict.as_str();
     telemetry::record_message(
@@ -188,7 +193,7 @@ pub fn message(conn: &impl Connection, envelope: &Envelope, outcome: MessageOutc
 }
 
 /// The client left before the answer to its message; nothing was delivered.
-pub fn abandoned(conn: &impl Connection, envelope: &Envelope, size: u64) {
+pub(crate) fn abandoned(conn: &impl Connection, envelope: &Envelope, size: u64) {
     tracing::warn!(
         target: "proxsmtpd::message",
         verdict = "abandoned",
@@ -202,7 +207,7 @@ pub fn abandoned(conn: &impl Connection, envelope: &Envelope, size: u64) {
 }
 
 /// FilterType reject refused a DATA.
-pub fn policy_reject(conn: &impl Connection, envelope: &Envelope) {
+pub(crate) fn policy_reject(conn: &impl Connection, envelope: &Envelope) {
     tracing::info!(
         target: "proxsmtpd::message",
         verdict = "rejected",
@@ -214,7 +219,7 @@ pub fn policy_reject(conn: &impl Connection, envelope: &Envelope) {
 }
 
 /// Counts every final reply line written to a client by its class.
-pub fn replies_sent(bytes: &[u8]) {
+pub(crate) fn replies_sent(bytes: &[u8]) {
     for line in bytes.split_inclusive(|&b| b == b'\n') {
         if line.get(3) != Some(&b'-') {
             if let Some(code) = reply_code(line) {

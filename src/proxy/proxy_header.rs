@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::config::Cidr;
-pub use crate::protocol::proxy_header::ProxyError;
+pub(crate) use crate::protocol::proxy_header::ProxyError;
 use crate::protocol::proxy_header::{parse, Parsed, ProxyHeader, MAX_HEADER_LEN};
 
 /// Reads a PROXY header from the start of `stream`, within `timeout` for the whole header.
@@ -19,7 +19,7 @@ use crate::protocol::proxy_header::{parse, Parsed, ProxyHeader, MAX_HEADER_LEN};
 /// Reads in blocks, so it may receive bytes beyond the header (a client that speaks first);
 /// those are appended to `leftover`, to be handled as the client's first bytes. Never
 /// buffers more than [`MAX_HEADER_LEN`] bytes.
-pub async fn read_header<S: AsyncRead + Unpin>(
+pub(crate) async fn read_header<S: AsyncRead + Unpin>(
     stream: &mut S,
     timeout: Duration,
     leftover: &mut BytesMut,
@@ -60,7 +60,7 @@ async fn read_until_complete<S: AsyncRead + Unpin>(
 /// Whether `peer` may send a PROXY header: whether it lies in one of the `trusted`
 /// networks. An IPv4-mapped IPv6 peer (`::ffff:a.b.c.d`, as a dual-stack listener reports
 /// IPv4 clients) matches IPv4 networks.
-pub fn is_trusted(peer: IpAddr, trusted: &[Cidr]) -> bool {
+pub(crate) fn is_trusted(peer: IpAddr, trusted: &[Cidr]) -> bool {
     trusted.iter().any(|net| net.contains(peer))
 }
 #[cfg(test)]

@@ -22,7 +22,7 @@ use super::{proxy_header, sockopt};
 use crate::config::{ListenAddress, Settings, Transparent};
 use crate::proxy::tls::Tls;
 
-pub const REPLY_BUSY: &[u8] = b"421 Server busy, too many connections\r\n";
+pub(crate) const REPLY_BUSY: &[u8] = b"421 Server busy, too many connections\r\n";
 
 /// The original listened with a backlog of 5, which refused bursts of clients.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -30,7 +30,7 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// How long sessions get after the drain deadline to say 421 and close.
 const HARD_STOP_GRACE: Duration = Duration::from_secs(5);
 
-pub enum Listener {
+pub(crate) enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener),
 }
@@ -38,13 +38,16 @@ pub enum Listener {
 /// A listening socket bound before the runtime starts (and before the privilege drop, so a
 /// port below 1024 needs no capability, and before daemonising, so a failure is reported
 /// on the terminal).
-pub enum BoundListener {
+pub(crate) enum BoundListener {
     Tcp(std::net::TcpListener),
     Unix(std::os::unix::net::UnixListener),
 }
 
 impl BoundListener {
-    pub fn bind(address: &ListenAddress, transparent: Transparent) -> io::Result<BoundListener> {
+    pub(crate) fn bind(
+        address: &ListenAddress,
+        transparent: Transparent,
+    ) -> io::Result<BoundListener> {
         use nix::sys::socket::{self as sock, sockopt, AddressFamily, SockFlag, SockType};
         use std::os::fd::AsRawFd;
         match address {
@@ -76,7 +79,7 @@ impl BoundListener {
     }
 
     /// Hands the socket to tokio. Must run inside the runtime.
-    pub fn into_listener(self) -> io::Result<Listener> {
+    pub(crate) fn into_listener(self) -> io::Result<Listener> {
         match self {
             BoundListener::Tcp(l) => Ok(Listener::Tcp(TcpListener::from_std(l)?)),
             BoundListener::Unix(l) => Ok(Listener::Unix(UnixListener::from_std(l)?)),
@@ -85,7 +88,7 @@ impl BoundListener {
 }
 
 impl Listener {
-    pub fn local_description(&self) -> String {
+    pub(crate) fn local_description(&self) -> String {
         match self {
             Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             Listener::Unix(_) => "unix socket".into(),
@@ -180,7 +183,7 @@ async fn proxy_header(
 /// Accepts and serves clients on `listener` (and on `tls_listener`, whose clients speak TLS
 /// from the first byte) until `shutdown` completes, then drains: idle sessions are closed
 /// at once with 421, sessions in a transaction may finish within DrainTimeout.
-pub async fn run(
+pub(crate) async fn run(
     listener: Listener,
     tls_listener: Option<Listener>,
     tls: Arc<Tls>,

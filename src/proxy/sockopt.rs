@@ -20,7 +20,7 @@ use tokio::net::TcpSocket;
 /// The conntrack table is asked in the family of the connection: IPv4 for IPv4 sockets and
 /// for IPv4 clients on a dual-stack IPv6 listener, IPv6 otherwise. A connection that was
 /// not redirected gives an error (ENOENT from the kernel).
-pub fn original_destination(sock: &impl AsFd) -> io::Result<SocketAddr> {
+pub(crate) fn original_destination(sock: &impl AsFd) -> io::Result<SocketAddr> {
     let local: SockaddrStorage = getsockname(sock.as_fd().as_raw_fd())?;
     let ipv6_native = local
         .as_sockaddr_in6()
@@ -42,7 +42,7 @@ pub fn original_destination(sock: &impl AsFd) -> io::Result<SocketAddr> {
 /// Sets IP_TRANSPARENT: a listener then accepts connections for any address (TPROXY), an
 /// outgoing socket may bind to a foreign address. Needs CAP_NET_ADMIN. Linux honours the
 /// option on IPv6 sockets too.
-pub fn set_ip_transparent(sock: &impl AsFd) -> io::Result<()> {
+pub(crate) fn set_ip_transparent(sock: &impl AsFd) -> io::Result<()> {
     setsockopt(sock, sockopt::IpTransparent, &true)?;
     Ok(())
 }
@@ -53,7 +53,10 @@ pub fn set_ip_transparent(sock: &impl AsFd) -> io::Result<()> {
 ///
 /// On error the caller connects from its own address instead, as the original does; the
 /// error says which step failed.
-pub fn transparent_connect_socket(source_ip: IpAddr, dest: SocketAddr) -> io::Result<TcpSocket> {
+pub(crate) fn transparent_connect_socket(
+    source_ip: IpAddr,
+    dest: SocketAddr,
+) -> io::Result<TcpSocket> {
     // A client on a dual-stack listener shows as ::ffff:a.b.c.d; the upstream socket needs
     // the plain IPv4 form.
     let source_ip = source_ip.to_canonical();
@@ -87,7 +90,7 @@ fn context(what: &str, e: io::Error) -> io::Error {
 /// the ACK can ride on, so those separate ACKs are pure overhead, paid inside the read
 /// that is on the way to relaying the line. The kernel goes on choosing the ACK mode
 /// afterwards; a bulk body still gets an ACK every second segment.
-pub fn prefer_delayed_acks(stream: &tokio::net::TcpStream) {
+pub(crate) fn prefer_delayed_acks(stream: &tokio::net::TcpStream) {
     // Best effort: on failure the connection only keeps the kernel's default.
     let _ = socket2::SockRef::from(stream).set_tcp_quickack(false);
 }

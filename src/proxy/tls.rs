@@ -27,16 +27,16 @@ use crate::config::{Settings, UpstreamTls};
 
 /// What is known of an established TLS connection, for the filter, logs, metrics and traces.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsInfo {
+pub(crate) struct TlsInfo {
     /// `TLSv1.2` or `TLSv1.3`.
-    pub version: &'static str,
+    pub(crate) version: &'static str,
     /// The IANA-style name rustls gives the suite, e.g. `TLS13_AES_256_GCM_SHA384`.
-    pub cipher: String,
+    pub(crate) cipher: String,
 }
 
 impl TlsInfo {
     /// The negotiated parameters of a connection whose handshake is complete.
-    pub fn of(state: &CommonState) -> TlsInfo {
+    pub(crate) fn of(state: &CommonState) -> TlsInfo {
         let version = match state.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
@@ -58,7 +58,7 @@ impl TlsInfo {
 
 /// Why a certificate, key or CA bundle could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsError(String);
+pub(crate) struct TlsError(String);
 
 impl fmt::Display for TlsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -78,7 +78,7 @@ fn pem_error(path: &Path, what: &str, e: rustls_pki_types::pem::Error) -> TlsErr
 
 /// Reads a PEM certificate chain (leaf first) and its private key, and checks that they
 /// belong together.
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+pub(crate) fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| pem_error(cert, "certificate", e))?
         .collect::<Result<Vec<_>, _>>()
@@ -108,6 +108,8 @@ struct Current {
 
 #[derive(Debug, Clone)]
 struct Loaded {
+    /// Which files it came from (the tests check which pair is running).
+    #[cfg(test)]
     paths: (PathBuf, PathBuf),
     key: Arc<CertifiedKey>,
 }
@@ -133,7 +135,7 @@ impl ResolvesServerCert for Current {
 
 /// The proxy's side of client TLS.
 #[derive(Debug)]
-pub struct ServerTls {
+pub(crate) struct ServerTls {
     current: Arc<Current>,
     config: Arc<ServerConfig>,
 }
@@ -146,7 +148,7 @@ impl Default for ServerTls {
 
 impl ServerTls {
     /// No certificate yet: STARTTLS is not offered until one is loaded.
-    pub fn new() -> ServerTls {
+    pub(crate) fn new() -> ServerTls {
         let current = Arc::new(Current::default());
         // The ring provider supports the safe default versions, so this cannot fail.
         let config = ServerConfig::builder_with_provider(provider())
@@ -161,26 +163,28 @@ impl ServerTls {
     }
 
     /// The acceptor for a handshake, when a certificate is loaded.
-    pub fn acceptor(&self) -> Option<TlsAcceptor> {
+    pub(crate) fn acceptor(&self) -> Option<TlsAcceptor> {
         self.has_certificate()
             .then(|| TlsAcceptor::from(self.config.clone()))
     }
 
-    pub fn has_certificate(&self) -> bool {
+    pub(crate) fn has_certificate(&self) -> bool {
         self.current.get().is_some()
     }
 
     /// The certificate and key files in use.
-    pub fn paths(&self) -> Option<(PathBuf, PathBuf)> {
+    #[cfg(test)]
+    fn paths(&self) -> Option<(PathBuf, PathBuf)> {
         self.current.get().map(|l| l.paths)
     }
 
     /// Loads a certificate and key; on error the running pair (if any) stays.
-    pub fn load(&self, cert: &Path, key: &Path) -> Result<(), TlsError> {
+    pub(crate) fn load(&self, cert: &Path, key: &Path) -> Result<(), TlsError> {
         let key_pair = load_certified_key(cert, key)?;
         crate::ops::metrics::global()
             .set_tls_certificate_expiry(key_pair.cert.first().and_then(|leaf| not_after(leaf)));
         self.current.set(Some(Loaded {
+            #[cfg(test)]
             paths: (cert.to_path_buf(), key.to_path_buf()),
             key: Arc::new(key_pair),
         }));
@@ -188,14 +192,14 @@ impl ServerTls {
     }
 
     /// Stops offering TLS (the configuration no longer names a certificate).
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         self.current.set(None);
         crate::ops::metrics::global().set_tls_certificate_expiry(None);
     }
 }
 
 /// The end of a certificate's validity (notAfter) as a Unix time.
-pub fn not_after(certificate: &CertificateDer<'_>) -> Option<i64> {
+pub(crate) fn not_after(certificate: &CertificateDer<'_>) -> Option<i64> {
     let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
     Some(parsed.validity().not_after.timestamp())
 }
@@ -210,7 +214,10 @@ fn configured_paths(settings: &Settings) -> Option<(PathBuf, PathBuf)> {
 
 /// Keeps the server certificate in step with the configuration and the files on disk,
 /// polling like the configuration watcher (a Secret volume updates by a symlink swap).
-pub async fn watch_certificates(tls: Arc<Tls>, mut settings: watch::Receiver<Arc<Settings>>) {
+pub(crate) async fn watch_certificates(
+    tls: Arc<Tls>,
+    mut settings: watch::Receiver<Arc<Settings>>,
+) {
     let mut wanted = configured_paths(&settings.borrow_and_update());
     let files = |paths: &Option<(PathBuf, PathBuf)>| {
         file_watch::Watcher::new(paths.iter().flat_map(|(c, k)| [c.clone(), k.clone()]))
@@ -233,7 +240,7 @@ pub async fn watch_certificates(tls: Arc<Tls>, mut settings: watch::Receiver<Arc
 }
 
 /// Applies a new certificate pair, or none; a broken pair leaves the running one in place.
-pub fn reload_certificate(server: &ServerTls, paths: Option<&(PathBuf, PathBuf)>) {
+pub(crate) fn reload_certificate(server: &ServerTls, paths: Option<&(PathBuf, PathBuf)>) {
     let Some((cert, key)) = paths else {
         if server.has_certificate() {
             tracing::warn!("TLS certificate no longer configured: STARTTLS is not offered");
@@ -370,12 +377,12 @@ fn client_config(key: &ClientKey) -> Result<ClientConfig, TlsError> {
 /// when a reload changes `UpstreamTlsCa` or `UpstreamTlsVerify` (reading the system store
 /// for every connection would cost milliseconds).
 #[derive(Debug, Default)]
-pub struct ClientTls {
+pub(crate) struct ClientTls {
     cached: Mutex<Option<(ClientKey, Arc<ClientConfig>)>>,
 }
 
 impl ClientTls {
-    pub fn connector(&self, settings: &Settings) -> Result<TlsConnector, TlsError> {
+    pub(crate) fn connector(&self, settings: &Settings) -> Result<TlsConnector, TlsError> {
         let key = ClientKey::of(settings);
         let mut cached = self.cached.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((k, config)) = cached.as_ref() {
@@ -390,21 +397,21 @@ impl ClientTls {
 }
 
 /// The name an upstream certificate is checked against: a host name or an IP address.
-pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
+pub(crate) fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name.to_string())
         .map_err(|_| TlsError(format!("not a valid TLS server name: {name}")))
 }
 
 /// Both sides, shared by every connection.
 #[derive(Debug, Default)]
-pub struct Tls {
-    pub server: ServerTls,
-    pub client: ClientTls,
+pub(crate) struct Tls {
+    pub(crate) server: ServerTls,
+    pub(crate) client: ClientTls,
 }
 
 impl Tls {
     /// Loads what `settings` configure; an error here stops the start.
-    pub fn from_settings(settings: &Settings) -> Result<Tls, TlsError> {
+    pub(crate) fn from_settings(settings: &Settings) -> Result<Tls, TlsError> {
         let tls = Tls::default();
         if let Some((cert, key)) = configured_paths(settings) {
             tls.server.load(&cert, &key)?;

@@ -38,9 +38,9 @@ use crate::protocol::deadline::DataDeadline;
 use crate::protocol::encode::{HeaderPlacement, WireEncoder};
 use crate::protocol::session::{DataMode, Envelope};
 
-pub const REPLY_START_INPUT: &[u8] = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n";
-pub const REPLY_LOCAL_ERROR: &[u8] = b"451 Local Error\r\n";
-pub const REPLY_NUL_IN_DATA: &[u8] = b"554 5.6.0 Message contains NUL characters\r\n";
+pub(crate) const REPLY_START_INPUT: &[u8] = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n";
+pub(crate) const REPLY_LOCAL_ERROR: &[u8] = b"451 Local Error\r\n";
+pub(crate) const REPLY_NUL_IN_DATA: &[u8] = b"554 5.6.0 Message contains NUL characters\r\n";
 
 /// Client bytes buffered while the filter runs before the proxy stops reading (the client
 /// should be waiting for its answer, not talking).
@@ -50,7 +50,7 @@ const WATCH_LIMIT: usize = 64 * 1024;
 const WRITE_CHUNK: usize = 64 * 1024;
 
 /// Runs one message transaction inside its own `smtp.message` span.
-pub async fn run(conn: &mut Conn, envelope: &Envelope, mode: DataMode) -> Result<(), Fatal> {
+pub(crate) async fn run(conn: &mut Conn, envelope: &Envelope, mode: DataMode) -> Result<(), Fatal> {
     use tracing::Instrument;
     let span = crate::ops::telemetry::message_span();
     match mode {
@@ -247,7 +247,6 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         output: stdout,
         env,
     };
-    let filter_started = Instant::now();
     let result = {
         let filter = filter_run::execute(job);
         tokio::pin!(filter);
@@ -279,7 +278,15 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         );
         return Err(abandon(conn, envelope, size, false).await);
     };
-    let filter_time = filter_started.elapsed();
+    let filter_time = result.duration;
+    if let Some(pid) = result.pid {
+        tracing::debug!(
+            "{}: filter process group {pid} ended: {:?} after {} ms",
+            conn.id,
+            result.exit,
+            filter_time.as_millis()
+        );
+    }
     crate::ops::metrics::global().filter_finished(filter_time);
     match &result.exit {
         verdict::Exit::TimedOut => crate::ops::metrics::global().filter_timeout(),

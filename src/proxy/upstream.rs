@@ -15,24 +15,24 @@ use crate::proxy::sockopt;
 
 /// What the proxy knows about an accepted client connection.
 #[derive(Debug, Clone, Default)]
-pub struct ClientInfo {
+pub(crate) struct ClientInfo {
     /// The client's address; `None` for unix-socket clients.
-    pub peer: Option<SocketAddr>,
+    pub(crate) peer: Option<SocketAddr>,
     /// The local address the connection was accepted on.
-    pub local: Option<SocketAddr>,
+    pub(crate) local: Option<SocketAddr>,
     /// The intercepted connection's original destination (transparent mode).
-    pub original_destination: Option<SocketAddr>,
+    pub(crate) original_destination: Option<SocketAddr>,
     /// Accepted on the implicit-TLS listener (`TlsListen`): TLS from the first byte.
-    pub implicit_tls: bool,
+    pub(crate) implicit_tls: bool,
 }
 
-pub struct Upstream {
-    pub stream: Stream,
+pub(crate) struct Upstream {
+    pub(crate) stream: Stream,
     /// The upstream as the filter sees it in `SERVER`: an IP address or a socket path.
-    pub server: String,
+    pub(crate) server: String,
     /// The name its TLS certificate must carry: the `OutAddress` host name, else the IP
     /// address connected to (`localhost` for a unix socket).
-    pub tls_name: String,
+    pub(crate) tls_name: String,
 }
 
 /// The upstream connection to `addr` (the address connected to, so no getpeername).
@@ -61,7 +61,7 @@ async fn connect_tcp(addrs: &[SocketAddr]) -> io::Result<Upstream> {
 }
 
 /// Connects upstream within `timeout`.
-pub async fn connect(
+pub(crate) async fn connect(
     settings: &Settings,
     client: &ClientInfo,
     timeout: Duration,
@@ -139,7 +139,7 @@ async fn connect_transparent(mode: Transparent, client: &ClientInfo) -> io::Resu
 
 /// The next step of the proxy's own STARTTLS with the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TlsStep {
+pub(crate) enum TlsStep {
     /// Send STARTTLS (after EHLO) or start the handshake (after its 220).
     Go,
     /// Go on in clear text (opportunistic mode, TLS not available).
@@ -149,7 +149,7 @@ pub enum TlsStep {
 }
 
 /// After the proxy's EHLO: does the upstream offer STARTTLS, and does it matter?
-pub fn after_ehlo(mode: UpstreamTls, reply: &Reply) -> TlsStep {
+pub(crate) fn after_ehlo(mode: UpstreamTls, reply: &Reply) -> TlsStep {
     if ehlo::offers(reply, b"STARTTLS") {
         TlsStep::Go
     } else if mode == UpstreamTls::Required {
@@ -163,7 +163,7 @@ pub fn after_ehlo(mode: UpstreamTls, reply: &Reply) -> TlsStep {
 }
 
 /// After the proxy's STARTTLS: may the handshake begin?
-pub fn after_starttls(mode: UpstreamTls, reply: &Reply) -> TlsStep {
+pub(crate) fn after_starttls(mode: UpstreamTls, reply: &Reply) -> TlsStep {
     if reply.code == 220 {
         TlsStep::Go
     } else if mode == UpstreamTls::Required {
