@@ -241,7 +241,7 @@ def main():
             "added_txn_p50_ms_relay": paired(rounds, sc, "relay", "direct", "txn_p50_ms", diff),
             "ours_haproxy_mps": paired(rounds, sc, "ours", "haproxy", "mps", ratio),
             "ours_haproxy_cpu": paired(rounds, sc, "ours", "haproxy", "cpu_us_per_msg", ratio),
-            "ours_haproxy_rss": None,
+            "ours_haproxy_rss": paired(rounds, sc, "ours", "haproxy", "rss_kb", ratio),
             "ours_relay_mps": paired(rounds, sc, "ours", "relay", "mps", ratio),
             "added_p50_ms_haproxy": paired(rounds, sc, "haproxy", "direct", "lat_p50_ms", diff),
         }
@@ -323,14 +323,14 @@ def main():
             m["errors"], notes_for(m)))
     md.append("")
     # ours/haproxy: against the faster of haproxy1 and haproxy2 in each round.
-    md.append("| scenario | ours/direct msgs/s | ours/original msgs/s | ours/haproxy msgs/s | ours/relay msgs/s | ours/spawn limit | CPU/msg ours/original | CPU/msg ours/haproxy | peak RSS ours/original | added transaction p50 ms (ours) | added session p50 ms (ours) | added session p50 ms (byte relay) | added session p50 ms (haproxy) | added session p50 ms (original) |")
-    md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    md.append("| scenario | ours/direct msgs/s | ours/original msgs/s | ours/haproxy msgs/s | ours/relay msgs/s | ours/spawn limit | CPU/msg ours/original | CPU/msg ours/haproxy | peak RSS ours/original | peak RSS ours/haproxy | added transaction p50 ms (ours) | added session p50 ms (ours) | added session p50 ms (byte relay) | added session p50 ms (haproxy) | added session p50 ms (original) |")
+    md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in ratio_rows:
-        md.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        md.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["scenario"], fmt(r["ours_direct_mps"], 2), fmt(r["ours_original_mps"], 1),
             fmt(r["ours_haproxy_mps"], 2), fmt(r["ours_relay_mps"], 2),
             fmt(r["ours_spawn_mps"], 2), fmt(r["ours_original_cpu"], 2), fmt(r["ours_haproxy_cpu"], 2),
-            fmt(r["ours_original_rss"], 2),
+            fmt(r["ours_original_rss"], 2), fmt(r["ours_haproxy_rss"], 2),
             fmt(r["added_txn_p50_ms_ours"], 3), fmt(r["added_p50_ms_ours"], 3),
             fmt(r["added_p50_ms_relay"], 3), fmt(r["added_p50_ms_haproxy"], 3),
             fmt(r["added_p50_ms_original"], 3)))
