@@ -10,6 +10,10 @@
 #   ours      OURS_BINARY (default: target/release/proxsmtpd of this tree)
 #   relay     in the scenarios without a filter: a byte relay that knows nothing
 #             of SMTP (examples/byte_relay.rs), the floor of any TCP proxy here
+#   haproxy1  in the scenarios without a filter (sessions_2000 too): haproxy
+#   haproxy2  (Debian package haproxy) in TCP mode with nbthread 1 and 2, from
+#             a generated config (no logging), the bar a fast TCP proxy sets;
+#             the ratio ours/haproxy takes the faster of the two in each round
 #   direct    smtp-source -> smtp-sink with no proxy (the machine's SMTP limit)
 #   spawn     in the filter scenarios only: the spawn limit, the rate at which
 #             this machine runs `sh -c cat` on the same message size at the
@@ -28,11 +32,11 @@
 #  --out OUT renders them again.)
 # (--smoke writes smoke*.tsv / smoke.md instead.) BENCHMARKS.md explains them.
 #
-# --smoke: one tiny run of every scenario, for ours, relay, direct and spawn
-# unless --setups says otherwise; checks that each completes with no error and
-# says nothing about speed (it takes about 15 s). Exit status: 0 when no run of
-# ours, of the relay, of the direct path or of the spawn driver had an error,
-# 1 otherwise
+# --smoke: one tiny run of every scenario, for ours, relay, haproxy1, haproxy2,
+# direct and spawn unless --setups says otherwise; checks that each completes
+# with no error and says nothing about speed (it takes about 20 s). Exit
+# status: 0 when no run of ours, of the relay, of haproxy, of the direct path
+# or of the spawn driver had an error, 1 otherwise
 # (the original's errors are reported, not fatal: it is the reference, and
 # cannot hold 2,000 sessions), 2 on bad usage or a missing tool.
 #
@@ -49,6 +53,7 @@ set -u -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
 ORIGINAL=/usr/sbin/proxsmtpd
+HAPROXY=/usr/sbin/haproxy
 SOURCE=/usr/sbin/smtp-source
 SINK=/usr/sbin/smtp-sink
 HOST=127.0.0.1
@@ -84,14 +89,15 @@ case $PROFILE in ''|perf|callgrind) ;; *) echo "run.sh: --profile takes perf or 
 # out the original (whose c32 runs alone take seconds: its listen backlog is 5).
 if [ -z "$SETUPS" ]; then
   if [ -n "$PROFILE" ]; then SETUPS=ours
-  elif [ $SMOKE = 1 ]; then SETUPS="ours,relay,direct,spawn"
-  else SETUPS="original,ours,relay,direct,spawn"; fi
+  elif [ $SMOKE = 1 ]; then SETUPS="ours,relay,haproxy1,haproxy2,direct,spawn"
+  else SETUPS="original,ours,relay,haproxy1,haproxy2,direct,spawn"; fi
 fi
 SETUPS=${SETUPS//,/ }
 for s in $SETUPS; do
-  case $s in original|ours|relay|direct|spawn) ;; *) echo "run.sh: unknown setup $s" >&2; exit 2 ;; esac
+  case $s in original|ours|relay|haproxy1|haproxy2|direct|spawn) ;; *) echo "run.sh: unknown setup $s" >&2; exit 2 ;; esac
 done
 has_setup() { [[ " $SETUPS " == *" $1 "* ]]; }
+has_haproxy() { has_setup haproxy1 || has_setup haproxy2; }
 
 # --- scenarios --------------------------------------------------------------
 # name            kind      concurrency  body bytes  filter
@@ -151,6 +157,7 @@ install_missing() {
   local pkgs=()
   { [ -x "$SOURCE" ] && [ -x "$SINK" ]; } || pkgs+=(postfix)
   if has_setup original && [ ! -x "$ORIGINAL" ]; then pkgs+=(proxsmtp); fi
+  if has_haproxy && [ ! -x "$HAPROXY" ]; then pkgs+=(haproxy); fi
   command -v ps >/dev/null || pkgs+=(procps)
   [ -x /usr/bin/time ] || pkgs+=(time)
   command -v ss >/dev/null || pkgs+=(iproute2)
@@ -163,7 +170,8 @@ install_missing() {
   fi
   echo "run.sh: installing ${pkgs[*]}" >&2
   # Postfix is wanted only for smtp-source and smtp-sink: leave it
-  # unconfigured and keep its daemon from being started by the install.
+  # unconfigured and keep its daemon (and haproxy's) from being started by
+  # the install.
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null
   local policy=/usr/sbin/policy-rc.d made_policy=0 rc
   if [ ! -e $policy ]; then
@@ -267,6 +275,32 @@ sink_count() { # messages received so far (last mesg= counter of smtp-sink -c)
 
 binary_of() { case $1 in original) echo "$ORIGINAL" ;; ours) echo "$WORK/proxsmtpd" ;; esac; }
 
+# haproxy in TCP mode between the load and the sink: no logging (no log
+# line in the config), room for the 2,000-session scenario, timeouts long
+# enough for idle held sessions. -db keeps it one process in the foreground,
+# so that PROXY_PID is haproxy itself and stop_pid ends it. haproxy refuses
+# to start unless the open-file limit holds two descriptors per connection.
+haproxy_conf() { # threads file
+  local maxconn=$(( ($(ulimit -n) - 256) / 2 ))
+  [ "$maxconn" -gt 10000 ] && maxconn=10000
+  cat >"$2" <<EOF_CFG
+global
+    nbthread $1
+    maxconn $maxconn
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    maxconn $maxconn
+frontend smtp_in
+    bind $HOST:$PPORT
+    default_backend smtp_sink
+backend smtp_sink
+    server sink $HOST:$SPORT
+EOF_CFG
+}
+
 start_proxy() { # setup filter -> PROXY_PID, or returns 1
   local bin conf=$WORK/proxy.conf wrap=()
   bin=$(binary_of "$1")
@@ -285,8 +319,17 @@ start_proxy() { # setup filter -> PROXY_PID, or returns 1
     esac
   } >"$conf"
   echo "=== $(date -u +%T) $1 $2" >>"$WORK/proxy-$1.log"
+  # The port must be free: a listener left over would pass wait_listen below.
+  for _ in $(seq 40); do listening "$PPORT" || break; sleep 0.05; done
+  if listening "$PPORT"; then
+    echo "run.sh: port $PPORT is still in use before starting $1" >&2
+    return 1
+  fi
   if [ "$1" = relay ]; then
     "$WORK/byte_relay" "$HOST:$PPORT" "$HOST:$SPORT" >>"$WORK/proxy-$1.log" 2>&1 &
+  elif [ "${1#haproxy}" != "$1" ]; then
+    haproxy_conf "${1#haproxy}" "$WORK/haproxy.cfg"
+    "$HAPROXY" -db -f "$WORK/haproxy.cfg" >>"$WORK/proxy-$1.log" 2>&1 &
   else
     "${wrap[@]}" "$bin" -d 1 -f "$conf" -p "$WORK/proxy.pid" >>"$WORK/proxy-$1.log" 2>&1 &
   fi
@@ -469,12 +512,16 @@ for sc in "${NAMES[@]}"; do
   kind=${KIND[$sc]}
   setups_here=$SETUPS
   # The spawn limit belongs to the scenarios that spawn a filter per message,
-  # the byte relay to the SMTP scenarios without a filter.
+  # the byte relay to the SMTP scenarios without a filter, haproxy to those
+  # and to the sessions scenario.
   if [ "${FILTER[$sc]}" = none ] || [ "${SIZE[$sc]}" -gt 1000000 ]; then
     setups_here=${setups_here/spawn/}
   fi
   if [ "${FILTER[$sc]}" != none ] || [ "$kind" != smtp ]; then
     setups_here=${setups_here/relay/}
+  fi
+  if [ "${FILTER[$sc]}" != none ]; then
+    setups_here=${setups_here/haproxy1/} setups_here=${setups_here/haproxy2/}
   fi
   # shellcheck disable=SC2086
   set -- $setups_here
@@ -528,6 +575,7 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
   echo "tree=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo none)"
   echo "postfix=$(dpkg-query -W -f '${Version}' postfix 2>/dev/null)"
   echo "proxsmtp=$(dpkg-query -W -f '${Version}' proxsmtp 2>/dev/null)"
+  echo "haproxy=$(dpkg-query -W -f '${Version}' haproxy 2>/dev/null)"
   echo "file_filter=$FILE_FILTER"
   echo "sessions=$SESSIONS"
 } >"$WORK/meta.txt"

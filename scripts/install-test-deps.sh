@@ -3,6 +3,11 @@
 #   proxsmtp   the C original, for differential tests and benchmarks
 #   postfix    smtp-sink / smtp-source, a real MTA as upstream and load client (not started)
 #   swaks      a real SMTP client (with --pipelining)
+#   haproxy    a TCP proxy to measure against (bench/run.sh starts its own on loopback;
+#              the package's service never runs)
+#   strace linux-perf
+#              system calls and profiles of a running proxy (bench/syscalls.sh,
+#              bench/run.sh --profile perf)
 #   prometheus promtool and a real Prometheus server
 #   spamd spamc clamav-daemon clamdscan
 #              the scanners of examples/filters/ (tests/scanners.rs starts its own spamd
@@ -16,7 +21,7 @@
 #   cargo-deb  (cargo install, pinned) builds the Debian package (scripts/deb.sh)
 set -euo pipefail
 need=()
-for pkg in proxsmtp postfix swaks prometheus python3 procps iproute2 iptables \
+for pkg in proxsmtp postfix swaks haproxy strace linux-perf prometheus python3 procps iproute2 iptables \
            spamd spamc clamav-daemon clamdscan lintian man-db openssl \
            shellcheck python3-venv; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
@@ -43,6 +48,14 @@ fi
 for svc in postfix prometheus prometheus-node-exporter; do
     service "$svc" stop >/dev/null 2>&1 || true
 done
+# haproxy's service would hold its default config's ports and is never wanted: the
+# benchmark runs haproxy itself. Stopped and kept from starting at boot.
+service haproxy stop >/dev/null 2>&1 || true
+if [ -d /run/systemd/system ]; then
+    systemctl disable --now haproxy >/dev/null 2>&1 || true
+else
+    update-rc.d haproxy disable >/dev/null 2>&1 || true
+fi
 # The scanners' services are stopped and kept from starting at boot; nothing may download a
 # virus database (freshclam) or rules (sa-update, run by spamassassin-maintenance).
 for svc in spamd spamassassin clamav-daemon clamav-freshclam \
