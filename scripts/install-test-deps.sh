@@ -9,11 +9,13 @@
 #              and clamd on loopback; the packages' services and freshclam never run)
 #   lintian man-db
 #              the Debian package's checks (scripts/deb.sh --check)
+#   python3-fusepy
+#              a FUSE file system whose reads and writes stall (tests/slow_spool.rs)
 #   cargo-deb  (cargo install, pinned) builds the Debian package (scripts/deb.sh)
 set -euo pipefail
 need=()
 for pkg in proxsmtp postfix swaks prometheus python3 procps iproute2 iptables \
-           spamd spamc clamav-daemon clamdscan lintian man-db; do
+           spamd spamc clamav-daemon clamdscan lintian man-db python3-fusepy; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
