@@ -18,12 +18,14 @@
 #   python3-venv shellcheck
 #              the lint of the scripts (scripts/lint.sh), with ruff from PyPI (pinned) in
 #              a venv under ~/.cache/proxsmtpd/lint-venv
+#   python3-fusepy
+#              a FUSE file system whose reads and writes stall (tests/slow_spool.rs)
 #   cargo-deb  (cargo install, pinned) builds the Debian package (scripts/deb.sh)
 set -euo pipefail
 need=()
 for pkg in proxsmtp postfix swaks haproxy strace linux-perf prometheus python3 procps iproute2 iptables \
            spamd spamc clamav-daemon clamdscan lintian man-db openssl \
-           shellcheck python3-venv; do
+           shellcheck python3-venv python3-fusepy; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -4,6 +4,11 @@
 //! keep their paths but resolve to new inodes. Polling the resolved metadata of each file
 //! every few seconds catches that, an in-place edit and a replaced file alike, without an
 //! inotify dependency (inotify does not follow the swap of a parent symlink anyway).
+//!
+//! Everything a reload does on disk or on the network (reading the configuration, the
+//! metadata of the watched files, resolving host names in `Listen` and `OutAddress`) runs
+//! on the blocking pool through [`off_runtime`]: a hung NFS mount or a slow name server
+//! delays the reload, never the sessions served meanwhile.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -62,6 +67,38 @@ impl Watcher {
     }
 }
 
+impl Watcher {
+    /// [`Watcher::new`] off the async workers.
+    pub async fn watch(paths: Vec<PathBuf>) -> Self {
+        off_runtime(move || Watcher::new(paths)).await
+    }
+
+    /// [`Watcher::changed`] off the async workers.
+    pub async fn poll(&mut self) -> bool {
+        let mut watcher = Watcher {
+            files: std::mem::take(&mut self.files),
+        };
+        let (watcher, changed) = off_runtime(move || {
+            let changed = watcher.changed();
+            (watcher, changed)
+        })
+        .await;
+        *self = watcher;
+        changed
+    }
+}
+
+/// Runs blocking work (file reads, metadata, name resolution) on the blocking pool and
+/// waits for it without holding an async worker. A panic in `work` is resumed here.
+pub async fn off_runtime<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Only when the runtime shuts down, which ends this task too.
+        Err(_) => std::future::pending().await,
+    }
+}
+
 /// How often the files are looked at.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -101,6 +138,21 @@ mod tests {
         std::fs::rename(&tmp, &data).unwrap();
         assert!(watcher.changed());
         assert!(!watcher.changed());
+    }
+
+    #[tokio::test]
+    async fn polls_off_the_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxsmtpd.conf");
+        std::fs::write(&path, "OutAddress: 25\n").unwrap();
+        let mut watcher = Watcher::watch(vec![path.clone()]).await;
+        assert!(!watcher.poll().await);
+        std::fs::write(&path, "OutAddress: 2525\n").unwrap();
+        assert!(watcher.poll().await);
+        assert!(!watcher.poll().await);
+        let worker = std::thread::current().id();
+        let elsewhere = off_runtime(|| std::thread::current().id()).await;
+        assert_ne!(worker, elsewhere);
     }
 
     #[test]

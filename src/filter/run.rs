@@ -105,8 +105,9 @@ pub(crate) async fn execute(job: FilterJob<'_>) -> FilterRun {
         _ => None,
     };
 
-    let (mut child, pid, _registration) = match orphans::spawn_registered(|| spawn(&job), Child::id)
-    {
+    let stdin = open_input(&job).await;
+    let start = || spawn(&job, &stdin);
+    let (mut child, pid, _registration) = match orphans::spawn_registered(start, Child::id) {
         Ok((child, registration)) => {
             let pid = child.id();
             (child, pid, registration)
@@ -221,15 +222,38 @@ impl Drop for GroupGuard {
     }
 }
 
+/// The spool file for the filter's stdin (pipe mode), opened on the blocking pool: the
+/// spool may be on a slow disk.
+async fn open_input(job: &FilterJob<'_>) -> io::Result<Option<std::fs::File>> {
+    if job.mode != Mode::Pipe {
+        return Ok(None);
+    }
+    let path = job.input.to_path_buf();
+    let opened = tokio::task::spawn_blocking(move || std::fs::File::open(path))
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
+    opened.map(Some).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("couldn't open {}: {e}", job.input.display()),
+        )
+    })
+}
+
 /// Starts the filter, mapping a direct exec's failures to what the shell would report.
-fn spawn(job: &FilterJob) -> Result<Child, (Exit, Option<String>)> {
+/// `stdin` is what [`open_input`] opened.
+fn spawn(
+    job: &FilterJob,
+    stdin: &io::Result<Option<std::fs::File>>,
+) -> Result<Child, (Exit, Option<String>)> {
     let spawn_failed = |e: io::Error| (Exit::SpawnFailed(e.to_string()), None);
+    let build = |argv| build(job, argv, stdin);
     match direct_argv(job.command) {
-        Some(argv) => match build(job, Some(&argv)).map_err(spawn_failed)?.spawn() {
+        Some(argv) => match build(Some(&argv)).map_err(spawn_failed)?.spawn() {
             Ok(child) => Ok(child),
             Err(e) if e.raw_os_error() == Some(Errno::ENOEXEC as i32) => {
                 // An executable script without `#!`: sh runs such files itself.
-                build(job, None)
+                build(None)
                     .map_err(spawn_failed)?
                     .spawn()
                     .map_err(spawn_failed)
@@ -243,7 +267,7 @@ fn spawn(job: &FilterJob) -> Result<Child, (Exit, Option<String>)> {
             )),
             Err(e) => Err(spawn_failed(e)),
         },
-        None => build(job, None)
+        None => build(None)
             .map_err(spawn_failed)?
             .spawn()
             .map_err(spawn_failed),
@@ -251,7 +275,11 @@ fn spawn(job: &FilterJob) -> Result<Child, (Exit, Option<String>)> {
 }
 
 /// The command for `argv` (direct exec) or for `/bin/sh -c <command>`.
-fn build(job: &FilterJob, argv: Option<&[&str]>) -> io::Result<Command> {
+fn build(
+    job: &FilterJob,
+    argv: Option<&[&str]>,
+    stdin: &io::Result<Option<std::fs::File>>,
+) -> io::Result<Command> {
     let mut cmd = match argv {
         Some([program, args @ ..]) => {
             let mut cmd = Command::new(program);
@@ -266,12 +294,11 @@ fn build(job: &FilterJob, argv: Option<&[&str]>) -> io::Result<Command> {
     };
     let (stdin, stdout) = match job.mode {
         Mode::Pipe => {
-            let input = std::fs::File::open(job.input).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("couldn't open {}: {e}", job.input.display()),
-                )
-            })?;
+            let input = match stdin {
+                Ok(Some(file)) => file.try_clone()?,
+                Ok(None) => return Err(io::Error::other("no input for a pipe-mode filter")),
+                Err(e) => return Err(io::Error::new(e.kind(), e.to_string())),
+            };
             let output = match &job.output {
                 Some(file) => Stdio::from(file.try_clone()?),
                 None => Stdio::null(),

@@ -488,7 +488,7 @@ async fn signals(
                 crate::process::sd_notify::notify(&crate::process::sd_notify::reloading_message(
                     crate::process::sd_notify::monotonic_now(),
                 ));
-                reload(&args, &settings_tx);
+                reload(&args, &settings_tx).await;
                 crate::process::sd_notify::notify("READY=1");
             }
         }
@@ -500,12 +500,21 @@ async fn signals(
 }
 
 /// Applies a changed configuration to new messages; a broken one is refused and the
-/// running one stays.
-pub(crate) fn reload(args: &RunArgs, settings_tx: &watch::Sender<Arc<Settings>>) {
-    match load(args) {
-        Ok((settings, _)) => {
+/// running one stays. Loading and checking it (files, host names) runs off the async
+/// workers.
+pub(crate) async fn reload(args: &RunArgs, settings_tx: &watch::Sender<Arc<Settings>>) {
+    let args = args.clone();
+    let loaded = file_watch::off_runtime(move || {
+        load(&args).map(|(settings, _)| {
+            let ready = crate::filter::check::filter_ready(&settings);
+            (settings, ready)
+        })
+    })
+    .await;
+    match loaded {
+        Ok((settings, ready)) => {
             tracing::info!("configuration reloaded");
-            if let Err(e) = crate::filter::check::filter_ready(&settings) {
+            if let Err(e) = ready {
                 tracing::warn!("{e}: not ready until it can run");
             }
             let metrics = crate::ops::metrics::global();
@@ -534,14 +543,16 @@ async fn watch_files(args: RunArgs, settings_tx: Arc<watch::Sender<Arc<Settings>
         }
         paths
     };
-    let mut watcher = file_watch::Watcher::new(watched(&settings_tx.borrow()));
+    let paths = watched(&settings_tx.borrow());
+    let mut watcher = file_watch::Watcher::watch(paths).await;
     loop {
         tokio::time::sleep(file_watch::POLL_INTERVAL).await;
-        if watcher.changed() {
+        if watcher.poll().await {
             tracing::info!("configuration or filter changed on disk");
-            reload(&args, &settings_tx);
+            reload(&args, &settings_tx).await;
             // The filter script may have moved with the new configuration.
-            watcher = file_watch::Watcher::new(watched(&settings_tx.borrow()));
+            let paths = watched(&settings_tx.borrow());
+            watcher = file_watch::Watcher::watch(paths).await;
         }
     }
 }

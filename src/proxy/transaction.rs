@@ -18,8 +18,12 @@
 //!   `RSET`, or, in the middle of the data, is closed without the terminating dot.
 //!
 //! The body must arrive at `MinDataRate` ([`DataDeadline`]), not merely a byte per TimeOut.
+//!
+//! Spool files are created, written, read and removed on the blocking pool ([`spool`]): a
+//! slow TempDirectory holds up the message that uses it, not the other sessions.
 
-use std::io::{Read, Write};
+mod spool;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -33,10 +37,11 @@ use crate::filter::header::{self, HeaderContext};
 use crate::filter::run::{self as filter_run, FilterJob, Mode};
 use crate::filter::verdict::{self, ReplyKind, Verdict};
 use crate::ops::metrics::{MessageVerdict, UpstreamStage};
+use crate::protocol::session::{DataMode, Envelope};
 use crate::protocol::data::DataReceiver;
 use crate::protocol::deadline::DataDeadline;
 use crate::protocol::encode::{HeaderPlacement, WireEncoder};
-use crate::protocol::session::{DataMode, Envelope};
+use spool::{Reader, Spool};
 
 pub(crate) const REPLY_START_INPUT: &[u8] = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n";
 pub(crate) const REPLY_LOCAL_ERROR: &[u8] = b"451 Local Error\r\n";
@@ -70,8 +75,36 @@ pub(crate) async fn run(conn: &mut Conn, envelope: &Envelope, mode: DataMode) ->
 struct Received {
     size: u64,
     nul_bytes: u64,
-    /// The first error of the sink, if any (the reading went on).
-    sink_error: Option<std::io::Error>,
+}
+
+/// The body ended before its terminating dot: the client left or was too slow, or the
+/// upstream the body streams to failed.
+struct Interrupted {
+    fatal: Fatal,
+    /// The content bytes read until then.
+    size: u64,
+}
+
+/// Where a body goes as it arrives: the spool file ([`ToSpool`]) or the upstream
+/// ([`Streamed`]).
+trait BodySink {
+    /// Whether KeepAlive NOOPs may go upstream while the body arrives: only while the
+    /// upstream is not in DATA, where a NOOP would become part of the message.
+    fn keepalives(&self) -> bool;
+
+    /// Takes the next unstuffed content.
+    async fn take(&mut self, conn: &mut Conn, content: &[u8], step: Step) -> Result<(), Fatal>;
+}
+
+/// Where the body stands after the content handed to [`BodySink::take`].
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    /// The terminating dot has been read.
+    done: bool,
+    /// Every client byte read so far is used: the next content needs another read.
+    drained: bool,
+    /// The message holds a NUL octet (it will be refused after its dot).
+    nul: bool,
 }
 
 /// The deadline of a body that starts now.
@@ -84,45 +117,97 @@ fn data_deadline(conn: &Conn) -> DataDeadline {
 }
 
 /// Receives the body into `sink`, reading the client until its terminating dot.
-/// A failing sink does not stop the reading.
-async fn receive_body(
-    conn: &mut Conn,
-    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
-) -> Result<Received, Fatal> {
+async fn receive_body(conn: &mut Conn, sink: &mut impl BodySink) -> Result<Received, Interrupted> {
     let mut receiver = DataReceiver::new();
     let mut deadline = data_deadline(conn);
+    // Sized by what arrives: a small message allocates (and the allocator returns) little.
     let mut content = Vec::new();
-    let mut sink_error = None;
     loop {
-        let feed = receiver.feed(&conn.relay.client_buf, &mut content);
-        conn.relay.client_buf.advance(feed.consumed);
-        if !content.is_empty() && sink_error.is_none() {
-            if let Err(e) = sink(&content) {
-                sink_error = Some(e);
-            }
-        }
+        let (done, drained) = feed_body(conn, &mut receiver, &mut content);
+        let step = Step {
+            done,
+            drained,
+            nul: receiver.nul_bytes() > 0,
+        };
+        let taken = sink.take(conn, &content, step).await;
         content.clear();
-        if feed.done {
-            log_irregular(conn, &receiver);
-            return Ok(Received {
+        let read = match taken {
+            Ok(()) if done => {
+                log_irregular(conn, &receiver);
+                return Ok(Received {
+                    size: receiver.content_bytes(),
+                    nul_bytes: receiver.nul_bytes(),
+                });
+            }
+            Ok(()) => read_body(conn, &mut deadline, sink.keepalives()).await,
+            Err(fatal) => Err(fatal),
+        };
+        if let Err(fatal) = read {
+            return Err(Interrupted {
+                fatal,
                 size: receiver.content_bytes(),
-                nul_bytes: receiver.nul_bytes(),
-                sink_error,
             });
-        }
-        if conn.relay.client_eof {
-            return Err(client_left(conn));
-        }
-        let due = tokio::time::Instant::from_std(deadline.due());
-        match conn.read_client(due).await? {
-            0 => return Err(client_left(conn)),
-            n => deadline.received(Instant::now(), n),
         }
     }
 }
 
-fn client_left(conn: &mut Conn) -> Fatal {
+/// Unstuffs what the client sent so far into `content`; whether the body is complete, and
+/// whether every byte read was used.
+fn feed_body(conn: &mut Conn, receiver: &mut DataReceiver, content: &mut Vec<u8>) -> (bool, bool) {
+    let feed = receiver.feed(&conn.relay.client_buf, content);
+    conn.relay.client_buf.advance(feed.consumed);
+    (feed.done, conn.relay.client_buf.is_empty())
+}
+
+/// Reads more of the body before its deadline; with `keepalives`, NOOPs go upstream while
+/// the client is quiet.
+async fn read_body(
+    conn: &mut Conn,
+    deadline: &mut DataDeadline,
+    keepalives: bool,
+) -> Result<(), Fatal> {
+    if client_closed(conn) {
+        return Err(client_left(conn));
+    }
+    let due = tokio::time::Instant::from_std(deadline.due());
+    let n = if keepalives {
+        conn.read_client(due).await?
+    } else {
+        match tokio::time::timeout_at(due, read_more(conn)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) => 0,
+            Err(_) => return Err(Fatal::ClientTimeout),
+        }
+    };
+    if n == 0 {
+        return Err(client_left(conn));
+    }
+    deadline.received(Instant::now(), n);
+    Ok(())
+}
+
+async fn read_more(conn: &mut Conn) -> std::io::Result<usize> {
+    conn.relay.client_buf.reserve(READ_BUFFER);
+    conn.client.read_buf(&mut conn.relay.client_buf).await
+}
+
+/// The client has closed its side (seen by an earlier read).
+fn client_closed(conn: &Conn) -> bool {
+    conn.relay.client_eof
+}
+
+fn set_client_closed(conn: &mut Conn) {
     conn.relay.client_closed();
+}
+
+/// Whether the client is read while the filter runs: while it is there and has not sent
+/// more than [`WATCH_LIMIT`] bytes meanwhile.
+fn watch_client(conn: &Conn) -> bool {
+    !conn.relay.client_eof && conn.relay.client_buf.len() < WATCH_LIMIT
+}
+
+fn client_left(conn: &mut Conn) -> Fatal {
+    set_client_closed(conn);
     tracing::error!("{}: unexpected end of data from client", conn.id);
     Fatal::ClientGone
 }
@@ -167,25 +252,45 @@ async fn refuse_nul(
     Ok(outcome)
 }
 
+/// A filtered message's body on its way to the spool file; without one (it could not be
+/// created) the body is only read.
+struct ToSpool(Option<spool::Writer>);
+
+impl BodySink for ToSpool {
+    fn keepalives(&self) -> bool {
+        // The upstream sees DATA only after the filter: it may get NOOPs meanwhile.
+        true
+    }
+
+    async fn take(&mut self, _: &mut Conn, content: &[u8], _: Step) -> Result<(), Fatal> {
+        if let Some(writer) = &mut self.0 {
+            writer.write(content).await;
+        }
+        Ok(())
+    }
+}
+
 async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
     conn.send_client(REPLY_START_INPUT).await?;
     let settings = conn.settings.clone();
     let started = Instant::now();
 
-    let mut spool = tempfile::Builder::new()
-        .prefix("proxsmtpd.")
-        .tempfile_in(&settings.temp_directory);
-    let received = match spool.as_mut() {
-        Ok(file) => receive_body(conn, |chunk| file.write_all(chunk)).await,
-        Err(_) => receive_body(conn, |_| Ok(())).await,
+    // Without a spool file the body is still read to its end before the client's answer.
+    let created = Spool::create(&settings.temp_directory)
+        .await
+        .and_then(|spool| Ok((spool.writer()?, spool)));
+    let (spool, mut sink) = match created {
+        Ok((writer, spool)) => (Ok(spool), ToSpool(Some(writer))),
+        Err(e) => (Err(e), ToSpool(None)),
     };
-    let Received {
-        size,
-        nul_bytes,
-        sink_error: write_error,
-    } = match received {
+    let received = receive_body(conn, &mut sink).await;
+    let written = match sink.0 {
+        Some(writer) => writer.finish().await,
+        None => Ok(()),
+    };
+    let Received { size, nul_bytes } = match received {
         Ok(r) => r,
-        Err(fatal) => {
+        Err(Interrupted { fatal, .. }) => {
             // The client left mid-body: the upstream never saw DATA, so RSET is enough.
             let _ = conn.command(b"RSET\r\n", UpstreamStage::Command).await;
             observe::message(conn, envelope, MessageOutcome::local_error(0, started));
@@ -197,9 +302,9 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
         return Ok(());
     }
-    let spool = match (spool, write_error) {
-        (Ok(file), None) => file,
-        (Err(e), _) | (_, Some(e)) => {
+    let spool = match (spool, written) {
+        (Ok(spool), Ok(())) => spool,
+        (Err(e), _) | (_, Err(e)) => {
             tracing::error!("{}: couldn't write cache file: {e}", conn.id);
             return local_error(conn, envelope, size, started, None).await;
         }
@@ -217,10 +322,7 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
 
     let (mode, output) = match settings.filter_type {
         FilterType::File => (Mode::File, None),
-        _ => match tempfile::Builder::new()
-            .prefix("proxsmtpd.")
-            .tempfile_in(&settings.temp_directory)
-        {
+        _ => match Spool::create(&settings.temp_directory).await {
             Ok(out) => (Mode::Pipe, Some(out)),
             Err(e) => {
                 tracing::error!("{}: couldn't open cache file: {e}", conn.id);
@@ -232,7 +334,11 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
     if mode == Mode::File {
         env.push(("EMAIL".into(), spool.path().display().to_string()));
     }
-    let stdout = match output.as_ref().map(|o| o.reopen()).transpose() {
+    let stdout = match output.as_ref().map(Spool::reopen) {
+        None => Ok(None),
+        Some(reopened) => reopened.await.map(Some),
+    };
+    let stdout = match stdout {
         Ok(f) => f,
         Err(e) => {
             tracing::error!("{}: couldn't open cache file: {e}", conn.id);
@@ -256,14 +362,13 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         // the message again, so delivering it would make a duplicate.
         loop {
             let wake = conn.next_keepalive();
-            let watch = !conn.relay.client_eof && conn.relay.client_buf.len() < WATCH_LIMIT;
-            conn.relay.client_buf.reserve(READ_BUFFER);
+            let watch = watch_client(conn);
             tokio::select! {
                 outcome = &mut filter => break Some(outcome),
                 _ = sleep_until_opt(wake) => conn.keepalive_if_due().await?,
-                read = conn.client.read_buf(&mut conn.relay.client_buf), if watch => {
+                read = read_more(conn), if watch => {
                     if matches!(read, Ok(0) | Err(_)) {
-                        conn.relay.client_closed();
+                        set_client_closed(conn);
                         // Dropping the run ends the filter's process group.
                         break None;
                     }
@@ -436,7 +541,7 @@ fn header_placement(conn: &Conn) -> HeaderPlacement {
 /// even when the client is gone by then; the relay loop notices the closed client next.
 async fn send_final_reply(conn: &mut Conn, reply: &crate::protocol::reply::Reply) {
     if conn.send_client(&reply.raw()).await.is_err() {
-        conn.relay.client_closed();
+        set_client_closed(conn);
     }
 }
 
@@ -472,7 +577,7 @@ async fn deliver(
     started: Instant,
 ) -> Result<MessageOutcome, Fatal> {
     // Opened before DATA: once the upstream said 354 there is no clean way back.
-    let mut file = match std::fs::File::open(path) {
+    let mut file = match Reader::open(path).await {
         Ok(f) => f,
         Err(e) => {
             tracing::error!("{}: couldn't open cache file: {e}", conn.id);
@@ -491,13 +596,10 @@ async fn deliver(
         return Ok(MessageOutcome::from_reply(&reply, size, started));
     }
     let mut encoder = WireEncoder::new(header_placement(conn));
-    // Small buffers that grow with the message: a large zeroed buffer per message costs
-    // more than the extra reads of a big one.
-    let mut buf = vec![0u8; READ_BUFFER];
     let mut out = Vec::new();
     loop {
-        let n = match file.read(&mut buf) {
-            Ok(n) => n,
+        let chunk = match file.next().await {
+            Ok(chunk) => chunk,
             Err(e) => {
                 // Part of the message is upstream without its terminator: only closing
                 // the connection keeps it from being delivered half.
@@ -506,10 +608,10 @@ async fn deliver(
                 return Err(Fatal::Upstream("delivery aborted".into()));
             }
         };
-        if n == 0 {
+        if chunk.is_empty() {
             break;
         }
-        encoder.encode(&buf[..n], &mut out);
+        encoder.encode(chunk, &mut out);
         if out.len() >= WRITE_CHUNK {
             if let Err(e) = conn.send_upstream(&out, UpstreamStage::Data).await {
                 let _ = conn.send_client(REPLY_LOCAL_ERROR).await;
@@ -568,6 +670,55 @@ enum UpstreamData {
     Failed(Fatal),
 }
 
+/// An unfiltered body, re-encoded and streamed upstream as it arrives.
+struct Streamed {
+    encoder: WireEncoder,
+    /// Encoded bytes not sent yet.
+    out: Vec<u8>,
+    upstream: UpstreamData,
+    /// The upstream took DATA before the body (`Skip: authenticated`) and a failed write
+    /// ends the session at once; otherwise a failure is kept in `upstream` and answered
+    /// after the client's dot.
+    fail_fast: bool,
+}
+
+impl Streamed {
+    fn new(encoder: WireEncoder, upstream: UpstreamData, fail_fast: bool) -> Streamed {
+        Streamed {
+            encoder,
+            // Sized by what arrives: a small message allocates little.
+            out: Vec::new(),
+            upstream,
+            fail_fast,
+        }
+    }
+}
+
+impl BodySink for Streamed {
+    fn keepalives(&self) -> bool {
+        // Once the upstream is in DATA a NOOP would become part of the message.
+        false
+    }
+
+    async fn take(&mut self, conn: &mut Conn, content: &[u8], step: Step) -> Result<(), Fatal> {
+        self.encoder.encode(content, &mut self.out);
+        // The last part goes with the terminating dot (see `finish_data`).
+        if step.done || (self.out.len() < WRITE_CHUNK && !step.drained) {
+            return Ok(());
+        }
+        // After a NUL the message will be refused: nothing more goes upstream.
+        if !step.nul {
+            if self.fail_fast {
+                conn.send_upstream(&self.out, UpstreamStage::Data).await?;
+            } else {
+                forward(conn, &mut self.upstream, &self.out).await;
+            }
+        }
+        self.out.clear();
+        Ok(())
+    }
+}
+
 /// No FilterCommand (and no KeepAlives): nothing needs the whole message before the
 /// upstream sees it, so no spool file is written and the body is streamed upstream as it
 /// arrives. DATA goes upstream right after the client got its 354 (the original's order),
@@ -580,7 +731,7 @@ enum UpstreamData {
 async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
     conn.send_client(REPLY_START_INPUT).await?;
     let started = Instant::now();
-    let mut upstream = match conn.send_command(b"DATA\r\n", UpstreamStage::Data).await {
+    let upstream = match conn.send_command(b"DATA\r\n", UpstreamStage::Data).await {
         Ok(()) => UpstreamData::Pending,
         Err(e) => UpstreamData::Failed(e),
     };
@@ -589,39 +740,23 @@ async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         "{}: no filter command specified. passing message through",
         conn.id
     );
-    let mut receiver = DataReceiver::new();
-    let mut deadline = data_deadline(conn);
-    let mut encoder = WireEncoder::new(header_placement(conn));
-    // Sized by what arrives: a small message allocates (and the allocator returns) little.
-    let mut content = Vec::new();
-    let mut out = Vec::new();
-    loop {
-        let feed = receiver.feed(&conn.relay.client_buf, &mut content);
-        conn.relay.client_buf.advance(feed.consumed);
-        encoder.encode(&content, &mut out);
-        content.clear();
-        if feed.done {
-            break;
+    let mut sink = Streamed::new(WireEncoder::new(header_placement(conn)), upstream, false);
+    let received = receive_body(conn, &mut sink).await;
+    let Streamed {
+        encoder,
+        mut out,
+        mut upstream,
+        ..
+    } = sink;
+    let Received { size, nul_bytes } = match received {
+        Ok(r) => r,
+        Err(Interrupted { fatal, size }) => {
+            let outcome = MessageOutcome::local_error(size, started);
+            observe::message(conn, envelope, outcome.unfiltered());
+            return Err(fatal);
         }
-        if out.len() >= WRITE_CHUNK || conn.relay.client_buf.is_empty() {
-            // After a NUL the message will be refused: nothing more goes upstream.
-            if receiver.nul_bytes() == 0 {
-                forward(conn, &mut upstream, &out).await;
-            }
-            out.clear();
-        }
-        // No keepalives: once the upstream is in DATA a NOOP would become part of the message.
-        let fatal = match read_body(conn, &mut deadline).await {
-            Ok(()) => continue,
-            Err(fatal) => fatal,
-        };
-        let outcome = MessageOutcome::local_error(receiver.content_bytes(), started);
-        observe::message(conn, envelope, outcome.unfiltered());
-        return Err(fatal);
-    }
-    log_irregular(conn, &receiver);
-    let size = receiver.content_bytes();
-    if receiver.nul_bytes() > 0 {
+    };
+    if nul_bytes > 0 {
         refuse_nul(conn, envelope, size, started).await?;
         return match upstream {
             // The upstream is not in DATA: the session can go on.
@@ -687,19 +822,6 @@ async fn forward(conn: &mut Conn, upstream: &mut UpstreamData, out: &[u8]) {
     }
 }
 
-/// Reads more of the body before its deadline.
-async fn read_body(conn: &mut Conn, deadline: &mut DataDeadline) -> Result<(), Fatal> {
-    let due = tokio::time::Instant::from_std(deadline.due());
-    match tokio::time::timeout_at(due, read_more(conn)).await {
-        Ok(Ok(n)) if n > 0 => {
-            deadline.received(Instant::now(), n);
-            Ok(())
-        }
-        Ok(_) => Err(client_left(conn)),
-        Err(_) => Err(Fatal::ClientTimeout),
-    }
-}
-
 /// `Skip: authenticated`: the body goes straight upstream, re-encoded so that nothing but
 /// the client's own terminator can end it.
 async fn passthrough(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
@@ -710,42 +832,21 @@ async fn passthrough(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> 
         tracing::debug!("{}: server refused data transfer", conn.id);
         return Ok(());
     }
-    let mut receiver = DataReceiver::new();
-    let mut deadline = data_deadline(conn);
-    let mut encoder = WireEncoder::new(HeaderPlacement::None);
-    let mut content = Vec::with_capacity(WRITE_CHUNK);
-    let mut out = Vec::with_capacity(WRITE_CHUNK * 2);
-    loop {
-        let feed = receiver.feed(&conn.relay.client_buf, &mut content);
-        conn.relay.client_buf.advance(feed.consumed);
-        encoder.encode(&content, &mut out);
-        content.clear();
-        if feed.done {
-            break;
-        }
-        if out.len() >= WRITE_CHUNK || conn.relay.client_buf.is_empty() {
-            if receiver.nul_bytes() == 0 {
-                conn.send_upstream(&out, UpstreamStage::Data).await?;
-            }
-            out.clear();
-        }
-        // No keepalives here: a NOOP would become part of the message.
-        read_body(conn, &mut deadline).await?;
-    }
-    let size = receiver.content_bytes();
-    if receiver.nul_bytes() > 0 {
+    let encoder = WireEncoder::new(HeaderPlacement::None);
+    let mut sink = Streamed::new(encoder, UpstreamData::Open, true);
+    let received = receive_body(conn, &mut sink).await;
+    let Received { size, nul_bytes } = received.map_err(|i| i.fatal)?;
+    if nul_bytes > 0 {
         refuse_nul(conn, envelope, size, started).await?;
         return Err(Fatal::Upstream(
             "message with NUL octets: upstream connection closed in DATA".into(),
         ));
     }
+    let Streamed {
+        encoder, mut out, ..
+    } = sink;
     encoder.finish(&mut out);
     let outcome = finish_data(conn, envelope, &out, size, started).await?;
     observe::message(conn, envelope, outcome.skipped());
     Ok(())
-}
-
-async fn read_more(conn: &mut Conn) -> std::io::Result<usize> {
-    conn.relay.client_buf.reserve(READ_BUFFER);
-    conn.client.read_buf(&mut conn.relay.client_buf).await
 }
