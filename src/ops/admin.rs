@@ -113,7 +113,11 @@ impl Health {
             ("config", self.config_loaded.load(Ordering::SeqCst)),
         ];
         if let Some(filter) = &self.filter {
-            checks.push(("filter", filter()));
+            // It looks at the filter's script on disk: on the blocking pool, so that a slow
+            // volume holds this probe only.
+            let filter = filter.clone();
+            let ready = crate::config::file_watch::off_runtime(move || filter()).await;
+            checks.push(("filter", ready));
         }
         checks.push(("draining", !self.is_draining()));
         if let Some(upstream) = &self.upstream {

@@ -213,29 +213,34 @@ fn configured_paths(settings: &Settings) -> Option<(PathBuf, PathBuf)> {
 }
 
 /// Keeps the server certificate in step with the configuration and the files on disk,
-/// polling like the configuration watcher (a Secret volume updates by a symlink swap).
+/// polling like the configuration watcher (a Secret volume updates by a symlink swap). The
+/// files are looked at and read on the blocking pool: a slow volume stalls no session.
 pub(crate) async fn watch_certificates(
     tls: Arc<Tls>,
     mut settings: watch::Receiver<Arc<Settings>>,
 ) {
     let mut wanted = configured_paths(&settings.borrow_and_update());
-    let files = |paths: &Option<(PathBuf, PathBuf)>| {
-        file_watch::Watcher::new(paths.iter().flat_map(|(c, k)| [c.clone(), k.clone()]))
+    let files = |paths: &Option<(PathBuf, PathBuf)>| -> Vec<PathBuf> {
+        paths
+            .iter()
+            .flat_map(|(c, k)| [c.clone(), k.clone()])
+            .collect()
     };
-    let mut watcher = files(&wanted);
+    let mut watcher = file_watch::Watcher::watch(files(&wanted)).await;
     loop {
         tokio::time::sleep(file_watch::POLL_INTERVAL).await;
         let configured = configured_paths(&settings.borrow_and_update());
         let moved = configured != wanted;
-        let changed = watcher.changed();
+        let changed = watcher.poll().await;
         if !moved && !changed {
             continue;
         }
         if moved {
             wanted = configured;
-            watcher = files(&wanted);
+            watcher = file_watch::Watcher::watch(files(&wanted)).await;
         }
-        reload_certificate(&tls.server, wanted.as_ref());
+        let (tls, paths) = (tls.clone(), wanted.clone());
+        file_watch::off_runtime(move || reload_certificate(&tls.server, paths.as_ref())).await;
     }
 }
 

@@ -37,10 +37,10 @@ use crate::filter::header::{self, HeaderContext};
 use crate::filter::run::{self as filter_run, FilterJob, Mode};
 use crate::filter::verdict::{self, ReplyKind, Verdict};
 use crate::ops::metrics::{MessageVerdict, UpstreamStage};
-use crate::protocol::session::{DataMode, Envelope};
 use crate::protocol::data::DataReceiver;
 use crate::protocol::deadline::DataDeadline;
 use crate::protocol::encode::{HeaderPlacement, WireEncoder};
+use crate::protocol::session::{DataMode, Envelope};
 use spool::{Reader, Spool};
 
 pub(crate) const REPLY_START_INPUT: &[u8] = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n";
