@@ -4,7 +4,7 @@
 use crate::common;
 
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use crate::common::{timed, wait_until, Client};
@@ -48,7 +48,7 @@ fn demo_accepts_rejects_and_drops_without_a_mail_server() {
     timed(30, || {
         let dir = tempfile::tempdir().unwrap();
         let demo = Demo(
-            Command::new(env!("CARGO_BIN_EXE_proxsmtpd"))
+            common::command(env!("CARGO_BIN_EXE_proxsmtpd"))
                 .arg("--demo")
                 .arg(dir.path().join("demo"))
                 .stdout(Stdio::null())
@@ -90,7 +90,7 @@ fn demo_accepts_rejects_and_drops_without_a_mail_server() {
 /// Starts `--demo` with `args` in `cwd`, stderr to `cwd/demo.stderr`.
 fn start_demo(args: &[&str], cwd: &std::path::Path) -> Demo {
     Demo(
-        Command::new(env!("CARGO_BIN_EXE_proxsmtpd"))
+        common::command(env!("CARGO_BIN_EXE_proxsmtpd"))
             .args(args)
             .current_dir(cwd)
             .stdout(Stdio::null())

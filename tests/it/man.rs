@@ -5,10 +5,9 @@
 use crate::common;
 
 use std::path::Path;
-use std::process::Command;
 
 fn generated(section: &str) -> String {
-    let out = Command::new(common::binary())
+    let out = common::command(common::binary())
         .args(["--man", section])
         .output()
         .expect("run proxsmtpd --man");
@@ -45,7 +44,7 @@ fn every_setting_is_in_the_conf_page() {
 
 #[test]
 fn unknown_section_is_refused() {
-    let out = Command::new(common::binary())
+    let out = common::command(common::binary())
         .args(["--man", "3"])
         .output()
         .expect("run proxsmtpd --man");

@@ -8,7 +8,7 @@ use std::fs;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use nix::sys::signal::Signal;
 
@@ -543,7 +543,7 @@ fn build_info_draining_and_config_reloads() {
             .value(1.0)
             .assert_in(&admin);
         // The revision is the commit the binary was built from (when built from git).
-        if let Ok(out) = Command::new("git")
+        if let Ok(out) = common::command("git")
             .args(["rev-parse", "--short=12", "HEAD"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
@@ -755,14 +755,17 @@ fn no_label_carries_an_address_or_message_id() {
 fn promtool_accepts_the_exposition() {
     timed(30, || {
         if !std::path::Path::new("/usr/bin/promtool").exists()
-            && Command::new("promtool").arg("--version").output().is_err()
+            && common::command("promtool")
+                .arg("--version")
+                .output()
+                .is_err()
         {
             skip!("promtool is not installed (Debian package prometheus); skipping");
             return;
         }
         let (_p, admin, _up) = traffic_with_distinctive_addresses();
         let text = scrape(&admin);
-        let mut child = Command::new("promtool")
+        let mut child = common::command("promtool")
             .args(["check", "metrics"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1011,7 +1014,7 @@ fn openmetrics_is_served_when_asked_for() {
         assert!(!body.contains("# EOF"));
         assert!(body.contains("# TYPE proxsmtpd_messages_total counter\n"));
 
-        if Command::new("prometheus")
+        if common::command("prometheus")
             .arg("--version")
             .output()
             .is_err()
@@ -1038,7 +1041,7 @@ fn openmetrics_is_served_when_asked_for() {
             }
         }
         let _prometheus = Killed(
-            Command::new("prometheus")
+            common::command("prometheus")
                 .arg(format!("--config.file={}", config.display()))
                 .arg(format!(
                     "--storage.tsdb.path={}",

@@ -6,7 +6,6 @@ use crate::common;
 use std::fs;
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 
 use crate::common::{default_message, secs, timed, wait_until, Client, ProxyBuilder, Upstream};
 
@@ -162,7 +161,7 @@ fn listen_backlog_is_not_a_bottleneck() {
     timed(30, || {
         let up = Upstream::start();
         let p = ProxyBuilder::new().upstream(&up).start();
-        let out = Command::new("ss")
+        let out = common::command("ss")
             .args(["-ltnH", &format!("sport = :{}", p.port)])
             .output()
             .expect("ss");

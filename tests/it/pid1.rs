@@ -10,7 +10,6 @@ use crate::common;
 use std::fs;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::Command;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -30,7 +29,7 @@ fn namespace_wrapper() -> Option<Vec<&'static str>> {
     if !nix::unistd::geteuid().is_root() {
         wrapper.insert(1, "--map-root-user");
     }
-    let works = Command::new(wrapper[0])
+    let works = common::command(wrapper[0])
         .args(&wrapper[1..])
         .arg("true")
         .status()
@@ -176,7 +175,7 @@ fn no_orphan_stays_a_zombie() {
         // A process entered into the namespace from outside (as `kubectl exec` does)
         // leaves an orphan that no subreaper takes: it is process 1's to wait for.
         let mark = p.dir.path().join("exec-orphan-done");
-        let entered = Command::new("nsenter")
+        let entered = common::command("nsenter")
             .args(["--target", &p.init.to_string(), "--pid", "--", "sh", "-c"])
             .arg(format!("(sleep 0.2; echo done > {}) &", mark.display()))
             .status()

@@ -18,7 +18,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Stdio};
 use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -102,7 +102,7 @@ rm -rf "$dir"
 "#;
     let log = fs::File::create(dir.join("daemon.log")).map_err(|e| format!("log file: {e}"))?;
     let log2 = log.try_clone().map_err(|e| format!("log file: {e}"))?;
-    let mut child = Command::new("/bin/sh")
+    let mut child = common::command("/bin/sh")
         .arg("-c")
         .arg(GUARD)
         .arg("guard")
@@ -239,7 +239,7 @@ fn start_spamd(spamd: &Path, spamc: &Path) -> Result<Scanner, String> {
         port,
     };
     let ping = |s: &Scanner| {
-        Command::new(spamc)
+        common::command(spamc)
             .args(["-K", "-d", "127.0.0.1", "-p", &s.port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -317,7 +317,7 @@ fn start_clamd(clamd: &Path, clamdscan: &Path) -> Result<Clamd, String> {
         port,
     };
     let ping = |_: &Scanner| {
-        Command::new(clamdscan)
+        common::command(clamdscan)
             .arg(format!("--config-file={}", tcp_config.display()))
             .args(["--ping", "1"])
             .stdin(Stdio::null())
@@ -439,7 +439,7 @@ fn eicar_inline_message() -> Vec<u8> {
 
 fn eicar_attachment_message() -> Vec<u8> {
     use std::io::Write;
-    let mut b64 = Command::new("base64")
+    let mut b64 = common::command("base64")
         .arg("-w0")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -605,7 +605,7 @@ fn spam_mail_over_the_size_limit_passes_unscanned() {
 fn spam_spamc_error_comes_before_the_smtp_reply_on_stderr() {
     timed(60, || {
         require("spamc", "spamc");
-        let out = Command::new(filter("spamassassin.sh"))
+        let out = common::command(filter("spamassassin.sh"))
             .env("SPAMD_HOST", "127.0.0.1")
             .env("SPAMD_PORT", closed_port().to_string())
             .env("FAIL_CLOSED", "1")
@@ -735,7 +735,7 @@ fn clam_clamdscan_error_comes_before_the_smtp_reply_on_stderr() {
     timed(60, || {
         require("clamdscan", "clamdscan");
         let email = write_temp(&ham_message());
-        let out = Command::new(filter("clamav.sh"))
+        let out = common::command(filter("clamav.sh"))
             .env("EMAIL", email.path())
             .env("CLAMD_ADDRESS", format!("127.0.0.1:{}", closed_port()))
             .stdin(Stdio::null())

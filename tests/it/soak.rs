@@ -8,13 +8,12 @@ use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 
 use crate::common::timed;
 
 fn run_soak(messages: u32, concurrency: u32) -> Option<HashMap<String, i64>> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/soak.sh");
-    let out = Command::new("bash")
+    let out = common::command("bash")
         .arg(&script)
         .args(["--messages", &messages.to_string()])
         .args(["--concurrency", &concurrency.to_string()])

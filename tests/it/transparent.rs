@@ -21,7 +21,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::thread;
 
 use crate::common::{secs, timed, wait_for, wait_until};
@@ -185,7 +185,7 @@ fn prefix(tag: &str) -> String {
 }
 
 fn script(prefix: &str, mode: Mode, action: &str) -> std::process::Output {
-    Command::new("bash")
+    common::command("bash")
         .args([SCRIPT, "-p", prefix, "-m", mode.name(), action])
         .stdin(Stdio::null())
         .output()
@@ -243,7 +243,7 @@ struct Process {
 impl Process {
     fn spawn(ns: &str, argv: &[&str], log: &Path) -> Process {
         let log = fs::File::create(log).expect("log file");
-        let child = Command::new("ip")
+        let child = common::command("ip")
             .args(["netns", "exec", ns])
             .args(argv)
             .stdin(Stdio::null())

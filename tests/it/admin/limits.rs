@@ -17,7 +17,7 @@ fn admin_addr() -> SocketAddr {
 }
 
 fn have_prlimit() -> bool {
-    std::process::Command::new("prlimit")
+    common::command("prlimit")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())

@@ -5,7 +5,7 @@
 use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, killpg, Signal};
@@ -39,7 +39,7 @@ impl Daemon {
         let mut argv: Vec<&std::ffi::OsStr> = wrapper.iter().map(|a| a.as_ref()).collect();
         argv.push(binary.as_os_str());
         argv.extend(args.iter().map(std::ffi::OsStr::new));
-        let child = Command::new(argv[0])
+        let child = super::command(argv[0])
             .args(&argv[1..])
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")

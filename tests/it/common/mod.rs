@@ -38,13 +38,44 @@ pub use proxy::{Proxy, ProxyBuilder};
 #[allow(unused_imports)]
 pub use upstream::{Reply, Upstream};
 
+/// The variable that turns a skipped prerequisite into a failure. `scripts/test.sh` sets it
+/// for `cargo test` only: the proxy refuses unknown `PROXSMTPD_*` variables, so the harness
+/// removes it from every process it starts (see [`command`]).
+pub const STRICT_VAR: &str = "PROXSMTPD_TEST_STRICT";
+
+/// Where skipped tests are listed, one line each (`scripts/test.sh` empties it before
+/// `cargo test` and prints it at the end).
+pub const SKIPPED_LIST: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/skipped-tests.txt");
+
+/// True when a missing prerequisite must fail the test.
+pub fn strict() -> bool {
+    std::env::var(STRICT_VAR).is_ok_and(|v| v == "1")
+}
+
 /// A test whose prerequisite (root, a tool, a free port) is missing. With
-/// `TESTS_STRICT=1` (set by `scripts/test.sh`, as in CI, where every prerequisite
-/// is installed) that is a failure; otherwise the test notes it and returns.
+/// `PROXSMTPD_TEST_STRICT=1` (set by `scripts/test.sh`, as in CI, where every prerequisite
+/// is installed) that is a failure; otherwise the test prints the reason, appends it to
+/// [`SKIPPED_LIST`] and returns.
 pub fn skipped(reason: &str) {
-    let strict = std::env::var("TESTS_STRICT").is_ok_and(|v| v == "1");
-    assert!(!strict, "prerequisite missing (TESTS_STRICT=1): {reason}");
+    assert!(!strict(), "prerequisite missing ({STRICT_VAR}=1): {reason}");
+    let test = thread::current().name().unwrap_or("?").to_string();
     eprintln!("note: {reason}");
+    record_skip(&test, reason);
+}
+
+fn record_skip(test: &str, reason: &str) {
+    use std::io::Write;
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let line = format!("{test}: {}\n", reason.replace('\n', " "));
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(SKIPPED_LIST)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("note: cannot list the skip in {SKIPPED_LIST}: {e}");
+    }
 }
 
 /// [`skipped`] with a formatted reason; the caller returns after it.
@@ -53,6 +84,14 @@ macro_rules! skip {
     ($($arg:tt)+) => {
         $crate::common::skipped(&format!($($arg)+))
     };
+}
+
+/// `Command::new` without [`STRICT_VAR`] in the child's environment: every process a test
+/// starts (the proxy, its wrappers, scripts that start it) goes through here.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
+    c.env_remove(STRICT_VAR);
+    c
 }
 
 /// The C original, for differential tests.

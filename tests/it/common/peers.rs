@@ -6,7 +6,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
@@ -62,7 +62,7 @@ impl SmtpSink {
         for _ in 0..4 {
             let port = free_port();
             let template = format!("{}/dump/%Y%m%d%H%M%S.", dir.path().display());
-            let mut cmd = Command::new(SMTP_SINK);
+            let mut cmd = super::command(SMTP_SINK);
             if nix::unistd::geteuid().is_root() {
                 cmd.args(["-u", "nobody"]);
             }

@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, ExitStatus, Output, Stdio};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -99,7 +99,7 @@ pub fn pid_alive(pid: i32) -> bool {
 pub fn run_binary(bin: &Path, args: &[&str], timeout: Duration) -> Option<Output> {
     let dir = tempfile::tempdir().expect("tempdir");
     let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
-    let mut child = Command::new(bin)
+    let mut child = super::command(bin)
         .args(args)
         .env_clear()
         .envs(BASE_ENV.iter().copied())
@@ -323,11 +323,11 @@ fi
                 .expect("log file");
             let mut cmd = match self.wrapper.split_first() {
                 Some((prog, args)) => {
-                    let mut c = Command::new(prog);
+                    let mut c = super::command(prog);
                     c.args(args).arg(&self.bin);
                     c
                 }
-                None => Command::new(&self.bin),
+                None => super::command(&self.bin),
             };
             let child = cmd
                 .arg("-d")

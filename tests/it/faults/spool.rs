@@ -9,7 +9,6 @@ use crate::common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use crate::common::{timed, Proxy, ProxyBuilder, Upstream};
@@ -179,7 +178,7 @@ impl SmallFs {
             .expect("tempdir");
         let path = dir.path().join("spool");
         fs::create_dir(&path).expect("mount point");
-        let ok = Command::new("mount")
+        let ok = common::command("mount")
             .args([
                 "-t",
                 "tmpfs",
@@ -200,7 +199,7 @@ impl SmallFs {
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = common::command("umount").arg("-l").arg(&self.path).status();
     }
 }
 
