@@ -10,7 +10,9 @@
 //!   (loop) and never reaches the MTA;
 //! - both again after `User: nobody` (full mode needs CAP_NET_ADMIN after the switch).
 //!
-//! The MTA and the client are small Python programs written by the test. Each test builds
+//! The MTA is the harness upstream: this test binary, run again inside the MTA's namespace
+//! as the ignored test `transparent::mta`. The client is a small Python program written by
+//! the test. Each test builds
 //! its own namespaces under a unique prefix and removes them when it ends, also on failure.
 //! Without root, `ip`, `iptables` or `python3` every test prints a note and returns.
 
@@ -24,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::thread;
 
-use crate::common::{secs, timed, wait_for, wait_until};
+use crate::common::{secs, timed, wait_for, wait_until, Upstream};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
@@ -35,66 +37,6 @@ const GW_CLIENT_IP: &str = "10.77.1.1";
 const GW_MTA_IP: &str = "10.77.2.1";
 const MTA_IP: &str = "10.77.2.2";
 const NOBODY: &str = "65534";
-
-/// The MTA: accepts any mail on HOST:PORT and records, in OUT/events, one line per
-/// connection (`connect PEER`), per message (`message PEER FILE`, the content unstuffed in
-/// FILE) and per close.
-const SINK_PY: &str = r#"import os, socket, sys, threading
-host, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-lock = threading.Lock()
-count = [0]
-
-def log(line):
-    with lock:
-        with open(os.path.join(out, "events"), "a") as f:
-            f.write(line + "\n")
-
-def session(conn, peer):
-    log("connect " + peer)
-    r = conn.makefile("rb")
-    say = lambda text: conn.sendall(text.encode() + b"\r\n")
-    say("220 mta.test ESMTP sink")
-    while True:
-        line = r.readline()
-        if not line:
-            break
-        verb = line.split(b" ", 1)[0].strip().upper()
-        if verb in (b"EHLO", b"HELO"):
-            say("250 mta.test")
-        elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
-            say("250 2.0.0 Ok")
-        elif verb == b"DATA":
-            say("354 End data with <CR><LF>.<CR><LF>")
-            body = []
-            while True:
-                l = r.readline()
-                if not l or l == b".\r\n":
-                    break
-                body.append(l[1:] if l.startswith(b".") else l)
-            with lock:
-                count[0] += 1
-                path = os.path.join(out, "message-%d.eml" % count[0])
-            with open(path, "wb") as f:
-                f.write(b"".join(body))
-            log("message %s %s" % (peer, path))
-            say("250 2.0.0 Ok: queued")
-        elif verb == b"QUIT":
-            say("221 2.0.0 Bye")
-            break
-        else:
-            say("502 5.5.2 Error: command not recognized")
-    conn.close()
-    log("close " + peer)
-
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((host, port))
-srv.listen(64)
-open(os.path.join(out, "ready"), "w").close()
-while True:
-    conn, addr = srv.accept()
-    threading.Thread(target=session, args=(conn, addr[0]), daemon=True).start()
-"#;
 
 /// The client. `send HOST PORT SUBJECT` sends one message and prints `greeting CODE`,
 /// then `sent` or `error ...`; `probe HOST PORT` prints `closed` or `open` with whatever
@@ -242,10 +184,15 @@ struct Process {
 
 impl Process {
     fn spawn(ns: &str, argv: &[&str], log: &Path) -> Process {
+        Process::spawn_with(ns, argv, log, &[])
+    }
+
+    fn spawn_with(ns: &str, argv: &[&str], log: &Path, env: &[(&str, &str)]) -> Process {
         let log = fs::File::create(log).expect("log file");
         let child = common::command("ip")
             .args(["netns", "exec", ns])
             .args(argv)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
@@ -323,16 +270,23 @@ impl Lab {
             fs::create_dir(&d).expect("mkdir");
             fs::set_permissions(&d, fs::Permissions::from_mode(0o1777)).expect("chmod");
         }
-        fs::write(dir.path().join("sink.py"), SINK_PY).expect("write sink");
         fs::write(dir.path().join("client.py"), CLIENT_PY).expect("write client");
 
         let net = Net::up(tag, mode);
         let path = |name: &str| dir.path().join(name).display().to_string();
-        let python_arg = python.display().to_string();
-        let mta = Process::spawn(
+        let exe = std::env::current_exe().expect("test binary");
+        let exe = exe.display().to_string();
+        let mta = Process::spawn_with(
             &net.ns("mta"),
-            &[&python_arg, &path("sink.py"), MTA_IP, "25", &path("mta")],
+            &[
+                &exe,
+                "--exact",
+                "transparent::mta",
+                "--ignored",
+                "--nocapture",
+            ],
             &dir.path().join("mta.log"),
+            &[(MTA_DIR_VAR, &path("mta"))],
         );
         assert!(
             wait_until(secs(10), || dir.path().join("mta/ready").exists()),
@@ -590,4 +544,57 @@ fn full_mode_as_nobody_keeps_the_client_address() {
             "peer seen by the MTA"
         );
     });
+}
+
+/// Where [`mta`] writes its events and messages.
+const MTA_DIR_VAR: &str = "TRANSPARENT_MTA_DIR";
+
+/// The MTA of the tests above, which run this test binary again inside the MTA's namespace
+/// with `TRANSPARENT_MTA_DIR=DIR`: the harness upstream on 10.77.2.2:25, whose connections
+/// and messages it writes to `DIR/events` (`connect PEER`, `message PEER FILE`) until it is
+/// killed. Without the variable it returns at once.
+#[test]
+#[ignore = "the MTA of the transparent tests, run by them in its namespace"]
+fn mta() {
+    let Some(dir) = std::env::var_os(MTA_DIR_VAR).map(PathBuf::from) else {
+        return;
+    };
+    let addr = std::net::SocketAddr::new(MTA_IP.parse().expect("MTA address"), 25);
+    let up = Upstream::builder()
+        .banner("220 mta.test ESMTP")
+        .ehlo_host("mta.test")
+        .extensions(&[])
+        .listen(addr)
+        .start();
+    fs::write(dir.join("ready"), "").expect("write ready");
+    // Per session: connection written, messages written.
+    let mut written: Vec<usize> = Vec::new();
+    let mut files = 0;
+    loop {
+        let mut events = String::new();
+        for (i, session) in up.sessions().iter().enumerate() {
+            let peer = session.peer.map_or("?".into(), |p| p.ip().to_string());
+            if i == written.len() {
+                events.push_str(&format!("connect {peer}\n"));
+                written.push(0);
+            }
+            for m in session.delivered().iter().skip(written[i]) {
+                files += 1;
+                let file = dir.join(format!("message-{files}.eml"));
+                fs::write(&file, &m.content).expect("write message");
+                events.push_str(&format!("message {peer} {}\n", file.display()));
+                written[i] += 1;
+            }
+        }
+        if !events.is_empty() {
+            use std::io::Write;
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("events"))
+                .and_then(|mut f| f.write_all(events.as_bytes()))
+                .expect("write events");
+        }
+        thread::sleep(common::ms(20));
+    }
 }

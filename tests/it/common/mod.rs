@@ -86,11 +86,18 @@ macro_rules! skip {
     };
 }
 
-/// `Command::new` without [`STRICT_VAR`] in the child's environment: every process a test
-/// starts (the proxy, its wrappers, scripts that start it) goes through here.
+/// `Command::new` without the harness's own `PROXSMTPD_TEST_*` variables ([`STRICT_VAR`],
+/// `PROXSMTPD_TEST_KEEP`) in the child's environment: the proxy refuses unknown
+/// `PROXSMTPD_*` variables, and every process a test starts (the proxy, its wrappers,
+/// scripts that start it) goes through here.
 pub fn command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
     let mut c = std::process::Command::new(program);
     c.env_remove(STRICT_VAR);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PROXSMTPD_TEST_") {
+            c.env_remove(name);
+        }
+    }
     c
 }
 

@@ -149,6 +149,7 @@ pub struct ProxyBuilder {
     name: String,
     listen_ip: IpAddr,
     wrapper: Vec<String>,
+    debug_level: u8,
 }
 
 impl Default for ProxyBuilder {
@@ -177,10 +178,17 @@ impl ProxyBuilder {
             name: "proxy".into(),
             listen_ip: IpAddr::from([127, 0, 0, 1]),
             wrapper: Vec::new(),
+            debug_level: 4,
         }
         .set("TempDirectory", &tmp)
         .set("TimeOut", "20")
         .set("FilterTimeout", "10")
+    }
+
+    /// The `-d` level (4 unless set; the soak logs less).
+    pub fn debug_level(mut self, level: u8) -> Self {
+        self.debug_level = level;
+        self
     }
 
     /// Use another binary (differential tests).
@@ -331,7 +339,7 @@ fi
             };
             let child = cmd
                 .arg("-d")
-                .arg("4")
+                .arg(self.debug_level.to_string())
                 .arg("-f")
                 .arg(&conf_path)
                 .arg("-p")

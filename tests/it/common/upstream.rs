@@ -143,6 +143,8 @@ pub enum Event {
 /// Everything about one connection from the proxy.
 #[derive(Clone, Debug)]
 pub struct Session {
+    /// The proxy's address on this connection (TCP only).
+    pub peer: Option<SocketAddr>,
     pub commands: Vec<Vec<u8>>,
     pub command_times: Vec<Instant>,
     pub messages: Vec<Message>,
@@ -162,6 +164,7 @@ pub struct Session {
 impl Session {
     fn new() -> Session {
         Session {
+            peer: None,
             commands: Vec::new(),
             command_times: Vec::new(),
             messages: Vec::new(),
@@ -279,6 +282,7 @@ pub struct UpstreamBuilder {
     script: Script,
     unix_path: Option<PathBuf>,
     ipv6: bool,
+    listen: Option<SocketAddr>,
 }
 
 impl Default for UpstreamBuilder {
@@ -302,6 +306,7 @@ impl Default for UpstreamBuilder {
             },
             unix_path: None,
             ipv6: false,
+            listen: None,
         }
     }
 }
@@ -364,6 +369,12 @@ impl UpstreamBuilder {
         self
     }
 
+    /// Listen on this address instead of a free port of 127.0.0.1.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+
     /// Listen on a unix socket instead of TCP.
     pub fn unix(mut self, path: &Path) -> Self {
         self.unix_path = Some(path.to_path_buf());
@@ -385,8 +396,12 @@ impl UpstreamBuilder {
                 (Listener::Unix(l), UpstreamAddr::Unix(p.clone()))
             }
             None => {
-                let l = TcpListener::bind(if self.ipv6 { "[::1]:0" } else { "127.0.0.1:0" })
-                    .expect("bind upstream");
+                let any = if self.ipv6 { "[::1]:0" } else { "127.0.0.1:0" };
+                let l = match self.listen {
+                    Some(a) => TcpListener::bind(a),
+                    None => TcpListener::bind(any),
+                }
+                .expect("bind upstream");
                 let a = l.local_addr().expect("local_addr");
                 (Listener::Tcp(l), UpstreamAddr::Tcp(a))
             }
@@ -619,10 +634,10 @@ impl Listener {
         }
     }
 
-    fn accept(&self) -> io::Result<Conn> {
+    fn accept(&self) -> io::Result<(Conn, Option<SocketAddr>)> {
         match self {
-            Listener::Tcp(l) => l.accept().map(|(s, _)| Conn::Tcp(s)),
-            Listener::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listener::Tcp(l) => l.accept().map(|(s, a)| (Conn::Tcp(s), Some(a))),
+            Listener::Unix(l) => l.accept().map(|(s, _)| (Conn::Unix(s), None)),
         }
     }
 }
@@ -691,7 +706,7 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>, script: Arc<Script>) {
     let mut workers = Vec::new();
     while !shared.stop.load(Ordering::SeqCst) {
         match listener.accept() {
-            Ok(conn) => {
+            Ok((conn, peer)) => {
                 if conn.prepare().is_err() {
                     continue;
                 }
@@ -704,7 +719,10 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>, script: Arc<Script>) {
                 }
                 let mut index = 0;
                 shared.update(|s| {
-                    s.sessions.push(Session::new());
+                    s.sessions.push(Session {
+                        peer,
+                        ..Session::new()
+                    });
                     index = s.sessions.len() - 1;
                 });
                 let (sh, sc) = (shared.clone(), script.clone());
