@@ -209,12 +209,7 @@ fn keepalives_during_slow_body_are_not_leaked() {
             "no keepalive NOOP upstream: {:?}",
             up.session(0).lines()
         );
-        let total = up
-            .session(0)
-            .verbs()
-            .iter()
-            .filter(|v| *v == "NOOP")
-            .count();
+        let total = up.session(0).verb_count("NOOP");
         assert_eq!(
             c.cmd("NOOP").raw_str(),
             format!("250 2.0.0 noop #{}\r\n", total + 1),
@@ -237,12 +232,7 @@ fn keepalive_multiline_noop_replies_are_not_leaked() {
         let fin = trickle(&mut c, 3000);
         assert_eq!(fin.raw_str(), "250 2.0.0 Ok: queued as UP0001\r\n");
         assert!(noops_between_rcpt_and_data(&up) >= 1);
-        let total = up
-            .session(0)
-            .verbs()
-            .iter()
-            .filter(|v| *v == "NOOP")
-            .count();
+        let total = up.session(0).verb_count("NOOP");
         let r = c.cmd("NOOP");
         assert_eq!(
             r.lines.last().cloned().unwrap_or_default(),
@@ -271,12 +261,7 @@ fn keepalives_while_the_filter_runs() {
             "no keepalive NOOP while the filter ran: {:?}",
             up.session(0).lines()
         );
-        let total = up
-            .session(0)
-            .verbs()
-            .iter()
-            .filter(|v| *v == "NOOP")
-            .count();
+        let total = up.session(0).verb_count("NOOP");
         assert_eq!(
             c.cmd("NOOP").raw_str(),
             format!("250 2.0.0 noop #{}\r\n", total + 1),

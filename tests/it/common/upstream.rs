@@ -199,6 +199,11 @@ impl Session {
         self.commands.iter().map(|c| verb_of(c)).collect()
     }
 
+    /// How many commands of this verb the session received.
+    pub fn verb_count(&self, verb: &str) -> usize {
+        self.verbs().iter().filter(|v| *v == verb).count()
+    }
+
     pub fn delivered(&self) -> Vec<Message> {
         self.messages
             .iter()
