@@ -13,7 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::common::metrics::http_get;
-use crate::common::proxy::{free_port, is_listening, pid_listens_on};
+use crate::common::proxy::{free_port, pid_listens_on};
 use crate::common::{message, secs, timed, wait_until, Client, Daemon, ProxyBuilder, Upstream};
 
 impl Daemon {
@@ -158,7 +158,7 @@ fn layers_override_each_other(format: Format) {
     let mut d = Daemon::spawn(&["-d", "3", "-f", conf], &env, dir.path());
     d.wait_listening(p_env);
     assert!(
-        !is_listening(p_file),
+        !pid_listens_on(d.pid, p_file),
         "{format:?}: the file's Listen was used"
     );
     assert_eq!(
@@ -184,7 +184,7 @@ fn layers_override_each_other(format: Format) {
     ];
     let mut d = Daemon::spawn(&args, &env, dir.path());
     d.wait_listening(p_cli);
-    assert!(!is_listening(p_env) && !is_listening(p_file));
+    assert!(!pid_listens_on(d.pid, p_env) && !pid_listens_on(d.pid, p_file));
     assert_eq!(
         deliver_one(p_cli, &up, 3),
         from("cli"),
