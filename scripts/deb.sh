@@ -60,7 +60,7 @@ build() {
   fi
   [ -x "$target_dir/release/proxsmtpd" ] || die "no $target_dir/release/proxsmtpd (cargo build --release)"
   # The manual pages in the package are the committed ones: they must be what this binary
-  # generates (tests/man.rs checks the same).
+  # generates (tests/it/man.rs checks the same).
   for page in "8 man/proxsmtpd.8" "5 man/proxsmtpd.conf.5"; do
     # shellcheck disable=SC2086  # split "SECTION FILE" into $1 and $2
     set -- $page

@@ -10,7 +10,7 @@
 #              bench/run.sh --profile perf)
 #   prometheus promtool and a real Prometheus server
 #   spamd spamc clamav-daemon clamdscan
-#              the scanners of examples/filters/ (tests/scanners.rs starts its own spamd
+#              the scanners of examples/filters/ (tests/it/scanners.rs starts its own spamd
 #              and clamd on loopback; the packages' services and freshclam never run)
 #   lintian man-db
 #              the Debian package's checks (scripts/deb.sh --check)

@@ -2,7 +2,7 @@
 # man.sh - regenerate the manual pages under man/ from the code (src/process/man.rs and the
 # settings list in src/config/reference.rs), with the release binary:
 #   scripts/man.sh [BINARY]      (default target/release/proxsmtpd, built when missing)
-# tests/man.rs fails while the committed pages differ from what the binary prints.
+# tests/it/man.rs fails while the committed pages differ from what the binary prints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-target/release/proxsmtpd}
