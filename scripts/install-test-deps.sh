@@ -19,7 +19,7 @@
 #              the lint of the scripts (scripts/lint.sh), with ruff from PyPI (pinned) in
 #              a venv under ~/.cache/proxsmtpd/lint-venv
 #   python3-fusepy
-#              a FUSE file system whose reads and writes stall (tests/slow_spool.rs)
+#              a FUSE file system whose reads and writes stall (tests/it/faults/slow_spool.rs)
 #   cargo-deb  (cargo install, pinned) builds the Debian package (scripts/deb.sh)
 set -euo pipefail
 need=()

@@ -1,7 +1,7 @@
 //! The manual pages `proxsmtpd(8)` and `proxsmtpd.conf(5)`, generated from the settings
 //! list ([`crate::config::names::SETTINGS`] and [`crate::config::reference::SETTING_DOCS`])
 //! so they cannot drift from the code: `proxsmtpd --man 8` and `proxsmtpd --man 5` print
-//! them; the copies under `man/` are checked against this by `tests/man.rs`.
+//! them; the copies under `man/` are checked against this by `tests/it/man.rs`.
 //!
 //! The sections follow the original's pages (options, filter scripts and their
 //! environment, logging, the loopback and transparent proxy features, security), with what

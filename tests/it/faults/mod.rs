@@ -3,5 +3,6 @@
 
 mod client;
 mod filter;
+mod slow_spool;
 mod spool;
 mod upstream;

@@ -5,16 +5,16 @@
 //! sessions must get their greeting and their answers to EHLO, MAIL, RCPT, RSET and QUIT as
 //! quickly as ever. The slow message itself must still arrive byte for byte.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{message, secs, timed, Client, ProxyBuilder, Upstream};
+use crate::common::{message, secs, timed, Client, ProxyBuilder, Upstream};
 
 /// How long each read or write call on the slow file system sleeps.
 const CALL_DELAY: Duration = Duration::from_millis(1000);
@@ -137,7 +137,7 @@ impl SlowFs {
             skip!("no /dev/fuse: the slow spool needs FUSE; skipped");
             return None;
         }
-        let has_fusepy = Command::new(PYTHON)
+        let has_fusepy = common::command(PYTHON)
             .args(["-c", "import fusepy"])
             .stderr(Stdio::null())
             .status()
@@ -156,7 +156,7 @@ impl SlowFs {
         fs::create_dir(&mountpoint).expect("mount point");
         let script = dir.path().join("slowfs.py");
         fs::write(&script, SLOWFS).expect("write slowfs.py");
-        let daemon = Command::new(PYTHON)
+        let daemon = common::command(PYTHON)
             .arg(&script)
             .arg(&backing)
             .arg(&mountpoint)
@@ -197,7 +197,7 @@ impl SlowFs {
 
 impl Drop for SlowFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount")
+        let _ = common::command("umount")
             .arg("-l")
             .arg(&self.mountpoint)
             .stderr(Stdio::null())
