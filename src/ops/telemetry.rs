@@ -268,9 +268,9 @@ fn saturating_i64(n: impl TryInto<i64>) -> i64 {
     n.try_into().unwrap_or(i64::MAX)
 }
 
-/// What is known about a message when it is finished.
+/// The attributes a finished message's span records (OpenTelemetry names, numbers as i64).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct MessageOutcome {
+pub(crate) struct MessageAttributes {
     pub(crate) verdict: MessageVerdict,
     pub(crate) size_bytes: u64,
     pub(crate) recipients: usize,
@@ -281,7 +281,7 @@ pub(crate) struct MessageOutcome {
 }
 
 /// Records `outcome` on a span made by [`message_span`].
-pub(crate) fn record_message(span: &Span, outcome: &MessageOutcome) {
+pub(crate) fn record_message(span: &Span, outcome: &MessageAttributes) {
     span.record("message.verdict", outcome.verdict.as_str());
     span.record("message.size_bytes", saturating_i64(outcome.size_bytes));
     span.record("message.recipients", saturating_i64(outcome.recipients));
@@ -533,14 +533,14 @@ mod tests {
         let subscriber = tracing_subscriber::registry().with(layer);
         tracing::subscriber::with_default(subscriber, || {
             let outcomes = [
-                MessageOutcome {
+                MessageAttributes {
                     verdict: MessageVerdict::Accepted,
                     size_bytes: 4321,
                     recipients: 2,
                     filter_duration: Some(Duration::from_millis(42)),
                     upstream_reply_code: Some(250),
                 },
-                MessageOutcome {
+                MessageAttributes {
                     verdict: MessageVerdict::LocalError,
                     size_bytes: 0,
                     recipients: 1,

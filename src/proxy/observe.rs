@@ -164,7 +164,7 @@ pub(crate) fn message(conn: &impl Connection, envelope: &Envelope, outcome: Mess
     let verdict = outcome.verdict.as_str();
     telemetry::record_message(
         &tracing::Span::current(),
-        &telemetry::MessageOutcome {
+        &telemetry::MessageAttributes {
             verdict: outcome.verdict,
             size_bytes: outcome.size,
             recipients: envelope.recipients.len(),
