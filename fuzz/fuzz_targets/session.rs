@@ -97,7 +97,7 @@ impl Driver {
                     self.relay.tls_established();
                 }
                 Step::BeginData(_) => self.relay.transaction_done(self.now),
-                Step::PolicyReject => {}
+                Step::PolicyReject | Step::ClientLine(_) => {}
                 Step::End(_) => self.ended = true,
             }
         }
@@ -114,7 +114,11 @@ fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
     let session = Session::with_tls(policy(*policy_byte), tls_policy(*tls_byte));
     let mut driver = Driver {
-        relay: Relay::new(session, Duration::from_secs(300), now),
+        relay: {
+            let mut relay = Relay::new(session, Duration::from_secs(300), now);
+            relay.trace_client_lines(policy_byte & 0x40 != 0);
+            relay
+        },
         handshake_fails: tls_byte & 8 != 0,
         outstanding: 1,
         ended: false,

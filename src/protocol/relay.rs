@@ -49,6 +49,9 @@ pub enum Step {
     BeginData(DataMode),
     /// FilterType reject refused a DATA: log it as a rejected message.
     PolicyReject,
+    /// A client command line taken (only when asked for with [`Relay::trace_client_lines`],
+    /// for the debug trace).
+    ClientLine(Bytes),
     /// An upstream reply with this code was taken at this stage (for latency metrics).
     Replied {
         stage: Stage,
@@ -122,6 +125,7 @@ pub struct Relay {
     /// The upstream must finish the reply it owes by then (TimeOut from our command).
     upstream_due: Instant,
     restart: Restart,
+    trace_client_lines: bool,
 }
 
 impl Relay {
@@ -142,7 +146,13 @@ impl Relay {
             client_due: now + timeout,
             upstream_due: now + timeout,
             restart: Restart::None,
+            trace_client_lines: false,
         }
+    }
+
+    /// Hands out each client command line as [`Step::ClientLine`] before what it causes.
+    pub fn trace_client_lines(&mut self, on: bool) {
+        self.trace_client_lines = on;
     }
 
     pub fn session(&self) -> &Session {
@@ -320,7 +330,12 @@ impl Relay {
             return false;
         }
         match self.client_lines.next(&mut self.client_buf) {
-            Some(Framed::Line(line)) => self.session.client_line(line),
+            Some(Framed::Line(line)) => {
+                if self.trace_client_lines {
+                    self.steps.push_back(Step::ClientLine(line.clone()));
+                }
+                self.session.client_line(line)
+            }
             Some(Framed::TooLong) => self.session.client_line_too_long(),
             None => {
                 // An unterminated command from a client that left is never forwarded: the
@@ -465,6 +480,9 @@ mod tests {
                     Step::BeginData(mode) => format!("DATA {mode:?}"),
                     Step::PolicyReject => "POLICY-REJECT".into(),
                     Step::Replied { stage, code } => format!("replied {code} {stage:?}"),
+                    Step::ClientLine(b) => {
+                        format!("<cl {}", String::from_utf8_lossy(&b).trim_end())
+                    }
                     Step::End(end) => format!("END {end:?}"),
                 });
             }
@@ -650,6 +668,17 @@ mod tests {
         r.client_buf.clear();
         run(&mut r, now, &["DONE"]);
         assert!(r.wants().client);
+    }
+
+    #[test]
+    fn client_lines_are_handed_out_for_the_trace_when_asked() {
+        let (mut r, now) = greeted();
+        r.trace_client_lines(true);
+        let out = run(&mut r, now, &["C: NOOP", "S: 250 ok"]);
+        assert_eq!(
+            out,
+            ["<cl NOOP", ">up NOOP", "replied 250 Command", ">cl 250 ok"]
+        );
     }
 
     #[test]

@@ -274,6 +274,7 @@ pub(crate) async fn serve(
     );
     let mut core = Relay::new(session, settings.timeout, std::time::Instant::now());
     core.client_buf = received;
+    core.trace_client_lines(tracing::enabled!(tracing::Level::DEBUG));
     let mut conn = Conn {
         id,
         settings,
@@ -413,6 +414,10 @@ async fn perform(conn: &mut Conn, step: Step, shared: &Shared) -> Result<(), Fat
         Step::ToClient(bytes) => {
             trace_line(conn.id, "CLIENT >", &bytes);
             conn.send_client(&bytes).await
+        }
+        Step::ClientLine(line) => {
+            trace_line(conn.id, "CLIENT <", &line);
+            Ok(())
         }
         Step::Replied { stage, .. } => {
             crate::ops::metrics::upstream_reply(upstream_stage(stage), conn.upstream_active);
