@@ -109,7 +109,7 @@ fuzz_target!(|data: &[u8]| {
         "framing depends on chunking"
     );
 
-    let mut session = MilterSession::new(Offer::default(), MacroNames::postfix_defaults());
+    let mut session = MilterSession::new(Offer::default(), MacroNames::default());
     let opening = session.start().expect("a new session starts");
     check_sent(&opening);
     let packets = packets.into_iter();

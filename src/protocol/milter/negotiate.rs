@@ -151,26 +151,41 @@ pub struct MacroNames {
     pub stages: [Vec<String>; MACRO_STAGES],
 }
 
+fn names(list: &str) -> Vec<String> {
+    list.split(' ').map(str::to_owned).collect()
+}
+
+impl Default for MacroNames {
+    /// Postfix's defaults, plus the client's address, port and name at connect and the
+    /// authentication strength at mail (sendmail macros that filters commonly read).
+    fn default() -> Self {
+        let mut n = MacroNames::postfix_defaults();
+        n.stages[super::macro_stage::CONNECT as usize]
+            .extend(names("{client_addr} {client_port} {client_name}"));
+        n.stages[super::macro_stage::ENVFROM as usize].push("{auth_ssf}".to_owned());
+        n
+    }
+}
+
 impl MacroNames {
-    /// Postfix's defaults (`milter_*_macros`).
+    /// Postfix's defaults (`milter_*_macros` as `postconf -d` shows them).
     pub fn postfix_defaults() -> Self {
-        let list = |s: &str| s.split(' ').map(str::to_owned).collect::<Vec<_>>();
         MacroNames {
             stages: [
                 // SMFIM_CONNECT
-                list("j {daemon_name} {daemon_addr} v _ {client_addr} {client_port} {client_name}"),
+                names("j {daemon_name} {daemon_addr} v _"),
                 // SMFIM_HELO
-                list("{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}"),
+                names("{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}"),
                 // SMFIM_ENVFROM
-                list("i {auth_type} {auth_authen} {auth_ssf} {auth_author} {mail_mailer} {mail_host} {mail_addr}"),
+                names("i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} {mail_mailer}"),
                 // SMFIM_ENVRCPT
-                list("{rcpt_mailer} {rcpt_host} {rcpt_addr}"),
+                names("i {rcpt_addr} {rcpt_host} {rcpt_mailer}"),
                 // SMFIM_DATA
-                list("i"),
+                names("i"),
                 // SMFIM_EOM
-                list("i"),
+                names("i"),
                 // SMFIM_EOH
-                list("i"),
+                names("i"),
             ],
         }
     }

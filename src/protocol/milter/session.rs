@@ -453,7 +453,7 @@ mod tests {
     }
 
     fn negotiated_with(actions: u32, protocol: u32, symlists: &[u8]) -> MilterSession {
-        let mut s = MilterSession::new(Offer::default(), MacroNames::postfix_defaults());
+        let mut s = MilterSession::new(Offer::default(), MacroNames::default());
         assert_eq!(s.start().unwrap(), Offer::default().to_bytes());
         assert_eq!(
             s.on_packet(&optneg(actions, protocol, symlists)),
@@ -734,8 +734,11 @@ mod tests {
                         bytes[bytes.len() - command_len(stage)..][4],
                         stage.command()
                     );
-                    // `i` is in the default lists of mail, data, eoh and eom.
-                    if matches!(stage, Stage::Mail | Stage::Data | Stage::Eoh | Stage::Eom) {
+                    // `i` is in the default lists of mail, rcpt, data, eoh and eom.
+                    if matches!(
+                        stage,
+                        Stage::Mail | Stage::Rcpt | Stage::Data | Stage::Eoh | Stage::Eom
+                    ) {
                         assert_eq!(
                             &bytes[..9],
                             &wire(b'D', &[stage.command(), b'i', 0, b'Q', b'1', 0])[..9]
@@ -1028,7 +1031,7 @@ mod tests {
 
     #[test]
     fn commands_out_of_order() {
-        let mut s = MilterSession::new(Offer::default(), MacroNames::postfix_defaults());
+        let mut s = MilterSession::new(Offer::default(), MacroNames::default());
         assert_eq!(s.begin(CONNECT, &[]), Err(BeginError::Busy));
         s.start().unwrap();
         assert_eq!(s.start(), Err(BeginError::OutOfOrder(b'O')));
@@ -1140,7 +1143,7 @@ mod tests {
 
     #[test]
     fn negotiation_failure_closes() {
-        let mut s = MilterSession::new(Offer::default(), MacroNames::postfix_defaults());
+        let mut s = MilterSession::new(Offer::default(), MacroNames::default());
         s.start().unwrap();
         assert_eq!(
             s.on_packet(&optneg(0x400, 0, b"")),
