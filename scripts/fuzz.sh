@@ -5,7 +5,7 @@
 #   scripts/fuzz.sh [SECONDS]      a campaign of SECONDS per target (default 300), then a
 #                                  table of executions per target from libFuzzer's final stats
 #
-# Targets (fuzz/fuzz_targets/): command, reply, data, session, config, proxy_header. Seed
+# Targets (fuzz/fuzz_targets/): command, reply, data, session, config, proxy_header, milter. Seed
 # inputs are written into fuzz/corpus/<target>/ on every run; the corpus grows there and
 # crashing inputs land in fuzz/artifacts/<target>/ (both ignored by git). Reproduce a crash with
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run -O -a -s none <target> <file>     (in fuzz/)
@@ -34,7 +34,7 @@ for arg in "$@"; do
     esac
 done
 
-targets=(command reply data session config proxy_header)
+targets=(command reply data session config proxy_header milter)
 export RUSTC_BOOTSTRAP=1
 export CARGO_TERM_COLOR=never
 # The instrumented build of every dependency takes minutes: keep it outside the checkout
@@ -88,12 +88,19 @@ write_seeds() {
     seed proxy_header v2-tcp4 '\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xc0\x00\x02\x0a\xc6\x33\x64\x01\xdc\x04\x00\x19EHLO c\r\n'
     seed proxy_header v2-tcp6-tlv '\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x2a\x20\x01\x0d\xb8\0\0\0\0\0\0\0\0\0\0\0\x01\x20\x01\x0d\xb8\0\0\0\0\0\0\0\0\0\0\0\x25\x9c\x40\x02\x4b\x04\x00\x03abc'
     seed proxy_header v2-local '\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00'
+
+    # Filter replies, after 8 seed bytes: a negotiation answer (used when the seed does not
+    # make one up), then answers to the stages the target begins.
+    seed milter plain 'milter01\0\0\0\x0dO\0\0\0\x06\0\0\x01\xff\0\0\x04\0\0\0\0\x01c\0\0\0\x01c\0\0\0\x01p\0\0\0\x01c\0\0\0\x01s\0\0\0\x0chX-Spam\0yes\0\0\0\0\x01a'
+    seed milter reject 'milter02\0\0\0\x01c\0\0\0\x01c\0\0\0\x0fy550 5.7.1 no\0\0\0\0\x01t\0\0\0\x01r\0\0\0\x05bbody\0\0\0\x01d'
+    seed milter symlist 'milter03\0\0\0\x21O\0\0\0\x06\0\0\x01\xff\0\0\0\0\0\0\0\0j {client_addr}\0\0\0\0\x01c'
 }
 
 dict_for() {
     case $1 in
         config) echo "$fuzz_dir/dict/config.dict" ;;
         proxy_header) echo "$fuzz_dir/dict/proxy.dict" ;;
+        milter) echo "$fuzz_dir/dict/milter.dict" ;;
         *) echo "$fuzz_dir/dict/smtp.dict" ;;
     esac
 }

@@ -6,6 +6,7 @@ pub mod deadline;
 pub mod ehlo;
 pub mod encode;
 pub mod line;
+pub mod milter;
 pub mod proxy_header;
 pub mod relay;
 pub mod reply;
