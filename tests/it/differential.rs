@@ -97,8 +97,7 @@ fn mail(c: &mut Client, seen: &mut Vec<String>, from: &str, to: &[&str], content
     let go = d.code == 354;
     seen.push(d.raw_str());
     if go {
-        c.send(stuff(content));
-        seen.push(c.reply().raw_str());
+        seen.push(c.body(content).raw_str());
     }
 }
 

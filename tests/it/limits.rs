@@ -5,7 +5,9 @@ use crate::common;
 use std::time::Instant;
 
 use crate::common::upstream::Reply;
-use crate::common::{default_message, ms, secs, timed, wait_for, Client, ProxyBuilder, Upstream};
+use crate::common::{
+    default_message, ms, secs, timed, wait_for, Client, Proxy, ProxyBuilder, Upstream,
+};
 
 #[test]
 fn max_connections_refuses_with_421_and_frees_slots() {
@@ -192,29 +194,42 @@ fn noops_between_rcpt_and_data(up: &Upstream) -> usize {
     v[r..d].iter().filter(|x| *x == "NOOP").count()
 }
 
+/// Asserts that at least one keepalive NOOP went upstream between RCPT and DATA (`when`
+/// names the phase for the message) and that no reply to one reached the client: the
+/// client's own NOOP gets the next number of the upstream's counter.
+fn assert_keepalives_not_leaked(up: &Upstream, c: &mut Client, when: &str) {
+    let n = noops_between_rcpt_and_data(up);
+    assert!(
+        n >= 1,
+        "no keepalive NOOP {when}: {:?}",
+        up.session(0).lines()
+    );
+    let total = up.session(0).verb_count("NOOP");
+    assert_eq!(
+        c.cmd("NOOP").raw_str(),
+        format!("250 2.0.0 noop #{}\r\n", total + 1),
+        "a keepalive reply leaked"
+    );
+}
+
+/// A proxy in front of `up` that sends keepalives every second, with an optional filter.
+fn keepalive_proxy(up: &Upstream, filter: Option<&str>) -> Proxy {
+    let mut b = ProxyBuilder::new().upstream(up).set("KeepAlives", "1");
+    if let Some(f) = filter {
+        b = b.set("FilterCommand", f);
+    }
+    b.start()
+}
+
 #[test]
 fn keepalives_during_slow_body_are_not_leaked() {
     timed(30, || {
         let up = noop_counter(false);
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("KeepAlives", "1")
-            .start();
+        let p = keepalive_proxy(&up, None);
         let mut c = p.open();
         let fin = trickle(&mut c, 3500);
         assert_eq!(fin.raw_str(), "250 2.0.0 Ok: queued as UP0001\r\n");
-        let n = noops_between_rcpt_and_data(&up);
-        assert!(
-            n >= 1,
-            "no keepalive NOOP upstream: {:?}",
-            up.session(0).lines()
-        );
-        let total = up.session(0).verb_count("NOOP");
-        assert_eq!(
-            c.cmd("NOOP").raw_str(),
-            format!("250 2.0.0 noop #{}\r\n", total + 1),
-            "a keepalive reply leaked"
-        );
+        assert_keepalives_not_leaked(&up, &mut c, "upstream");
         assert_bytes_eq!(up.expect_one().content, default_message());
     });
 }
@@ -224,10 +239,7 @@ fn keepalive_multiline_noop_replies_are_not_leaked() {
     // deviation from 1.10: the original reads one line of the NOOP reply.
     timed(30, || {
         let up = noop_counter(true);
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("KeepAlives", "1")
-            .start();
+        let p = keepalive_proxy(&up, None);
         let mut c = p.open();
         let fin = trickle(&mut c, 3000);
         assert_eq!(fin.raw_str(), "250 2.0.0 Ok: queued as UP0001\r\n");
@@ -247,25 +259,10 @@ fn keepalives_while_the_filter_runs() {
     // deviation from 1.10: the original sends no NOOPs while the filter runs.
     timed(30, || {
         let up = noop_counter(false);
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("KeepAlives", "1")
-            .set("FilterCommand", "cat; sleep 3")
-            .start();
+        let p = keepalive_proxy(&up, Some("cat; sleep 3"));
         let mut c = p.open();
         let fin = c.send_mail(&default_message());
         assert_eq!(fin.raw_str(), "250 2.0.0 Ok: queued as UP0001\r\n");
-        let n = noops_between_rcpt_and_data(&up);
-        assert!(
-            n >= 1,
-            "no keepalive NOOP while the filter ran: {:?}",
-            up.session(0).lines()
-        );
-        let total = up.session(0).verb_count("NOOP");
-        assert_eq!(
-            c.cmd("NOOP").raw_str(),
-            format!("250 2.0.0 noop #{}\r\n", total + 1),
-            "a keepalive reply leaked"
-        );
+        assert_keepalives_not_leaked(&up, &mut c, "while the filter ran");
     });
 }

@@ -178,8 +178,7 @@ fn upstream_errors_by_stage() {
         assert_eq!(c.cmd("MAIL FROM:<alice@example.org>").code, 250);
         assert_eq!(c.cmd("RCPT TO:<bob@example.net>").code, 250);
         assert_eq!(c.cmd("DATA").code, 354);
-        c.send(common::stuff(&common::default_message()));
-        let r = c.reply();
+        let r = c.body(&common::default_message());
         assert_eq!(r.code / 100, 4, "{r:?}");
         // Session 2: after the end of data, before the final reply.
         let mut c = p.open();
@@ -253,8 +252,7 @@ fn messages_lost_upstream_are_counted() {
             assert_eq!(c.cmd("MAIL FROM:<alice@example.org>").code, 250);
             assert_eq!(c.cmd("RCPT TO:<bob@example.net>").code, 250);
             assert_eq!(c.cmd("DATA").code, 354);
-            c.send(common::stuff(&common::default_message()));
-            let r = c.reply();
+            let r = c.body(&common::default_message());
             assert_eq!(r.code / 100, 4, "{r:?}");
         }
         assert!(wait_until(secs(3), || {
@@ -478,8 +476,7 @@ fn replies_by_class_match_what_clients_received() {
         a.cmd("RCPT TO:<nobody@example.net>");
         a.cmd("RCPT TO:<bob@example.net>");
         a.cmd("DATA");
-        a.send(common::stuff(&message("one", b"hello\r\n")));
-        a.reply();
+        a.body(&message("one", b"hello\r\n"));
         a.transaction(
             "<alice@example.org>",
             &["<bob@example.net>"],

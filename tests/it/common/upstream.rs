@@ -200,6 +200,15 @@ impl Session {
     }
 
     /// How many commands of this verb the session received.
+    /// Asserts that this session carried no `verb` command.
+    pub fn assert_no_verb(&self, verb: &str) {
+        assert!(
+            !self.verbs().iter().any(|v| v == verb),
+            "the upstream got {verb}: {:?}",
+            self.lines()
+        );
+    }
+
     pub fn verb_count(&self, verb: &str) -> usize {
         self.verbs().iter().filter(|v| *v == verb).count()
     }

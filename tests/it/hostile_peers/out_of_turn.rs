@@ -262,8 +262,7 @@ fn pipelined_commands_go_upstream_one_at_a_time() {
             );
             let codes: Vec<u16> = (0..5).map(|_| c.reply().code).collect();
             assert_eq!(codes, vec![250, 250, 250, 250, 354], "{filter:?}");
-            c.send(stuff(&default_message()));
-            assert_eq!(c.reply().code, 250, "{filter:?}");
+            assert_eq!(c.body(&default_message()).code, 250, "{filter:?}");
             assert_eq!(c.cmd("QUIT").code, 221, "{filter:?}");
             let s = up.session(0);
             assert!(
