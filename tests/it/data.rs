@@ -152,9 +152,7 @@ fn last_line_directly_before_terminator_is_kept() {
             let up = Upstream::start();
             let p = Proxy::with_optional_filter(&up, filter);
             let mut c = p.open();
-            c.cmd("MAIL FROM:<alice@example.org>");
-            c.cmd("RCPT TO:<bob@example.net>");
-            assert_eq!(c.cmd("DATA").code, 354);
+            c.begin_data();
             c.send(b"Subject: t\r\n\r\nfirst\r\nthe last line\r\n.\r\n");
             assert_eq!(c.reply().code, 250, "filter {filter:?}");
             assert_bytes_eq!(
@@ -175,9 +173,7 @@ fn empty_first_body_is_recognised() {
             let p = Proxy::with_optional_filter(&up, filter);
             let mut c = p.open();
             c.set_timeout(secs(5));
-            c.cmd("MAIL FROM:<alice@example.org>");
-            c.cmd("RCPT TO:<bob@example.net>");
-            assert_eq!(c.cmd("DATA").code, 354);
+            c.begin_data();
             c.send(b".\r\n");
             assert_eq!(c.reply().code, 250, "filter {filter:?}");
             assert_bytes_eq!(up.expect_one().content, b"", "filter {filter:?}");
@@ -204,9 +200,7 @@ fn smuggling_case(vector: &[u8], filter: Option<&str>) {
     let up = Upstream::builder().lenient_data_end().start();
     let p = Proxy::with_optional_filter(&up, filter);
     let mut c = p.open();
-    c.cmd("MAIL FROM:<alice@example.org>");
-    c.cmd("RCPT TO:<bob@example.net>");
-    assert_eq!(c.cmd("DATA").code, 354);
+    c.begin_data();
     let body = smuggling_body(vector);
     c.send([&body[..], b".\r\n"].concat());
     assert_eq!(c.reply().code, 250);

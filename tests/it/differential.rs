@@ -7,9 +7,7 @@ use crate::common;
 use std::path::Path;
 
 use crate::common::upstream::UpstreamBuilder;
-use crate::common::{
-    binary, message, secs, stuff, timed, Client, ProxyBuilder, Upstream, REFERENCE_BIN,
-};
+use crate::common::{binary, message, secs, timed, Client, ProxyBuilder, Upstream, REFERENCE_BIN};
 
 /// What one run looked like from both ends.
 #[derive(Debug, PartialEq, Eq)]

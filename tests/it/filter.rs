@@ -6,7 +6,6 @@ use crate::common;
 use std::time::Instant;
 
 use crate::common::proxy::pid_alive;
-use crate::common::upstream::Reply;
 use crate::common::{default_message, message, ms, secs, timed, Proxy, ProxyBuilder, Upstream};
 
 /// A pipe filter that passes the message unless it contains one of the `CASE-...` markers,
@@ -220,11 +219,11 @@ fn pipe_filter_gets_exact_message_and_environment() {
 fn null_sender_and_only_accepted_recipients() {
     timed(30, || {
         let up = Upstream::builder()
-            .reply_with("RCPT", |c| {
-                String::from_utf8_lossy(c.line)
-                    .contains("nobody@")
-                    .then(|| Reply::text("550 5.1.1 <nobody@example.net>: User unknown"))
-            })
+            .reply_when(
+                "RCPT",
+                "nobody@",
+                "550 5.1.1 <nobody@example.net>: User unknown",
+            )
             .start();
         let (p, rec) = Proxy::recording_env(&up);
         let mut c = p.open();
@@ -705,10 +704,7 @@ fn header_added_without_filter_and_in_file_mode() {
     timed(30, || {
         let want = insert_before_blank_line(&default_message(), b"X-Scanned: yes\r\n");
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("Header", "X-Scanned: yes")
-            .start();
+        let p = Proxy::with_setting(&up, "Header", "X-Scanned: yes");
         assert_eq!(p.open().send_mail(&default_message()).code, 250);
         assert_bytes_eq!(up.expect_one().content, want, "no filter");
         let up = Upstream::start();

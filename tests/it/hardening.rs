@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use crate::common::metrics::{http_get, parse};
 use crate::common::proxy::free_port;
-use crate::common::upstream::Reply;
-use crate::common::{secs, stuff, timed, Client, Proxy, ProxyBuilder, Upstream};
+use crate::common::{secs, timed, Client, Proxy, ProxyBuilder, Upstream};
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -338,11 +337,7 @@ fn smtp_lines(stream: TcpStream, lines: &[&str]) -> Vec<String> {
 fn metric_labels_carry_no_personal_data() {
     timed(60, || {
         let up = Upstream::builder()
-            .reply_with("RCPT", |c| {
-                String::from_utf8_lossy(c.line)
-                    .contains("refused")
-                    .then(|| Reply::text("550 5.1.1 unknown user"))
-            })
+            .reply_when("RCPT", "refused", "550 5.1.1 unknown user")
             .start();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let b = ProxyBuilder::new()

@@ -13,10 +13,7 @@ use crate::common::{
 fn max_connections_refuses_with_421_and_frees_slots() {
     timed(30, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("MaxConnections", "2")
-            .start();
+        let p = Proxy::with_setting(&up, "MaxConnections", "2");
         let mut c1 = p.connect();
         assert_eq!(c1.greeting().code, 220);
         let mut c2 = p.connect();
@@ -57,10 +54,7 @@ fn max_connections_refuses_with_421_and_frees_slots() {
 fn idle_client_is_disconnected_after_timeout() {
     timed(30, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("TimeOut", "2")
-            .start();
+        let p = Proxy::with_setting(&up, "TimeOut", "2");
         let mut c = p.open();
         let t0 = Instant::now();
         assert!(
@@ -81,10 +75,7 @@ fn idle_timeout_sends_421_before_closing() {
     // deviation from 1.10: the original closes without a reply.
     timed(30, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("TimeOut", "2")
-            .start();
+        let p = Proxy::with_setting(&up, "TimeOut", "2");
         let mut c = p.open();
         c.set_timeout(secs(8));
         let r = c
@@ -106,9 +97,7 @@ fn stalled_body_times_out_without_delivery() {
             .set("FilterCommand", "cat")
             .start();
         let mut c = p.open();
-        c.cmd("MAIL FROM:<alice@example.org>");
-        c.cmd("RCPT TO:<bob@example.net>");
-        assert_eq!(c.cmd("DATA").code, 354);
+        c.begin_data();
         c.send(b"Subject: stalled\r\n\r\nhalf a message\r\n");
         assert!(c.wait_eof(secs(10)), "stalled client still connected");
         assert!(
@@ -174,9 +163,7 @@ fn noop_counter(multiline: bool) -> Upstream {
 
 /// Sends a message line by line over about `secs_total` seconds; returns the final reply.
 fn trickle(c: &mut Client, millis_total: u64) -> common::ClientReply {
-    c.cmd("MAIL FROM:<alice@example.org>");
-    c.cmd("RCPT TO:<bob@example.net>");
-    assert_eq!(c.cmd("DATA").code, 354);
+    c.begin_data();
     let msg = default_message();
     let lines: Vec<&[u8]> = msg.split_inclusive(|&b| b == b'\n').collect();
     for l in &lines {

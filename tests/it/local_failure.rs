@@ -77,10 +77,7 @@ fn missing_temp_directory_no_filter() {
     // TempDirectory cannot fail the message. (The original spools it and answers 451.)
     timed(30, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("TempDirectory", "/nonexistent/proxsmtpd-temp")
-            .start();
+        let p = Proxy::with_setting(&up, "TempDirectory", "/nonexistent/proxsmtpd-temp");
         let mut c = p.open();
         let reply = body_in_two_halves(&mut c, ms(700));
         assert!(reply.starts_with("250 "), "final reply {reply:?}");
@@ -133,9 +130,7 @@ fn disconnect_mid_data(filter: Option<&str>) {
     let up = Upstream::start();
     let p = Proxy::with_optional_filter(&up, filter);
     let mut c = p.open();
-    c.cmd("MAIL FROM:<alice@example.org>");
-    c.cmd("RCPT TO:<bob@example.net>");
-    assert_eq!(c.cmd("DATA").code, 354);
+    c.begin_data();
     c.send(message("cut", &b"a line of the body\r\n".repeat(5000)));
     std::thread::sleep(ms(300));
     c.close();
@@ -189,9 +184,7 @@ fn client_disconnect_mid_data_with_file_filter() {
             .set("FilterCommand", "true")
             .start();
         let mut c = p.open();
-        c.cmd("MAIL FROM:<alice@example.org>");
-        c.cmd("RCPT TO:<bob@example.net>");
-        assert_eq!(c.cmd("DATA").code, 354);
+        c.begin_data();
         c.send(b"Subject: cut\r\n\r\npartial");
         std::thread::sleep(ms(300));
         c.close();

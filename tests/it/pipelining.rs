@@ -4,9 +4,7 @@
 use crate::common;
 
 use crate::common::upstream::Reply;
-use crate::common::{
-    default_message, message, ms, secs, stuff, timed, Proxy, ProxyBuilder, Upstream,
-};
+use crate::common::{default_message, message, ms, secs, stuff, timed, Proxy, Upstream};
 
 const PIPELINING_UPSTREAM: &[&str] = &["PIPELINING", "SIZE 10240000", "8BITMIME"];
 
@@ -99,11 +97,7 @@ fn pipelined_with_rejected_recipient() {
     // deviation from 1.10: replies of pipelined commands are matched to the wrong commands.
     timed(30, || {
         let up = Upstream::builder()
-            .reply_with("RCPT", |c| {
-                String::from_utf8_lossy(c.line)
-                    .contains("bad@")
-                    .then(|| Reply::text("550 5.1.1 bad: no such user"))
-            })
+            .reply_when("RCPT", "bad@", "550 5.1.1 bad: no such user")
             .start();
         let (p, rec) = Proxy::recording_env(&up);
         let mut c = p.open();

@@ -345,10 +345,7 @@ fn xclient_option_sends_client_address_before_mail() {
         let up = Upstream::builder()
             .extensions(&["SIZE 1000000", "XCLIENT NAME ADDR PROTO HELO", "8BITMIME"])
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("XClient", "on")
-            .start();
+        let p = Proxy::with_setting(&up, "XClient", "on");
         let mut c = p.connect();
         c.greeting();
         let e = c.cmd("EHLO client.example");
@@ -390,10 +387,7 @@ fn xclient_option_resends_ehlo_after_xclient() {
         let up = Upstream::builder()
             .extensions(&["XCLIENT NAME ADDR PROTO HELO", "8BITMIME"])
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("XClient", "on")
-            .start();
+        let p = Proxy::with_setting(&up, "XClient", "on");
         let mut c = p.open();
         let t = c.transaction(
             "<alice@example.org>",
@@ -426,10 +420,7 @@ fn xclient_option_not_sent_when_not_advertised() {
         let up = Upstream::builder()
             .extensions(&["SIZE 1000000", "8BITMIME"])
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("XClient", "on")
-            .start();
+        let p = Proxy::with_setting(&up, "XClient", "on");
         let mut c = p.open();
         assert_eq!(c.send_mail(&default_message()).code, 250);
         up.session(0).assert_no_verb("XCLIENT");
@@ -488,10 +479,7 @@ fn auth_235_with_skip_authenticated_bypasses_filter() {
 fn filter_type_reject_default_reply() {
     timed(30, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterType", "reject")
-            .start();
+        let p = Proxy::with_setting(&up, "FilterType", "reject");
         let mut c = p.open();
         assert_eq!(
             c.cmd("MAIL FROM:<alice@example.org>").raw_str(),

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::common::proxy::free_port;
 use crate::common::upstream::Reply;
-use crate::common::{default_message, ms, secs, stuff, timed, Proxy, ProxyBuilder, Upstream};
+use crate::common::{default_message, ms, secs, timed, Proxy, ProxyBuilder, Upstream};
 
 #[test]
 fn upstream_unreachable_gives_421_then_close() {
@@ -183,9 +183,7 @@ fn unfiltered_body_is_streamed_before_its_end() {
         let up = Upstream::start();
         let p = ProxyBuilder::new().upstream(&up).start();
         let mut c = p.open();
-        c.cmd("MAIL FROM:<alice@example.org>");
-        c.cmd("RCPT TO:<bob@example.net>");
-        assert_eq!(c.cmd("DATA").code, 354);
+        c.begin_data();
         c.send(b"Subject: streamed\r\n\r\nthe first half\r\n");
         let streaming = up.wait(secs(5), |s| {
             s.sessions
@@ -214,10 +212,7 @@ fn upstream_silent_after_data_is_never_250() {
         let up = Upstream::builder()
             .reply("DATA_END", Reply::silent())
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("TimeOut", "2")
-            .start();
+        let p = Proxy::with_setting(&up, "TimeOut", "2");
         let mut c = p.open();
         c.set_timeout(secs(8));
         let t0 = Instant::now();
@@ -363,10 +358,7 @@ fn multiline_xclient_reply_is_read_whole() {
                 Reply::text("220-upstream.test first\n220 upstream.test ESMTP"),
             )
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("XClient", "on")
-            .start();
+        let p = Proxy::with_setting(&up, "XClient", "on");
         let mut c = p.open();
         c.assert_in_sync();
         assert_eq!(

@@ -360,6 +360,14 @@ impl Client {
             .final_reply
     }
 
+    /// MAIL FROM alice and RCPT TO bob (replies not checked), then DATA, which must get 354.
+    pub fn begin_data(&mut self) {
+        self.cmd("MAIL FROM:<alice@example.org>");
+        self.cmd("RCPT TO:<bob@example.net>");
+        let d = self.cmd("DATA");
+        assert_eq!(d.code, 354, "DATA: {d:?}");
+    }
+
     /// Sends `content` dot-stuffed with the end-of-data marker (after DATA's 354) and
     /// reads the final reply.
     pub fn body(&mut self, content: &[u8]) -> Reply {

@@ -492,12 +492,14 @@ impl Proxy {
         ProxyBuilder::new().upstream(up).start()
     }
 
+    /// A proxy in front of `up` with one setting changed from the default.
+    pub fn with_setting(up: &Upstream, name: &str, value: &str) -> Proxy {
+        ProxyBuilder::new().upstream(up).set(name, value).start()
+    }
+
     /// A proxy in front of `up` that runs `filter` as its FilterCommand.
     pub fn with_filter(up: &Upstream, filter: &str) -> Proxy {
-        ProxyBuilder::new()
-            .upstream(up)
-            .set("FilterCommand", filter)
-            .start()
+        Proxy::with_setting(up, "FilterCommand", filter)
     }
 
     /// A proxy in front of `up` that runs `filter` as its FilterCommand, if there is one.

@@ -365,6 +365,17 @@ impl UpstreamBuilder {
         self
     }
 
+    /// Answers `key` with `text` when its line (for DATA_END: the content) contains
+    /// `needle`, as configured otherwise when not.
+    pub fn reply_when(self, key: &str, needle: &str, text: &str) -> Self {
+        let (needle, text) = (needle.to_string(), text.to_string());
+        self.reply_with(key, move |call| {
+            String::from_utf8_lossy(call.line)
+                .contains(needle.as_str())
+                .then(|| Reply::text(&text))
+        })
+    }
+
     /// Accept the connection and close it at once.
     pub fn close_on_connect(mut self) -> Self {
         self.script.close_on_connect = true;

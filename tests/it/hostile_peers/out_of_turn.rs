@@ -233,10 +233,7 @@ fn garbage_and_late_replies_are_never_relayed() {
         let up = Upstream::builder()
             .reply("MAIL", Reply::text("250 2.1.0 late").delay(secs(4)))
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("TimeOut", "2")
-            .start();
+        let p = Proxy::with_setting(&up, "TimeOut", "2");
         let mut c = p.open();
         c.set_timeout(secs(10));
         let r = c.cmd("MAIL FROM:<a@example.org>");
