@@ -10,7 +10,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::common::proxy::{free_port, pid_listens_on};
-use crate::common::{message, secs, timed, wait_until, Client, Daemon, Reply, Upstream};
+use crate::common::{message, secs, timed, wait_until, Client, Daemon, Upstream};
 
 impl Daemon {
     /// Every stdout line as JSON; panics on a line that is not a JSON object.
@@ -35,11 +35,7 @@ fn summaries(d: &Daemon) -> Vec<Value> {
 
 fn run_container_mode(in_file: bool) {
     let up = Upstream::builder()
-        .reply_with("DATA_END", |call| {
-            String::from_utf8_lossy(call.line)
-                .contains("UPSTREAM-REJECT")
-                .then(|| Reply::text("554 5.7.1 Upstream refuses"))
-        })
+        .reply_when("DATA_END", "UPSTREAM-REJECT", "554 5.7.1 Upstream refuses")
         .start();
     let dir = tempfile::tempdir().unwrap();
     fs::create_dir(dir.path().join("tmp")).unwrap();

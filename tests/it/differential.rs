@@ -7,9 +7,7 @@ use crate::common;
 use std::path::Path;
 
 use crate::common::upstream::UpstreamBuilder;
-use crate::common::{
-    binary, message, secs, stuff, timed, Client, ProxyBuilder, Upstream, REFERENCE_BIN,
-};
+use crate::common::{binary, message, secs, timed, Client, ProxyBuilder, Upstream, REFERENCE_BIN};
 
 /// What one run looked like from both ends.
 #[derive(Debug, PartialEq, Eq)]
@@ -97,8 +95,7 @@ fn mail(c: &mut Client, seen: &mut Vec<String>, from: &str, to: &[&str], content
     let go = d.code == 354;
     seen.push(d.raw_str());
     if go {
-        c.send(stuff(content));
-        seen.push(c.reply().raw_str());
+        seen.push(c.body(content).raw_str());
     }
 }
 

@@ -6,7 +6,6 @@ use crate::common;
 use std::time::Instant;
 
 use crate::common::proxy::pid_alive;
-use crate::common::upstream::Reply;
 use crate::common::{default_message, message, ms, secs, timed, Proxy, ProxyBuilder, Upstream};
 
 /// A pipe filter that passes the message unless it contains one of the `CASE-...` markers,
@@ -44,11 +43,7 @@ fn rejected_then_usable(marker: &str) -> String {
     ));
     up.wait_command(0, secs(3), |l| l == "RSET");
     let s = up.session(0);
-    assert!(
-        !s.verbs().contains(&"DATA".to_string()),
-        "upstream got DATA for a rejected message: {:?}",
-        s.lines()
-    );
+    s.assert_no_verb("DATA");
     assert!(s.messages.is_empty(), "upstream got the rejected message");
     assert_eq!(
         s.lines().last().map(|l| l.as_str()),
@@ -147,10 +142,7 @@ fn reject_continuation_line_sent_as_final_line() {
 fn stderr_ignored_when_filter_succeeds() {
     timed(30, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "echo '550 not really' >&2; cat")
-            .start();
+        let p = Proxy::with_filter(&up, "echo '550 not really' >&2; cat");
         let mut c = p.open();
         assert_eq!(
             c.send_mail(&default_message()).raw_str(),
@@ -227,15 +219,13 @@ fn pipe_filter_gets_exact_message_and_environment() {
 fn null_sender_and_only_accepted_recipients() {
     timed(30, || {
         let up = Upstream::builder()
-            .reply_with("RCPT", |c| {
-                String::from_utf8_lossy(c.line)
-                    .contains("nobody@")
-                    .then(|| Reply::text("550 5.1.1 <nobody@example.net>: User unknown"))
-            })
+            .reply_when(
+                "RCPT",
+                "nobody@",
+                "550 5.1.1 <nobody@example.net>: User unknown",
+            )
             .start();
-        let b = ProxyBuilder::new().upstream(&up);
-        let (f, rec) = b.env_recorder();
-        let p = b.set("FilterCommand", &f).start();
+        let (p, rec) = Proxy::recording_env(&up);
         let mut c = p.open();
         assert_eq!(c.cmd("MAIL FROM:<>").code, 250);
         assert_eq!(c.cmd("RCPT TO:<one@example.net>").code, 250);
@@ -245,14 +235,8 @@ fn null_sender_and_only_accepted_recipients() {
         );
         assert_eq!(c.cmd("RCPT TO:<two@example.net>").code, 250);
         assert_eq!(c.cmd("DATA").code, 354);
-        c.send(common::stuff(&default_message()));
-        assert_eq!(c.reply().code, 250);
-        let run = &rec.wait_runs(1, secs(5))[0];
-        assert_eq!(run.var("SENDER"), Some("<>"));
-        assert_eq!(
-            run.var("RECIPIENTS"),
-            Some("one@example.net\ntwo@example.net")
-        );
+        assert_eq!(c.body(&default_message()).code, 250);
+        rec.assert_one_envelope("<>", "one@example.net\ntwo@example.net");
     });
 }
 
@@ -260,9 +244,7 @@ fn null_sender_and_only_accepted_recipients() {
 fn rset_clears_the_envelope() {
     timed(30, || {
         let up = Upstream::start();
-        let b = ProxyBuilder::new().upstream(&up);
-        let (f, rec) = b.env_recorder();
-        let p = b.set("FilterCommand", &f).start();
+        let (p, rec) = Proxy::recording_env(&up);
         let mut c = p.open();
         assert_eq!(c.cmd("MAIL FROM:<first@example.org>").code, 250);
         assert_eq!(c.cmd("RCPT TO:<x1@example.net>").code, 250);
@@ -273,9 +255,7 @@ fn rset_clears_the_envelope() {
             &default_message(),
         );
         assert_eq!(t.final_reply.code, 250);
-        let run = &rec.wait_runs(1, secs(5))[0];
-        assert_eq!(run.var("SENDER"), Some("second@example.org"));
-        assert_eq!(run.var("RECIPIENTS"), Some("x2@example.net"));
+        rec.assert_one_envelope("second@example.org", "x2@example.net");
         assert_eq!(
             up.expect_one().mail_from,
             b"MAIL FROM:<second@example.org>\r\n"
@@ -287,9 +267,7 @@ fn rset_clears_the_envelope() {
 fn two_messages_each_with_its_own_envelope() {
     timed(30, || {
         let up = Upstream::start();
-        let b = ProxyBuilder::new().upstream(&up);
-        let (f, rec) = b.env_recorder();
-        let p = b.set("FilterCommand", &f).start();
+        let (p, rec) = Proxy::recording_env(&up);
         let mut c = p.open();
         let (m1, m2) = (message("one", b"first\r\n"), message("two", b"second\r\n"));
         c.transaction(
@@ -324,9 +302,7 @@ fn server_variable_is_the_unix_socket_path() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("up.sock");
         let up = Upstream::builder().unix(&sock).start();
-        let b = ProxyBuilder::new().upstream(&up);
-        let (f, rec) = b.env_recorder();
-        let p = b.set("FilterCommand", &f).start();
+        let (p, rec) = Proxy::recording_env(&up);
         assert_eq!(p.open().send_mail(&default_message()).code, 250);
         assert_eq!(
             rec.wait_runs(1, secs(5))[0].var("SERVER"),
@@ -522,10 +498,7 @@ fn filter_timeout_kills_the_whole_process_group() {
 fn filter_killed_by_signal_gives_451() {
     timed(30, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "cat >/dev/null; kill -9 $$")
-            .start();
+        let p = Proxy::with_filter(&up, "cat >/dev/null; kill -9 $$");
         let mut c = p.open();
         assert_eq!(
             c.send_mail(&default_message()).raw_str(),
@@ -554,10 +527,7 @@ fn filter_not_found_or_not_executable_gives_451() {
             "/nonexistent/filter-command",
             not_exec.to_str().unwrap_or(""),
         ] {
-            let p = ProxyBuilder::new()
-                .upstream(&up)
-                .set("FilterCommand", cmd)
-                .start();
+            let p = Proxy::with_filter(&up, cmd);
             let mut c = p.open();
             assert_eq!(
                 c.send_mail(&default_message()).raw_str(),
@@ -573,10 +543,7 @@ fn filter_not_found_or_not_executable_gives_451() {
 fn filter_closing_input_early_is_answered_after_the_body() {
     timed(30, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "echo '550 5.7.1 nope' >&2; exit 1")
-            .start();
+        let p = Proxy::with_filter(&up, "echo '550 5.7.1 nope' >&2; exit 1");
         let mut c = p.open();
         let body = "RCPT TO:<injected@example.net>\r\n".repeat(40_000);
         let fin = c.send_mail(&message("big", body.as_bytes()));
@@ -737,10 +704,7 @@ fn header_added_without_filter_and_in_file_mode() {
     timed(30, || {
         let want = insert_before_blank_line(&default_message(), b"X-Scanned: yes\r\n");
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("Header", "X-Scanned: yes")
-            .start();
+        let p = Proxy::with_setting(&up, "Header", "X-Scanned: yes");
         assert_eq!(p.open().send_mail(&default_message()).code, 250);
         assert_bytes_eq!(up.expect_one().content, want, "no filter");
         let up = Upstream::start();

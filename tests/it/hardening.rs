@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use crate::common::metrics::{http_get, parse};
 use crate::common::proxy::free_port;
-use crate::common::upstream::Reply;
-use crate::common::{secs, stuff, timed, Client, ProxyBuilder, Upstream};
+use crate::common::{secs, timed, Client, Proxy, ProxyBuilder, Upstream};
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -31,8 +30,7 @@ fn converse(c: &mut Client, lines: &[&[u8]]) -> Vec<u16> {
         let r = c.reply();
         codes.push(r.code);
         if r.code == 354 {
-            c.send(stuff(b"Subject: hardening\r\n\r\nbody\r\n"));
-            codes.push(c.reply().code);
+            codes.push(c.body(b"Subject: hardening\r\n\r\nbody\r\n").code);
         }
     }
     codes
@@ -339,11 +337,7 @@ fn smtp_lines(stream: TcpStream, lines: &[&str]) -> Vec<String> {
 fn metric_labels_carry_no_personal_data() {
     timed(60, || {
         let up = Upstream::builder()
-            .reply_with("RCPT", |c| {
-                String::from_utf8_lossy(c.line)
-                    .contains("refused")
-                    .then(|| Reply::text("550 5.1.1 unknown user"))
-            })
+            .reply_when("RCPT", "refused", "550 5.1.1 unknown user")
             .start();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let b = ProxyBuilder::new()
@@ -469,10 +463,7 @@ fn runs_as_non_root_when_user_is_set() {
 fn control_characters_never_reach_the_log_raw() {
     timed(60, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "cat")
-            .start();
+        let p = Proxy::with_filter(&up, "cat");
         let mut c = p.open();
         let codes = converse(
             &mut c,

@@ -5,16 +5,15 @@ use crate::common;
 use std::time::Instant;
 
 use crate::common::upstream::Reply;
-use crate::common::{default_message, ms, secs, timed, wait_for, Client, ProxyBuilder, Upstream};
+use crate::common::{
+    default_message, ms, secs, timed, wait_for, Client, Proxy, ProxyBuilder, Upstream,
+};
 
 #[test]
 fn max_connections_refuses_with_421_and_frees_slots() {
     timed(30, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("MaxConnections", "2")
-            .start();
+        let p = Proxy::with_setting(&up, "MaxConnections", "2");
         let mut c1 = p.connect();
         assert_eq!(c1.greeting().code, 220);
         let mut c2 = p.connect();
@@ -55,10 +54,7 @@ fn max_connections_refuses_with_421_and_frees_slots() {
 fn idle_client_is_disconnected_after_timeout() {
     timed(30, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("TimeOut", "2")
-            .start();
+        let p = Proxy::with_setting(&up, "TimeOut", "2");
         let mut c = p.open();
         let t0 = Instant::now();
         assert!(
@@ -79,10 +75,7 @@ fn idle_timeout_sends_421_before_closing() {
     // deviation from 1.10: the original closes without a reply.
     timed(30, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("TimeOut", "2")
-            .start();
+        let p = Proxy::with_setting(&up, "TimeOut", "2");
         let mut c = p.open();
         c.set_timeout(secs(8));
         let r = c
@@ -104,9 +97,7 @@ fn stalled_body_times_out_without_delivery() {
             .set("FilterCommand", "cat")
             .start();
         let mut c = p.open();
-        c.cmd("MAIL FROM:<alice@example.org>");
-        c.cmd("RCPT TO:<bob@example.net>");
-        assert_eq!(c.cmd("DATA").code, 354);
+        c.begin_data();
         c.send(b"Subject: stalled\r\n\r\nhalf a message\r\n");
         assert!(c.wait_eof(secs(10)), "stalled client still connected");
         assert!(
@@ -172,9 +163,7 @@ fn noop_counter(multiline: bool) -> Upstream {
 
 /// Sends a message line by line over about `secs_total` seconds; returns the final reply.
 fn trickle(c: &mut Client, millis_total: u64) -> common::ClientReply {
-    c.cmd("MAIL FROM:<alice@example.org>");
-    c.cmd("RCPT TO:<bob@example.net>");
-    assert_eq!(c.cmd("DATA").code, 354);
+    c.begin_data();
     let msg = default_message();
     let lines: Vec<&[u8]> = msg.split_inclusive(|&b| b == b'\n').collect();
     for l in &lines {
@@ -192,29 +181,42 @@ fn noops_between_rcpt_and_data(up: &Upstream) -> usize {
     v[r..d].iter().filter(|x| *x == "NOOP").count()
 }
 
+/// Asserts that at least one keepalive NOOP went upstream between RCPT and DATA (`when`
+/// names the phase for the message) and that no reply to one reached the client: the
+/// client's own NOOP gets the next number of the upstream's counter.
+fn assert_keepalives_not_leaked(up: &Upstream, c: &mut Client, when: &str) {
+    let n = noops_between_rcpt_and_data(up);
+    assert!(
+        n >= 1,
+        "no keepalive NOOP {when}: {:?}",
+        up.session(0).lines()
+    );
+    let total = up.session(0).verb_count("NOOP");
+    assert_eq!(
+        c.cmd("NOOP").raw_str(),
+        format!("250 2.0.0 noop #{}\r\n", total + 1),
+        "a keepalive reply leaked"
+    );
+}
+
+/// A proxy in front of `up` that sends keepalives every second, with an optional filter.
+fn keepalive_proxy(up: &Upstream, filter: Option<&str>) -> Proxy {
+    let mut b = ProxyBuilder::new().upstream(up).set("KeepAlives", "1");
+    if let Some(f) = filter {
+        b = b.set("FilterCommand", f);
+    }
+    b.start()
+}
+
 #[test]
 fn keepalives_during_slow_body_are_not_leaked() {
     timed(30, || {
         let up = noop_counter(false);
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("KeepAlives", "1")
-            .start();
+        let p = keepalive_proxy(&up, None);
         let mut c = p.open();
         let fin = trickle(&mut c, 3500);
         assert_eq!(fin.raw_str(), "250 2.0.0 Ok: queued as UP0001\r\n");
-        let n = noops_between_rcpt_and_data(&up);
-        assert!(
-            n >= 1,
-            "no keepalive NOOP upstream: {:?}",
-            up.session(0).lines()
-        );
-        let total = up.session(0).verb_count("NOOP");
-        assert_eq!(
-            c.cmd("NOOP").raw_str(),
-            format!("250 2.0.0 noop #{}\r\n", total + 1),
-            "a keepalive reply leaked"
-        );
+        assert_keepalives_not_leaked(&up, &mut c, "upstream");
         assert_bytes_eq!(up.expect_one().content, default_message());
     });
 }
@@ -224,10 +226,7 @@ fn keepalive_multiline_noop_replies_are_not_leaked() {
     // deviation from 1.10: the original reads one line of the NOOP reply.
     timed(30, || {
         let up = noop_counter(true);
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("KeepAlives", "1")
-            .start();
+        let p = keepalive_proxy(&up, None);
         let mut c = p.open();
         let fin = trickle(&mut c, 3000);
         assert_eq!(fin.raw_str(), "250 2.0.0 Ok: queued as UP0001\r\n");
@@ -247,25 +246,10 @@ fn keepalives_while_the_filter_runs() {
     // deviation from 1.10: the original sends no NOOPs while the filter runs.
     timed(30, || {
         let up = noop_counter(false);
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("KeepAlives", "1")
-            .set("FilterCommand", "cat; sleep 3")
-            .start();
+        let p = keepalive_proxy(&up, Some("cat; sleep 3"));
         let mut c = p.open();
         let fin = c.send_mail(&default_message());
         assert_eq!(fin.raw_str(), "250 2.0.0 Ok: queued as UP0001\r\n");
-        let n = noops_between_rcpt_and_data(&up);
-        assert!(
-            n >= 1,
-            "no keepalive NOOP while the filter ran: {:?}",
-            up.session(0).lines()
-        );
-        let total = up.session(0).verb_count("NOOP");
-        assert_eq!(
-            c.cmd("NOOP").raw_str(),
-            format!("250 2.0.0 noop #{}\r\n", total + 1),
-            "a keepalive reply leaked"
-        );
+        assert_keepalives_not_leaked(&up, &mut c, "while the filter ran");
     });
 }

@@ -4,7 +4,7 @@
 
 use crate::common;
 
-use crate::common::{message, ms, secs, stuff, timed, ProxyBuilder, Upstream};
+use crate::common::{message, ms, secs, stuff, timed, Proxy, ProxyBuilder, Upstream};
 
 /// Body lines that would be a second transaction if they were read as commands.
 const INJECTED: &str =
@@ -77,14 +77,11 @@ fn missing_temp_directory_no_filter() {
     // TempDirectory cannot fail the message. (The original spools it and answers 451.)
     timed(30, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("TempDirectory", "/nonexistent/proxsmtpd-temp")
-            .start();
+        let p = Proxy::with_setting(&up, "TempDirectory", "/nonexistent/proxsmtpd-temp");
         let mut c = p.open();
         let reply = body_in_two_halves(&mut c, ms(700));
         assert!(reply.starts_with("250 "), "final reply {reply:?}");
-        assert_eq!(c.cmd("NOOP").raw_str(), "250 2.0.0 Ok\r\n", "out of sync");
+        c.assert_in_sync();
         let delivered = up.delivered();
         assert_eq!(delivered.len(), 1, "{:#?}", up.summary());
         let expected = format!(
@@ -123,7 +120,7 @@ fn filter_timeout_while_body_still_arrives() {
                 "filter not killed"
             );
         }
-        assert_eq!(c.cmd("NOOP").raw_str(), "250 2.0.0 Ok\r\n", "out of sync");
+        c.assert_in_sync();
         assert_no_injection(&up);
         p.assert_tmp_clean();
     });
@@ -131,15 +128,9 @@ fn filter_timeout_while_body_still_arrives() {
 
 fn disconnect_mid_data(filter: Option<&str>) {
     let up = Upstream::start();
-    let mut b = ProxyBuilder::new().upstream(&up);
-    if let Some(f) = filter {
-        b = b.set("FilterCommand", f);
-    }
-    let p = b.start();
+    let p = Proxy::with_optional_filter(&up, filter);
     let mut c = p.open();
-    c.cmd("MAIL FROM:<alice@example.org>");
-    c.cmd("RCPT TO:<bob@example.net>");
-    assert_eq!(c.cmd("DATA").code, 354);
+    c.begin_data();
     c.send(message("cut", &b"a line of the body\r\n".repeat(5000)));
     std::thread::sleep(ms(300));
     c.close();
@@ -157,11 +148,7 @@ fn disconnect_mid_data(filter: Option<&str>) {
     let s = up.session(0);
     if filter.is_some() {
         // The filter needs the whole message: the upstream sees DATA only after it.
-        assert!(
-            !s.verbs().contains(&"DATA".to_string()),
-            "upstream got DATA: {:?}",
-            s.lines()
-        );
+        s.assert_no_verb("DATA");
     } else {
         // Streamed: the upstream had DATA and part of the body, and is closed before the
         // end of data, so nothing is delivered.
@@ -197,9 +184,7 @@ fn client_disconnect_mid_data_with_file_filter() {
             .set("FilterCommand", "true")
             .start();
         let mut c = p.open();
-        c.cmd("MAIL FROM:<alice@example.org>");
-        c.cmd("RCPT TO:<bob@example.net>");
-        assert_eq!(c.cmd("DATA").code, 354);
+        c.begin_data();
         c.send(b"Subject: cut\r\n\r\npartial");
         std::thread::sleep(ms(300));
         c.close();

@@ -32,6 +32,15 @@ fn with_admin(b: ProxyBuilder) -> (Proxy, SocketAddr) {
     (p, admin)
 }
 
+/// A proxy in front of `up` that runs `filter`, with its admin server answering.
+fn filtering_with_admin(up: &Upstream, filter: &str) -> (Proxy, SocketAddr) {
+    with_admin(
+        ProxyBuilder::new()
+            .upstream(up)
+            .set("FilterCommand", filter),
+    )
+}
+
 fn scrape(admin: &SocketAddr) -> String {
     let (status, body) = http_get(admin, "/metrics").expect("GET /metrics");
     assert_eq!(status, 200);
@@ -163,11 +172,7 @@ fn upstream_errors_by_stage() {
             .reply_with("DATA_END", |call| (call.session == 2).then(Reply::close))
             .reply_with("BANNER", |call| (call.session == 3).then(Reply::close))
             .start();
-        let (p, admin) = with_admin(
-            ProxyBuilder::new()
-                .upstream(&up)
-                .set("FilterCommand", "cat"),
-        );
+        let (p, admin) = filtering_with_admin(&up, "cat");
 
         // Session 0: the upstream goes away at MAIL.
         let mut c = p.open();
@@ -178,8 +183,7 @@ fn upstream_errors_by_stage() {
         assert_eq!(c.cmd("MAIL FROM:<alice@example.org>").code, 250);
         assert_eq!(c.cmd("RCPT TO:<bob@example.net>").code, 250);
         assert_eq!(c.cmd("DATA").code, 354);
-        c.send(common::stuff(&common::default_message()));
-        let r = c.reply();
+        let r = c.body(&common::default_message());
         assert_eq!(r.code / 100, 4, "{r:?}");
         // Session 2: after the end of data, before the final reply.
         let mut c = p.open();
@@ -243,18 +247,13 @@ fn messages_lost_upstream_are_counted() {
             .reply_with("DATA", |call| (call.session == 0).then(Reply::close))
             .reply_with("DATA_END", |call| (call.session == 1).then(Reply::close))
             .start();
-        let (p, admin) = with_admin(
-            ProxyBuilder::new()
-                .upstream(&up)
-                .set("FilterCommand", "cat"),
-        );
+        let (p, admin) = filtering_with_admin(&up, "cat");
         for _ in 0..2 {
             let mut c = p.open();
             assert_eq!(c.cmd("MAIL FROM:<alice@example.org>").code, 250);
             assert_eq!(c.cmd("RCPT TO:<bob@example.net>").code, 250);
             assert_eq!(c.cmd("DATA").code, 354);
-            c.send(common::stuff(&common::default_message()));
-            let r = c.reply();
+            let r = c.body(&common::default_message());
             assert_eq!(r.code / 100, 4, "{r:?}");
         }
         assert!(wait_until(secs(3), || {
@@ -398,11 +397,7 @@ fn filter_spawn_failures_are_counted() {
         ];
         let mut failures = Vec::new();
         for (what, path) in cases {
-            let (p, admin) = with_admin(
-                ProxyBuilder::new()
-                    .upstream(&up)
-                    .set("FilterCommand", path.to_str().unwrap()),
-            );
+            let (p, admin) = filtering_with_admin(&up, path.to_str().unwrap());
             let r = p.open().send_mail(&common::default_message());
             assert_eq!(
                 r.code / 100,
@@ -478,8 +473,7 @@ fn replies_by_class_match_what_clients_received() {
         a.cmd("RCPT TO:<nobody@example.net>");
         a.cmd("RCPT TO:<bob@example.net>");
         a.cmd("DATA");
-        a.send(common::stuff(&message("one", b"hello\r\n")));
-        a.reply();
+        a.body(&message("one", b"hello\r\n"));
         a.transaction(
             "<alice@example.org>",
             &["<bob@example.net>"],

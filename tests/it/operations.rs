@@ -7,7 +7,9 @@ use std::fs;
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 
-use crate::common::{default_message, secs, timed, wait_until, Client, ProxyBuilder, Upstream};
+use crate::common::{
+    default_message, secs, timed, wait_until, Client, Proxy, ProxyBuilder, Upstream,
+};
 
 /// True if some log line holds `<6 upper-case hex digits>: <rest>`.
 fn has_summary(log: &str, rest: &str) -> bool {
@@ -41,10 +43,7 @@ fn per_message_log_line() {
         );
         c.send_mail(&common::message("r", b"REJECTME\r\n"));
         // A filter killed by a signal.
-        let p2 = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "cat >/dev/null; kill -9 $$")
-            .start();
+        let p2 = Proxy::with_filter(&up, "cat >/dev/null; kill -9 $$");
         p2.open().send_mail(&default_message());
         let want = [
             (&p, "client=127.0.0.1, from=alice@example.org, to=bob@example.net, to=carol@example.net, status=FILTERED"),

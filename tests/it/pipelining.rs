@@ -4,9 +4,7 @@
 use crate::common;
 
 use crate::common::upstream::Reply;
-use crate::common::{
-    default_message, message, ms, secs, stuff, timed, Proxy, ProxyBuilder, Upstream,
-};
+use crate::common::{default_message, message, ms, secs, stuff, timed, Proxy, Upstream};
 
 const PIPELINING_UPSTREAM: &[&str] = &["PIPELINING", "SIZE 10240000", "8BITMIME"];
 
@@ -30,9 +28,7 @@ fn pipelined_envelope_and_data() {
     // deviation from 1.10: the original answers DATA at once and later relays the MAIL reply as the final reply.
     timed(30, || {
         let up = Upstream::builder().extensions(PIPELINING_UPSTREAM).start();
-        let b = ProxyBuilder::new().upstream(&up);
-        let (f, rec) = b.env_recorder();
-        let p = b.set("FilterCommand", &f).start();
+        let (p, rec) = Proxy::recording_env(&up);
         let mut c = p.open();
         c.send("MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nRCPT TO:<carol@example.net>\r\nDATA\r\n");
         assert_eq!(c.reply().raw_str(), "250 2.1.0 Ok\r\n");
@@ -40,18 +36,12 @@ fn pipelined_envelope_and_data() {
         assert_eq!(c.reply().raw_str(), "250 2.1.5 Ok\r\n");
         assert_eq!(c.reply().code, 354);
         let msg = default_message();
-        c.send(stuff(&msg));
-        assert_eq!(c.reply().raw_str(), "250 2.0.0 Ok: queued as UP0001\r\n");
-        assert_eq!(c.cmd("NOOP").raw_str(), "250 2.0.0 Ok\r\n");
+        assert_eq!(c.body(&msg).raw_str(), "250 2.0.0 Ok: queued as UP0001\r\n");
+        c.assert_in_sync();
         let m = up.expect_one();
         assert_bytes_eq!(m.content, msg);
         assert_eq!(m.rcpts.len(), 2);
-        let run = &rec.wait_runs(1, secs(5))[0];
-        assert_eq!(run.var("SENDER"), Some("alice@example.org"));
-        assert_eq!(
-            run.var("RECIPIENTS"),
-            Some("bob@example.net\ncarol@example.net")
-        );
+        rec.assert_one_envelope("alice@example.org", "bob@example.net\ncarol@example.net");
     });
 }
 
@@ -60,9 +50,7 @@ fn whole_transactions_in_one_write() {
     // deviation from 1.10: the original loses pipelined messages.
     timed(30, || {
         let up = Upstream::start();
-        let b = ProxyBuilder::new().upstream(&up);
-        let (f, rec) = b.env_recorder();
-        let p = b.set("FilterCommand", &f).start();
+        let (p, rec) = Proxy::recording_env(&up);
         let mut c = p.open();
         let (m1, m2, m3) = (
             message("one", b"first\r\n"),
@@ -109,23 +97,16 @@ fn pipelined_with_rejected_recipient() {
     // deviation from 1.10: replies of pipelined commands are matched to the wrong commands.
     timed(30, || {
         let up = Upstream::builder()
-            .reply_with("RCPT", |c| {
-                String::from_utf8_lossy(c.line)
-                    .contains("bad@")
-                    .then(|| Reply::text("550 5.1.1 bad: no such user"))
-            })
+            .reply_when("RCPT", "bad@", "550 5.1.1 bad: no such user")
             .start();
-        let b = ProxyBuilder::new().upstream(&up);
-        let (f, rec) = b.env_recorder();
-        let p = b.set("FilterCommand", &f).start();
+        let (p, rec) = Proxy::recording_env(&up);
         let mut c = p.open();
         c.send("MAIL FROM:<alice@example.org>\r\nRCPT TO:<bad@example.net>\r\nRCPT TO:<good@example.net>\r\nDATA\r\n");
         assert_eq!(c.reply().code, 250);
         assert_eq!(c.reply().raw_str(), "550 5.1.1 bad: no such user\r\n");
         assert_eq!(c.reply().code, 250);
         assert_eq!(c.reply().code, 354);
-        c.send(stuff(&default_message()));
-        assert_eq!(c.reply().code, 250);
+        assert_eq!(c.body(&default_message()).code, 250);
         assert_eq!(
             rec.wait_runs(1, secs(5))[0].var("RECIPIENTS"),
             Some("good@example.net")
@@ -144,21 +125,17 @@ fn pipelined_without_accepted_recipient_is_not_delivered() {
         let up = Upstream::builder()
             .reply("RCPT", Reply::text("550 5.1.1 no such user"))
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "cat")
-            .start();
+        let p = Proxy::with_filter(&up, "cat");
         let mut c = p.open();
         c.send("MAIL FROM:<alice@example.org>\r\nRCPT TO:<nobody@example.net>\r\nDATA\r\n");
         assert_eq!(c.reply().code, 250);
         assert_eq!(c.reply().code, 550);
         let mut r = c.reply();
         if r.code == 354 {
-            c.send(stuff(&default_message()));
-            r = c.reply();
+            r = c.body(&default_message());
         }
         assert!(r.code >= 500, "message without recipients got {r:?}");
-        assert_eq!(c.cmd("NOOP").raw_str(), "250 2.0.0 Ok\r\n");
+        c.assert_in_sync();
         assert!(up.delivered().is_empty());
     });
 }
@@ -201,10 +178,7 @@ fn pipelined_commands_with_slow_upstream_keep_order() {
 fn swaks_with_pipelining_option() {
     timed(30, || {
         let up = Upstream::builder().extensions(PIPELINING_UPSTREAM).start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "cat")
-            .start();
+        let p = Proxy::with_filter(&up, "cat");
         for i in 0..3 {
             let to = format!("rcpt{i}@example.net");
             let Some(out) = common::peers::swaks(

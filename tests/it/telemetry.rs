@@ -16,7 +16,7 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 
-use crate::common::{message, ms, secs, timed, wait_until, ProxyBuilder, Reply, Upstream};
+use crate::common::{message, ms, secs, timed, wait_until, ProxyBuilder, Upstream};
 
 #[derive(Default)]
 struct Store {
@@ -260,11 +260,7 @@ fn otel_env(b: ProxyBuilder, receiver: &OtlpReceiver) -> ProxyBuilder {
 
 fn upstream() -> Upstream {
     Upstream::builder()
-        .reply_with("DATA_END", |call| {
-            String::from_utf8_lossy(call.line)
-                .contains("UPSTREAM-REJECT")
-                .then(|| Reply::text("554 5.7.1 Upstream refuses"))
-        })
+        .reply_when("DATA_END", "UPSTREAM-REJECT", "554 5.7.1 Upstream refuses")
         .start()
 }
 

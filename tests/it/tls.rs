@@ -505,7 +505,7 @@ fn swaks_starttls_delivers_and_the_filter_sees_tls() {
             run.var("TLS_CIPHER")
         );
         // The upstream never hears of the client's STARTTLS.
-        assert!(!up.session(0).verbs().contains(&"STARTTLS".to_string()));
+        up.session(0).assert_no_verb("STARTTLS");
         assert!(p.wait_log("client TLS established: TLSv1.3", secs(5)));
         metric("proxsmtpd_tls_sessions_total")
             .label("side", "client")
@@ -558,7 +558,7 @@ fn no_certificate_no_starttls() {
         assert!(!ehlo.has("STARTTLS"), "{ehlo:?}");
         let r = c.cmd("STARTTLS");
         assert_eq!(r.code, 502, "{r:?}");
-        assert!(!up.session(0).verbs().contains(&"STARTTLS".to_string()));
+        up.session(0).assert_no_verb("STARTTLS");
     });
 }
 

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::common::proxy::free_port;
 use crate::common::upstream::Reply;
-use crate::common::{default_message, ms, secs, stuff, timed, ProxyBuilder, Upstream};
+use crate::common::{default_message, ms, secs, timed, Proxy, ProxyBuilder, Upstream};
 
 #[test]
 fn upstream_unreachable_gives_421_then_close() {
@@ -92,17 +92,13 @@ fn upstream_refusing_data_command_reaches_client() {
         let up = Upstream::builder()
             .reply("DATA", Reply::text("451 4.3.0 DATA refused by upstream"))
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "cat")
-            .start();
+        let p = Proxy::with_filter(&up, "cat");
         let mut c = p.open();
         c.cmd("MAIL FROM:<alice@example.org>");
         c.cmd("RCPT TO:<bob@example.net>");
         let mut r = c.cmd("DATA");
         if r.code == 354 {
-            c.send(stuff(&default_message()));
-            r = c.reply();
+            r = c.body(&default_message());
         }
         assert_eq!(r.raw_str(), "451 4.3.0 DATA refused by upstream\r\n");
         assert!(up.messages().is_empty());
@@ -116,10 +112,7 @@ fn upstream_rejecting_recipient_is_relayed_and_nothing_delivered() {
     timed(30, || {
         let rej = "550 5.1.1 <nobody@example.net>: Recipient address rejected: User unknown";
         let up = Upstream::builder().reply("RCPT", Reply::text(rej)).start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "cat")
-            .start();
+        let p = Proxy::with_filter(&up, "cat");
         let mut c = p.open();
         assert_eq!(c.cmd("MAIL FROM:<alice@example.org>").code, 250);
         assert_eq!(
@@ -128,8 +121,7 @@ fn upstream_rejecting_recipient_is_relayed_and_nothing_delivered() {
         );
         let mut r = c.cmd("DATA");
         if r.code == 354 {
-            c.send(stuff(&default_message()));
-            r = c.reply();
+            r = c.body(&default_message());
         }
         assert!(
             r.code >= 500,
@@ -176,8 +168,7 @@ fn upstream_disconnect_at_data_command_is_never_250() {
             c.cmd("RCPT TO:<bob@example.net>");
             let mut r = c.cmd("DATA");
             if r.code == 354 {
-                c.send(stuff(&default_message()));
-                r = c.reply();
+                r = c.body(&default_message());
             }
             assert!((400..500).contains(&r.code), "filter {filter:?}: {r:?}");
         }
@@ -192,9 +183,7 @@ fn unfiltered_body_is_streamed_before_its_end() {
         let up = Upstream::start();
         let p = ProxyBuilder::new().upstream(&up).start();
         let mut c = p.open();
-        c.cmd("MAIL FROM:<alice@example.org>");
-        c.cmd("RCPT TO:<bob@example.net>");
-        assert_eq!(c.cmd("DATA").code, 354);
+        c.begin_data();
         c.send(b"Subject: streamed\r\n\r\nthe first half\r\n");
         let streaming = up.wait(secs(5), |s| {
             s.sessions
@@ -223,10 +212,7 @@ fn upstream_silent_after_data_is_never_250() {
         let up = Upstream::builder()
             .reply("DATA_END", Reply::silent())
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("TimeOut", "2")
-            .start();
+        let p = Proxy::with_setting(&up, "TimeOut", "2");
         let mut c = p.open();
         c.set_timeout(secs(8));
         let t0 = Instant::now();
@@ -281,10 +267,7 @@ fn multiline_envelope_replies_relayed_whole() {
                 Reply::text("250-2.1.5 rcpt first line\n250-2.1.5 middle\n250 2.1.5 Ok"),
             )
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "cat")
-            .start();
+        let p = Proxy::with_filter(&up, "cat");
         let mut c = p.open();
         let t = c.transaction(
             "<alice@example.org>",
@@ -300,7 +283,7 @@ fn multiline_envelope_replies_relayed_whole() {
             "250-2.1.5 rcpt first line\r\n250-2.1.5 middle\r\n250 2.1.5 Ok\r\n"
         );
         assert_eq!(t.final_reply.code, 250);
-        assert_eq!(c.cmd("NOOP").raw_str(), "250 2.0.0 Ok\r\n", "out of sync");
+        c.assert_in_sync();
     });
 }
 
@@ -313,17 +296,14 @@ fn multiline_final_reply_relayed_whole() {
                 Reply::text("250-2.0.0 first line\n250 2.0.0 queued as MULTI"),
             )
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "cat")
-            .start();
+        let p = Proxy::with_filter(&up, "cat");
         let mut c = p.open();
         let r = c.send_mail(&default_message());
         assert_eq!(
             r.raw_str(),
             "250-2.0.0 first line\r\n250 2.0.0 queued as MULTI\r\n"
         );
-        assert_eq!(c.cmd("NOOP").raw_str(), "250 2.0.0 Ok\r\n", "out of sync");
+        c.assert_in_sync();
     });
 }
 
@@ -338,13 +318,10 @@ fn multiline_354_is_read_whole() {
                 ))
             })
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "cat")
-            .start();
+        let p = Proxy::with_filter(&up, "cat");
         let mut c = p.open();
         assert_eq!(c.send_mail(&default_message()).code, 250);
-        assert_eq!(c.cmd("NOOP").raw_str(), "250 2.0.0 Ok\r\n", "out of sync");
+        c.assert_in_sync();
         assert_bytes_eq!(up.expect_one().content, default_message());
     });
 }
@@ -359,17 +336,14 @@ fn multiline_rset_reply_after_rejection_is_read_whole() {
                 Reply::text("250-2.0.0 flushed\n250 2.0.0 rset done"),
             )
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "cat >/dev/null; echo 'no' >&2; exit 1")
-            .start();
+        let p = Proxy::with_filter(&up, "cat >/dev/null; echo 'no' >&2; exit 1");
         let mut c = p.open();
         assert_eq!(
             c.send_mail(&default_message()).raw_str(),
             "550 Content Rejected; no\r\n"
         );
         up.wait_command(0, secs(3), |l| l == "RSET");
-        assert_eq!(c.cmd("NOOP").raw_str(), "250 2.0.0 Ok\r\n", "out of sync");
+        c.assert_in_sync();
     });
 }
 
@@ -384,12 +358,9 @@ fn multiline_xclient_reply_is_read_whole() {
                 Reply::text("220-upstream.test first\n220 upstream.test ESMTP"),
             )
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("XClient", "on")
-            .start();
+        let p = Proxy::with_setting(&up, "XClient", "on");
         let mut c = p.open();
-        assert_eq!(c.cmd("NOOP").raw_str(), "250 2.0.0 Ok\r\n", "out of sync");
+        c.assert_in_sync();
         assert_eq!(
             c.cmd("MAIL FROM:<alice@example.org>").raw_str(),
             "250 2.1.0 Ok\r\n"

@@ -360,6 +360,30 @@ impl Client {
             .final_reply
     }
 
+    /// MAIL FROM alice and RCPT TO bob (replies not checked), then DATA, which must get 354.
+    pub fn begin_data(&mut self) {
+        self.cmd("MAIL FROM:<alice@example.org>");
+        self.cmd("RCPT TO:<bob@example.net>");
+        let d = self.cmd("DATA");
+        assert_eq!(d.code, 354, "DATA: {d:?}");
+    }
+
+    /// Sends `content` dot-stuffed with the end-of-data marker (after DATA's 354) and
+    /// reads the final reply.
+    pub fn body(&mut self, content: &[u8]) -> Reply {
+        self.send(super::stuff(content));
+        self.reply()
+    }
+
+    /// Asserts that the connection is still in step: a NOOP gets the proxy's own 250.
+    pub fn assert_in_sync(&mut self) {
+        assert_eq!(
+            self.cmd("NOOP").raw_str(),
+            "250 2.0.0 Ok\r\n",
+            "out of sync"
+        );
+    }
+
     /// Closes our sending side (the peer sees EOF) but keeps reading possible.
     pub fn shutdown_write(&self) {
         let _ = self.stream.shutdown(Shutdown::Write);

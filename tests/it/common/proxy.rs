@@ -460,6 +460,13 @@ impl EnvRecorder {
         );
         runs
     }
+
+    /// Waits for exactly one filter run and asserts the envelope it was given.
+    pub fn assert_one_envelope(&self, sender: &str, recipients: &str) {
+        let run = &self.wait_runs(1, Duration::from_secs(5))[0];
+        assert_eq!(run.var("SENDER"), Some(sender), "SENDER");
+        assert_eq!(run.var("RECIPIENTS"), Some(recipients), "RECIPIENTS");
+    }
 }
 
 /// A running proxy; stopped on drop.
@@ -483,6 +490,32 @@ impl Proxy {
     /// A proxy in front of `up` with default settings.
     pub fn start(up: &Upstream) -> Proxy {
         ProxyBuilder::new().upstream(up).start()
+    }
+
+    /// A proxy in front of `up` with one setting changed from the default.
+    pub fn with_setting(up: &Upstream, name: &str, value: &str) -> Proxy {
+        ProxyBuilder::new().upstream(up).set(name, value).start()
+    }
+
+    /// A proxy in front of `up` that runs `filter` as its FilterCommand.
+    pub fn with_filter(up: &Upstream, filter: &str) -> Proxy {
+        Proxy::with_setting(up, "FilterCommand", filter)
+    }
+
+    /// A proxy in front of `up` that runs `filter` as its FilterCommand, if there is one.
+    pub fn with_optional_filter(up: &Upstream, filter: Option<&str>) -> Proxy {
+        match filter {
+            Some(f) => Proxy::with_filter(up, f),
+            None => Proxy::start(up),
+        }
+    }
+
+    /// A proxy in front of `up` whose filter passes the message on and records its
+    /// environment.
+    pub fn recording_env(up: &Upstream) -> (Proxy, EnvRecorder) {
+        let b = ProxyBuilder::new().upstream(up);
+        let (f, rec) = b.env_recorder();
+        (b.set("FilterCommand", &f).start(), rec)
     }
 
     pub fn addr(&self) -> SocketAddr {

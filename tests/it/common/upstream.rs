@@ -200,6 +200,15 @@ impl Session {
     }
 
     /// How many commands of this verb the session received.
+    /// Asserts that this session carried no `verb` command.
+    pub fn assert_no_verb(&self, verb: &str) {
+        assert!(
+            !self.verbs().iter().any(|v| v == verb),
+            "the upstream got {verb}: {:?}",
+            self.lines()
+        );
+    }
+
     pub fn verb_count(&self, verb: &str) -> usize {
         self.verbs().iter().filter(|v| *v == verb).count()
     }
@@ -354,6 +363,17 @@ impl UpstreamBuilder {
             .handlers
             .insert(key.to_ascii_uppercase(), Arc::new(f));
         self
+    }
+
+    /// Answers `key` with `text` when its line (for DATA_END: the content) contains
+    /// `needle`, as configured otherwise when not.
+    pub fn reply_when(self, key: &str, needle: &str, text: &str) -> Self {
+        let (needle, text) = (needle.to_string(), text.to_string());
+        self.reply_with(key, move |call| {
+            String::from_utf8_lossy(call.line)
+                .contains(needle.as_str())
+                .then(|| Reply::text(&text))
+        })
     }
 
     /// Accept the connection and close it at once.

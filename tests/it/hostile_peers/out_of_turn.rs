@@ -233,10 +233,7 @@ fn garbage_and_late_replies_are_never_relayed() {
         let up = Upstream::builder()
             .reply("MAIL", Reply::text("250 2.1.0 late").delay(secs(4)))
             .start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("TimeOut", "2")
-            .start();
+        let p = Proxy::with_setting(&up, "TimeOut", "2");
         let mut c = p.open();
         c.set_timeout(secs(10));
         let r = c.cmd("MAIL FROM:<a@example.org>");
@@ -262,8 +259,7 @@ fn pipelined_commands_go_upstream_one_at_a_time() {
             );
             let codes: Vec<u16> = (0..5).map(|_| c.reply().code).collect();
             assert_eq!(codes, vec![250, 250, 250, 250, 354], "{filter:?}");
-            c.send(stuff(&default_message()));
-            assert_eq!(c.reply().code, 250, "{filter:?}");
+            assert_eq!(c.body(&default_message()).code, 250, "{filter:?}");
             assert_eq!(c.cmd("QUIT").code, 221, "{filter:?}");
             let s = up.session(0);
             assert!(

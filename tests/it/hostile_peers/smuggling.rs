@@ -62,10 +62,7 @@ fn assert_clean_commands(up: &Upstream, what: &str) {
 fn command_lines_with_bare_cr_bare_lf_or_nul_get_500_and_are_never_relayed() {
     timed(60, || {
         let up = Upstream::start();
-        let p = ProxyBuilder::new()
-            .upstream(&up)
-            .set("FilterCommand", "cat")
-            .start();
+        let p = Proxy::with_filter(&up, "cat");
         // (bytes sent, replies expected in order)
         let cases: &[(&[u8], &[u16])] = &[
             (b"RCPT TO:<a@x.test>\rRCPT TO:<b@y.test>\r\n", &[500]),
