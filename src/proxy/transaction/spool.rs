@@ -163,27 +163,55 @@ impl Writer {
     }
 }
 
-/// Reads a file in chunks on the blocking pool.
+/// Reads a file in chunks on the blocking pool. Opening reads the first chunk in the same
+/// call, and a short read is the end of the file (a regular file reads short only there),
+/// so a small message costs one blocking call.
 pub(crate) struct Reader {
     file: Option<File>,
     buf: Vec<u8>,
     /// How much the next read asks for.
     want: usize,
+    /// Bytes read ahead (by `open`) and not handed out yet.
+    ready: Option<usize>,
+    /// The last read was short: nothing more to read.
+    at_end: bool,
 }
 
 impl Reader {
     pub(crate) async fn open(path: &Path) -> io::Result<Reader> {
         let path: PathBuf = path.to_path_buf();
-        let file = blocking(move || File::open(path)).await??;
+        let (file, buf, n) = blocking(move || -> io::Result<_> {
+            let mut file = File::open(path)?;
+            let mut buf = vec![0; FIRST_READ];
+            let n = read_up_to(&mut file, &mut buf)?;
+            Ok((file, buf, n))
+        })
+        .await??;
         Ok(Reader {
             file: Some(file),
-            buf: Vec::new(),
+            buf,
             want: FIRST_READ,
+            ready: Some(n),
+            at_end: false,
         })
     }
 
     /// The next bytes of the file; empty at its end.
     pub(crate) async fn next(&mut self) -> io::Result<&[u8]> {
+        let n = match self.ready.take() {
+            Some(n) => n,
+            None if self.at_end => 0,
+            None => self.read().await?,
+        };
+        if n == self.want {
+            self.want = (self.want * 2).min(CHUNK);
+        } else {
+            self.at_end = true;
+        }
+        Ok(&self.buf[..n])
+    }
+
+    async fn read(&mut self) -> io::Result<usize> {
         let Some(mut file) = self.file.take() else {
             return Err(io::Error::other("spool read after a failed one"));
         };
@@ -197,11 +225,7 @@ impl Reader {
         .await?;
         self.file = Some(file);
         self.buf = buf;
-        let n = result?;
-        if n == self.want {
-            self.want = (self.want * 2).min(CHUNK);
-        }
-        Ok(&self.buf[..n])
+        result
     }
 }
 
