@@ -40,6 +40,8 @@ pub(crate) struct FilterJob<'a> {
     pub(crate) timeout: Duration,
     /// The spool file with the message content.
     pub(crate) input: &'a Path,
+    /// Pipe mode: `input` already open for reading from its start (else it is opened here).
+    pub(crate) stdin: Option<std::fs::File>,
     /// Pipe mode: receives the filter's stdout.
     pub(crate) output: Option<std::fs::File>,
     /// SENDER, RECIPIENTS, CLIENT, SERVER, REMOTE, REMOTE_HELO, TMPDIR, EMAIL as applicable.
@@ -227,6 +229,9 @@ impl Drop for GroupGuard {
 async fn open_input(job: &FilterJob<'_>) -> io::Result<Option<std::fs::File>> {
     if job.mode != Mode::Pipe {
         return Ok(None);
+    }
+    if let Some(file) = &job.stdin {
+        return file.try_clone().map(Some);
     }
     let path = job.input.to_path_buf();
     let opened = tokio::task::spawn_blocking(move || std::fs::File::open(path))
@@ -542,6 +547,7 @@ mod tests {
                 mode: Mode::Pipe,
                 timeout,
                 input: &self.input,
+                stdin: None,
                 output: Some(std::fs::File::create(&self.output).unwrap()),
                 env: vec![],
             }
@@ -609,6 +615,7 @@ mod tests {
             mode: Mode::File,
             timeout: LONG,
             input: &f.input,
+            stdin: None,
             output: None,
             env: vec![("EMAIL".into(), email)],
         };
@@ -739,6 +746,7 @@ mod tests {
 
         let missing_input = FilterJob {
             input: Path::new("/nonexistent/spool"),
+            stdin: None,
             ..f.pipe_job("cat", LONG)
         };
         let out = execute(missing_input).await;
@@ -822,6 +830,7 @@ mod tests {
             mode: Mode::File,
             timeout,
             input: &f.input,
+            stdin: None,
             output: None,
             env: vec![("EMAIL".into(), email)],
         };

@@ -276,12 +276,20 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
     let started = Instant::now();
 
     // Without a spool file the body is still read to its end before the client's answer.
-    let created = Spool::create(&settings.temp_directory)
+    // A pipe filter's output file is created in the same blocking call as the input.
+    let pipe = settings.filter_command.is_some() && settings.filter_type != FilterType::File;
+    let created = Spool::create(&settings.temp_directory, if pipe { 2 } else { 1 })
         .await
-        .and_then(|spool| Ok((spool.writer()?, spool)));
-    let (spool, mut sink) = match created {
-        Ok((writer, spool)) => (Ok(spool), ToSpool(Some(writer))),
-        Err(e) => (Err(e), ToSpool(None)),
+        .and_then(|mut spools| {
+            let output = if pipe { spools.pop() } else { None };
+            let spool = spools
+                .pop()
+                .unwrap_or_else(|| unreachable!("asked for one"));
+            Ok((spool.writer()?, spool, output))
+        });
+    let (spool, output, mut sink) = match created {
+        Ok((writer, spool, output)) => (Ok(spool), output, ToSpool(Some(writer))),
+        Err(e) => (Err(e), None, ToSpool(None)),
     };
     let received = receive_body(conn, &mut sink).await;
     let written = match sink.0 {
@@ -302,7 +310,7 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
         return Ok(());
     }
-    let spool = match (spool, written) {
+    let mut spool = match (spool, written) {
         (Ok(spool), Ok(())) => spool,
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!("{}: couldn't write cache file: {e}", conn.id);
@@ -320,24 +328,15 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         return Ok(());
     };
 
-    let (mode, output) = match settings.filter_type {
-        FilterType::File => (Mode::File, None),
-        _ => match Spool::create(&settings.temp_directory).await {
-            Ok(out) => (Mode::Pipe, Some(out)),
-            Err(e) => {
-                tracing::error!("{}: couldn't open cache file: {e}", conn.id);
-                return local_error(conn, envelope, size, started, None).await;
-            }
-        },
+    let mode = match output {
+        Some(_) => Mode::Pipe,
+        None => Mode::File,
     };
     let mut env = filter_environment(conn, envelope, &settings.temp_directory);
     if mode == Mode::File {
         env.push(("EMAIL".into(), spool.path().display().to_string()));
     }
-    let stdout = match output.as_ref().map(Spool::reopen) {
-        None => Ok(None),
-        Some(reopened) => reopened.await.map(Some),
-    };
+    let stdout = output.as_ref().map(Spool::output).transpose();
     let stdout = match stdout {
         Ok(f) => f,
         Err(e) => {
@@ -345,11 +344,16 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
             return local_error(conn, envelope, size, started, None).await;
         }
     };
+    let stdin = match mode {
+        Mode::Pipe => spool.take_reader(),
+        Mode::File => None,
+    };
     let job = FilterJob {
         command: &command,
         mode,
         timeout: settings.filter_timeout,
         input: spool.path(),
+        stdin,
         output: stdout,
         env,
     };

@@ -27,19 +27,32 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 }
 
 /// A spool file in TempDirectory, removed (on the blocking pool) when dropped.
-pub(crate) struct Spool(Option<NamedTempFile>);
+pub(crate) struct Spool(Option<NamedTempFile>, Option<File>);
 
 impl Spool {
-    /// Creates an empty spool file in `dir`.
-    pub(crate) async fn create(dir: &Path) -> io::Result<Spool> {
+    /// Creates `count` empty spool files in `dir` in one blocking call (a pipe filter needs
+    /// its input and its output), each with a descriptor opened for reading from its start
+    /// ([`Spool::take_reader`]).
+    pub(crate) async fn create(dir: &Path, count: usize) -> io::Result<Vec<Spool>> {
         let dir = dir.to_path_buf();
-        let file = blocking(move || {
-            tempfile::Builder::new()
-                .prefix("proxsmtpd.")
-                .tempfile_in(&dir)
+        blocking(move || {
+            (0..count)
+                .map(|_| {
+                    let file = tempfile::Builder::new()
+                        .prefix("proxsmtpd.")
+                        .tempfile_in(&dir)?;
+                    let reader = File::open(file.path())?;
+                    Ok(Spool(Some(file), Some(reader)))
+                })
+                .collect()
         })
-        .await??;
-        Ok(Spool(Some(file)))
+        .await?
+    }
+
+    /// A descriptor of the file that reads it from the start, whatever is written through
+    /// the others (a pipe filter's stdin); opened when the file was created.
+    pub(crate) fn take_reader(&mut self) -> Option<File> {
+        self.1.take()
     }
 
     fn file(&self) -> &NamedTempFile {
@@ -55,20 +68,21 @@ impl Spool {
         Ok(Writer::new(self.file().as_file().try_clone()?))
     }
 
-    /// The file opened again by its name (for a filter's stdout).
-    pub(crate) async fn reopen(&self) -> io::Result<File> {
-        let path = self.path().to_path_buf();
-        blocking(move || File::options().read(true).write(true).open(path)).await?
+    /// Another descriptor of the (new, empty) file for writing from its start (a filter's
+    /// stdout): a `dup`, no disk access.
+    pub(crate) fn output(&self) -> io::Result<File> {
+        self.file().as_file().try_clone()
     }
 }
 
 impl Drop for Spool {
     fn drop(&mut self) {
         if let Some(file) = self.0.take() {
+            let reader = self.1.take();
             // Unlinking may wait for the disk as much as writing does.
             match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(file))),
-                Err(_) => drop(file),
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop((file, reader)))),
+                Err(_) => drop((file, reader)),
             }
         }
     }
@@ -250,7 +264,7 @@ mod tests {
     #[tokio::test]
     async fn bytes_written_in_pieces_read_back_exactly() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create(dir.path()).await.unwrap();
+        let spool = Spool::create(dir.path(), 1).await.unwrap().pop().unwrap();
         let data: Vec<u8> = (0..(3 * CHUNK + 12_345))
             .map(|i| (i * 7 % 251) as u8)
             .collect();
@@ -281,7 +295,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_spool_removes_its_file() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create(dir.path()).await.unwrap();
+        let spool = Spool::create(dir.path(), 1).await.unwrap().pop().unwrap();
         let path = spool.path().to_path_buf();
         assert!(path.exists());
         drop(spool);
