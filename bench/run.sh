@@ -235,7 +235,8 @@ if [ "$(ulimit -n)" -lt $((2 * SESSIONS + 256)) ]; then
   echo "run.sh: warning: open-file limit $(ulimit -n) is too low for $SESSIONS sessions" >&2
 fi
 
-listening() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 PPORT=${BENCH_PORT:-24525}
 for _ in $(seq 30); do
   listening "$PPORT" || listening $((PPORT + 1)) || break
@@ -246,22 +247,6 @@ if listening "$PPORT" || listening "$SPORT"; then echo "run.sh: no free port pai
 
 START_S=$SECONDS
 
-wait_listen() { # port pid: wait until pid listens on port
-  for _ in $(seq "$LISTEN_WAIT"); do
-    listening "$1" && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.05
-  done
-  return 1
-}
-
-start_sink() {
-  local user=(); [ "$(id -u)" = 0 ] && user=(-u nobody)
-  # Fast sink: no delays, accepts everything; -c counts messages on stdout.
-  "$SINK" -c "${user[@]}" -m 8192 "$HOST:$SPORT" 4096 >"$WORK/sink.out" 2>>"$WORK/sink.err" &
-  SINK_PID=$!
-  wait_listen "$SPORT" "$SINK_PID" || { echo "run.sh: smtp-sink did not start:" >&2; cat "$WORK/sink.err" >&2; exit 2; }
-}
 sink_alive() { # restarts the sink if it has gone; false if it had
   kill -0 "$SINK_PID" 2>/dev/null && return 0
   wait "$SINK_PID" 2>/dev/null
@@ -269,38 +254,10 @@ sink_alive() { # restarts the sink if it has gone; false if it had
   start_sink
   return 1
 }
-sink_count() { # messages received so far (last mesg= counter of smtp-sink -c)
-  tail -c 300 "$WORK/sink.out" | tr '\r' '\n' | sed -n 's/.*mesg=\([0-9]*\).*/\1/p' | tail -1
-}
-
 binary_of() { case $1 in original) echo "$ORIGINAL" ;; ours) echo "$WORK/proxsmtpd" ;; esac; }
 
-# haproxy in TCP mode between the load and the sink: no logging (no log
-# line in the config), room for the 2,000-session scenario, timeouts long
-# enough for idle held sessions. -db keeps it one process in the foreground,
-# so that PROXY_PID is haproxy itself and stop_pid ends it. haproxy refuses
-# to start unless the open-file limit holds two descriptors per connection.
-haproxy_conf() { # threads file
-  local maxconn=$(( ($(ulimit -n) - 256) / 2 ))
-  [ "$maxconn" -gt 10000 ] && maxconn=10000
-  cat >"$2" <<EOF_CFG
-global
-    nbthread $1
-    maxconn $maxconn
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 120s
-    timeout server 120s
-    maxconn $maxconn
-frontend smtp_in
-    bind $HOST:$PPORT
-    default_backend smtp_sink
-backend smtp_sink
-    server sink $HOST:$SPORT
-EOF_CFG
-}
-
+# haproxy_conf (bench/lib.sh) runs haproxy with -db: one process in the
+# foreground, so that PROXY_PID is haproxy itself and stop_pid ends it.
 start_proxy() { # setup filter -> PROXY_PID, or returns 1
   local bin conf=$WORK/proxy.conf wrap=()
   bin=$(binary_of "$1")

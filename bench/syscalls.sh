@@ -113,7 +113,8 @@ trap 'exit 130' INT TERM HUP
 hard=$(ulimit -Hn)
 if [ "$hard" = unlimited ] || [ "$hard" -ge 65536 ]; then ulimit -n 65536; else ulimit -n "$hard"; fi
 
-listening() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 PPORT=${BENCH_PORT:-24625}
 for _ in $(seq 30); do
   listening "$PPORT" || listening $((PPORT + 1)) || break
@@ -121,47 +122,6 @@ for _ in $(seq 30); do
 done
 SPORT=$((PPORT + 1))
 if listening "$PPORT" || listening "$SPORT"; then echo "syscalls.sh: no free port pair found" >&2; exit 2; fi
-
-wait_listen() { # port pid
-  for _ in $(seq 200); do
-    listening "$1" && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.05
-  done
-  return 1
-}
-
-start_sink() {
-  local user=(); [ "$(id -u)" = 0 ] && user=(-u nobody)
-  "$SINK" -c "${user[@]}" -m 8192 "$HOST:$SPORT" 4096 >"$WORK/sink.out" 2>>"$WORK/sink.err" &
-  SINK_PID=$!
-  wait_listen "$SPORT" "$SINK_PID" || { echo "syscalls.sh: smtp-sink did not start:" >&2; cat "$WORK/sink.err" >&2; exit 2; }
-}
-sink_count() {
-  tail -c 300 "$WORK/sink.out" | tr '\r' '\n' | sed -n 's/.*mesg=\([0-9]*\).*/\1/p' | tail -1
-}
-
-# The same configurations as bench/run.sh.
-haproxy_conf() { # threads file
-  local maxconn=$(( ($(ulimit -n) - 256) / 2 ))
-  [ "$maxconn" -gt 10000 ] && maxconn=10000
-  cat >"$2" <<EOF_CFG
-global
-    nbthread $1
-    maxconn $maxconn
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 120s
-    timeout server 120s
-    maxconn $maxconn
-frontend smtp_in
-    bind $HOST:$PPORT
-    default_backend smtp_sink
-backend smtp_sink
-    server sink $HOST:$SPORT
-EOF_CFG
-}
 
 start_proxy() { # setup -> PROXY_PID, or returns 1
   local log=$WORK/proxy-$1.log
