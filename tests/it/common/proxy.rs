@@ -32,12 +32,34 @@ const BASE_ENV: &[(&str, &str)] = &[
     ("LANG", "C"),
 ];
 
-/// A free TCP port on 127.0.0.1 (free at the time of asking).
+/// Ports handed out by `free_port` lie below the kernel's ephemeral range (32768 and up
+/// here), so that neither another test's `bind(0)` nor the source port of an outgoing
+/// connection can take a port between the moment a test picks it and the moment its
+/// daemon binds it; one counter for the whole test binary means no two tests get the same
+/// one. The start depends on the process id so that consecutive runs do not reuse ports
+/// their predecessors' sockets may still hold.
+const PORT_RANGE: std::ops::Range<u16> = 20000..32000;
+
+/// A TCP port on 127.0.0.1 that nothing listens on and that no other test of this binary
+/// will be given.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let span = PORT_RANGE.end - PORT_RANGE.start;
+    let _ = NEXT.compare_exchange(
+        0,
+        (std::process::id() % u32::from(span)) as u16 + 1,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = PORT_RANGE.start + n % span;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && !is_listening(port) {
+            return port;
+        }
+    }
+    panic!("no free port in {PORT_RANGE:?}")
 }
 
 /// True if something listens on `port` (any local address), per /proc/net/tcp{,6}.
