@@ -19,7 +19,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::config::milter::{MilterAction, MilterAddress, MilterConfig};
-use crate::protocol::milter::codec::{Command, Limits, PacketDecoder};
+use crate::protocol::milter::codec::{Command, ConnectAddress, Limits, PacketDecoder};
 use crate::protocol::milter::negotiate::{MacroNames, Negotiated, Offer};
 use crate::protocol::milter::reply::Modification;
 use crate::protocol::milter::session::{BeginError, Begun, Event, MilterSession, Verdict};
@@ -396,4 +396,235 @@ async fn open(address: &MilterAddress) -> io::Result<Stream> {
         }
         MilterAddress::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
     }
+}
+
+/// Postfix's replies for a milter's reject and tempfail (and for a failed milter whose
+/// default action says so).
+pub const REPLY_REJECT: &[u8] = b"550 5.7.1 Command rejected\r\n";
+pub const REPLY_TEMPFAIL: &[u8] = b"451 4.7.1 Service unavailable - try again later\r\n";
+
+/// The SMTP client as the connect and helo stages report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// The client's host name, or `[address]` when it has none.
+    pub hostname: String,
+    /// `None` for a unix-socket client.
+    pub addr: Option<std::net::SocketAddr>,
+    /// The HELO/EHLO argument, once given.
+    pub helo: Option<String>,
+    /// `{daemon_name}` and `j`.
+    pub daemon_name: String,
+}
+
+/// MAIL or RCPT.
+pub use crate::protocol::session::EnvelopeCommand;
+
+/// The milters of one SMTP session, in order, for the envelope stages: each is connected
+/// (and told of the client and its HELO) at its first use, told `ABORT` before a new MAIL,
+/// and asked about each MAIL and RCPT until one refuses or accepts.
+#[derive(Debug)]
+pub struct MilterChain {
+    configs: Vec<MilterConfig>,
+    version: u32,
+    clients: Vec<Option<MilterClient>>,
+    /// Per milter: a MAIL was sent and its message not ended.
+    in_message: Vec<bool>,
+    /// Per milter: its reply for every command of the connection, after it decided at
+    /// connect or helo.
+    decided: Vec<Option<Vec<u8>>>,
+    /// Per milter: it accepted the connection.
+    skipped: Vec<bool>,
+    /// The milter that accepted the current message: the later ones are skipped for it.
+    accepted_by: Option<usize>,
+}
+
+impl MilterChain {
+    pub fn new(configs: Vec<MilterConfig>, version: u32) -> MilterChain {
+        let n = configs.len();
+        MilterChain {
+            configs,
+            version,
+            clients: (0..n).map(|_| None).collect(),
+            in_message: vec![false; n],
+            decided: vec![None; n],
+            skipped: vec![false; n],
+            accepted_by: None,
+        }
+    }
+
+    /// Asks the milters about a MAIL or RCPT command line (CRLF included or not): `None`
+    /// relays it, `Some(reply)` (complete, CRLF included) refuses it.
+    pub async fn envelope(
+        &mut self,
+        command: EnvelopeCommand,
+        line: &[u8],
+        client: &ClientInfo,
+    ) -> Option<Vec<u8>> {
+        let args = envelope_args(line);
+        let arg_refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let addr = args
+            .first()
+            .map(|a| a.strip_prefix(b"<").unwrap_or(a))
+            .map(|a| a.strip_suffix(b">").unwrap_or(a))
+            .unwrap_or_default()
+            .to_vec();
+        if command == EnvelopeCommand::Mail {
+            self.accepted_by = None;
+        }
+        let upto = self.accepted_by.unwrap_or(self.configs.len());
+        for i in 0..upto {
+            match self.connected(i, client).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(reply) => return Some(reply),
+            }
+            let in_message = self.in_message[i];
+            if command == EnvelopeCommand::Mail {
+                self.in_message[i] = true;
+            }
+            let Some(milter) = self.clients[i].as_mut() else {
+                continue;
+            };
+            let result = match command {
+                EnvelopeCommand::Mail => {
+                    if in_message {
+                        milter.stage(Command::Abort, &[]).await;
+                    }
+                    let macros: [(&str, &[u8]); 1] = [("{mail_addr}", &addr)];
+                    milter.stage(Command::Mail(&arg_refs), &macros).await
+                }
+                EnvelopeCommand::Rcpt => {
+                    let macros: [(&str, &[u8]); 1] = [("{rcpt_addr}", &addr)];
+                    milter.stage(Command::Rcpt(&arg_refs), &macros).await
+                }
+            };
+            match refusal(&result.outcome) {
+                Decision::Next => {}
+                Decision::Accept => {
+                    self.accepted_by = Some(i);
+                    return None;
+                }
+                Decision::Refuse(reply) => return Some(reply),
+            }
+        }
+        None
+    }
+
+    /// Connects milter `i` and tells it of the client, once: `Ok(true)` when it is to be
+    /// asked, `Ok(false)` when it is skipped (it accepted the connection, or failed with
+    /// default action accept), `Err(reply)` when it refuses the whole connection.
+    async fn connected(&mut self, i: usize, client: &ClientInfo) -> Result<bool, Vec<u8>> {
+        if let Some(reply) = &self.decided[i] {
+            return Err(reply.clone());
+        }
+        if self.skipped[i] {
+            return Ok(false);
+        }
+        if self.clients[i].is_none() {
+            let mut milter =
+                MilterClient::connect(self.configs[i].clone(), self.version, MacroNames::default())
+                    .await;
+            let ip = client.addr.map(|a| a.ip().to_string()).unwrap_or_default();
+            let port = client
+                .addr
+                .map(|a| a.port().to_string())
+                .unwrap_or_default();
+            let underscore = format!("{} [{ip}]", client.hostname);
+            let macros: [(&str, &[u8]); 6] = [
+                ("j", client.daemon_name.as_bytes()),
+                ("{daemon_name}", client.daemon_name.as_bytes()),
+                ("_", underscore.as_bytes()),
+                ("{client_addr}", ip.as_bytes()),
+                ("{client_port}", port.as_bytes()),
+                ("{client_name}", client.hostname.as_bytes()),
+            ];
+            let address = match client.addr {
+                Some(a) => ConnectAddress::Inet {
+                    ip: a.ip(),
+                    port: a.port(),
+                },
+                None => ConnectAddress::Unknown,
+            };
+            let connect = Command::Connect {
+                hostname: client.hostname.as_bytes(),
+                address,
+            };
+            let mut outcome = milter.stage(connect, &macros).await.outcome;
+            if outcome == Outcome::Continue {
+                if let Some(helo) = &client.helo {
+                    outcome = milter
+                        .stage(Command::Helo(helo.as_bytes()), &[])
+                        .await
+                        .outcome;
+                }
+            }
+            match refusal(&outcome) {
+                Decision::Next => {}
+                // Accept at connect: nothing more is asked of this milter.
+                Decision::Accept => self.skipped[i] = true,
+                Decision::Refuse(reply) => {
+                    self.decided[i] = Some(reply.clone());
+                    self.clients[i] = Some(milter);
+                    return Err(reply);
+                }
+            }
+            self.clients[i] = Some(milter);
+        }
+        // A failed milter is not asked again: its stages answer its default action at once.
+        Ok(!self.skipped[i])
+    }
+
+    /// Ends every conversation (`QUIT`).
+    pub async fn quit(self) {
+        for milter in self.clients.into_iter().flatten() {
+            milter.quit().await;
+        }
+    }
+}
+
+enum Decision {
+    Next,
+    Accept,
+    Refuse(Vec<u8>),
+}
+
+/// What an envelope stage's outcome means for the command. Not implemented yet, and so
+/// answered with a temporary failure rather than let through: discard, quarantine, and a
+/// milter asking to end the connection (CONN_FAIL, SHUTDOWN).
+fn refusal(outcome: &Outcome) -> Decision {
+    match outcome {
+        Outcome::Continue | Outcome::Skip => Decision::Next,
+        Outcome::Verdict(Verdict::Accept) => Decision::Accept,
+        Outcome::Verdict(Verdict::Reject) => Decision::Refuse(REPLY_REJECT.to_vec()),
+        Outcome::Verdict(Verdict::Reply(r)) => {
+            let mut reply = r.text.to_vec();
+            reply.extend_from_slice(b"\r\n");
+            Decision::Refuse(reply)
+        }
+        Outcome::Verdict(Verdict::Tempfail | Verdict::Discard)
+        | Outcome::Verdict(Verdict::ConnFail | Verdict::Shutdown) => {
+            Decision::Refuse(REPLY_TEMPFAIL.to_vec())
+        }
+        Outcome::Failed(f) => match f.action {
+            MilterAction::Accept => Decision::Next,
+            MilterAction::Reject => Decision::Refuse(REPLY_REJECT.to_vec()),
+            MilterAction::Tempfail | MilterAction::Quarantine => {
+                Decision::Refuse(REPLY_TEMPFAIL.to_vec())
+            }
+        },
+    }
+}
+
+/// The address and ESMTP parameters of a MAIL or RCPT line: what follows the first colon,
+/// split at spaces.
+fn envelope_args(line: &[u8]) -> Vec<Vec<u8>> {
+    let line = crate::protocol::line::trim_line_end(line);
+    let rest = match line.iter().position(|&b| b == b':') {
+        Some(i) => &line[i + 1..],
+        None => &[][..],
+    };
+    rest.split(|b| b.is_ascii_whitespace())
+        .filter(|a| !a.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
 }

@@ -13,7 +13,9 @@ use proxsmtpd::protocol::milter::negotiate::MacroNames;
 use proxsmtpd::protocol::milter::reply::Modification;
 use proxsmtpd::protocol::milter::session::Verdict;
 use proxsmtpd::protocol::milter::{ProtocolError, Stage};
-use proxsmtpd::proxy::milter::{FailureKind, MilterClient, Outcome};
+use proxsmtpd::proxy::milter::{
+    ClientInfo, EnvelopeCommand, FailureKind, MilterChain, MilterClient, Outcome,
+};
 
 use crate::common::milter::{Act, Received, Script, TestMilter};
 use crate::common::timed;
@@ -378,5 +380,136 @@ fn malformed_packets_break_the_conversation() {
                 assert!(expected, "{what}: {kind:?}");
             });
         }
+    });
+}
+
+fn client_info() -> ClientInfo {
+    ClientInfo {
+        hostname: "client.example".into(),
+        addr: Some("192.0.2.1:4321".parse().unwrap()),
+        helo: Some("client.example".into()),
+        daemon_name: "mx.example".into(),
+    }
+}
+
+fn chain(entries: &[&str]) -> MilterChain {
+    MilterChain::new(entries.iter().map(|e| config(e)).collect(), 6)
+}
+
+async fn check(chain: &mut MilterChain, command: EnvelopeCommand, line: &str) -> Option<String> {
+    chain
+        .envelope(command, line.as_bytes(), &client_info())
+        .await
+        .map(|r| String::from_utf8(r).unwrap())
+}
+
+#[test]
+fn chain_answers_mail_and_rcpt_in_order() {
+    timed(30, || {
+        let a = TestMilter::start(
+            Script::new()
+                .on(b'R', vec![Act::reply(b't')])
+                .on(b'R', vec![Act::reply(b'c')]),
+        );
+        let b = TestMilter::start(
+            Script::new()
+                .on(b'M', vec![Act::reply(b'c')])
+                .on(b'M', vec![Act::reply_code("550 5.7.1 spam")]),
+        );
+        run(async {
+            let mut chain = chain(&[&a.address, &b.address]);
+            use EnvelopeCommand::{Mail, Rcpt};
+            assert_eq!(
+                check(&mut chain, Mail, "MAIL FROM:<a@x> SIZE=10\r\n").await,
+                None
+            );
+            assert_eq!(
+                check(&mut chain, Rcpt, "RCPT TO:<b@y>\r\n")
+                    .await
+                    .as_deref(),
+                Some("451 4.7.1 Service unavailable - try again later\r\n"),
+                "the first milter's tempfail"
+            );
+            assert_eq!(check(&mut chain, Rcpt, "RCPT TO:<c@y>\r\n").await, None);
+            assert_eq!(
+                check(&mut chain, Mail, "MAIL FROM:<d@x>\r\n")
+                    .await
+                    .as_deref(),
+                Some("550 5.7.1 spam\r\n"),
+                "the second milter's reply"
+            );
+            chain.quit().await;
+        });
+        // The second milter never saw the recipient the first refused; each saw ABORT
+        // before the second MAIL.
+        assert_eq!(a.commands()[0].trim_end_matches('Q'), "ODCHDMDRDRADM");
+        assert_eq!(b.commands()[0].trim_end_matches('Q'), "ODCHDMDRADM");
+        let got = &a.received()[0];
+        assert_eq!(got[4], packet(b'D', b"M{mail_addr}\0a@x\0"));
+        assert_eq!(got[5], packet(b'M', b"<a@x>\0SIZE=10\0"));
+        assert_eq!(got[3], packet(b'H', b"client.example\0"));
+        let connect_macros = String::from_utf8_lossy(&got[1].data).into_owned();
+        for want in [
+            "{daemon_name}\0mx.example\0",
+            "{client_addr}\x00192.0.2.1\0",
+            "{client_port}\x004321\0",
+            "_\0client.example [192.0.2.1]\0",
+        ] {
+            assert!(
+                connect_macros.contains(want),
+                "{connect_macros:?} lacks {want:?}"
+            );
+        }
+    });
+}
+
+#[test]
+fn chain_accept_skips_the_later_milters_and_failures_follow_default_action() {
+    timed(30, || {
+        let accepting = TestMilter::start(Script::new().on(b'M', vec![Act::reply(b'a')]));
+        let later = TestMilter::start(Script::new().on(b'R', vec![Act::reply(b'r')]));
+        let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        drop(dead);
+        run(async {
+            use EnvelopeCommand::{Mail, Rcpt};
+            let ignored = format!("inet:{dead_addr}{{default_action=accept}}");
+            let mut c = chain(&[&ignored, &accepting.address, &later.address]);
+            assert_eq!(check(&mut c, Mail, "MAIL FROM:<a@x>").await, None);
+            assert_eq!(check(&mut c, Rcpt, "RCPT TO:<b@y>").await, None);
+            c.quit().await;
+            // Unreachable with the default action (tempfail): every command is refused.
+            let mut c = chain(&[&format!("inet:{dead_addr}")]);
+            assert_eq!(
+                check(&mut c, Mail, "MAIL FROM:<a@x>").await.as_deref(),
+                Some("451 4.7.1 Service unavailable - try again later\r\n")
+            );
+            let mut c = chain(&[&format!("inet:{dead_addr}{{default_action=reject}}")]);
+            assert_eq!(
+                check(&mut c, Rcpt, "RCPT TO:<b@y>").await.as_deref(),
+                Some("550 5.7.1 Command rejected\r\n")
+            );
+        });
+        // The later milter was not asked about the accepted message (nor connected: milters
+        // are connected at their first use).
+        assert_eq!(later.commands(), Vec::<String>::new());
+    });
+}
+
+#[test]
+fn chain_refuses_every_command_after_a_reject_at_connect() {
+    timed(30, || {
+        let milter = TestMilter::start(Script::new().on(b'C', vec![Act::reply(b'r')]));
+        run(async {
+            use EnvelopeCommand::{Mail, Rcpt};
+            let mut c = chain(&[&milter.address]);
+            for (command, line) in [(Mail, "MAIL FROM:<a@x>"), (Rcpt, "RCPT TO:<b@y>")] {
+                assert_eq!(
+                    check(&mut c, command, line).await.as_deref(),
+                    Some("550 5.7.1 Command rejected\r\n")
+                );
+            }
+        });
+        assert_eq!(milter.commands()[0], "ODC");
     });
 }
