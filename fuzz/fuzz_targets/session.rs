@@ -97,6 +97,7 @@ impl Driver {
                     self.relay.tls_established();
                 }
                 Step::BeginData(_) => self.relay.transaction_done(self.now),
+                Step::CheckEnvelope { .. } => self.relay.envelope_checked(None, self.now),
                 Step::PolicyReject | Step::ClientLine(_) => {}
                 Step::End(_) => self.ended = true,
             }

@@ -167,6 +167,16 @@ pub fn validate(s: &Settings) -> Result<Vec<String>, ConfigError> {
             .with_setting("OutAddress"));
         }
     }
+    if !s.milters.is_empty() {
+        // Refused rather than ignored: a message must not pass unchecked by a milter the
+        // operator listed.
+        return Err(ConfigError::new(
+            "",
+            "Milters is not supported by this version yet (the milter client is not wired into \
+             the proxy)",
+        )
+        .with_setting("Milters"));
+    }
     if s.proxy_protocol && s.proxy_protocol_trusted.is_empty() {
         return Err(ConfigError::new(
             "",
@@ -947,6 +957,19 @@ reload_watch: no
                 path.display()
             )
         );
+        let path = write(
+            &dir,
+            "m.conf",
+            "TimeOut: 5\nMilters: inet:h:1{default_action=no}\n",
+        );
+        let shown = load(&opts(&path, &[], &[])).unwrap_err().to_string();
+        assert!(
+            shown.starts_with(&format!(
+                "{}:2: invalid setting: Milters (default_action=\"no\": expected tempfail",
+                path.display()
+            )),
+            "{shown}"
+        );
         let path = write(&dir, "i.toml", "[listen]\nport = 25\n");
         let shown = load(&opts(&path, &[], &[])).unwrap_err().to_string();
         assert_eq!(
@@ -1053,6 +1076,11 @@ reload_watch: no
             "UpstreamTls" => "required",
             "UpstreamTlsCa" => "/etc/ssl/ca.pem",
             "UpstreamTlsVerify" => "off",
+            "Milters" => "inet:[::1]:11332{name=m, command_timeout=2m}, unix:/run/m.sock",
+            "MilterCommandTimeout" | "MilterConnectTimeout" | "MilterContentTimeout" => "7",
+            "MilterDefaultAction" => "accept",
+            "MilterMacroDaemonName" => "mx.example",
+            "MilterProtocol" => "2",
             _ => "on",
         };
         let none = Path::new("/nonexistent/p.conf");
@@ -1073,6 +1101,45 @@ reload_watch: no
             let from_cli = load(&opts(none, &[], &[(setting.name, value)])).unwrap();
             assert_eq!(from_cli.settings, want, "{}", setting.name);
         }
+    }
+
+    /// A TOML array of milters is the list, braces and commas inside an entry included.
+    #[test]
+    fn milters_from_a_toml_array() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            "m.toml",
+            "milters = [\"inet:h:1{name=a, default_action=reject}\", \"unix:/s\"]\n",
+        );
+        let milters = load(&opts(&path, &[], &[])).unwrap().settings.milters;
+        let names: Vec<&str> = milters.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["a", "unix:/s"]);
+        assert_eq!(
+            milters[0].default_action,
+            Some(crate::config::milter::MilterAction::Reject)
+        );
+    }
+
+    /// Until milters filter mail, listing one is refused at start-up, not ignored.
+    #[test]
+    fn milters_are_refused_until_supported() {
+        let none = Path::new("/nonexistent/p.conf");
+        let loaded = load(&opts(
+            none,
+            &[],
+            &[
+                ("OutAddress", "127.0.0.1:25"),
+                ("Milters", "inet:127.0.0.1:1"),
+            ],
+        ))
+        .unwrap();
+        let e = validate(&loaded.settings).unwrap_err();
+        assert_eq!(e.setting, Some("Milters"));
+        assert!(e.to_string().contains("not supported"), "{e}");
+        let mut ok = loaded.settings.clone();
+        ok.milters.clear();
+        assert!(validate(&ok).is_ok());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!   README's settings table).
 //! - `address`: the `Listen` / `OutAddress` syntax.
 //! - `cidr`: networks for `ProxyProtocolTrusted`.
+//! - `milter`: the `Milters` list (addresses and per-milter options).
 //! - `legacy`: the original `proxsmtpd.conf` reader and the per-setting validation shared by
 //!   every layer.
 //! - `layered`: defaults < config file < `PROXSMTPD_*` environment < command line, merged
@@ -20,6 +21,7 @@ pub mod cidr;
 pub mod file_watch;
 pub mod layered;
 pub mod legacy;
+pub mod milter;
 pub mod names;
 pub mod reference;
 pub mod settings;

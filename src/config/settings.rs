@@ -16,6 +16,7 @@ use super::address::{
     parse_listen, parse_out_address, ListenAddress, OutAddress, DEFAULT_LISTEN_PORT,
 };
 use super::cidr::{parse_cidr_list, Cidr};
+use super::milter::{self, parse_milters, MilterAction, MilterSpec};
 use super::values::{self, Parser};
 
 /// How the filter command receives the message.
@@ -370,6 +371,82 @@ registry! {
         doc: "On SIGTERM or SIGINT, the seconds sessions in a transaction may take to finish \
             before they are told 421 and closed.",
     }
+    Milters {
+        key: "milters",
+        field: milters: Vec<MilterSpec> = Vec::new(),
+        kind: CommaList,
+        original: false,
+        default: "none",
+        parse: |name, v| {
+            parse_milters(v).map_err(|e| format!("{} ({e})", values::invalid_setting(name)))
+        },
+        doc: "Mail filters speaking the milter protocol (rspamd, clamav-milter, OpenDKIM), \
+            comma- or space-separated as Postfix's smtpd_milters: inet:host:port, \
+            inet6:[address]:port or unix:/path, each optionally followed by options in braces, \
+            e.g. inet:127.0.0.1:11332{name=rspamd, connect_timeout=10s, command_timeout=10s, \
+            content_timeout=5m, default_action=accept} (or Postfix's { address, options }). \
+            name labels the milter in logs and metrics (default the address); the timeouts \
+            take Postfix's durations (30, 30s, 2m, 1h) and default to the Milter*Timeout \
+            settings; default_action to MilterDefaultAction.",
+    }
+    MilterCommandTimeout {
+        key: "milter_command_timeout",
+        field: milter_command_timeout: Duration = Duration::from_secs(30),
+        kind: Single,
+        original: false,
+        default: "30",
+        parse: values::seconds::<1>,
+        doc: "Seconds a milter has to answer each command but the message content; a PROGRESS \
+            answer restarts the wait.",
+    }
+    MilterConnectTimeout {
+        key: "milter_connect_timeout",
+        field: milter_connect_timeout: Duration = Duration::from_secs(30),
+        kind: Single,
+        original: false,
+        default: "30",
+        parse: values::seconds::<1>,
+        doc: "Seconds to connect to a milter and negotiate with it.",
+    }
+    MilterContentTimeout {
+        key: "milter_content_timeout",
+        field: milter_content_timeout: Duration = Duration::from_secs(300),
+        kind: Single,
+        original: false,
+        default: "300",
+        parse: values::seconds::<1>,
+        doc: "Seconds a milter has to answer each body chunk and the end of message; a PROGRESS \
+            answer restarts the wait.",
+    }
+    MilterDefaultAction {
+        key: "milter_default_action",
+        field: milter_default_action: MilterAction = MilterAction::Tempfail,
+        kind: Single,
+        original: false,
+        default: "tempfail",
+        parse: |name, v| values::choice(name, v, milter::ACTIONS),
+        doc: "What a message gets when a milter cannot be reached, times out, closes or breaks \
+            the protocol: tempfail (4xx), accept (go on without that milter), reject (5xx) or \
+            quarantine.",
+    }
+    MilterMacroDaemonName {
+        key: "milter_macro_daemon_name",
+        field: milter_macro_daemon_name: Option<String> = None,
+        kind: Single,
+        original: false,
+        default: "none (the host name)",
+        parse: values::optional_text,
+        doc: "The {daemon_name} macro sent to milters.",
+    }
+    MilterProtocol {
+        key: "milter_protocol",
+        field: milter_protocol: u32 = 6,
+        kind: Single,
+        original: false,
+        default: "6",
+        parse: milter_protocol,
+        doc: "The milter protocol version offered to milters (2 to 6).",
+    }
     MinDataRate {
         key: "min_data_rate",
         field: min_data_rate: u64 = DEFAULT_MIN_DATA_RATE,
@@ -527,6 +604,19 @@ fn max_connections(_: &'static str, v: &str) -> Result<usize, String> {
         .ok_or_else(|| "invalid setting: MaxConnections (must be between 1 and 10240)".into())
 }
 
+/// 2 to 6, as Postfix's milter_protocol.
+fn milter_protocol(name: &'static str, v: &str) -> Result<u32, String> {
+    values::integer(v)
+        .filter(|n| (2..=6).contains(n))
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| {
+            format!(
+                "{} (must be between 2 and 6)",
+                values::invalid_setting(name)
+            )
+        })
+}
+
 /// `client`, `full`, or a boolean (true is `client`).
 fn transparent_proxy(name: &'static str, v: &str) -> Result<Transparent, String> {
     Ok(match v.to_ascii_lowercase().as_str() {
@@ -588,6 +678,34 @@ mod tests {
         assert_eq!(
             s("TransparentProxy", "full").unwrap().transparent,
             Transparent::Full
+        );
+        assert_eq!(
+            s("Milters", "inet:h:1{name=m}").unwrap().milters[0].name,
+            "m"
+        );
+        assert_eq!(
+            s("Milters", "inet:h").unwrap_err(),
+            "invalid setting: Milters (\"inet:h\": expected inet:host:port)"
+        );
+        assert_eq!(
+            s("MilterDefaultAction", "Accept")
+                .unwrap()
+                .milter_default_action,
+            MilterAction::Accept
+        );
+        assert_eq!(
+            s("MilterDefaultAction", "discard").unwrap_err(),
+            "invalid value for MilterDefaultAction (must specify 'tempfail' or 'accept' or \
+             'reject' or 'quarantine')"
+        );
+        assert_eq!(s("MilterProtocol", "2").unwrap().milter_protocol, 2);
+        assert_eq!(
+            s("MilterProtocol", "7").unwrap_err(),
+            "invalid setting: MilterProtocol (must be between 2 and 6)"
+        );
+        assert_eq!(
+            s("MilterContentTimeout", "0").unwrap_err(),
+            "invalid setting: MilterContentTimeout"
         );
         assert_eq!(
             s("TlsListen", "0").unwrap_err(),

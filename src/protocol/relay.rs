@@ -26,7 +26,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::line::{Framed, LineReader, COMMAND_LINE_LIMIT};
 use super::reply::{Reply, ReplyAssembler, ReplyError};
-use super::session::{Action, DataMode, Envelope, Session};
+use super::session::{Action, DataMode, Envelope, EnvelopeCommand, Session};
 
 /// Upstream reply lines are limited far above what any server sends (RFC 5321 says 512).
 pub const REPLY_LINE_LIMIT: usize = 16 * 1024;
@@ -49,6 +49,12 @@ pub enum Step {
     BeginData(DataMode),
     /// FilterType reject refused a DATA: log it as a rejected message.
     PolicyReject,
+    /// With [`Relay::check_envelope`] on, the client's MAIL or RCPT waits for a verdict
+    /// (a milter's) before it goes upstream: get it, then call [`Relay::envelope_checked`].
+    CheckEnvelope {
+        command: EnvelopeCommand,
+        line: Bytes,
+    },
     /// A client command line taken (only when asked for with [`Relay::trace_client_lines`],
     /// for the debug trace).
     ClientLine(Bytes),
@@ -241,6 +247,20 @@ impl Relay {
         self.collect();
     }
 
+    /// Holds each MAIL and RCPT for [`Step::CheckEnvelope`]; off by default.
+    pub fn check_envelope(&mut self, on: bool) {
+        self.session.set_check_envelope(on);
+    }
+
+    /// The check of [`Step::CheckEnvelope`] is done: `None` relays the command,
+    /// `Some(reply)` (complete, CRLF included) refuses it with that reply, unrelayed. The
+    /// client's clock restarts: the check's time was not its.
+    pub fn envelope_checked(&mut self, refusal: Option<Bytes>, now: Instant) {
+        self.session.envelope_checked(refusal);
+        self.client_due = now + self.timeout;
+        self.collect();
+    }
+
     /// The message transaction begun at [`Step::BeginData`] is over, whatever its outcome.
     pub fn transaction_done(&mut self, now: Instant) {
         self.session.transaction_done();
@@ -383,6 +403,7 @@ impl Relay {
                 Action::ToClient(bytes) => Step::ToClient(bytes),
                 Action::BeginData(mode) => Step::BeginData(mode),
                 Action::PolicyReject => Step::PolicyReject,
+                Action::CheckEnvelope { command, line } => Step::CheckEnvelope { command, line },
                 Action::StartTls => Step::StartTls { discarded: 0 },
                 Action::UpstreamProtocolError(reason) => {
                     let stage = self.stage();
@@ -455,6 +476,10 @@ mod tests {
                 _ => {
                     if let Some(secs) = line.strip_prefix('+') {
                         now += Duration::from_secs(secs.parse().unwrap());
+                    } else if *line == "CHECKED" {
+                        r.envelope_checked(None, now);
+                    } else if let Some(reply) = line.strip_prefix("REFUSE: ") {
+                        r.envelope_checked(Some(Bytes::from(format!("{reply}\r\n"))), now);
                     } else if let Some(text) = line.strip_prefix("C: ") {
                         match text.strip_suffix('\\') {
                             Some(partial) => r.client_buf.extend_from_slice(partial.as_bytes()),
@@ -479,6 +504,10 @@ mod tests {
                     Step::StartTls { discarded } => format!("START-TLS discarded {discarded}"),
                     Step::BeginData(mode) => format!("DATA {mode:?}"),
                     Step::PolicyReject => "POLICY-REJECT".into(),
+                    Step::CheckEnvelope { command, line } => format!(
+                        "CHECK {command:?} {}",
+                        String::from_utf8_lossy(&line).trim_end()
+                    ),
                     Step::Replied { stage, code } => format!("replied {code} {stage:?}"),
                     Step::ClientLine(b) => {
                         format!("<cl {}", String::from_utf8_lossy(&b).trim_end())
@@ -496,6 +525,56 @@ mod tests {
         let (mut r, now) = relay();
         run(&mut r, now, GREETED);
         (r, now)
+    }
+
+    /// A held MAIL or RCPT stops the client's pipelined lines until its check is done; a
+    /// refused one is answered by the check and never goes upstream.
+    #[test]
+    fn envelope_check_holds_the_pipeline() {
+        let (mut r, now) = relay();
+        r.check_envelope(true);
+        let out = run(
+            &mut r,
+            now,
+            &[
+                "S: 220 sink",
+                "C: EHLO c",
+                "S: 250 sink",
+                "C: MAIL FROM:<a@x>",
+                "C: RCPT TO:<b@y>",
+                "C: RCPT TO:<c@y>",
+                "+5",
+                "CHECKED",
+                "S: 250 ok",
+                "REFUSE: 550 5.7.1 Command rejected",
+                "CHECKED",
+                "S: 250 ok",
+            ],
+        );
+        let out: Vec<&str> = out
+            .iter()
+            .filter(|l| !l.starts_with("replied"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            out,
+            [
+                ">cl 220 smtp.passthru",
+                ">up EHLO c",
+                ">cl 250 smtp.passthru",
+                "CHECK Mail MAIL FROM:<a@x>",
+                ">up MAIL FROM:<a@x>",
+                // The next pipelined line is checked while MAIL awaits its reply; replies
+                // still reach the client in order.
+                "CHECK Rcpt RCPT TO:<b@y>",
+                ">cl 250 ok",
+                ">cl 550 5.7.1 Command rejected",
+                "CHECK Rcpt RCPT TO:<c@y>",
+                ">up RCPT TO:<c@y>",
+                ">cl 250 ok",
+            ]
+        );
+        assert_eq!(r.envelope().recipients, ["c@y"]);
     }
 
     fn ends(out: &[String]) -> Vec<&str> {

@@ -101,6 +101,20 @@ pub enum Action {
     /// The upstream sent a reply when no command of ours was outstanding: it is out of
     /// step (or hostile). The caller closes the upstream and answers the client with a 4xx.
     UpstreamProtocolError(String),
+    /// With [`Session::set_check_envelope`] on: the client's MAIL or RCPT is held before
+    /// it goes upstream, and no further client line is taken, until the caller calls
+    /// [`Session::envelope_checked`] (to relay it, or to refuse it with its own reply).
+    CheckEnvelope {
+        command: EnvelopeCommand,
+        line: Bytes,
+    },
+}
+
+/// The envelope command of [`Action::CheckEnvelope`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvelopeCommand {
+    Mail,
+    Rcpt,
 }
 
 /// The transaction as the upstream accepted it.
@@ -172,6 +186,10 @@ pub struct Session {
     last_helo: Option<Bytes>,
     /// A client line held back while XCLIENT is being negotiated.
     held: Option<Bytes>,
+    /// Hold MAIL and RCPT for [`Action::CheckEnvelope`].
+    check_envelope: bool,
+    /// The MAIL or RCPT held for its check, and what it becomes once relayed.
+    checking: Option<(Bytes, Pending)>,
     tls: TlsPolicy,
     tls_active: bool,
     /// Between our `220` to STARTTLS and the end of the handshake.
@@ -199,6 +217,8 @@ impl Session {
             xclient_sent: false,
             last_helo: None,
             held: None,
+            check_envelope: false,
+            checking: None,
             tls,
             tls_active: tls.implicit,
             tls_handshake: false,
@@ -240,7 +260,7 @@ impl Session {
     /// are the body; during the XCLIENT exchange commands wait so they reach the upstream
     /// after it.
     pub fn accepts_client_input(&self) -> bool {
-        if self.in_data || self.held.is_some() || self.tls_handshake {
+        if self.in_data || self.held.is_some() || self.tls_handshake || self.checking.is_some() {
             return false;
         }
         let waiting_for_helo = self.policy.xclient
@@ -271,7 +291,10 @@ impl Session {
 
     /// No command is outstanding and no mail transaction has begun: safe to close with 421.
     pub fn is_idle(&self) -> bool {
-        self.pending.is_empty() && !self.in_data && self.envelope.sender.is_none()
+        self.pending.is_empty()
+            && !self.in_data
+            && self.envelope.sender.is_none()
+            && self.checking.is_none()
     }
 
     pub fn envelope(&self) -> &Envelope {
@@ -284,6 +307,26 @@ impl Session {
 
     pub fn take_actions(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.actions)
+    }
+
+    /// Holds each MAIL and RCPT for a check before it goes upstream
+    /// ([`Action::CheckEnvelope`]); off by default.
+    pub fn set_check_envelope(&mut self, on: bool) {
+        self.check_envelope = on;
+    }
+
+    /// The check of [`Action::CheckEnvelope`] is done: `None` relays the held command,
+    /// `Some(reply)` (a complete reply, CRLF included) answers it instead, and it is not
+    /// relayed. Client lines are taken again.
+    pub fn envelope_checked(&mut self, refusal: Option<Bytes>) {
+        let Some((line, pending)) = self.checking.take() else {
+            return;
+        };
+        match refusal {
+            None => self.forward(line, pending),
+            Some(reply) => self.local_reply_bytes(reply),
+        }
+        self.release();
     }
 
     /// The caller finished the DATA transaction (whatever its outcome).
@@ -377,6 +420,16 @@ impl Session {
                 let shown: String = param.chars().take(64).collect();
                 let reply = format!("555 5.5.4 Unsupported parameter: {shown}\r\n");
                 self.local_reply_bytes(Bytes::from(reply));
+            }
+            verb @ (Verb::Mail | Verb::Rcpt) if self.check_envelope => {
+                let addr = command::envelope_address(&line).unwrap_or_default();
+                let (command, pending) = if verb == Verb::Mail {
+                    (EnvelopeCommand::Mail, Pending::Mail(addr))
+                } else {
+                    (EnvelopeCommand::Rcpt, Pending::Rcpt(addr))
+                };
+                self.checking = Some((line.clone(), pending));
+                self.actions.push(Action::CheckEnvelope { command, line });
             }
             Verb::Mail => {
                 let addr = command::envelope_address(&line).unwrap_or_default();
@@ -644,6 +697,10 @@ mod tests {
                 session.upstream_reply(reply(text));
             } else if *step == "DONE" {
                 session.transaction_done();
+            } else if *step == "CHECKED" {
+                session.envelope_checked(None);
+            } else if let Some(reply) = step.strip_prefix("REFUSE: ") {
+                session.envelope_checked(Some(Bytes::from(format!("{reply}\r\n"))));
             }
             for action in session.take_actions() {
                 out.push(match action {
@@ -658,10 +715,72 @@ mod tests {
                     Action::PolicyReject => "POLICY-REJECT".to_string(),
                     Action::StartTls => "START-TLS".to_string(),
                     Action::UpstreamProtocolError(e) => format!("PROTOCOL-ERROR {e}"),
+                    Action::CheckEnvelope { command, line } => format!(
+                        "CHECK {command:?} {}",
+                        String::from_utf8_lossy(&line).trim_end()
+                    ),
                 });
             }
         }
         out
+    }
+
+    /// With the envelope check on, MAIL and RCPT wait for it; a refused one is answered with
+    /// the check's reply and never relayed, the others go on.
+    #[test]
+    fn envelope_check_holds_mail_and_rcpt() {
+        let mut s = Session::new(policy());
+        s.set_check_envelope(true);
+        let out = run(
+            &mut s,
+            &[
+                "S: 220 sink.example ESMTP",
+                "C: EHLO client",
+                "S: 250 sink.example",
+                "C: MAIL FROM:<a@x>",
+                "CHECKED",
+                "S: 250 ok",
+                "C: RCPT TO:<b@y>",
+                "REFUSE: 550 5.7.1 Command rejected",
+                "C: RCPT TO:<c@y>",
+                "CHECKED",
+                "S: 250 ok",
+                "C: MAIL FROM:<d@x>",
+            ],
+        );
+        assert_eq!(
+            out,
+            vec![
+                ">cl 220 smtp.passthru",
+                ">up EHLO client",
+                ">cl 250 smtp.passthru",
+                "CHECK Mail MAIL FROM:<a@x>",
+                ">up MAIL FROM:<a@x>",
+                ">cl 250 ok",
+                "CHECK Rcpt RCPT TO:<b@y>",
+                ">cl 550 5.7.1 Command rejected",
+                "CHECK Rcpt RCPT TO:<c@y>",
+                ">up RCPT TO:<c@y>",
+                ">cl 250 ok",
+                "CHECK Mail MAIL FROM:<d@x>",
+            ]
+        );
+        assert_eq!(s.envelope().recipients, ["c@y"]);
+        assert!(
+            !s.accepts_client_input(),
+            "a held command stops client input"
+        );
+        assert!(!s.is_idle());
+        s.envelope_checked(Some(Bytes::from_static(b"451 4.7.1 later\r\n")));
+        assert!(s.accepts_client_input());
+        assert_eq!(
+            s.take_actions(),
+            [Action::ToClient(Bytes::from_static(b"451 4.7.1 later\r\n"))]
+        );
+        // Off (the default), nothing is held.
+        let mut s = Session::new(policy());
+        let out = run(&mut s, &["S: 220 sink.example ESMTP", "C: MAIL FROM:<a@x>"]);
+        assert_eq!(out, [">cl 220 smtp.passthru", ">up MAIL FROM:<a@x>"]);
     }
 
     #[test]

@@ -427,6 +427,12 @@ async fn perform(conn: &mut Conn, step: Step, shared: &Shared) -> Result<(), Fat
             observe::policy_reject(conn, conn.relay.envelope());
             Ok(())
         }
+        Step::CheckEnvelope { .. } => {
+            // Only asked for with milters (`Relay::check_envelope`), which the connection
+            // does not turn on yet: relay the command.
+            conn.relay.envelope_checked(None, std::time::Instant::now());
+            Ok(())
+        }
         Step::BeginData(mode) => {
             // A reloaded configuration applies from the next message on.
             conn.settings = shared.settings.borrow().clone();

@@ -1,8 +1,9 @@
 //! Tokio moving bytes: the listeners, client connections, the upstream, TLS streams, socket
-//! options and the message transaction.
+//! options, the message transaction and the milter client.
 pub mod conn;
 pub mod connection;
 pub mod io;
+pub mod milter;
 pub mod observe;
 pub mod proxy_header;
 pub mod server;

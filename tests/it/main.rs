@@ -26,6 +26,7 @@ mod limits;
 mod local_failure;
 mod man;
 mod metrics;
+mod milter;
 mod operations;
 mod pid1;
 mod pipelining;

@@ -7,6 +7,7 @@
 //! - `proxy`: starts the binary under test with a generated `proxsmtpd.conf`, filter
 //!   script helpers, the environment recorder filter, temp-dir checks.
 //! - `metrics`: polls the admin `/metrics` endpoint until a series has a value.
+//! - `milter`: a scriptable milter that records every packet it receives.
 //! - `peers`: real third-party peers (Postfix `smtp-sink`/`smtp-source`, `swaks`).
 //!
 //! The binary under test is `CARGO_BIN_EXE_proxsmtpd`, or `PROXSMTPD_BIN` when set (for
@@ -17,6 +18,7 @@
 pub mod client;
 pub mod daemon;
 pub mod metrics;
+pub mod milter;
 pub mod peers;
 pub mod proxy;
 pub mod upstream;

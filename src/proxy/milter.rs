@@ -1,0 +1,630 @@
+//! One connection to a milter, over TCP or a unix socket, driving the sans-IO
+//! [`MilterSession`]: connect and negotiate within the connect timeout, then for each stage
+//! send what the session says and wait for the answer within the command timeout (the
+//! content timeout for body chunks and the end of message), a PROGRESS answer restarting
+//! the wait.
+//!
+//! Anything that goes wrong (no connection, a timeout, the milter closing, a broken packet)
+//! ends the conversation: that stage and every later one get [`Outcome::Failed`], which
+//! carries the milter's `default_action`. Memory stays bounded: the packet decoder refuses
+//! a packet over its limit before buffering it, and the modifications collected at the end
+//! of message are capped by [`MAX_MODIFICATION_BYTES`].
+
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::{timeout, timeout_at, Instant};
+
+use crate::config::milter::{MilterAction, MilterAddress, MilterConfig};
+use crate::protocol::milter::codec::{Command, ConnectAddress, Limits, PacketDecoder};
+use crate::protocol::milter::negotiate::{MacroNames, Negotiated, Offer};
+use crate::protocol::milter::reply::Modification;
+use crate::protocol::milter::session::{BeginError, Begun, Event, MilterSession, Verdict};
+use crate::protocol::milter::{ProtocolError, Stage};
+use crate::proxy::io::Stream;
+
+/// The most modification data (header and body bytes) one end of message may carry; a
+/// milter sending more is treated as broken.
+pub const MAX_MODIFICATION_BYTES: usize = 64 * 1024 * 1024;
+
+/// Why a milter conversation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Connecting failed (refused, no such host or socket).
+    Connect(String),
+    /// Connecting and negotiating took longer than the connect timeout.
+    ConnectTimeout,
+    /// No answer within the command or content timeout.
+    Timeout(Stage),
+    /// The milter closed the connection.
+    Closed,
+    /// Reading or writing failed.
+    Io(String),
+    /// The milter broke the protocol.
+    Protocol(ProtocolError),
+    /// Data after an answer, which nothing asked for.
+    Unsolicited,
+    /// More modification data than [`MAX_MODIFICATION_BYTES`].
+    TooMuchModification,
+    /// A stage that cannot be sent now (out of order, or a value that cannot be encoded).
+    Usage(BeginError),
+}
+
+impl FailureKind {
+    /// A short word for metrics labels.
+    pub fn label(&self) -> &'static str {
+        match self {
+            FailureKind::Connect(_) => "connect",
+            FailureKind::ConnectTimeout => "connect_timeout",
+            FailureKind::Timeout(_) => "timeout",
+            FailureKind::Closed => "closed",
+            FailureKind::Io(_) => "io",
+            FailureKind::Protocol(_) => "protocol",
+            FailureKind::Unsolicited => "protocol",
+            FailureKind::TooMuchModification => "oversize",
+            FailureKind::Usage(_) => "usage",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailureKind::Connect(e) => write!(f, "cannot connect: {e}"),
+            FailureKind::ConnectTimeout => write!(f, "connect or negotiation timed out"),
+            FailureKind::Timeout(stage) => write!(f, "no answer at {stage:?} in time"),
+            FailureKind::Closed => write!(f, "the milter closed the connection"),
+            FailureKind::Io(e) => write!(f, "I/O error: {e}"),
+            FailureKind::Protocol(e) => write!(f, "protocol error: {e}"),
+            FailureKind::Unsolicited => write!(f, "data after an answer"),
+            FailureKind::TooMuchModification => {
+                write!(
+                    f,
+                    "more than {MAX_MODIFICATION_BYTES} bytes of modifications"
+                )
+            }
+            FailureKind::Usage(e) => e.fmt(f),
+        }
+    }
+}
+
+/// A failed conversation: why, and the action configured for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub action: MilterAction,
+}
+
+/// How a stage ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Carry on (the milter answered continue, does not answer this stage, or opted out).
+    Continue,
+    /// The milter decided; what the verdict covers depends on the stage (see
+    /// [`MilterSession`]).
+    Verdict(Verdict),
+    /// Body chunk: the milter wants no more of the body.
+    Skip,
+    /// The conversation is over: apply `action`.
+    Failed(Failure),
+}
+
+/// What a stage gave: its outcome and, at the end of message, the modifications that came
+/// before the final verdict, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageResult {
+    pub outcome: Outcome,
+    pub modifications: Vec<Modification>,
+}
+
+impl StageResult {
+    fn of(outcome: Outcome) -> StageResult {
+        StageResult {
+            outcome,
+            modifications: Vec::new(),
+        }
+    }
+}
+
+/// One connection to a milter.
+pub struct MilterClient {
+    config: MilterConfig,
+    stream: Option<Stream>,
+    session: MilterSession,
+    decoder: PacketDecoder,
+    failure: Option<FailureKind>,
+}
+
+impl fmt::Debug for MilterClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MilterClient")
+            .field("name", &self.config.name)
+            .field("failure", &self.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MilterClient {
+    /// Connects and negotiates within the connect timeout, offering every action and
+    /// protocol flag of `version` (2 to 6). A failure is kept: every stage then returns
+    /// [`Outcome::Failed`] (see [`MilterClient::failure`]).
+    pub async fn connect(config: MilterConfig, version: u32, macros: MacroNames) -> MilterClient {
+        let offer = Offer {
+            version,
+            ..Offer::default()
+        };
+        let mut client = MilterClient {
+            session: MilterSession::new(offer, macros),
+            decoder: PacketDecoder::new(Limits::default()),
+            stream: None,
+            failure: None,
+            config,
+        };
+        let deadline = Instant::now() + client.config.connect_timeout;
+        let result = match timeout_at(deadline, open(&client.config.address)).await {
+            Err(_) => Err(FailureKind::ConnectTimeout),
+            Ok(Err(e)) => Err(FailureKind::Connect(e.to_string())),
+            Ok(Ok(stream)) => {
+                client.stream = Some(stream);
+                client.negotiate(deadline).await
+            }
+        };
+        if let Err(kind) = result {
+            client.fail(kind);
+        }
+        client
+    }
+
+    async fn negotiate(&mut self, deadline: Instant) -> Result<(), FailureKind> {
+        let bytes = self.session.start().map_err(FailureKind::Usage)?;
+        self.write(&bytes, deadline)
+            .await
+            .map_err(|e| timeout_kind(e, FailureKind::ConnectTimeout))?;
+        let packet = self
+            .read_packet(deadline)
+            .await
+            .map_err(|e| timeout_kind(e, FailureKind::ConnectTimeout))?;
+        match self.session.on_packet(&packet) {
+            Event::Negotiated => self.nothing_after_answer(),
+            Event::ProtocolError(e) => Err(FailureKind::Protocol(e)),
+            // The session answers negotiation with one of the two above only.
+            _ => Err(FailureKind::Unsolicited),
+        }
+    }
+
+    /// The configured name (for logs and metrics).
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// What was negotiated, when the milter is usable.
+    pub fn negotiated(&self) -> Option<&Negotiated> {
+        self.session.negotiated()
+    }
+
+    /// Why the conversation ended, if it did.
+    pub fn failure(&self) -> Option<&FailureKind> {
+        self.failure.as_ref()
+    }
+
+    /// Runs one stage: sends the command (with the macros the stage's list names) and waits
+    /// for the answer. Abort and quit are sent without waiting.
+    pub async fn stage(&mut self, command: Command<'_>, macros: &[(&str, &[u8])]) -> StageResult {
+        if let Some(kind) = &self.failure {
+            return StageResult::of(self.failed(kind.clone()));
+        }
+        let wait = match command {
+            Command::Body(_) | Command::BodyEob => self.config.content_timeout,
+            _ => self.config.command_timeout,
+        };
+        let stage_of = command_stage(&command);
+        let begun = match self.session.begin(command, macros) {
+            Ok(b) => b,
+            Err(e) => return StageResult::of(self.fail(FailureKind::Usage(e))),
+        };
+        let deadline = Instant::now() + wait;
+        let too_late = FailureKind::Timeout(stage_of.unwrap_or(Stage::Unknown));
+        match begun {
+            Begun::Skipped => StageResult::of(Outcome::Continue),
+            Begun::NoReply(bytes) => match self.write(&bytes, deadline).await {
+                Ok(()) => StageResult::of(Outcome::Continue),
+                Err(e) => StageResult::of(self.fail(timeout_kind(e, too_late))),
+            },
+            Begun::Await(bytes) => {
+                if let Err(e) = self.write(&bytes, deadline).await {
+                    return StageResult::of(self.fail(timeout_kind(e, too_late)));
+                }
+                match self.await_answer(wait).await {
+                    Ok(result) => result,
+                    Err(Wait::TimedOut) => StageResult::of(self.fail(too_late)),
+                    Err(Wait::Failed(kind)) => StageResult::of(self.fail(kind)),
+                }
+            }
+        }
+    }
+
+    async fn await_answer(&mut self, wait: Duration) -> Result<StageResult, Wait> {
+        let mut deadline = Instant::now() + wait;
+        let mut modifications = Vec::new();
+        let mut held = 0usize;
+        loop {
+            let packet = self.read_packet(deadline).await?;
+            let outcome = match self.session.on_packet(&packet) {
+                Event::Progress => {
+                    deadline = Instant::now() + wait;
+                    continue;
+                }
+                Event::Modification(m) => {
+                    held = held.saturating_add(packet.data.len());
+                    if held > MAX_MODIFICATION_BYTES {
+                        return Err(Wait::Failed(FailureKind::TooMuchModification));
+                    }
+                    modifications.push(m);
+                    continue;
+                }
+                Event::ProtocolError(e) => return Err(Wait::Failed(FailureKind::Protocol(e))),
+                Event::Continue | Event::Negotiated => Outcome::Continue,
+                Event::Skip => Outcome::Skip,
+                Event::Verdict(v) => Outcome::Verdict(v),
+            };
+            self.nothing_after_answer().map_err(Wait::Failed)?;
+            return Ok(StageResult {
+                outcome,
+                modifications,
+            });
+        }
+    }
+
+    /// Bytes already buffered after the answer are bytes nobody asked for.
+    fn nothing_after_answer(&mut self) -> Result<(), FailureKind> {
+        if self.decoder.buffered() > 0 || self.decoder.failed() {
+            return Err(FailureKind::Unsolicited);
+        }
+        Ok(())
+    }
+
+    /// Ends the conversation politely (`SMFIC_QUIT`) and closes the connection.
+    pub async fn quit(mut self) {
+        if self.failure.is_none() {
+            if let Ok(Begun::NoReply(bytes)) = self.session.begin(Command::Quit, &[]) {
+                let deadline = Instant::now() + self.config.command_timeout;
+                let _ = self.write(&bytes, deadline).await;
+            }
+        }
+        if let Some(mut stream) = self.stream.take() {
+            let _ = timeout(self.config.command_timeout, stream.shutdown()).await;
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8], deadline: Instant) -> Result<(), Wait> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(Wait::Failed(FailureKind::Closed));
+        };
+        match timeout_at(deadline, stream.write_all(bytes)).await {
+            Err(_) => Err(Wait::TimedOut),
+            Ok(Err(e)) => Err(Wait::Failed(io_kind(e))),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    /// The next packet, reading as needed until `deadline`.
+    async fn read_packet(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<crate::protocol::milter::codec::Packet, Wait> {
+        let mut buf = [0u8; 8192];
+        loop {
+            match self.decoder.next_packet() {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(e) => return Err(Wait::Failed(FailureKind::Protocol(e))),
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                return Err(Wait::Failed(FailureKind::Closed));
+            };
+            match timeout_at(deadline, stream.read(&mut buf)).await {
+                Err(_) => return Err(Wait::TimedOut),
+                Ok(Err(e)) => return Err(Wait::Failed(io_kind(e))),
+                Ok(Ok(0)) => return Err(Wait::Failed(FailureKind::Closed)),
+                Ok(Ok(n)) => self.decoder.feed(&buf[..n]),
+            }
+        }
+    }
+
+    fn fail(&mut self, kind: FailureKind) -> Outcome {
+        self.stream = None;
+        self.failure = Some(kind.clone());
+        self.failed(kind)
+    }
+
+    fn failed(&self, kind: FailureKind) -> Outcome {
+        Outcome::Failed(Failure {
+            kind,
+            action: self.config.default_action,
+        })
+    }
+}
+
+/// Why waiting ended without an answer.
+enum Wait {
+    TimedOut,
+    Failed(FailureKind),
+}
+
+fn timeout_kind(w: Wait, on_timeout: FailureKind) -> FailureKind {
+    match w {
+        Wait::TimedOut => on_timeout,
+        Wait::Failed(k) => k,
+    }
+}
+
+fn io_kind(e: io::Error) -> FailureKind {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionAborted => FailureKind::Closed,
+        _ => FailureKind::Io(e.to_string()),
+    }
+}
+
+fn command_stage(command: &Command<'_>) -> Option<Stage> {
+    Some(match command {
+        Command::Connect { .. } => Stage::Connect,
+        Command::Helo(_) => Stage::Helo,
+        Command::Mail(_) => Stage::Mail,
+        Command::Rcpt(_) => Stage::Rcpt,
+        Command::Data => Stage::Data,
+        Command::Header { .. } => Stage::Header,
+        Command::Eoh => Stage::Eoh,
+        Command::Body(_) => Stage::Body,
+        Command::BodyEob => Stage::Eom,
+        Command::Unknown(_) => Stage::Unknown,
+        _ => return None,
+    })
+}
+
+async fn open(address: &MilterAddress) -> io::Result<Stream> {
+    match address {
+        MilterAddress::Tcp { host, port } => {
+            let stream = TcpStream::connect((host.as_str(), *port)).await?;
+            let _ = stream.set_nodelay(true);
+            Ok(Stream::Tcp(stream))
+        }
+        MilterAddress::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+    }
+}
+
+/// Postfix's replies for a milter's reject and tempfail (and for a failed milter whose
+/// default action says so).
+pub const REPLY_REJECT: &[u8] = b"550 5.7.1 Command rejected\r\n";
+pub const REPLY_TEMPFAIL: &[u8] = b"451 4.7.1 Service unavailable - try again later\r\n";
+
+/// The SMTP client as the connect and helo stages report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// The client's host name, or `[address]` when it has none.
+    pub hostname: String,
+    /// `None` for a unix-socket client.
+    pub addr: Option<std::net::SocketAddr>,
+    /// The HELO/EHLO argument, once given.
+    pub helo: Option<String>,
+    /// `{daemon_name}` and `j`.
+    pub daemon_name: String,
+}
+
+/// MAIL or RCPT.
+pub use crate::protocol::session::EnvelopeCommand;
+
+/// The milters of one SMTP session, in order, for the envelope stages: each is connected
+/// (and told of the client and its HELO) at its first use, told `ABORT` before a new MAIL,
+/// and asked about each MAIL and RCPT until one refuses or accepts.
+#[derive(Debug)]
+pub struct MilterChain {
+    configs: Vec<MilterConfig>,
+    version: u32,
+    clients: Vec<Option<MilterClient>>,
+    /// Per milter: a MAIL was sent and its message not ended.
+    in_message: Vec<bool>,
+    /// Per milter: its reply for every command of the connection, after it decided at
+    /// connect or helo.
+    decided: Vec<Option<Vec<u8>>>,
+    /// Per milter: it accepted the connection.
+    skipped: Vec<bool>,
+    /// The milter that accepted the current message: the later ones are skipped for it.
+    accepted_by: Option<usize>,
+}
+
+impl MilterChain {
+    pub fn new(configs: Vec<MilterConfig>, version: u32) -> MilterChain {
+        let n = configs.len();
+        MilterChain {
+            configs,
+            version,
+            clients: (0..n).map(|_| None).collect(),
+            in_message: vec![false; n],
+            decided: vec![None; n],
+            skipped: vec![false; n],
+            accepted_by: None,
+        }
+    }
+
+    /// Asks the milters about a MAIL or RCPT command line (CRLF included or not): `None`
+    /// relays it, `Some(reply)` (complete, CRLF included) refuses it.
+    pub async fn envelope(
+        &mut self,
+        command: EnvelopeCommand,
+        line: &[u8],
+        client: &ClientInfo,
+    ) -> Option<Vec<u8>> {
+        let args = envelope_args(line);
+        let arg_refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let addr = args
+            .first()
+            .map(|a| a.strip_prefix(b"<").unwrap_or(a))
+            .map(|a| a.strip_suffix(b">").unwrap_or(a))
+            .unwrap_or_default()
+            .to_vec();
+        if command == EnvelopeCommand::Mail {
+            self.accepted_by = None;
+        }
+        let upto = self.accepted_by.unwrap_or(self.configs.len());
+        for i in 0..upto {
+            match self.connected(i, client).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(reply) => return Some(reply),
+            }
+            let in_message = self.in_message[i];
+            if command == EnvelopeCommand::Mail {
+                self.in_message[i] = true;
+            }
+            let Some(milter) = self.clients[i].as_mut() else {
+                continue;
+            };
+            let result = match command {
+                EnvelopeCommand::Mail => {
+                    if in_message {
+                        milter.stage(Command::Abort, &[]).await;
+                    }
+                    let macros: [(&str, &[u8]); 1] = [("{mail_addr}", &addr)];
+                    milter.stage(Command::Mail(&arg_refs), &macros).await
+                }
+                EnvelopeCommand::Rcpt => {
+                    let macros: [(&str, &[u8]); 1] = [("{rcpt_addr}", &addr)];
+                    milter.stage(Command::Rcpt(&arg_refs), &macros).await
+                }
+            };
+            match refusal(&result.outcome) {
+                Decision::Next => {}
+                Decision::Accept => {
+                    self.accepted_by = Some(i);
+                    return None;
+                }
+                Decision::Refuse(reply) => return Some(reply),
+            }
+        }
+        None
+    }
+
+    /// Connects milter `i` and tells it of the client, once: `Ok(true)` when it is to be
+    /// asked, `Ok(false)` when it is skipped (it accepted the connection, or failed with
+    /// default action accept), `Err(reply)` when it refuses the whole connection.
+    async fn connected(&mut self, i: usize, client: &ClientInfo) -> Result<bool, Vec<u8>> {
+        if let Some(reply) = &self.decided[i] {
+            return Err(reply.clone());
+        }
+        if self.skipped[i] {
+            return Ok(false);
+        }
+        if self.clients[i].is_none() {
+            let mut milter =
+                MilterClient::connect(self.configs[i].clone(), self.version, MacroNames::default())
+                    .await;
+            let ip = client.addr.map(|a| a.ip().to_string()).unwrap_or_default();
+            let port = client
+                .addr
+                .map(|a| a.port().to_string())
+                .unwrap_or_default();
+            let underscore = format!("{} [{ip}]", client.hostname);
+            let macros: [(&str, &[u8]); 6] = [
+                ("j", client.daemon_name.as_bytes()),
+                ("{daemon_name}", client.daemon_name.as_bytes()),
+                ("_", underscore.as_bytes()),
+                ("{client_addr}", ip.as_bytes()),
+                ("{client_port}", port.as_bytes()),
+                ("{client_name}", client.hostname.as_bytes()),
+            ];
+            let address = match client.addr {
+                Some(a) => ConnectAddress::Inet {
+                    ip: a.ip(),
+                    port: a.port(),
+                },
+                None => ConnectAddress::Unknown,
+            };
+            let connect = Command::Connect {
+                hostname: client.hostname.as_bytes(),
+                address,
+            };
+            let mut outcome = milter.stage(connect, &macros).await.outcome;
+            if outcome == Outcome::Continue {
+                if let Some(helo) = &client.helo {
+                    outcome = milter
+                        .stage(Command::Helo(helo.as_bytes()), &[])
+                        .await
+                        .outcome;
+                }
+            }
+            match refusal(&outcome) {
+                Decision::Next => {}
+                // Accept at connect: nothing more is asked of this milter.
+                Decision::Accept => self.skipped[i] = true,
+                Decision::Refuse(reply) => {
+                    self.decided[i] = Some(reply.clone());
+                    self.clients[i] = Some(milter);
+                    return Err(reply);
+                }
+            }
+            self.clients[i] = Some(milter);
+        }
+        // A failed milter is not asked again: its stages answer its default action at once.
+        Ok(!self.skipped[i])
+    }
+
+    /// Ends every conversation (`QUIT`).
+    pub async fn quit(self) {
+        for milter in self.clients.into_iter().flatten() {
+            milter.quit().await;
+        }
+    }
+}
+
+enum Decision {
+    Next,
+    Accept,
+    Refuse(Vec<u8>),
+}
+
+/// What an envelope stage's outcome means for the command. Not implemented yet, and so
+/// answered with a temporary failure rather than let through: discard, quarantine, and a
+/// milter asking to end the connection (CONN_FAIL, SHUTDOWN).
+fn refusal(outcome: &Outcome) -> Decision {
+    match outcome {
+        Outcome::Continue | Outcome::Skip => Decision::Next,
+        Outcome::Verdict(Verdict::Accept) => Decision::Accept,
+        Outcome::Verdict(Verdict::Reject) => Decision::Refuse(REPLY_REJECT.to_vec()),
+        Outcome::Verdict(Verdict::Reply(r)) => {
+            let mut reply = r.text.to_vec();
+            reply.extend_from_slice(b"\r\n");
+            Decision::Refuse(reply)
+        }
+        Outcome::Verdict(Verdict::Tempfail | Verdict::Discard)
+        | Outcome::Verdict(Verdict::ConnFail | Verdict::Shutdown) => {
+            Decision::Refuse(REPLY_TEMPFAIL.to_vec())
+        }
+        Outcome::Failed(f) => match f.action {
+            MilterAction::Accept => Decision::Next,
+            MilterAction::Reject => Decision::Refuse(REPLY_REJECT.to_vec()),
+            MilterAction::Tempfail | MilterAction::Quarantine => {
+                Decision::Refuse(REPLY_TEMPFAIL.to_vec())
+            }
+        },
+    }
+}
+
+/// The address and ESMTP parameters of a MAIL or RCPT line: what follows the first colon,
+/// split at spaces.
+fn envelope_args(line: &[u8]) -> Vec<Vec<u8>> {
+    let line = crate::protocol::line::trim_line_end(line);
+    let rest = match line.iter().position(|&b| b == b':') {
+        Some(i) => &line[i + 1..],
+        None => &[][..],
+    };
+    rest.split(|b| b.is_ascii_whitespace())
+        .filter(|a| !a.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
