@@ -429,7 +429,11 @@ impl Session {
                 let reply = format!("555 5.5.4 Unsupported parameter: {shown}\r\n");
                 self.local_reply_bytes(Bytes::from(reply));
             }
-            verb @ (Verb::Mail | Verb::Rcpt) if self.check_envelope => {
+            // `Skip: authenticated` skips the milters as it skips the filter.
+            verb @ (Verb::Mail | Verb::Rcpt)
+                if self.check_envelope
+                    && !(self.policy.skip_authenticated && self.authenticated) =>
+            {
                 let addr = command::envelope_address(&line).unwrap_or_default();
                 let (command, pending) = if verb == Verb::Mail {
                     (EnvelopeCommand::Mail, Pending::Mail(addr))
@@ -942,6 +946,30 @@ mod tests {
         assert!(s.authenticated());
         // The base64 answer "DATA" was forwarded as data, not taken as a command.
         assert!(out.contains(&">up DATA".to_string()));
+    }
+
+    /// `Skip: authenticated` skips the milters' envelope check as it skips the filter.
+    #[test]
+    fn authenticated_clients_skip_the_envelope_check() {
+        let mut s = Session::new(Policy {
+            skip_authenticated: true,
+            ..policy()
+        });
+        s.set_check_envelope(true);
+        let out = run(
+            &mut s,
+            &[
+                "S: 220 x",
+                "C: MAIL FROM:<a@x>",
+                "CHECKED",
+                "S: 250 ok",
+                "C: AUTH PLAIN AGEAcw==",
+                "S: 235 ok",
+                "C: MAIL FROM:<b@x>",
+            ],
+        );
+        assert_eq!(out[1], "CHECK Mail MAIL FROM:<a@x>");
+        assert_eq!(out.last().unwrap(), ">up MAIL FROM:<b@x>");
     }
 
     #[test]

@@ -66,13 +66,28 @@ pub(crate) struct Conn {
 impl Conn {
     /// The client as milters are told of it.
     pub(crate) fn milter_client(&self) -> crate::proxy::milter::ClientInfo {
-        let addr = self.info.peer;
+        // A client that forwards for another (XFORWARD accepted by the upstream) speaks
+        // for that one: the milters are told of the original client, as Postfix does.
+        let envelope = self.relay.envelope();
+        let forwarded = envelope
+            .remote
+            .as_deref()
+            .and_then(|a| {
+                a.trim_start_matches("IPv6:")
+                    .parse::<std::net::IpAddr>()
+                    .ok()
+            })
+            .map(|ip| std::net::SocketAddr::new(ip, 0));
+        let addr = forwarded.or(self.info.peer);
         let hostname = addr.map_or_else(|| "localhost".to_string(), |a| format!("[{}]", a.ip()));
-        let helo = self
-            .relay
-            .session()
-            .helo_name()
-            .map(|h| String::from_utf8_lossy(h).into_owned());
+        let helo = match (forwarded, &envelope.remote_helo) {
+            (Some(_), Some(helo)) => Some(helo.clone()),
+            _ => self
+                .relay
+                .session()
+                .helo_name()
+                .map(|h| String::from_utf8_lossy(h).into_owned()),
+        };
         let daemon_name = self
             .settings
             .milter_macro_daemon_name

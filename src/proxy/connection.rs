@@ -126,7 +126,8 @@ impl Conn {
             // A refusal: the client sees it as the greeting, as without TLS.
             return Ok(Greeting::Read(greeting));
         }
-        let ehlo = format!("EHLO {}\r\n", local_name());
+        // The name the proxy gives itself in its EHLO to the upstream.
+        let ehlo = format!("EHLO {}\r\n", super::milter::host_name());
         let reply = self
             .command(ehlo.as_bytes(), UpstreamStage::Greeting)
             .await
@@ -208,15 +209,6 @@ enum Greeting {
     Read(Reply),
     /// Read and answered by the proxy (EHLO, maybe STARTTLS): the session greets the client.
     Consumed,
-}
-
-/// The name the proxy gives itself in its EHLO to the upstream.
-fn local_name() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|n| n.into_string().ok())
-        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic()))
-        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Serves one accepted client until it leaves.
