@@ -276,6 +276,35 @@ check "operator options rendered [standalone-operator]" holds "$W/render-standal
   'all(r["annotations"]["runbook_url"].startswith("https://docs.example.org/proxsmtpd/runbook.html#") for r in alerts())' \
   'any("job=\"proxsmtpd-metrics\", namespace=\"mail\"" in str(r["expr"]) for r in alerts())' \
   '"checksum/config" in template()["metadata"]["annotations"]'
+MILTERS='inet:127.0.0.1:11332{name=rspamd, command_timeout=10s, default_action=accept}, unix:/run/clamav-milter/milter.sock{name=clamav, content_timeout=5m, default_action=tempfail}, inet:opendkim.mail.svc.cluster.local:8891{name=opendkim, connect_timeout=5, default_action=tempfail}'
+check "milters rendered: Milters in order with their options, globals, quarantine, readiness [standalone-milters]" holds "$W/render-standalone-milters.yaml" \
+  "setting(\"Milters\") == \"$MILTERS\"" \
+  '[setting(n) for n in ("MilterDefaultAction", "MilterConnectTimeout", "MilterCommandTimeout", "MilterContentTimeout", "MilterProtocol", "MilterMacroDaemonName")] == ["tempfail", "10", "30", "300", "6", "mx-filter"]' \
+  'setting("MilterQuarantine") == "hold" and setting("MilterQuarantineDirectory") == "/var/spool/proxsmtpd-quarantine" and setting("ReadinessCheckMilters") == "on"' \
+  '{"name": "proxsmtpd-quarantine", "mountPath": "/var/spool/proxsmtpd-quarantine"} in container("proxsmtpd")["volumeMounts"]' \
+  '[v["emptyDir"] for v in pod()["volumes"] if v["name"] == "proxsmtpd-quarantine"] == [{"sizeLimit": "2Gi"}]' \
+  '{"name": "clamav-milter-socket", "mountPath": "/run/clamav-milter"} in container("proxsmtpd")["volumeMounts"]'
+check "rspamd sidecar: image, loopback milter port, restricted, proxy worker in milter mode, a roll on its config [standalone-milters]" holds "$W/render-standalone-milters.yaml" \
+  '[c["name"] for c in pod()["containers"]] == ["proxsmtpd", "rspamd", "clamav"]' \
+  'container("rspamd")["image"] == "docker.io/rspamd/rspamd:3.11" and container("rspamd")["ports"][0]["containerPort"] == 11332' \
+  'container("rspamd")["securityContext"]["readOnlyRootFilesystem"] is True and container("rspamd")["securityContext"]["capabilities"] == {"drop": ["ALL"]}' \
+  '"milter = yes;" in obj("ConfigMap", "proxsmtpd-rspamd")["data"]["worker-proxy.inc"] and "bind_socket = \"127.0.0.1:11332\";" in obj("ConfigMap", "proxsmtpd-rspamd")["data"]["worker-proxy.inc"]' \
+  '"reject = 15;" in obj("ConfigMap", "proxsmtpd-rspamd")["data"]["actions.conf"]' \
+  '"checksum/rspamd" in template()["metadata"]["annotations"]'
+check "milters: NetworkPolicy egress to OpenDKIM's port, none for loopback rspamd nor the unix socket [standalone-milters]" holds "$W/render-standalone-milters.yaml" \
+  '[[p["port"] for p in r["ports"]] for r in kind("NetworkPolicy")[0]["spec"]["egress"]] == [[53, 53], [25], [8891]]' \
+  'kind("NetworkPolicy")[0]["spec"]["egress"][2]["to"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "opendkim"}}}]'
+check "no milter: no Milter setting, no rspamd, no quarantine volume [default]" holds "$W/render-default.yaml" \
+  'not any(l.strip().startswith(("Milter", "ReadinessCheckMilters")) for c in kind("ConfigMap") for l in c["data"].get("proxsmtpd.conf", "").splitlines())' \
+  '[c["name"] for c in pod()["containers"]] == ["proxsmtpd"] and not any(v["name"].startswith(("rspamd", "proxsmtpd-quarantine")) for v in pod()["volumes"])'
+MILTER_CI=(-f "$CHART/ci/standalone-milters.yaml")
+refuse "schema refuses a milter address without a port" "$HELM" template x "$CHART" --set upstream.host=m --set 'milters[0].address=inet:rspamd'
+refuse "schema refuses an unknown milter option" "$HELM" template x "$CHART" --set upstream.host=m --set 'milters[0].address=inet:rspamd:11332' --set 'milters[0].timeout=5'
+refuse "schema refuses a milter name that would break the Milters line" "$HELM" template x "$CHART" --set upstream.host=m --set 'milters[0].address=inet:rspamd:11332' --set 'milters[0].name=a\,b'
+refuse "schema refuses an unknown milter default action" "$HELM" template x "$CHART" --set upstream.host=m --set milter.defaultAction=discard
+refuse "schema refuses an unknown quarantine action" "$HELM" template x "$CHART" --set upstream.host=m --set milter.quarantine.action=keep
+refuse "a unix milter socket in no mounted volume" "$HELM" template x "$CHART" --set upstream.host=m --set 'milters[0].address=unix:/run/opendkim/opendkim.sock'
+refuse "rspamd.localConfig replacing the chart's milter worker" "$HELM" template x "$CHART" "${MILTER_CI[@]}" --set-string 'rspamd.localConfig.worker-proxy\.inc=milter = no;'
 APP_VERSION=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$CHART/Chart.yaml")
 check "image.flavor minimal without FilterCommand accepted: tag -minimal, no FilterCommand, test pod on the full image [standalone-minimal-image]" holds "$W/render-standalone-minimal-image.yaml" \
   "container(\"proxsmtpd\")[\"image\"].endswith(\":$APP_VERSION-minimal\")" \
