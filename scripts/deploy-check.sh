@@ -11,7 +11,9 @@
 #              PrometheusRule through promtool; the README lists every value; TLS values the
 #              templates must refuse; image.flavor minimal refused with any FilterCommand
 #              (helm template and lint) and accepted without one (ci/standalone-minimal-image)
-#   kustomize  kubectl kustomize k8s/base and k8s/examples/*, validated and checked the same way
+#   kustomize  kubectl kustomize k8s/base and k8s/examples/*, validated and checked the same way;
+#              the rspamd configuration of k8s/examples/rspamd-milter and of the chart's rspamd
+#              sidecar loaded by the real rspamd (rspamadm configtest, its proxy worker a milter)
 #   image      hadolint on the Dockerfile (building the image: scripts/image-build.sh)
 #   metrics    the /metrics exposition of the binary (deploy/check/exposition.sh: started on
 #              loopback with TLS), through promtool check metrics; the metric names that
@@ -323,13 +325,42 @@ check "helm test pod: the chart's image, an SMTP exchange with the Service [stan
 echo "== kustomize"
 for dir in k8s/base k8s/examples/*/; do
   dir=${dir%/}; name=${dir#k8s/}; out="$W/kustomize-${name//\//-}.yaml"
-  layout=standalone tls=--no-tls; [ "$dir" = k8s/base ] || layout=sidecar-native tls=--tls
+  # the pod each one must give: the base and the rspamd example are standalone proxies (the
+  # example with rspamd next to the proxy), the Postfix example a native sidecar with TLS
+  layout=standalone tls=--no-tls queue=()
+  case "$dir" in
+    k8s/examples/postfix-sidecar) layout=sidecar-native tls=--tls queue=(--persistent-queue /var/spool/postfix) ;;
+  esac
   if check "kubectl kustomize $dir" to_file "$out" "$KUBECTL" kustomize "$dir"; then
     check "strict schemas k8s 1.29+1.35 [$dir] ($(grep -c '^kind:' "$out") objects)" "${VALIDATE[@]}" "$out"
-    queue=(); [ "$dir" = k8s/base ] || queue=(--persistent-queue /var/spool/postfix)
     check "pod checks [$dir] ($layout $tls${queue:+ ${queue[0]}})" "$PY" deploy/check/pod_checks.py "$out" "$layout" "$tls" "${queue[@]}"
   fi
 done
+check "rspamd example: Milters names the rspamd container's loopback port, which its proxy worker binds in milter mode" holds "$W/kustomize-examples-rspamd-milter.yaml" \
+  'setting("Milters").startswith("inet:127.0.0.1:11332{name=rspamd,") and setting("ReadinessCheckMilters") == "on"' \
+  'container("rspamd")["ports"] == [{"name": "milter", "containerPort": 11332, "protocol": "TCP"}]' \
+  '[v["configMap"]["name"] for v in pod()["volumes"] if v["name"] == "rspamd-config"] == [c["metadata"]["name"] for c in kind("ConfigMap") if c["metadata"]["name"].startswith("rspamd-config-")]' \
+  '"bind_socket = \"127.0.0.1:11332\";" in [c for c in kind("ConfigMap") if c["metadata"]["name"].startswith("rspamd-config-")][0]["data"]["worker-proxy.inc"]'
+# rspamd_loads NAME RENDERED-FILE CONFIGMAP-PREFIX: the files of that ConfigMap as rspamd's
+# local.d, through the real rspamd (Debian): its configtest, and the proxy worker it ends
+# up with binds 127.0.0.1:11332 in milter mode and scans the messages itself.
+rspamd_loads() {
+  local d="$W/rspamd-$1"
+  rm -rf "$d"; mkdir -p "$d/local.d"
+  "$PY" deploy/check/rspamd_config.py extract "$2" "$3" "$d/local.d" || return 1
+  # not --strict: offline, the stock fuzzy_check servers do not resolve, which it counts as errors
+  (cd "$d" && rspamadm --var="LOCAL_CONFDIR=$d" configtest) > "$d/configtest.txt" 2>&1
+  cat "$d/configtest.txt"; grep -qx "syntax OK" "$d/configtest.txt" || return 1
+  (cd "$d" && rspamadm --var="LOCAL_CONFDIR=$d" configdump -j worker) | "$PY" deploy/check/rspamd_config.py milter-worker 127.0.0.1:11332
+}
+if command -v rspamadm > /dev/null; then
+  check "rspamd $(rspamadm --version 2>/dev/null | awk '{print $NF}') loads the rspamd example's configuration: proxy worker in milter mode on 127.0.0.1:11332" \
+    rspamd_loads example "$W/kustomize-examples-rspamd-milter.yaml" rspamd-config-
+  check "rspamd loads the chart's rspamd configuration: the same [standalone-milters]" \
+    rspamd_loads chart "$W/render-standalone-milters.yaml" proxsmtpd-rspamd
+else
+  FAILED=$((FAILED + 1)); echo "FAIL rspamd configuration checks: no rspamadm (Debian rspamd; scripts/install-deploy-tools.sh)"
+fi
 
 # --- image --------------------------------------------------------------------------------
 echo "== image"
