@@ -6,7 +6,8 @@
 #              the checksum annotation following a filter script change; every rendered
 #              object validated strictly (Kubernetes 1.29 and 1.35 schemas, unknown fields
 #              are errors; ServiceMonitor/PrometheusRule type-checked); checks on the
-#              rendered pod (deploy/check/pod_checks.py; TLS: the Secret mounted whole,
+#              rendered pod (deploy/check/pod_checks.py; milters reachable in the pod and the
+#              quarantine writable; TLS: the Secret mounted whole,
 #              never subPath, key readable, env, smtps port and Service port); the rendered
 #              PrometheusRule through promtool; the README lists every value; TLS values the
 #              templates must refuse; image.flavor minimal refused with any FilterCommand
@@ -306,6 +307,9 @@ refuse "schema refuses a milter name that would break the Milters line" "$HELM" 
 refuse "schema refuses an unknown milter default action" "$HELM" template x "$CHART" --set upstream.host=m --set milter.defaultAction=discard
 refuse "schema refuses an unknown quarantine action" "$HELM" template x "$CHART" --set upstream.host=m --set milter.quarantine.action=keep
 refuse "a unix milter socket in no mounted volume" "$HELM" template x "$CHART" --set upstream.host=m --set 'milters[0].address=unix:/run/opendkim/opendkim.sock'
+"$HELM" template x "$CHART" --set upstream.host=m --set 'milters[0].address=inet:127.0.0.1:9999' > "$W/milter-nowhere.yaml" 2>&1
+check "pod checks refuse a loopback milter that no container of the pod serves" \
+  fails_with "FAIL .*milter inet:127.0.0.1:9999 on loopback" "$PY" deploy/check/pod_checks.py "$W/milter-nowhere.yaml" standalone --no-tls
 refuse "rspamd.localConfig replacing the chart's milter worker" "$HELM" template x "$CHART" "${MILTER_CI[@]}" --set-string 'rspamd.localConfig.worker-proxy\.inc=milter = no;'
 APP_VERSION=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$CHART/Chart.yaml")
 check "image.flavor minimal without FilterCommand accepted: tag -minimal, no FilterCommand, test pod on the full image [standalone-minimal-image]" holds "$W/render-standalone-minimal-image.yaml" \
