@@ -14,7 +14,8 @@
 #              (helm template and lint) and accepted without one (ci/standalone-minimal-image)
 #   kustomize  kubectl kustomize k8s/base and k8s/examples/*, validated and checked the same way;
 #              the rspamd configuration of k8s/examples/rspamd-milter and of the chart's rspamd
-#              sidecar loaded by the real rspamd (rspamadm configtest, its proxy worker a milter)
+#              sidecar loaded by the real rspamd (rspamadm configtest, its proxy worker a milter);
+#              the binary starts with the rendered milter configurations (conf-accepted.sh)
 #   image      hadolint on the Dockerfile (building the image: scripts/image-build.sh)
 #   metrics    the /metrics exposition of the binary (deploy/check/exposition.sh: started on
 #              loopback with TLS), through promtool check metrics; the metric names that
@@ -300,6 +301,11 @@ check "milters: NetworkPolicy egress to OpenDKIM's port, none for loopback rspam
 check "no milter: no Milter setting, no rspamd, no quarantine volume [default]" holds "$W/render-default.yaml" \
   'not any(l.strip().startswith(("Milter", "ReadinessCheckMilters")) for c in kind("ConfigMap") for l in c["data"].get("proxsmtpd.conf", "").splitlines())' \
   '[c["name"] for c in pod()["containers"]] == ["proxsmtpd"] and not any(v["name"].startswith(("rspamd", "proxsmtpd-quarantine")) for v in pod()["volumes"])'
+check "the binary starts with the rendered milter configuration [standalone-milters]" \
+  deploy/check/conf-accepted.sh "$BINARY" "$W/render-standalone-milters.yaml" "$PY"
+sed 's/{name=clamav, /{name=clamav, command_timeout=soon, /' "$W/render-standalone-milters.yaml" > "$W/render-bad-milter.yaml"
+check "... and refuses it with a broken milter option" \
+  fails_with "Milters" deploy/check/conf-accepted.sh "$BINARY" "$W/render-bad-milter.yaml" "$PY"
 MILTER_CI=(-f "$CHART/ci/standalone-milters.yaml")
 refuse "schema refuses a milter address without a port" "$HELM" template x "$CHART" --set upstream.host=m --set 'milters[0].address=inet:rspamd'
 refuse "schema refuses an unknown milter option" "$HELM" template x "$CHART" --set upstream.host=m --set 'milters[0].address=inet:rspamd:11332' --set 'milters[0].timeout=5'
@@ -357,6 +363,8 @@ rspamd_loads() {
   cat "$d/configtest.txt"; grep -qx "syntax OK" "$d/configtest.txt" || return 1
   (cd "$d" && rspamadm --var="LOCAL_CONFDIR=$d" configdump -j worker) | "$PY" deploy/check/rspamd_config.py milter-worker 127.0.0.1:11332
 }
+check "the binary starts with the rspamd example's proxsmtpd.conf" \
+  deploy/check/conf-accepted.sh "$BINARY" "$W/kustomize-examples-rspamd-milter.yaml" "$PY"
 if command -v rspamadm > /dev/null; then
   check "rspamd $(rspamadm --version 2>/dev/null | awk '{print $NF}') loads the rspamd example's configuration: proxy worker in milter mode on 127.0.0.1:11332" \
     rspamd_loads example "$W/kustomize-examples-rspamd-milter.yaml" rspamd-config-

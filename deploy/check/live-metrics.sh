@@ -107,6 +107,7 @@ MaxConnections: 4
 TimeOut: 10
 DrainTimeout: 5
 Milters: inet:127.0.0.1:$RSPAMD{name=rspamd, default_action=accept}, inet:127.0.0.1:$MILTER_DOWN{name=down, connect_timeout=1, default_action=accept}
+MilterQuarantineDirectory: $W/quarantine
 EOF
 if [ "$TLS" = 1 ]; then
   tls_version v1

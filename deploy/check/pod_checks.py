@@ -36,8 +36,8 @@ it must have, finds the workload whose pod runs the container "proxsmtpd" and ch
   milters    with Milters: a milter on loopback (inet:127.0.0.1, localhost, [::1]) is a
              container port of another container of the pod; a unix: socket lies in a volume
              the proxy and another container mount (not a ConfigMap or Secret); with
-             MilterQuarantine hold, MilterQuarantineDirectory is on a writable volume that
-             is not the spool
+             MilterQuarantine hold (the default), MilterQuarantineDirectory (default
+             /var/lib/proxsmtpd/quarantine) is on a writable volume that is not the spool
   --existing FILE: objects that exist in the cluster apart from the render (e.g. the
              ConfigMaps that config.existingConfigMap and filters.existingConfigMap name)
 Prints one line per check; exit status 1 if any failed.
@@ -214,8 +214,10 @@ def check_milters(c, settings, ctr, pod, mounts, volumes):
             c.check(bool(owners), f"milter {addr} on loopback: a container of the pod listens there ({owners or 'none'})")
         else:
             c.check(True, f"milter {addr}: a network service")
-    if (settings.get("milterquarantine") or "").lower() == "hold":
-        qdir = (settings.get("milterquarantinedirectory") or "").rstrip("/")
+    # hold is the default, and its directory is on the image's read-only root file system
+    # unless a volume is mounted there
+    if (settings.get("milterquarantine") or "hold").lower() == "hold":
+        qdir = (settings.get("milterquarantinedirectory") or "/var/lib/proxsmtpd/quarantine").rstrip("/")
         m, v, _ = mounted_file(qdir + "/held", mounts, volumes)
         c.check(bool(qdir) and m is not None and not m.get("readOnly") and m["mountPath"].rstrip("/") != SPOOL
                 and any(k in v for k in ("emptyDir", "persistentVolumeClaim", "ephemeral")),
