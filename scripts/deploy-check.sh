@@ -6,12 +6,16 @@
 #              the checksum annotation following a filter script change; every rendered
 #              object validated strictly (Kubernetes 1.29 and 1.35 schemas, unknown fields
 #              are errors; ServiceMonitor/PrometheusRule type-checked); checks on the
-#              rendered pod (deploy/check/pod_checks.py; TLS: the Secret mounted whole,
+#              rendered pod (deploy/check/pod_checks.py; milters reachable in the pod and the
+#              quarantine writable; TLS: the Secret mounted whole,
 #              never subPath, key readable, env, smtps port and Service port); the rendered
 #              PrometheusRule through promtool; the README lists every value; TLS values the
 #              templates must refuse; image.flavor minimal refused with any FilterCommand
 #              (helm template and lint) and accepted without one (ci/standalone-minimal-image)
-#   kustomize  kubectl kustomize k8s/base and k8s/examples/*, validated and checked the same way
+#   kustomize  kubectl kustomize k8s/base and k8s/examples/*, validated and checked the same way;
+#              the rspamd configuration of k8s/examples/rspamd-milter and of the chart's rspamd
+#              sidecar loaded by the real rspamd (rspamadm configtest, its proxy worker a milter);
+#              the binary starts with the rendered milter configurations (conf-accepted.sh)
 #   image      hadolint on the Dockerfile (building the image: scripts/image-build.sh)
 #   metrics    the /metrics exposition of the binary (deploy/check/exposition.sh: started on
 #              loopback with TLS), through promtool check metrics; the metric names that
@@ -276,6 +280,43 @@ check "operator options rendered [standalone-operator]" holds "$W/render-standal
   'all(r["annotations"]["runbook_url"].startswith("https://docs.example.org/proxsmtpd/runbook.html#") for r in alerts())' \
   'any("job=\"proxsmtpd-metrics\", namespace=\"mail\"" in str(r["expr"]) for r in alerts())' \
   '"checksum/config" in template()["metadata"]["annotations"]'
+MILTERS='inet:127.0.0.1:11332{name=rspamd, command_timeout=10s, default_action=accept}, unix:/run/clamav-milter/milter.sock{name=clamav, content_timeout=5m, default_action=tempfail}, inet:opendkim.mail.svc.cluster.local:8891{name=opendkim, connect_timeout=5, default_action=tempfail}'
+check "milters rendered: Milters in order with their options, globals, quarantine, readiness [standalone-milters]" holds "$W/render-standalone-milters.yaml" \
+  "setting(\"Milters\") == \"$MILTERS\"" \
+  '[setting(n) for n in ("MilterDefaultAction", "MilterConnectTimeout", "MilterCommandTimeout", "MilterContentTimeout", "MilterProtocol", "MilterMacroDaemonName")] == ["tempfail", "10", "30", "300", "6", "mx-filter"]' \
+  'setting("MilterQuarantine") == "hold" and setting("MilterQuarantineDirectory") == "/var/spool/proxsmtpd-quarantine" and setting("ReadinessCheckMilters") == "on"' \
+  '{"name": "proxsmtpd-quarantine", "mountPath": "/var/spool/proxsmtpd-quarantine"} in container("proxsmtpd")["volumeMounts"]' \
+  '[v["emptyDir"] for v in pod()["volumes"] if v["name"] == "proxsmtpd-quarantine"] == [{"sizeLimit": "2Gi"}]' \
+  '{"name": "clamav-milter-socket", "mountPath": "/run/clamav-milter"} in container("proxsmtpd")["volumeMounts"]'
+check "rspamd sidecar: image, loopback milter port, restricted, proxy worker in milter mode, a roll on its config [standalone-milters]" holds "$W/render-standalone-milters.yaml" \
+  '[c["name"] for c in pod()["containers"]] == ["proxsmtpd", "rspamd", "clamav"]' \
+  'container("rspamd")["image"] == "docker.io/rspamd/rspamd:3.11" and container("rspamd")["ports"][0]["containerPort"] == 11332' \
+  'container("rspamd")["securityContext"]["readOnlyRootFilesystem"] is True and container("rspamd")["securityContext"]["capabilities"] == {"drop": ["ALL"]}' \
+  '"milter = yes;" in obj("ConfigMap", "proxsmtpd-rspamd")["data"]["worker-proxy.inc"] and "bind_socket = \"127.0.0.1:11332\";" in obj("ConfigMap", "proxsmtpd-rspamd")["data"]["worker-proxy.inc"]' \
+  '"reject = 15;" in obj("ConfigMap", "proxsmtpd-rspamd")["data"]["actions.conf"]' \
+  '"checksum/rspamd" in template()["metadata"]["annotations"]'
+check "milters: NetworkPolicy egress to OpenDKIM's port, none for loopback rspamd nor the unix socket [standalone-milters]" holds "$W/render-standalone-milters.yaml" \
+  '[[p["port"] for p in r["ports"]] for r in kind("NetworkPolicy")[0]["spec"]["egress"]] == [[53, 53], [25], [8891]]' \
+  'kind("NetworkPolicy")[0]["spec"]["egress"][2]["to"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "opendkim"}}}]'
+check "no milter: no Milter setting, no rspamd, no quarantine volume [default]" holds "$W/render-default.yaml" \
+  'not any(l.strip().startswith(("Milter", "ReadinessCheckMilters")) for c in kind("ConfigMap") for l in c["data"].get("proxsmtpd.conf", "").splitlines())' \
+  '[c["name"] for c in pod()["containers"]] == ["proxsmtpd"] and not any(v["name"].startswith(("rspamd", "proxsmtpd-quarantine")) for v in pod()["volumes"])'
+check "the binary starts with the rendered milter configuration [standalone-milters]" \
+  deploy/check/conf-accepted.sh "$BINARY" "$W/render-standalone-milters.yaml" "$PY"
+sed 's/{name=clamav, /{name=clamav, command_timeout=soon, /' "$W/render-standalone-milters.yaml" > "$W/render-bad-milter.yaml"
+check "... and refuses it with a broken milter option" \
+  fails_with "Milters" deploy/check/conf-accepted.sh "$BINARY" "$W/render-bad-milter.yaml" "$PY"
+MILTER_CI=(-f "$CHART/ci/standalone-milters.yaml")
+refuse "schema refuses a milter address without a port" "$HELM" template x "$CHART" --set upstream.host=m --set 'milters[0].address=inet:rspamd'
+refuse "schema refuses an unknown milter option" "$HELM" template x "$CHART" --set upstream.host=m --set 'milters[0].address=inet:rspamd:11332' --set 'milters[0].timeout=5'
+refuse "schema refuses a milter name that would break the Milters line" "$HELM" template x "$CHART" --set upstream.host=m --set 'milters[0].address=inet:rspamd:11332' --set 'milters[0].name=a\,b'
+refuse "schema refuses an unknown milter default action" "$HELM" template x "$CHART" --set upstream.host=m --set milter.defaultAction=discard
+refuse "schema refuses an unknown quarantine action" "$HELM" template x "$CHART" --set upstream.host=m --set milter.quarantine.action=keep
+refuse "a unix milter socket in no mounted volume" "$HELM" template x "$CHART" --set upstream.host=m --set 'milters[0].address=unix:/run/opendkim/opendkim.sock'
+"$HELM" template x "$CHART" --set upstream.host=m --set 'milters[0].address=inet:127.0.0.1:9999' > "$W/milter-nowhere.yaml" 2>&1
+check "pod checks refuse a loopback milter that no container of the pod serves" \
+  fails_with "FAIL .*milter inet:127.0.0.1:9999 on loopback" "$PY" deploy/check/pod_checks.py "$W/milter-nowhere.yaml" standalone --no-tls
+refuse "rspamd.localConfig replacing the chart's milter worker" "$HELM" template x "$CHART" "${MILTER_CI[@]}" --set-string 'rspamd.localConfig.worker-proxy\.inc=milter = no;'
 APP_VERSION=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$CHART/Chart.yaml")
 check "image.flavor minimal without FilterCommand accepted: tag -minimal, no FilterCommand, test pod on the full image [standalone-minimal-image]" holds "$W/render-standalone-minimal-image.yaml" \
   "container(\"proxsmtpd\")[\"image\"].endswith(\":$APP_VERSION-minimal\")" \
@@ -294,13 +335,44 @@ check "helm test pod: the chart's image, an SMTP exchange with the Service [stan
 echo "== kustomize"
 for dir in k8s/base k8s/examples/*/; do
   dir=${dir%/}; name=${dir#k8s/}; out="$W/kustomize-${name//\//-}.yaml"
-  layout=standalone tls=--no-tls; [ "$dir" = k8s/base ] || layout=sidecar-native tls=--tls
+  # the pod each one must give: the base and the rspamd example are standalone proxies (the
+  # example with rspamd next to the proxy), the Postfix example a native sidecar with TLS
+  layout=standalone tls=--no-tls queue=()
+  case "$dir" in
+    k8s/examples/postfix-sidecar) layout=sidecar-native tls=--tls queue=(--persistent-queue /var/spool/postfix) ;;
+  esac
   if check "kubectl kustomize $dir" to_file "$out" "$KUBECTL" kustomize "$dir"; then
     check "strict schemas k8s 1.29+1.35 [$dir] ($(grep -c '^kind:' "$out") objects)" "${VALIDATE[@]}" "$out"
-    queue=(); [ "$dir" = k8s/base ] || queue=(--persistent-queue /var/spool/postfix)
     check "pod checks [$dir] ($layout $tls${queue:+ ${queue[0]}})" "$PY" deploy/check/pod_checks.py "$out" "$layout" "$tls" "${queue[@]}"
   fi
 done
+check "rspamd example: Milters names the rspamd container's loopback port, which its proxy worker binds in milter mode" holds "$W/kustomize-examples-rspamd-milter.yaml" \
+  'setting("Milters").startswith("inet:127.0.0.1:11332{name=rspamd,") and setting("ReadinessCheckMilters") == "on"' \
+  'container("rspamd")["ports"] == [{"name": "milter", "containerPort": 11332, "protocol": "TCP"}]' \
+  '[v["configMap"]["name"] for v in pod()["volumes"] if v["name"] == "rspamd-config"] == [c["metadata"]["name"] for c in kind("ConfigMap") if c["metadata"]["name"].startswith("rspamd-config-")]' \
+  '"bind_socket = \"127.0.0.1:11332\";" in [c for c in kind("ConfigMap") if c["metadata"]["name"].startswith("rspamd-config-")][0]["data"]["worker-proxy.inc"]'
+# rspamd_loads NAME RENDERED-FILE CONFIGMAP-PREFIX: the files of that ConfigMap as rspamd's
+# local.d, through the real rspamd (Debian): its configtest, and the proxy worker it ends
+# up with binds 127.0.0.1:11332 in milter mode and scans the messages itself.
+rspamd_loads() {
+  local d="$W/rspamd-$1"
+  rm -rf "$d"; mkdir -p "$d/local.d"
+  "$PY" deploy/check/rspamd_config.py extract "$2" "$3" "$d/local.d" || return 1
+  # not --strict: offline, the stock fuzzy_check servers do not resolve, which it counts as errors
+  (cd "$d" && rspamadm --var="LOCAL_CONFDIR=$d" configtest) > "$d/configtest.txt" 2>&1
+  cat "$d/configtest.txt"; grep -qx "syntax OK" "$d/configtest.txt" || return 1
+  (cd "$d" && rspamadm --var="LOCAL_CONFDIR=$d" configdump -j worker) | "$PY" deploy/check/rspamd_config.py milter-worker 127.0.0.1:11332
+}
+check "the binary starts with the rspamd example's proxsmtpd.conf" \
+  deploy/check/conf-accepted.sh "$BINARY" "$W/kustomize-examples-rspamd-milter.yaml" "$PY"
+if command -v rspamadm > /dev/null; then
+  check "rspamd $(rspamadm --version 2>/dev/null | awk '{print $NF}') loads the rspamd example's configuration: proxy worker in milter mode on 127.0.0.1:11332" \
+    rspamd_loads example "$W/kustomize-examples-rspamd-milter.yaml" rspamd-config-
+  check "rspamd loads the chart's rspamd configuration: the same [standalone-milters]" \
+    rspamd_loads chart "$W/render-standalone-milters.yaml" proxsmtpd-rspamd
+else
+  FAILED=$((FAILED + 1)); echo "FAIL rspamd configuration checks: no rspamadm (Debian rspamd; scripts/install-deploy-tools.sh)"
+fi
 
 # --- image --------------------------------------------------------------------------------
 echo "== image"

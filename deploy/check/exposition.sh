@@ -3,8 +3,9 @@
 #
 # Usage: deploy/check/exposition.sh [PROXSMTPD_BINARY]   (default target/release/proxsmtpd)
 # The binary runs on loopback with an upstream that does not answer (no mail flows), its
-# admin server and a self-signed TLS certificate (openssl), so that every metric family it
-# can export is there, the certificate's expiry included. The metric names that dashboards
+# admin server, a self-signed TLS certificate (openssl) and a milter on a port nothing
+# listens on (the milter families are there from the start for every configured milter), so
+# that every metric family it can export is there, the certificate's expiry included. The metric names that dashboards
 # and alert rules may use are read from this output (deploy/check/static_checks.py
 # --exposition). Exit status 1 if the binary does not serve /metrics within 10 s.
 set -euo pipefail
@@ -22,7 +23,7 @@ trap cleanup EXIT
 [ -x "$BINARY" ] || { echo "no proxsmtpd binary at $BINARY (cargo build --release)" >&2; exit 1; }
 command -v openssl >/dev/null || { echo "openssl is needed for the TLS metrics" >&2; exit 1; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-SMTP=$(free_port) UPSTREAM=$(free_port) ADMIN=$(free_port)
+SMTP=$(free_port) UPSTREAM=$(free_port) ADMIN=$(free_port) MILTER=$(free_port)
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
   -keyout "$W/tls.key" -out "$W/tls.crt" 2> "$W/openssl.log" || { cat "$W/openssl.log" >&2; exit 1; }
 mkdir -p "$W/spool"
@@ -33,6 +34,7 @@ AdminListen: 127.0.0.1:$ADMIN
 TempDirectory: $W/spool
 TlsCertificate: $W/tls.crt
 TlsKey: $W/tls.key
+Milters: inet:127.0.0.1:$MILTER{name=probe}
 CONF
 # PROXSMTPD_* variables of the caller would override the config file: drop them
 unset_args=(); for v in $(compgen -e | grep '^PROXSMTPD_' || true); do unset_args+=(-u "$v"); done

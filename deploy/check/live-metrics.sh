@@ -9,7 +9,10 @@
 # config reloads (SIGHUP, good and bad config); with openssl on the host also TLS: STARTTLS
 # and implicit-TLS mail (TLS 1.3 and 1.2, Python's ssl client), a failed handshake,
 # certificate reloads through a Secret-like `..data` symlink swap (a good pair, a broken
-# one, the good one again).
+# one, the good one again). Every message also goes through two milters: rspamd (Debian;
+# the configuration of k8s/examples/rspamd-milter, its proxy worker in milter mode, with
+# thresholds no test message reaches) and one on a port nothing listens on
+# (default_action=accept: connect errors, the mail flows on).
 # Prometheus (Debian prometheus) scrapes every second with the target labels a Kubernetes
 # ServiceMonitor gives (namespace, pod) and loads deploy/alerts/*.rules.yaml.
 # Checks: `promtool check metrics` on the exposition, then deploy/check/promql_check.py; and
@@ -46,6 +49,7 @@ wait_http() {   # wait_http URL SECONDS: until it answers 200
 }
 
 ADMIN=$(free_port) PROM=$(free_port) SMTP=$(free_port) SINK=$(free_port) SMTPS=$(free_port)
+RSPAMD=$(free_port) RSPAMD_NORMAL=$(free_port) RSPAMD_CONTROLLER=$(free_port) MILTER_DOWN=$(free_port)
 TLS=0; command -v openssl >/dev/null && TLS=1
 
 # tls_version NAME [CERT-CONTENT]: a certificate pair in $W/tls/NAME (self-signed for
@@ -71,6 +75,25 @@ start_sink() {
   say "FAIL smtp-sink did not start"; return 1
 }
 
+# rspamd on loopback, in $W/rspamd: the example's local.d with this run's ports; its other
+# workers moved off their fixed ports (another rspamd may hold them)
+start_rspamd() {
+  local d="$W/rspamd" i
+  mkdir -p "$d/local.d" "$d/db" "$d/run"
+  cp "$ROOT"/k8s/examples/rspamd-milter/rspamd/* "$d/local.d/"
+  sed -i "s/127.0.0.1:11332/127.0.0.1:$RSPAMD/" "$d/local.d/worker-proxy.inc"
+  printf 'bind_socket = "127.0.0.1:%s";\n' "$RSPAMD_NORMAL" > "$d/local.d/worker-normal.inc"
+  printf 'bind_socket = "127.0.0.1:%s";\n' "$RSPAMD_CONTROLLER" > "$d/local.d/worker-controller.inc"
+  printf 'reject = 1000;\nadd_header = 999;\ngreylist = 998;\nrewrite_subject = 997;\n' > "$d/local.d/actions.conf"
+  (cd "$d" && exec rspamd -f -i -u "$(id -un)" -g "$(id -gn)" --var "LOCAL_CONFDIR=$d" --var "DBDIR=$d/db" \
+     --var "RUNDIR=$d/run" --var "LOGDIR=$d") > "$W/rspamd.log" 2>&1 &
+  PIDS+=("$!")
+  # loading its rules takes rspamd a while on a busy machine
+  for ((i = 0; i < 900; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$RSPAMD") 2>/dev/null && return 0; sleep 0.1; done
+  say "FAIL rspamd did not listen on 127.0.0.1:$RSPAMD within 90 s"; tail -n 10 "$W/rspamd.log" | sed 's/^/     /'; return 1
+}
+command -v rspamd > /dev/null || { say "FAIL no rspamd (Debian rspamd; scripts/install-deploy-tools.sh)"; exit 1; }
+start_rspamd || exit 1
 [ -x "$BINARY" ] || { say "FAIL no proxsmtpd binary at $BINARY (cargo build --release)"; exit 1; }
 mkdir -p "$W/spool"
 cat > "$W/proxsmtpd.conf" <<EOF
@@ -83,6 +106,8 @@ FilterTimeout: 1
 MaxConnections: 4
 TimeOut: 10
 DrainTimeout: 5
+Milters: inet:127.0.0.1:$RSPAMD{name=rspamd, default_action=accept}, inet:127.0.0.1:$MILTER_DOWN{name=down, connect_timeout=1, default_action=accept}
+MilterQuarantineDirectory: $W/quarantine
 EOF
 if [ "$TLS" = 1 ]; then
   tls_version v1
@@ -216,7 +241,7 @@ END=$(date +%s)
 # --- checks -----------------------------------------------------------------------------
 status=0
 curl -s "http://127.0.0.1:$ADMIN/metrics" > "$W/exposition.txt"
-say "counters at the end: $(grep -E '^proxsmtpd_(messages_total|filter_timeouts_total|connections_refused_total|upstream_errors_total|config_reloads_total|tls_[a-z_]+_total)' "$W/exposition.txt" \
+say "counters at the end: $(grep -E '^proxsmtpd_(messages_total|filter_timeouts_total|connections_refused_total|upstream_errors_total|config_reloads_total|tls_[a-z_]+_total|milter_replies_total\{[^}]*stage="eom"|milter_errors_total)' "$W/exposition.txt" \
   | grep -v ' 0$' | sed -E 's/^proxsmtpd_//; s/_total//' | tr '\n' ' ')"
 if promtool check metrics < "$W/exposition.txt" > "$W/promtool.txt" 2>&1; then
   say "PASS promtool check metrics on the /metrics exposition ($(grep -c '^proxsmtpd_' "$W/exposition.txt") samples)"

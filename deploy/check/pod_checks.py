@@ -33,6 +33,11 @@ it must have, finds the workload whose pod runs the container "proxsmtpd" and ch
              UpstreamTlsVerify only with UpstreamTls on, verification off only towards
              loopback (an upstream in the same pod). --tls: TLS must be on;
              --no-tls: no TLS setting at all (STARTTLS stays refused)
+  milters    with Milters: a milter on loopback (inet:127.0.0.1, localhost, [::1]) is a
+             container port of another container of the pod; a unix: socket lies in a volume
+             the proxy and another container mount (not a ConfigMap or Secret); with
+             MilterQuarantine hold (the default), MilterQuarantineDirectory (default
+             /var/lib/proxsmtpd/quarantine) is on a writable volume that is not the spool
   --existing FILE: objects that exist in the cluster apart from the render (e.g. the
              ConfigMaps that config.existingConfigMap and filters.existingConfigMap name)
 Prints one line per check; exit status 1 if any failed.
@@ -160,6 +165,63 @@ def check_tls(c, settings, expect, ctr, pod, mounts, volumes, ports, services):
         host = (settings.get("outaddress") or "").rsplit(":", 1)[0].strip("[]")
         c.check(host in ("127.0.0.1", "::1", "localhost"),
                 f"UpstreamTlsVerify off only for an upstream in the same pod (OutAddress {settings.get('outaddress')})")
+
+
+def milter_addresses(value):
+    """The addresses of a Milters value (Postfix's smtpd_milters syntax): each word outside
+    braces, and the first item of a `{ address, options }` group."""
+    out, depth, word, group = [], 0, "", ""
+    for ch in value + " ":
+        if ch == "{":
+            if depth == 0 and word.strip():
+                out.append(word.strip())
+            word, depth, group = "", depth + 1, ""
+        elif ch == "}":
+            depth -= 1
+            first = group.split(",")[0].strip()
+            if depth == 0 and first and "=" not in first:
+                out.append(first)
+        elif depth:
+            group += ch
+        elif ch in " ,\t":
+            if word.strip():
+                out.append(word.strip())
+            word = ""
+        else:
+            word += ch
+    return out
+
+
+def check_milters(c, settings, ctr, pod, mounts, volumes):
+    value = settings.get("milters")
+    if not value:
+        return
+    others = [x for x in (pod.get("containers") or []) + (pod.get("initContainers") or [])
+              if x.get("name") != ctr.get("name")]
+    for addr in milter_addresses(value):
+        if addr.startswith("unix:"):
+            path = addr[len("unix:"):]
+            m, v, _ = mounted_file(path, mounts, volumes)
+            shared = m is not None and any(
+                any(om["name"] == m["name"] for om in o.get("volumeMounts") or []) for o in others)
+            c.check(m is not None and not any(k in v for k in ("configMap", "secret", "projected")) and shared,
+                    f"milter {addr}: the socket's volume ({(m or {}).get('name')}) is shared with the milter's container")
+            continue
+        hp = re.sub(r"^inet6?:", "", addr)
+        host, port = hp.rsplit(":", 1)[0].strip("[]"), port_of(hp)
+        if host in ("127.0.0.1", "localhost", "::1"):
+            owners = [o["name"] for o in others if any(p.get("containerPort") == port for p in o.get("ports") or [])]
+            c.check(bool(owners), f"milter {addr} on loopback: a container of the pod listens there ({owners or 'none'})")
+        else:
+            c.check(True, f"milter {addr}: a network service")
+    # hold is the default, and its directory is on the image's read-only root file system
+    # unless a volume is mounted there
+    if (settings.get("milterquarantine") or "hold").lower() == "hold":
+        qdir = (settings.get("milterquarantinedirectory") or "/var/lib/proxsmtpd/quarantine").rstrip("/")
+        m, v, _ = mounted_file(qdir + "/held", mounts, volumes)
+        c.check(bool(qdir) and m is not None and not m.get("readOnly") and m["mountPath"].rstrip("/") != SPOOL
+                and any(k in v for k in ("emptyDir", "persistentVolumeClaim", "ephemeral")),
+                f"MilterQuarantineDirectory {qdir or '(none)'} on a writable volume of its own ({(m or {}).get('name')})")
 
 
 def main():
@@ -297,6 +359,9 @@ def main():
     services = [d for d in docs if d.get("kind") == "Service"]
     check_tls(c, effective_settings(conf, env), expect, ctr,
               dict(pod, _labels=tmpl.get("metadata", {}).get("labels")), mounts, volumes, ports, services)
+
+    # --- milters: reachable from the proxy, the quarantine writable ---
+    check_milters(c, effective_settings(conf, env), ctr, pod, mounts, volumes)
 
     # --- shutdown ---
     pre = (ctr.get("lifecycle") or {}).get("preStop") or {}

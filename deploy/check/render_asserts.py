@@ -10,6 +10,7 @@ Each EXPR is a Python expression that must be true, evaluated with:
   pod()           its pod spec
   container(N)    the container or initContainer named N in it
   alerts()        the alerting rules of every PrometheusRule
+  setting(NAME)   the value of the `NAME:` line of the rendered proxsmtpd.conf (None if absent)
 Prints one ok/FAIL line per expression; exit status 1 if any is false or raises.
 """
 import sys
@@ -46,7 +47,12 @@ def main():
     def alerts():
         return [r for p in kind("PrometheusRule") for g in p["spec"]["groups"] for r in g["rules"] if "alert" in r]
 
-    env = {"docs": docs, "kind": kind, "obj": obj, "template": template, "pod": pod, "container": container, "alerts": alerts}
+    def setting(name):
+        (conf,) = [c["data"]["proxsmtpd.conf"] for c in kind("ConfigMap") if "proxsmtpd.conf" in (c.get("data") or {})]
+        values = [line.split(":", 1)[1].strip() for line in conf.splitlines() if line.split(":", 1)[0].strip() == name]
+        return values[-1] if values else None
+
+    env = {"setting": setting, "docs": docs, "kind": kind, "obj": obj, "template": template, "pod": pod, "container": container, "alerts": alerts}
     bad = 0
     for expr in sys.argv[2:]:
         try:

@@ -67,7 +67,7 @@ def schema_descriptions(path):
     return problems, f"{n} keys and definitions"
 
 
-FREE_FORM = {"resources", "updateStrategy"}   # Kubernetes objects, documented as a whole
+FREE_FORM = {"resources", "updateStrategy", "rspamd.resources"}   # Kubernetes objects, documented as a whole
 
 
 def leaf_paths(value, prefix=""):

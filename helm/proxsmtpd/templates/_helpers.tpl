@@ -401,6 +401,10 @@ volumeMounts:
     mountPath: {{ include "proxsmtpd.upstreamCaDir" . }}
     readOnly: true
   {{- end }}
+  {{- if include "proxsmtpd.quarantineVolume" . }}
+  - name: proxsmtpd-quarantine
+    mountPath: {{ .Values.milter.quarantine.directory }}
+  {{- end }}
   {{- with .Values.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -444,6 +448,32 @@ volumeMounts:
     name: {{ . }}
     defaultMode: 0444
 {{- end }}
+{{- end }}
+{{- if include "proxsmtpd.quarantineVolume" . }}
+- name: proxsmtpd-quarantine
+  {{- with .Values.milter.quarantine.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ . }}
+  {{- else }}
+  emptyDir:
+    {{- with .Values.milter.quarantine.sizeLimit }}
+    sizeLimit: {{ . }}
+    {{- end }}
+  {{- end }}
+{{- end }}
+{{- if .Values.rspamd.enabled }}
+- name: rspamd-config
+  configMap:
+    name: {{ include "proxsmtpd.fullname" . }}-rspamd
+- name: rspamd-data
+  emptyDir: {}
+- name: rspamd-run
+  emptyDir:
+    medium: Memory
+    sizeLimit: 16Mi
+- name: rspamd-tmp
+  emptyDir:
+    sizeLimit: 1Gi
 {{- end }}
 {{- end -}}
 
@@ -489,6 +519,10 @@ metadata:
     {{- if and (eq (include "proxsmtpd.rollOnConfigChange" .) "true") (not .Values.config.existingConfigMap) }}
     checksum/config: {{ include "proxsmtpd.configChecksum" . }}
     {{- end }}
+    {{- if .Values.rspamd.enabled }}
+    {{- /* rspamd reads its configuration once at start */}}
+    checksum/rspamd: {{ include (print .Template.BasePath "/rspamd-configmap.yaml") . | sha256sum }}
+    {{- end }}
     {{- with .Values.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -520,12 +554,18 @@ spec:
     - {{- include "proxsmtpd.container" . | nindent 6 }}
     {{- end }}
     {{- toYaml .Values.sidecar.mailContainers | nindent 4 }}
+    {{- if .Values.rspamd.enabled }}
+    - {{- include "proxsmtpd.rspamdContainer" . | nindent 6 }}
+    {{- end }}
     {{- with .Values.extraContainers }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
   {{- else }}
   containers:
     - {{- include "proxsmtpd.container" . | nindent 6 }}
+    {{- if .Values.rspamd.enabled }}
+    - {{- include "proxsmtpd.rspamdContainer" . | nindent 6 }}
+    {{- end }}
     {{- with .Values.extraContainers }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -564,4 +604,93 @@ spec:
   {{- with .Values.priorityClassName }}
   priorityClassName: {{ . }}
   {{- end }}
+{{- end -}}
+
+{{/* One milter's options in Postfix's braces: {name=..., command_timeout=..., ...}. */}}
+{{- define "proxsmtpd.milterOptions" -}}
+{{- $o := list -}}
+{{- with .name }}{{ $o = append $o (printf "name=%s" .) }}{{ end -}}
+{{- if not (kindIs "invalid" .connectTimeout) }}{{ $o = append $o (printf "connect_timeout=%v" .connectTimeout) }}{{ end -}}
+{{- if not (kindIs "invalid" .commandTimeout) }}{{ $o = append $o (printf "command_timeout=%v" .commandTimeout) }}{{ end -}}
+{{- if not (kindIs "invalid" .contentTimeout) }}{{ $o = append $o (printf "content_timeout=%v" .contentTimeout) }}{{ end -}}
+{{- with .defaultAction }}{{ $o = append $o (printf "default_action=%s" .) }}{{ end -}}
+{{- if $o }}{{ printf "{%s}" (join ", " $o) }}{{ end -}}
+{{- end -}}
+
+{{/*
+The milters in order, as a list of {address, name, ...}: the rspamd sidecar first, then
+`milters`. A unix socket must lie in a directory the proxy container mounts (a socket on the
+image's read-only root file system could never be there).
+*/}}
+{{- define "proxsmtpd.milterList" -}}
+{{- $all := list -}}
+{{- if .Values.rspamd.enabled -}}
+{{- $all = append $all (merge (dict "address" (printf "inet:127.0.0.1:%v" .Values.rspamd.port) "name" "rspamd") (deepCopy .Values.rspamd.milter)) -}}
+{{- end -}}
+{{- range $i, $m := .Values.milters -}}
+{{- if hasPrefix "unix:" $m.address -}}
+{{- $path := trimPrefix "unix:" $m.address -}}
+{{- $mounted := false -}}
+{{- range $.Values.extraVolumeMounts }}{{ if hasPrefix (printf "%s/" (trimSuffix "/" .mountPath)) $path }}{{ $mounted = true }}{{ end }}{{ end -}}
+{{- if not $mounted -}}
+{{- fail (printf "milters[%d] %s: no volume of extraVolumeMounts is mounted at a directory above the socket (share the socket's directory with the milter's container through a volume)" $i $m.address) -}}
+{{- end -}}
+{{- end -}}
+{{- $all = append $all $m -}}
+{{- end -}}
+{{- dict "milters" $all | toJson -}}
+{{- end -}}
+
+{{/* The Milters value: each address with its options, comma-separated. */}}
+{{- define "proxsmtpd.milters" -}}
+{{- $out := list -}}
+{{- range (include "proxsmtpd.milterList" . | fromJson).milters -}}
+{{- $out = append $out (printf "%s%s" .address (include "proxsmtpd.milterOptions" .)) -}}
+{{- end -}}
+{{- join ", " $out -}}
+{{- end -}}
+
+{{/* Whether held messages need the quarantine volume. */}}
+{{- define "proxsmtpd.quarantineVolume" -}}
+{{- if and (include "proxsmtpd.milters" .) (eq .Values.milter.quarantine.action "hold") }}true{{ end -}}
+{{- end -}}
+
+{{/* The rspamd sidecar container: its proxy worker in milter mode on loopback. */}}
+{{- define "proxsmtpd.rspamdContainer" -}}
+name: rspamd
+image: "{{ .Values.rspamd.image.repository }}:{{ .Values.rspamd.image.tag }}"
+imagePullPolicy: {{ .Values.rspamd.image.pullPolicy }}
+ports:
+  - name: milter
+    containerPort: {{ .Values.rspamd.port }}
+    protocol: TCP
+readinessProbe:
+  tcpSocket:
+    port: milter
+  periodSeconds: 10
+  failureThreshold: 3
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 11333
+  runAsGroup: 11333
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: ["ALL"]
+  seccompProfile:
+    type: RuntimeDefault
+{{- with .Values.rspamd.resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumeMounts:
+  - name: rspamd-config
+    mountPath: /etc/rspamd/local.d
+    readOnly: true
+  - name: rspamd-data
+    mountPath: /var/lib/rspamd
+  - name: rspamd-run
+    mountPath: /run/rspamd
+  - name: rspamd-tmp
+    mountPath: /tmp
 {{- end -}}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# conf-accepted.sh - the proxsmtpd binary starts with the proxsmtpd.conf of a rendered manifest.
+#
+# Usage: deploy/check/conf-accepted.sh BINARY RENDERED.yaml [PYTHON]
+# Takes the proxsmtpd.conf key of the rendered ConfigMaps, moves what names the pod's world to
+# this host (Listen, AdminListen and OutAddress on free loopback ports, TempDirectory and
+# MilterQuarantineDirectory into a temporary directory), starts the binary with it and
+# requires /livez within 10 s: every other setting (Milters and its options included) is
+# parsed by the real binary. Prints the /readyz?verbose answer and the milter labels of
+# /metrics. Exit status 1 if the binary refuses the configuration.
+set -euo pipefail
+exec </dev/null
+BINARY=$1 RENDERED=$2 PY=${3:-python3}
+W=$(mktemp -d /tmp/proxsmtpd-conf.XXXXXX)
+PID=
+# shellcheck disable=SC2317,SC2329  # called by the EXIT trap
+cleanup() {
+  if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi
+  rm -rf "$W"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+"$PY" -c '
+import sys, yaml
+confs = [d["data"]["proxsmtpd.conf"] for d in yaml.safe_load_all(open(sys.argv[1]))
+         if isinstance(d, dict) and d.get("kind") == "ConfigMap" and "proxsmtpd.conf" in (d.get("data") or {})]
+if len(confs) != 1:
+    sys.exit(f"{len(confs)} proxsmtpd.conf in {sys.argv[1]}")
+sys.stdout.write(confs[0])' "$RENDERED" > "$W/rendered.conf"
+ADMIN=$(free_port)
+mkdir -p "$W/spool" "$W/quarantine"
+sed -e "s#^Listen:.*#Listen: 127.0.0.1:$(free_port)#" -e "s#^AdminListen:.*#AdminListen: 127.0.0.1:$ADMIN#" \
+    -e "s#^OutAddress:.*#OutAddress: 127.0.0.1:$(free_port)#" -e "s#^TempDirectory:.*#TempDirectory: $W/spool#" \
+    -e "s#^MilterQuarantineDirectory:.*#MilterQuarantineDirectory: $W/quarantine#" \
+    -e "s#^FilterCommand:.*#FilterCommand: cat#" "$W/rendered.conf" > "$W/proxsmtpd.conf"
+grep -E '^(Milter|ReadinessCheckMilters)' "$W/proxsmtpd.conf" || true
+unset_args=(); for v in $(compgen -e | grep '^PROXSMTPD_' || true); do unset_args+=(-u "$v"); done
+env "${unset_args[@]}" "$BINARY" -d 1 -f "$W/proxsmtpd.conf" > "$W/proxsmtpd.log" 2>&1 &
+PID=$!
+for _ in $(seq 1 100); do
+  if curl -sf "http://127.0.0.1:$ADMIN/livez" > /dev/null 2>&1; then
+    echo "/readyz: $(curl -s "http://127.0.0.1:$ADMIN/readyz?verbose" | tr '\n' ' ')"
+    echo "milters in /metrics: $(curl -s "http://127.0.0.1:$ADMIN/metrics" | sed -n 's/^proxsmtpd_milter_errors_total{.*milter="\([^"]*\)".*/\1/p' | sort -u | tr '\n' ' ')"
+    exit 0
+  fi
+  kill -0 "$PID" 2>/dev/null || break
+  sleep 0.1
+done
+echo "$BINARY refused the configuration of $RENDERED:"
+tail -n 5 "$W/proxsmtpd.log"
+exit 1
