@@ -501,8 +501,8 @@ pub use crate::protocol::session::EnvelopeCommand;
 
 /// The milters of one SMTP session, in order: each is connected (and told of the client
 /// and its HELO) at its first use, told `ABORT` before a new MAIL when a message was open
-/// with it, asked about each MAIL and RCPT until one refuses or accepts, and then about the
-/// message ([`MilterChain::message_milters`]).
+/// with it, asked about each MAIL and RCPT until one refuses, and then about the message
+/// ([`MilterChain::message_milters`]).
 #[derive(Debug)]
 pub struct MilterChain {
     configs: Vec<MilterConfig>,
@@ -513,8 +513,9 @@ pub struct MilterChain {
     decided: Vec<Option<Vec<u8>>>,
     /// Per milter: it accepted the connection.
     skipped: Vec<bool>,
-    /// The milter that accepted the current message: the later ones are skipped for it.
-    accepted_by: Option<usize>,
+    /// The milter that discarded the current message at MAIL or RCPT: its commands are
+    /// relayed, and the message is answered 250 and delivered nowhere.
+    discarded_by: Option<String>,
     /// Messages begun (MAIL commands seen): the second part of the `i` macro.
     messages: u32,
     /// The current transaction's MAIL line and its RCPT lines by address, as the client
@@ -532,7 +533,7 @@ impl MilterChain {
             clients: (0..n).map(|_| None).collect(),
             decided: vec![None; n],
             skipped: vec![false; n],
-            accepted_by: None,
+            discarded_by: None,
             messages: 0,
             mail_line: None,
             rcpt_lines: Vec::new(),
@@ -560,7 +561,7 @@ impl MilterChain {
             .unwrap_or_default()
             .to_vec();
         if command == EnvelopeCommand::Mail {
-            self.accepted_by = None;
+            self.discarded_by = None;
             self.messages += 1;
             self.mail_line = Some(line.to_vec());
             self.rcpt_lines.clear();
@@ -569,8 +570,10 @@ impl MilterChain {
                 .push((String::from_utf8_lossy(&addr).into_owned(), line.to_vec()));
         }
         let queue_id = self.queue_id(client);
-        let upto = self.accepted_by.unwrap_or(self.configs.len());
-        for i in 0..upto {
+        if self.discarded_by.is_some() {
+            return None;
+        }
+        for i in 0..self.configs.len() {
             match self.connected(i, client).await {
                 Ok(true) => {}
                 Ok(false) => continue,
@@ -594,16 +597,25 @@ impl MilterChain {
                     milter.stage(Command::Rcpt(&arg_refs), &macros).await
                 }
             };
+            if result.outcome == Outcome::Verdict(Verdict::Discard) {
+                // The whole message, as Postfix takes it: the milters are done with it.
+                self.discarded_by = Some(self.configs[i].name.clone());
+                return None;
+            }
             match refusal(&result.outcome) {
-                Decision::Next => {}
-                Decision::Accept => {
-                    self.accepted_by = Some(i);
-                    return None;
-                }
+                // Accept ends this milter's part in the message (its later stages are
+                // skipped by its session); the next milters are still asked, as Postfix
+                // and sendmail do: one milter's "clean" is not another's "not spam".
+                Decision::Next | Decision::Accept => {}
                 Decision::Refuse(reply) => return Some(reply),
             }
         }
         None
+    }
+
+    /// The milter that discarded the current message at MAIL or RCPT.
+    pub fn discarded_by(&self) -> Option<&str> {
+        self.discarded_by.as_deref()
     }
 
     /// The MAIL line of the current transaction, as the client sent it.
@@ -621,10 +633,9 @@ impl MilterChain {
     }
 
     /// The milters the current message goes to, in order: those told of the transaction
-    /// before one accepted it (that one is done with the message too).
+    /// (one that accepted it at MAIL or RCPT has its stages skipped by its session).
     pub fn message_milters(&self) -> Vec<usize> {
-        let upto = self.accepted_by.unwrap_or(self.configs.len());
-        (0..upto)
+        (0..self.configs.len())
             .filter(|&i| self.clients[i].is_some() && !self.skipped[i])
             .collect()
     }
@@ -724,9 +735,10 @@ enum Decision {
     Refuse(Vec<u8>),
 }
 
-/// What an envelope stage's outcome means for the command. Not implemented yet, and so
-/// answered with a temporary failure rather than let through: discard, quarantine, and a
-/// milter asking to end the connection (CONN_FAIL, SHUTDOWN).
+/// What an envelope stage's outcome means for the command. A milter asking to end the
+/// connection (CONN_FAIL, SHUTDOWN) and a failed one with default action quarantine (which
+/// only a message can get) are answered with a temporary failure. (Discard is taken care of
+/// before: see [`MilterChain::envelope`].)
 fn refusal(outcome: &Outcome) -> Decision {
     match outcome {
         Outcome::Continue | Outcome::Skip => Decision::Next,

@@ -151,6 +151,23 @@ fn a_discarded_message_gets_250_and_goes_nowhere() {
     });
 }
 
+/// DISCARD at RCPT discards the whole message: the commands go on, the data gets 250,
+/// nothing is delivered.
+#[test]
+fn a_discard_at_rcpt_discards_the_message() {
+    timed(30, || {
+        let m = TestMilter::start(Script::new().on(b'R', vec![Act::reply(b'd')]));
+        let up = Upstream::start();
+        let p = proxy_with(&up, &m.address).start();
+        let mut c = client(&p);
+        let r = c.send_mail(&message("discard-at-rcpt", b"x\r\n"));
+        assert_eq!(r.code, 250, "{r:?}");
+        c.assert_in_sync();
+        assert!(up.delivered().is_empty());
+        assert!(!m.commands()[0].contains('E'), "{:?}", m.commands());
+    });
+}
+
 /// The milter sees the message as sent: each header field (value without the space after
 /// the colon), end of headers, the body in chunks of at most 65535 bytes.
 #[test]
@@ -312,19 +329,26 @@ fn milters_chain_with_the_filter_command() {
     });
 }
 
-/// ACCEPT at MAIL: the later milters are not asked about that message.
+/// ACCEPT ends that milter's part in the message only: the next milter is still asked (as
+/// Postfix does), so one milter's accept cannot let another's reject through.
 #[test]
-fn an_accept_skips_the_later_milters() {
+fn an_accept_ends_only_that_milters_part() {
     timed(30, || {
         let first = TestMilter::start(Script::new().on(b'M', vec![Act::reply(b'a')]));
         let second = TestMilter::start(Script::new().on(b'E', vec![Act::reply(b'r')]));
         let up = Upstream::start();
         let p = proxy_with(&up, &format!("{} {}", first.address, second.address)).start();
         let mut c = client(&p);
-        assert_eq!(c.send_mail(&message("accepted", b"x\r\n")).code, 250);
-        up.wait_delivered(1, secs(5));
-        let asked: String = second.commands().concat();
-        assert!(!asked.contains('E'), "{asked}");
+        assert_eq!(c.send_mail(&message("accepted", b"x\r\n")).code, 550);
+        assert!(up.delivered().is_empty());
+        let asked: String = first.commands().concat();
+        assert!(!asked.contains('R') && !asked.contains('E'), "{asked}");
+        // Accepting at end of message does not skip the next milter either.
+        let first = TestMilter::start(Script::new().on(b'E', vec![Act::reply(b'a')]));
+        let up = Upstream::start();
+        let p = proxy_with(&up, &format!("{} {}", first.address, second.address)).start();
+        let mut c = client(&p);
+        assert_eq!(c.send_mail(&message("accepted", b"x\r\n")).code, 550);
     });
 }
 

@@ -57,8 +57,8 @@ pub(super) struct Changes {
 enum Flow {
     /// Next stage.
     Next,
-    /// The milter accepted the message: no more stages for it, nor for the milters after
-    /// it (modifications before the accept still apply).
+    /// The milter accepted the message: no more stages for it (its modifications apply);
+    /// the next milter is still asked, as Postfix and sendmail do.
     Accepted,
     /// The milter failed and its default action is accept: go on as if it were not there.
     Ignore,
@@ -131,6 +131,14 @@ pub(super) async fn run(
     envelope: &Envelope,
     queue_id: &str,
 ) -> std::io::Result<MilterVerdict> {
+    if let Some(milter) = chain.discarded_by() {
+        return Ok(MilterVerdict::Answer {
+            reply: discarded_reply(queue_id),
+            verdict: MessageVerdict::Dropped,
+            status: format!("MILTER {milter}: DISCARDED"),
+            milter: milter.to_string(),
+        });
+    }
     let mut changes = Changes {
         content: None,
         envelope: EnvelopeEdit::new(&envelope.recipients),
@@ -151,20 +159,7 @@ pub(super) async fn run(
         let asked = ask(milter, current, queue_id).await?;
         let (section_length, mut fields) = (asked.section_length, asked.fields);
         let modifications = match flow(&asked.outcome, &name, queue_id) {
-            Flow::Next => asked.modifications,
-            Flow::Accepted => {
-                apply(
-                    &mut changes,
-                    &name,
-                    asked.modifications,
-                    &mut fields,
-                    milter.leading_space(),
-                    (current, section_length),
-                    dir,
-                )
-                .await?;
-                break;
-            }
+            Flow::Next | Flow::Accepted => asked.modifications,
             Flow::Ignore => continue,
             Flow::Quarantine(reason) => {
                 changes.quarantine.get_or_insert((name, reason));
