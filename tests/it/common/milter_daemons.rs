@@ -364,10 +364,12 @@ pub fn clamav() -> Option<MilterDaemon> {
 // opendkim
 
 /// opendkim signing mail from `example.org` (the `From:` domain decides) with selector
-/// `test` and a 2048-bit key generated for this daemon. Mail counts as ours when the
+/// `test`, a 2048-bit key generated for this daemon, and `canonicalization`
+/// (`relaxed/relaxed`, the usual one, or `simple/simple`, under which the signature only
+/// verifies if every signed header field and the body reach the recipient byte for byte). Mail counts as ours when the
 /// client is on loopback (`InternalHosts`). [`MilterDaemon::dir`] holds `test.private`
 /// and the TXT record's text, see [`dkim_txt_record`].
-pub fn opendkim() -> Option<MilterDaemon> {
+pub fn opendkim(canonicalization: &str) -> Option<MilterDaemon> {
     let program = require("opendkim", "opendkim")?;
     let genkey = require("opendkim-genkey", "opendkim-tools")?;
     let dir = temp_dir("proxsmtpd-opendkim.");
@@ -388,7 +390,7 @@ pub fn opendkim() -> Option<MilterDaemon> {
         &conf,
         &format!(
             "Mode s\nDomain {DKIM_DOMAIN}\nSelector {DKIM_SELECTOR}\nKeyFile {}\n\
-             Socket inet:{port}@127.0.0.1\nCanonicalization relaxed/relaxed\n\
+             Socket inet:{port}@127.0.0.1\nCanonicalization {canonicalization}\n\
              InternalHosts 127.0.0.1,::1\nSyslog no\nRequireSafeKeys no\n\
              PidFile {}\n",
             d.join(format!("{DKIM_SELECTOR}.private")).display(),
