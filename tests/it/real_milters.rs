@@ -787,3 +787,68 @@ fn proxy_spamass_rejects_gtube_and_marks_ham() {
         );
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// A chain of real milters.
+
+/// clamav-milter, rspamd and opendkim in one `Milters` line, in that order: clean mail
+/// gets every milter's fields and a signature that verifies; GTUBE is refused by rspamd
+/// after clamav-milter passed it; EICAR by clamav-milter before rspamd sees it.
+#[test]
+fn proxy_chain_of_real_milters() {
+    timed(150, || {
+        if !have_dkimpy() {
+            return;
+        }
+        let clamav = daemon!(milter_daemons::clamav());
+        let dkim = daemon!(milter_daemons::opendkim("relaxed/relaxed"));
+        let rspamd = daemon!(milter_daemons::rspamd());
+        let up = Upstream::start();
+        let line = format!(
+            "{}{{name=clamav}}, {}{{name=rspamd}}, {}{{name=opendkim}}",
+            clamav.address(),
+            rspamd.address(),
+            dkim.address()
+        );
+        let p = ProxyBuilder::new()
+            .upstream(&up)
+            .set("Milters", &line)
+            .start();
+        let logs = || format!("{}{}{}", clamav.logs(), rspamd.logs(), dkim.logs());
+        let mut c = p.open();
+        c.set_timeout(secs(40));
+        let r = c.send_mail(&gtube_message());
+        assert!(
+            (500..600).contains(&r.code),
+            "GTUBE: {r:?}; logs:\n{}",
+            logs()
+        );
+        let r = c.send_mail(&eicar_attachment_message());
+        assert!(
+            (500..600).contains(&r.code),
+            "EICAR: {r:?}; logs:\n{}",
+            logs()
+        );
+        up.assert_nothing_delivered();
+        let sent = folded_message();
+        let r = c.send_mail(&sent);
+        assert_eq!(r.code, 250, "clean: {r:?}; logs:\n{}", logs());
+        let got = up.expect_one().content;
+        for name in ["X-Virus-Scanned", "X-Spamd-Result", "DKIM-Signature"] {
+            assert_eq!(
+                header_values(&got, name).len(),
+                1,
+                "{name} in {}",
+                show(&got)
+            );
+        }
+        assert_eq!(header_values(&got, "X-Virus-Status"), ["Clean"]);
+        let (ok, why) = dkim_verify(&got, &dkim_txt_record(&dkim));
+        assert!(
+            ok,
+            "the chain's output does not verify: {why}\n{}",
+            show(&got)
+        );
+        assert_eq!(body(&got), body(&sent));
+    });
+}
