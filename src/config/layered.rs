@@ -167,16 +167,6 @@ pub fn validate(s: &Settings) -> Result<Vec<String>, ConfigError> {
             .with_setting("OutAddress"));
         }
     }
-    if !s.milters.is_empty() {
-        // Refused rather than ignored: a message must not pass unchecked by a milter the
-        // operator listed.
-        return Err(ConfigError::new(
-            "",
-            "Milters is not supported by this version yet (the milter client is not wired into \
-             the proxy)",
-        )
-        .with_setting("Milters"));
-    }
     if s.proxy_protocol && s.proxy_protocol_trusted.is_empty() {
         return Err(ConfigError::new(
             "",
@@ -1081,6 +1071,8 @@ reload_watch: no
             "MilterDefaultAction" => "accept",
             "MilterMacroDaemonName" => "mx.example",
             "MilterProtocol" => "2",
+            "MilterQuarantine" => "reject",
+            "MilterQuarantineDirectory" => "/srv/quarantine",
             _ => "on",
         };
         let none = Path::new("/nonexistent/p.conf");
@@ -1122,26 +1114,6 @@ reload_watch: no
     }
 
     /// Until milters filter mail, listing one is refused at start-up, not ignored.
-    #[test]
-    fn milters_are_refused_until_supported() {
-        let none = Path::new("/nonexistent/p.conf");
-        let loaded = load(&opts(
-            none,
-            &[],
-            &[
-                ("OutAddress", "127.0.0.1:25"),
-                ("Milters", "inet:127.0.0.1:1"),
-            ],
-        ))
-        .unwrap();
-        let e = validate(&loaded.settings).unwrap_err();
-        assert_eq!(e.setting, Some("Milters"));
-        assert!(e.to_string().contains("not supported"), "{e}");
-        let mut ok = loaded.settings.clone();
-        ok.milters.clear();
-        assert!(validate(&ok).is_ok());
-    }
-
     #[test]
     fn command_line_errors() {
         let none = Path::new("/nonexistent/p.conf");

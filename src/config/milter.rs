@@ -38,6 +38,34 @@ pub const ACTIONS: &[(&str, MilterAction)] = &[
     ("quarantine", MilterAction::Quarantine),
 ];
 
+/// What a quarantined message gets (`MilterQuarantine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MilterQuarantine {
+    /// Kept in the quarantine directory, not delivered; the client gets 250.
+    Hold,
+    /// 5xx.
+    Reject,
+    /// 4xx.
+    Tempfail,
+}
+
+impl MilterQuarantine {
+    pub fn label(self) -> &'static str {
+        match self {
+            MilterQuarantine::Hold => "hold",
+            MilterQuarantine::Reject => "reject",
+            MilterQuarantine::Tempfail => "tempfail",
+        }
+    }
+}
+
+/// The `MilterQuarantine` words.
+pub const QUARANTINE_DISPOSITIONS: &[(&str, MilterQuarantine)] = &[
+    ("hold", MilterQuarantine::Hold),
+    ("reject", MilterQuarantine::Reject),
+    ("tempfail", MilterQuarantine::Tempfail),
+];
+
 /// Where a milter listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MilterAddress {

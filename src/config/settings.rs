@@ -16,7 +16,7 @@ use super::address::{
     parse_listen, parse_out_address, ListenAddress, OutAddress, DEFAULT_LISTEN_PORT,
 };
 use super::cidr::{parse_cidr_list, Cidr};
-use super::milter::{self, parse_milters, MilterAction, MilterSpec};
+use super::milter::{self, parse_milters, MilterAction, MilterQuarantine, MilterSpec};
 use super::values::{self, Parser};
 
 /// How the filter command receives the message.
@@ -447,6 +447,29 @@ registry! {
         parse: milter_protocol,
         doc: "The milter protocol version offered to milters (2 to 6).",
     }
+    MilterQuarantine {
+        key: "milter_quarantine",
+        field: milter_quarantine: MilterQuarantine = MilterQuarantine::Hold,
+        kind: Single,
+        original: false,
+        default: "hold",
+        parse: |name, v| values::choice(name, v, milter::QUARANTINE_DISPOSITIONS),
+        doc: "What a message a milter quarantines gets: hold (kept in \
+            MilterQuarantineDirectory with its envelope, not delivered, the client told 250), \
+            reject (5xx) or tempfail (4xx). The reason goes to the log and the milter to \
+            proxsmtpd_milter_quarantined_total.",
+    }
+    MilterQuarantineDirectory {
+        key: "milter_quarantine_directory",
+        field: milter_quarantine_directory: PathBuf = PathBuf::from("/var/lib/proxsmtpd/quarantine"),
+        kind: Single,
+        original: false,
+        default: "/var/lib/proxsmtpd/quarantine",
+        parse: values::required_path,
+        doc: "Where held messages go (MilterQuarantine hold): NAME.eml, the message as it would \
+            have been delivered, and NAME.json, its envelope, client, milter and reason; \
+            created (mode 0700) when first needed. Put it on a persistent volume.",
+    }
     MinDataRate {
         key: "min_data_rate",
         field: min_data_rate: u64 = DEFAULT_MIN_DATA_RATE,
@@ -488,6 +511,16 @@ registry! {
         default: "off",
         parse: values::boolean,
         doc: "Make /readyz also require that the upstream accepts connections (checked at most \
+            every 10 seconds).",
+    }
+    ReadinessCheckMilters {
+        key: "readiness_check_milters",
+        field: readiness_check_milters: bool = false,
+        kind: Single,
+        original: false,
+        default: "off",
+        parse: values::boolean,
+        doc: "Make /readyz also require that every milter accepts connections (checked at most \
             every 10 seconds).",
     }
     LogFormat {

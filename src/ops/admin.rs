@@ -42,6 +42,8 @@ pub(crate) struct Health {
     draining: AtomicBool,
     filter: Option<FilterCheck>,
     upstream: Option<Upstream>,
+    /// ReadinessCheckMilters: every milter accepts connections (same caching and bound).
+    milters: Option<Upstream>,
 }
 
 struct Upstream {
@@ -67,6 +69,7 @@ impl Health {
             draining: AtomicBool::new(false),
             filter: None,
             upstream: None,
+            milters: None,
         }
     }
 
@@ -81,6 +84,17 @@ impl Health {
     /// a check taking longer than two seconds counts as failed.
     pub(crate) fn with_upstream_check(mut self, check: UpstreamCheck, ttl: Duration) -> Health {
         self.upstream = Some(Upstream {
+            check,
+            ttl,
+            last: tokio::sync::Mutex::new(None),
+        });
+        self
+    }
+
+    /// Adds the opt-in milter check (ReadinessCheckMilters): like the upstream check, for
+    /// every configured milter at once.
+    pub(crate) fn with_milter_check(mut self, check: UpstreamCheck, ttl: Duration) -> Health {
+        self.milters = Some(Upstream {
             check,
             ttl,
             last: tokio::sync::Mutex::new(None),
@@ -122,6 +136,9 @@ impl Health {
         checks.push(("draining", !self.is_draining()));
         if let Some(upstream) = &self.upstream {
             checks.push(("upstream", upstream.healthy().await));
+        }
+        if let Some(milters) = &self.milters {
+            checks.push(("milters", milters.healthy().await));
         }
         checks
     }

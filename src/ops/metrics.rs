@@ -170,7 +170,37 @@ pub(crate) struct Metrics {
     tls_handshake_failures: IntCounterVec,
     tls_certificate_reloads: IntCounterVec,
     messages_abandoned: IntCounter,
+    milter_replies: IntCounterVec,
+    milter_duration: prometheus::HistogramVec,
+    milter_errors: IntCounterVec,
+    milter_envelope_refusals: IntCounterVec,
+    milter_quarantined: IntCounterVec,
 }
+
+/// The `kind` label of `proxsmtpd_milter_errors_total`.
+pub(crate) const MILTER_ERROR_KINDS: [&str; 8] = [
+    "connect",
+    "connect_timeout",
+    "timeout",
+    "closed",
+    "io",
+    "protocol",
+    "oversize",
+    "usage",
+];
+
+/// The `action` label of `proxsmtpd_milter_replies_total`.
+pub(crate) const MILTER_ACTIONS: [&str; 9] = [
+    "continue",
+    "accept",
+    "reject",
+    "tempfail",
+    "discard",
+    "replycode",
+    "skip",
+    "quarantine",
+    "failed",
+];
 
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();
 
@@ -318,8 +348,43 @@ impl Metrics {
                 "proxsmtpd_messages_abandoned_total",
                 "Messages not delivered because the client left before its verdict.",
             ),
+            milter_replies: reg.counter_vec(
+                "proxsmtpd_milter_replies_total",
+                "Milter answers, by milter (its configured name), stage and action (failed: no answer, the milter's default action applied).",
+                &["milter", "stage", "action"],
+            ),
+            milter_duration: prometheus::HistogramVec::new(
+                HistogramOpts::new(
+                    "proxsmtpd_milter_duration_seconds",
+                    "Time a milter took to answer, by milter and stage.",
+                )
+                .buckets(REPLY_BUCKETS.to_vec()),
+                &["milter", "stage"],
+            )
+            .map(|h| reg.add(h))
+            .expect("valid metric definition"),
+            milter_errors: reg.counter_vec(
+                "proxsmtpd_milter_errors_total",
+                "Milter conversations that failed, by milter and kind (connect, connect_timeout, timeout, closed, io, protocol, oversize, usage).",
+                &["milter", "kind"],
+            ),
+            milter_envelope_refusals: reg.counter_vec(
+                "proxsmtpd_milter_envelope_refusals_total",
+                "Envelope commands the upstream refused when a milter's sender or recipient change was applied, by command (mail, rcpt).",
+                &["command"],
+            ),
+            milter_quarantined: reg.counter_vec(
+                "proxsmtpd_milter_quarantined_total",
+                "Messages a milter quarantined, by milter and what MilterQuarantine did with them (hold, reject, tempfail).",
+                &["milter", "disposition"],
+            ),
             registry,
         };
+        for command in ["mail", "rcpt"] {
+            metrics
+                .milter_envelope_refusals
+                .with_label_values(&[command]);
+        }
         for (verdict, source) in MESSAGE_SERIES {
             metrics
                 .messages
@@ -484,6 +549,54 @@ impl Metrics {
         let result = if ok { "success" } else { "failure" };
         self.tls_certificate_reloads
             .with_label_values(&[result])
+            .inc();
+    }
+
+    /// Starts every series of a configured milter at zero (errors of each kind, each
+    /// action at end of message), so that its rates and alerts work before mail flows.
+    pub(crate) fn milter_configured(&self, milter: &str) {
+        for kind in MILTER_ERROR_KINDS {
+            self.milter_errors.with_label_values(&[milter, kind]);
+        }
+        for action in MILTER_ACTIONS {
+            self.milter_replies
+                .with_label_values(&[milter, "eom", action]);
+        }
+        self.milter_duration.with_label_values(&[milter, "eom"]);
+    }
+
+    /// A milter's answer at `stage` (one of [`MILTER_STAGES`]), after `duration`.
+    pub(crate) fn milter_reply(
+        &self,
+        milter: &str,
+        stage: &str,
+        action: &str,
+        duration: Option<Duration>,
+    ) {
+        self.milter_replies
+            .with_label_values(&[milter, stage, action])
+            .inc();
+        if let Some(d) = duration {
+            self.milter_duration
+                .with_label_values(&[milter, stage])
+                .observe(d.as_secs_f64());
+        }
+    }
+
+    pub(crate) fn milter_error(&self, milter: &str, kind: &str) {
+        self.milter_errors.with_label_values(&[milter, kind]).inc();
+    }
+
+    /// The upstream refused a MAIL or RCPT redone after a milter changed the envelope.
+    pub(crate) fn milter_envelope_refusal(&self, command: &str) {
+        self.milter_envelope_refusals
+            .with_label_values(&[command])
+            .inc();
+    }
+
+    pub(crate) fn milter_quarantined(&self, milter: &str, disposition: &str) {
+        self.milter_quarantined
+            .with_label_values(&[milter, disposition])
             .inc();
     }
 

@@ -377,11 +377,17 @@ async fn serve(
         if settings.readiness_check_upstream {
             health = health.with_upstream_check(upstream_check(&settings), UPSTREAM_CHECK_TTL);
         }
+        if settings.readiness_check_milters && !settings.milters.is_empty() {
+            health = health.with_milter_check(milter_check(&settings), UPSTREAM_CHECK_TTL);
+        }
         if let Err(e) = crate::filter::check::filter_ready(&settings) {
             tracing::warn!("{e}: not ready until it can run");
         }
         let metrics = crate::ops::metrics::global();
         metrics.set_max_connections(settings.max_connections);
+        for milter in &settings.milters {
+            metrics.milter_configured(&milter.name);
+        }
         metrics.config_loaded();
     }
     let health = Arc::new(health);
@@ -590,6 +596,35 @@ fn upstream_check(settings: &Settings) -> admin::UpstreamCheck {
                 // Transparent mode has no single upstream to ask.
                 None => true,
             }
+        })
+    })
+}
+
+/// ReadinessCheckMilters: every milter of the configuration at start accepts a
+/// connection (and is then left at once, before negotiation).
+fn milter_check(settings: &Settings) -> admin::UpstreamCheck {
+    use crate::config::milter::MilterAddress;
+    let addresses: Vec<MilterAddress> =
+        settings.milters.iter().map(|m| m.address.clone()).collect();
+    Arc::new(move || {
+        let addresses = addresses.clone();
+        Box::pin(async move {
+            for address in addresses {
+                let up = match address {
+                    MilterAddress::Tcp { host, port } => {
+                        tokio::net::TcpStream::connect((host.as_str(), port))
+                            .await
+                            .is_ok()
+                    }
+                    MilterAddress::Unix(path) => {
+                        tokio::net::UnixStream::connect(path).await.is_ok()
+                    }
+                };
+                if !up {
+                    return false;
+                }
+            }
+            true
         })
     })
 }

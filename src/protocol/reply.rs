@@ -20,6 +20,14 @@ impl Reply {
         self.lines.concat()
     }
 
+    /// A one-line reply of the proxy's own.
+    pub fn local(code: u16, text: &str) -> Reply {
+        Reply {
+            code,
+            lines: vec![Bytes::from(format!("{code} {text}\r\n"))],
+        }
+    }
+
     /// A reply from a test script: lines separated by `|`, CRLF added to each.
     #[cfg(test)]
     pub(crate) fn scripted(text: &str) -> Reply {

@@ -297,6 +297,14 @@ impl Session {
             && self.checking.is_none()
     }
 
+    /// The argument of the client's last accepted HELO or EHLO.
+    pub fn helo_name(&self) -> Option<&[u8]> {
+        let line = crate::protocol::line::trim_line_end(self.last_helo.as_deref()?);
+        let arg = line.splitn(2, |&b| b == b' ').nth(1)?;
+        let arg = arg.trim_ascii();
+        (!arg.is_empty()).then_some(arg)
+    }
+
     pub fn envelope(&self) -> &Envelope {
         &self.envelope
     }

@@ -59,9 +59,38 @@ pub(crate) struct Conn {
     pub(crate) relay: Relay,
     /// When the upstream last saw traffic from us, for KeepAlives.
     pub(crate) upstream_active: Instant,
+    /// The session's milters (`Milters`), when there are any.
+    pub(crate) milters: Option<crate::proxy::milter::MilterChain>,
 }
 
 impl Conn {
+    /// The client as milters are told of it.
+    pub(crate) fn milter_client(&self) -> crate::proxy::milter::ClientInfo {
+        let addr = self.info.peer;
+        let hostname = addr.map_or_else(|| "localhost".to_string(), |a| format!("[{}]", a.ip()));
+        let helo = self
+            .relay
+            .session()
+            .helo_name()
+            .map(|h| String::from_utf8_lossy(h).into_owned());
+        let daemon_name = self
+            .settings
+            .milter_macro_daemon_name
+            .clone()
+            .unwrap_or_else(crate::proxy::milter::host_name);
+        crate::proxy::milter::ClientInfo {
+            hostname,
+            addr,
+            helo,
+            daemon_name,
+            tls: self
+                .tls
+                .as_ref()
+                .map(|t| (t.version.to_string(), t.cipher.clone())),
+            connection_id: self.id.to_string(),
+        }
+    }
+
     pub(crate) async fn send_client(&mut self, bytes: &[u8]) -> Result<(), Fatal> {
         observe::replies_sent(bytes);
         let timeout = self.settings.timeout;

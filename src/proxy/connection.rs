@@ -20,10 +20,12 @@ use super::conn::{
     REPLY_UPSTREAM_LOST, REPLY_UPSTREAM_PROTOCOL, REPLY_UPSTREAM_UNAVAILABLE,
 };
 use super::io::{Rewound, Stream};
+use super::milter::MilterChain;
 use super::observe::{self, ConnectionId};
 use super::tls::{self, ClientTls, ServerTls, Tls, TlsInfo};
 use super::transaction;
 use super::upstream::{self, ClientInfo, TlsStep};
+use crate::config::milter::MilterDefaults;
 use crate::config::{Settings, UpstreamTls};
 use crate::filter::verdict::format_reply;
 use crate::ops::metrics::UpstreamStage;
@@ -274,6 +276,9 @@ pub(crate) async fn serve(
     );
     let mut core = Relay::new(session, settings.timeout, std::time::Instant::now());
     core.client_buf = received;
+    let milters = milter_chain(&settings);
+    // With milters, each MAIL and RCPT waits for their verdict before it goes upstream.
+    core.check_envelope(milters.is_some());
     core.trace_client_lines(tracing::enabled!(tracing::Level::DEBUG));
     let mut conn = Conn {
         id,
@@ -286,6 +291,7 @@ pub(crate) async fn serve(
         upstream_tls_name: upstream.tls_name,
         relay: core,
         upstream_active: Instant::now(),
+        milters,
     };
     let mut hard_stop = shared.hard_stop.clone();
     let result = tokio::select! {
@@ -321,6 +327,28 @@ pub(crate) async fn serve(
     }
     let _ = conn.client.shutdown().await;
     let _ = conn.upstream.shutdown().await;
+    if let Some(chain) = conn.milters.take() {
+        chain.quit().await;
+    }
+}
+
+/// The session's milters, from the settings at its start.
+fn milter_chain(settings: &Settings) -> Option<MilterChain> {
+    if settings.milters.is_empty() {
+        return None;
+    }
+    let defaults = MilterDefaults {
+        connect_timeout: settings.milter_connect_timeout,
+        command_timeout: settings.milter_command_timeout,
+        content_timeout: settings.milter_content_timeout,
+        default_action: settings.milter_default_action,
+    };
+    let configs = settings
+        .milters
+        .iter()
+        .map(|m| m.resolve(&defaults))
+        .collect();
+    Some(MilterChain::new(configs, settings.milter_protocol))
 }
 
 fn policy(settings: &Settings, info: &ClientInfo) -> Policy {
@@ -427,10 +455,26 @@ async fn perform(conn: &mut Conn, step: Step, shared: &Shared) -> Result<(), Fat
             observe::policy_reject(conn, conn.relay.envelope());
             Ok(())
         }
-        Step::CheckEnvelope { .. } => {
-            // Only asked for with milters (`Relay::check_envelope`), which the connection
-            // does not turn on yet: relay the command.
-            conn.relay.envelope_checked(None, std::time::Instant::now());
+        Step::CheckEnvelope { command, line } => {
+            let refusal = match conn.milters.take() {
+                Some(mut chain) => {
+                    let client = conn.milter_client();
+                    let refusal = chain.envelope(command, &line, &client).await;
+                    conn.milters = Some(chain);
+                    refusal
+                }
+                None => None,
+            };
+            if let Some(reply) = &refusal {
+                tracing::info!(
+                    "{}: milter refused {}: {}",
+                    conn.id,
+                    observe::printable(&String::from_utf8_lossy(trim_line_end(&line))),
+                    observe::printable(&String::from_utf8_lossy(trim_line_end(reply)))
+                );
+            }
+            conn.relay
+                .envelope_checked(refusal.map(Bytes::from), std::time::Instant::now());
             Ok(())
         }
         Step::BeginData(mode) => {

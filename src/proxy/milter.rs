@@ -211,10 +211,42 @@ impl MilterClient {
     }
 
     /// Runs one stage: sends the command (with the macros the stage's list names) and waits
-    /// for the answer. Abort and quit are sent without waiting.
+    /// for the answer. Abort and quit are sent without waiting. Each stage that asks the
+    /// milter is a `milter` span and counts in `proxsmtpd_milter_replies_total` (with its
+    /// time in `proxsmtpd_milter_duration_seconds`).
     pub async fn stage(&mut self, command: Command<'_>, macros: &[(&str, &[u8])]) -> StageResult {
+        use tracing::Instrument;
+        let stage = command_stage(&command);
+        let span = tracing::info_span!(
+            "milter",
+            milter = %self.config.name,
+            stage = stage.map(Stage::label).unwrap_or("control"),
+        );
+        let started = Instant::now();
+        let (result, asked) = self.run_stage(command, macros).instrument(span).await;
+        if let Some(stage) = stage {
+            let action = action_label(&result.outcome);
+            if asked || action == "failed" {
+                let took = asked.then(|| started.elapsed());
+                crate::ops::metrics::global().milter_reply(
+                    &self.config.name,
+                    stage.label(),
+                    action,
+                    took,
+                );
+            }
+        }
+        result
+    }
+
+    /// [`MilterClient::stage`] without the accounting; also whether an answer was awaited.
+    async fn run_stage(
+        &mut self,
+        command: Command<'_>,
+        macros: &[(&str, &[u8])],
+    ) -> (StageResult, bool) {
         if let Some(kind) = &self.failure {
-            return StageResult::of(self.failed(kind.clone()));
+            return (StageResult::of(self.failed(kind.clone())), false);
         }
         let wait = match command {
             Command::Body(_) | Command::BodyEob => self.config.content_timeout,
@@ -223,19 +255,21 @@ impl MilterClient {
         let stage_of = command_stage(&command);
         let begun = match self.session.begin(command, macros) {
             Ok(b) => b,
-            Err(e) => return StageResult::of(self.fail(FailureKind::Usage(e))),
+            Err(e) => return (StageResult::of(self.fail(FailureKind::Usage(e))), false),
         };
         let deadline = Instant::now() + wait;
         let too_late = FailureKind::Timeout(stage_of.unwrap_or(Stage::Unknown));
-        match begun {
-            Begun::Skipped => StageResult::of(Outcome::Continue),
-            Begun::NoReply(bytes) => match self.write(&bytes, deadline).await {
-                Ok(()) => StageResult::of(Outcome::Continue),
-                Err(e) => StageResult::of(self.fail(timeout_kind(e, too_late))),
-            },
+        let result = match begun {
+            Begun::Skipped => return (StageResult::of(Outcome::Continue), false),
+            Begun::NoReply(bytes) => {
+                return match self.write(&bytes, deadline).await {
+                    Ok(()) => (StageResult::of(Outcome::Continue), false),
+                    Err(e) => (StageResult::of(self.fail(timeout_kind(e, too_late))), false),
+                }
+            }
             Begun::Await(bytes) => {
                 if let Err(e) = self.write(&bytes, deadline).await {
-                    return StageResult::of(self.fail(timeout_kind(e, too_late)));
+                    return (StageResult::of(self.fail(timeout_kind(e, too_late))), true);
                 }
                 match self.await_answer(wait).await {
                     Ok(result) => result,
@@ -243,7 +277,22 @@ impl MilterClient {
                     Err(Wait::Failed(kind)) => StageResult::of(self.fail(kind)),
                 }
             }
-        }
+        };
+        (result, true)
+    }
+
+    /// Whether a message transaction is open with this milter (it needs `ABORT` before the
+    /// next MAIL).
+    pub fn in_message(&self) -> bool {
+        self.failure.is_none() && self.session.in_message()
+    }
+
+    /// Whether `SMFIP_HDR_LEADSPC` was negotiated: header values carry their own leading
+    /// space, both ways.
+    pub fn leading_space(&self) -> bool {
+        self.session
+            .negotiated()
+            .is_some_and(|n| n.has_flag(crate::protocol::milter::proto::HDR_LEADSPC))
     }
 
     async fn await_answer(&mut self, wait: Duration) -> Result<StageResult, Wait> {
@@ -335,6 +384,8 @@ impl MilterClient {
     }
 
     fn fail(&mut self, kind: FailureKind) -> Outcome {
+        tracing::warn!(milter = %self.config.name, "milter {}: {kind}", self.config.name);
+        crate::ops::metrics::global().milter_error(&self.config.name, kind.label());
         self.stream = None;
         self.failure = Some(kind.clone());
         self.failed(kind)
@@ -345,6 +396,22 @@ impl MilterClient {
             kind,
             action: self.config.default_action,
         })
+    }
+}
+
+/// The `action` label of an outcome.
+fn action_label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Continue => "continue",
+        Outcome::Skip => "skip",
+        Outcome::Failed(_) => "failed",
+        Outcome::Verdict(v) => match v {
+            Verdict::Accept => "accept",
+            Verdict::Reject => "reject",
+            Verdict::Tempfail | Verdict::ConnFail | Verdict::Shutdown => "tempfail",
+            Verdict::Discard => "discard",
+            Verdict::Reply(_) => "replycode",
+        },
     }
 }
 
@@ -403,6 +470,15 @@ async fn open(address: &MilterAddress) -> io::Result<Stream> {
 pub const REPLY_REJECT: &[u8] = b"550 5.7.1 Command rejected\r\n";
 pub const REPLY_TEMPFAIL: &[u8] = b"451 4.7.1 Service unavailable - try again later\r\n";
 
+/// This host's name: `{daemon_name}` and `j` unless MilterMacroDaemonName says otherwise.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|n| n.into_string().ok())
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic()))
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// The SMTP client as the connect and helo stages report it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientInfo {
@@ -414,21 +490,24 @@ pub struct ClientInfo {
     pub helo: Option<String>,
     /// `{daemon_name}` and `j`.
     pub daemon_name: String,
+    /// `{tls_version}` and `{cipher}` when the client uses TLS.
+    pub tls: Option<(String, String)>,
+    /// The connection's id: `i` (the queue id) is this id and the message's number.
+    pub connection_id: String,
 }
 
 /// MAIL or RCPT.
 pub use crate::protocol::session::EnvelopeCommand;
 
-/// The milters of one SMTP session, in order, for the envelope stages: each is connected
-/// (and told of the client and its HELO) at its first use, told `ABORT` before a new MAIL,
-/// and asked about each MAIL and RCPT until one refuses or accepts.
+/// The milters of one SMTP session, in order: each is connected (and told of the client
+/// and its HELO) at its first use, told `ABORT` before a new MAIL when a message was open
+/// with it, asked about each MAIL and RCPT until one refuses or accepts, and then about the
+/// message ([`MilterChain::message_milters`]).
 #[derive(Debug)]
 pub struct MilterChain {
     configs: Vec<MilterConfig>,
     version: u32,
     clients: Vec<Option<MilterClient>>,
-    /// Per milter: a MAIL was sent and its message not ended.
-    in_message: Vec<bool>,
     /// Per milter: its reply for every command of the connection, after it decided at
     /// connect or helo.
     decided: Vec<Option<Vec<u8>>>,
@@ -436,6 +515,12 @@ pub struct MilterChain {
     skipped: Vec<bool>,
     /// The milter that accepted the current message: the later ones are skipped for it.
     accepted_by: Option<usize>,
+    /// Messages begun (MAIL commands seen): the second part of the `i` macro.
+    messages: u32,
+    /// The current transaction's MAIL line and its RCPT lines by address, as the client
+    /// sent them: what is sent again when a milter changes the envelope.
+    mail_line: Option<Vec<u8>>,
+    rcpt_lines: Vec<(String, Vec<u8>)>,
 }
 
 impl MilterChain {
@@ -445,11 +530,18 @@ impl MilterChain {
             configs,
             version,
             clients: (0..n).map(|_| None).collect(),
-            in_message: vec![false; n],
             decided: vec![None; n],
             skipped: vec![false; n],
             accepted_by: None,
+            messages: 0,
+            mail_line: None,
+            rcpt_lines: Vec::new(),
         }
+    }
+
+    /// The `i` macro: the connection's id and the message's number.
+    pub fn queue_id(&self, client: &ClientInfo) -> String {
+        format!("{}.{}", client.connection_id, self.messages)
     }
 
     /// Asks the milters about a MAIL or RCPT command line (CRLF included or not): `None`
@@ -464,13 +556,19 @@ impl MilterChain {
         let arg_refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
         let addr = args
             .first()
-            .map(|a| a.strip_prefix(b"<").unwrap_or(a))
-            .map(|a| a.strip_suffix(b">").unwrap_or(a))
+            .map(|a| crate::protocol::milter::message::bare_address(a))
             .unwrap_or_default()
             .to_vec();
         if command == EnvelopeCommand::Mail {
             self.accepted_by = None;
+            self.messages += 1;
+            self.mail_line = Some(line.to_vec());
+            self.rcpt_lines.clear();
+        } else {
+            self.rcpt_lines
+                .push((String::from_utf8_lossy(&addr).into_owned(), line.to_vec()));
         }
+        let queue_id = self.queue_id(client);
         let upto = self.accepted_by.unwrap_or(self.configs.len());
         for i in 0..upto {
             match self.connected(i, client).await {
@@ -478,23 +576,21 @@ impl MilterChain {
                 Ok(false) => continue,
                 Err(reply) => return Some(reply),
             }
-            let in_message = self.in_message[i];
-            if command == EnvelopeCommand::Mail {
-                self.in_message[i] = true;
-            }
             let Some(milter) = self.clients[i].as_mut() else {
                 continue;
             };
             let result = match command {
                 EnvelopeCommand::Mail => {
-                    if in_message {
+                    if milter.in_message() {
                         milter.stage(Command::Abort, &[]).await;
                     }
-                    let macros: [(&str, &[u8]); 1] = [("{mail_addr}", &addr)];
+                    let macros: [(&str, &[u8]); 2] =
+                        [("{mail_addr}", &addr), ("i", queue_id.as_bytes())];
                     milter.stage(Command::Mail(&arg_refs), &macros).await
                 }
                 EnvelopeCommand::Rcpt => {
-                    let macros: [(&str, &[u8]); 1] = [("{rcpt_addr}", &addr)];
+                    let macros: [(&str, &[u8]); 2] =
+                        [("{rcpt_addr}", &addr), ("i", queue_id.as_bytes())];
                     milter.stage(Command::Rcpt(&arg_refs), &macros).await
                 }
             };
@@ -508,6 +604,34 @@ impl MilterChain {
             }
         }
         None
+    }
+
+    /// The MAIL line of the current transaction, as the client sent it.
+    pub fn mail_line(&self) -> Option<&[u8]> {
+        self.mail_line.as_deref()
+    }
+
+    /// The RCPT line the client sent for `address` (compared case-insensitively).
+    pub fn rcpt_line(&self, address: &str) -> Option<&[u8]> {
+        self.rcpt_lines
+            .iter()
+            .rev()
+            .find(|(a, _)| a.eq_ignore_ascii_case(address))
+            .map(|(_, l)| l.as_slice())
+    }
+
+    /// The milters the current message goes to, in order: those told of the transaction
+    /// before one accepted it (that one is done with the message too).
+    pub fn message_milters(&self) -> Vec<usize> {
+        let upto = self.accepted_by.unwrap_or(self.configs.len());
+        (0..upto)
+            .filter(|&i| self.clients[i].is_some() && !self.skipped[i])
+            .collect()
+    }
+
+    /// Milter `i` of [`MilterChain::message_milters`].
+    pub fn milter(&mut self, i: usize) -> Option<&mut MilterClient> {
+        self.clients.get_mut(i).and_then(Option::as_mut)
     }
 
     /// Connects milter `i` and tells it of the client, once: `Ok(true)` when it is to be
@@ -530,9 +654,11 @@ impl MilterChain {
                 .map(|a| a.port().to_string())
                 .unwrap_or_default();
             let underscore = format!("{} [{ip}]", client.hostname);
-            let macros: [(&str, &[u8]); 6] = [
+            let version = concat!("proxsmtpd ", env!("CARGO_PKG_VERSION"));
+            let macros: [(&str, &[u8]); 7] = [
                 ("j", client.daemon_name.as_bytes()),
                 ("{daemon_name}", client.daemon_name.as_bytes()),
+                ("v", version.as_bytes()),
                 ("_", underscore.as_bytes()),
                 ("{client_addr}", ip.as_bytes()),
                 ("{client_port}", port.as_bytes()),
@@ -552,8 +678,18 @@ impl MilterChain {
             let mut outcome = milter.stage(connect, &macros).await.outcome;
             if outcome == Outcome::Continue {
                 if let Some(helo) = &client.helo {
+                    let (tls_version, cipher) = client
+                        .tls
+                        .as_ref()
+                        .map(|(v, c)| (v.as_bytes(), c.as_bytes()))
+                        .unwrap_or_default();
+                    let mut macros: Vec<(&str, &[u8])> = Vec::new();
+                    if client.tls.is_some() {
+                        macros.push(("{tls_version}", tls_version));
+                        macros.push(("{cipher}", cipher));
+                    }
                     outcome = milter
-                        .stage(Command::Helo(helo.as_bytes()), &[])
+                        .stage(Command::Helo(helo.as_bytes()), &macros)
                         .await
                         .outcome;
                 }

@@ -54,6 +54,8 @@ pub(crate) struct MessageOutcome {
     pub(crate) started: Instant,
     pub(crate) filter_time: Option<Duration>,
     pub(crate) upstream_code: Option<u16>,
+    /// The milter that decided the outcome (or last changed the message).
+    pub(crate) milter: Option<String>,
 }
 
 impl MessageOutcome {
@@ -70,6 +72,7 @@ impl MessageOutcome {
             started,
             filter_time: None,
             upstream_code: None,
+            milter: None,
         }
     }
 
@@ -99,6 +102,11 @@ impl MessageOutcome {
         self
     }
 
+    pub(crate) fn by_milter(mut self, milter: String) -> Self {
+        self.milter = Some(milter);
+        self
+    }
+
     pub(crate) fn unfiltered(mut self) -> Self {
         self.status = None;
         self
@@ -117,6 +125,7 @@ impl MessageOutcome {
         match self.verdict {
             MessageVerdict::LocalError => MessageSource::Local,
             MessageVerdict::Dropped => MessageSource::Filter,
+            _ if self.milter.is_some() && self.upstream_code.is_none() => MessageSource::Filter,
             _ if self.upstream_code.is_some() => MessageSource::Upstream,
             MessageVerdict::Accepted => MessageSource::Upstream,
             _ if self.filter_time.is_some() => MessageSource::Filter,
@@ -185,6 +194,7 @@ pub(crate) fn message(conn: &impl Connection, envelope: &Envelope, outcome: Mess
         tls = tls.is_some(),
         tls_version = tls.map(|t| t.version),
         tls_cipher = tls.map(|t| t.cipher.as_str()),
+        milter = outcome.milter.as_deref(),
         "{}: {}",
         conn.id(),
         summary(conn, envelope, outcome.status.as_deref())

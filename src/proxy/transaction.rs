@@ -22,6 +22,7 @@
 //! Spool files are created, written, read and removed on the blocking pool ([`spool`]): a
 //! slow TempDirectory holds up the message that uses it, not the other sessions.
 
+mod milters;
 mod spool;
 
 use std::path::Path;
@@ -63,7 +64,9 @@ pub(crate) async fn run(conn: &mut Conn, envelope: &Envelope, mode: DataMode) ->
         // KeepAlives promise NOOPs upstream while the proxy holds a message, which needs
         // the upstream out of DATA: with them set, an unfiltered message is spooled too.
         DataMode::Filter
-            if conn.settings.filter_command.is_none() && conn.settings.keep_alives.is_none() =>
+            if conn.settings.filter_command.is_none()
+                && conn.settings.keep_alives.is_none()
+                && conn.milters.is_none() =>
         {
             unfiltered(conn, envelope).instrument(span).await
         }
@@ -318,13 +321,35 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         }
     };
 
+    // The milters first; the filter command gets what they left.
+    let mut milter_envelope = None;
+    if conn.milters.is_some() {
+        match milter_stage(conn, envelope, &spool, size, started).await? {
+            MilterStep::Answered => return Ok(()),
+            MilterStep::Go { content, envelope } => {
+                if let Some(content) = content {
+                    spool = content;
+                }
+                milter_envelope = envelope;
+            }
+        }
+    }
+    let envelope = milter_envelope.as_ref().unwrap_or(envelope);
+
     let Some(command) = settings.filter_command.clone() else {
-        tracing::warn!(
-            "{}: no filter command specified. passing message through",
-            conn.id
-        );
+        if conn.milters.is_none() {
+            tracing::warn!(
+                "{}: no filter command specified. passing message through",
+                conn.id
+            );
+        }
         let outcome = deliver_recorded(conn, envelope, spool.path(), size, started).await?;
-        observe::message(conn, envelope, outcome.unfiltered());
+        let outcome = if conn.milters.is_some() {
+            outcome
+        } else {
+            outcome.unfiltered()
+        };
+        observe::message(conn, envelope, outcome);
         return Ok(());
     };
 
@@ -357,29 +382,8 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         output: stdout,
         env,
     };
-    let result = {
-        let filter = filter_run::execute(job);
-        tokio::pin!(filter);
-        // KeepAlives continue while the filter runs: the upstream has not seen DATA yet,
-        // so a NOOP is safe and keeps a slow filter from costing the upstream connection.
-        // The client is watched meanwhile: if it leaves, it gets no answer and will send
-        // the message again, so delivering it would make a duplicate.
-        loop {
-            let wake = conn.next_keepalive();
-            let watch = watch_client(conn);
-            tokio::select! {
-                outcome = &mut filter => break Some(outcome),
-                _ = sleep_until_opt(wake) => conn.keepalive_if_due().await?,
-                read = read_more(conn), if watch => {
-                    if matches!(read, Ok(0) | Err(_)) {
-                        set_client_closed(conn);
-                        // Dropping the run ends the filter's process group.
-                        break None;
-                    }
-                }
-            }
-        }
-    };
+    // Dropping the run (the client left) ends the filter's process group.
+    let result = while_client_waits(conn, filter_run::execute(job)).await?;
     let Some(result) = result else {
         tracing::warn!(
             "{}: client disconnected while the filter ran; message not delivered",
@@ -446,6 +450,305 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
             local_error(conn, envelope, size, started, Some(filter_time)).await
         }
     }
+}
+
+/// Runs `work` (the filter, the milters) while the client waits for its answer. KeepAlives
+/// continue meanwhile: the upstream has not seen DATA yet, so a NOOP is safe and keeps a
+/// slow filter from costing the upstream connection. The client is watched: if it leaves,
+/// it gets no answer and will send the message again, so delivering it would make a
+/// duplicate; then `work` is dropped and `None` returned.
+async fn while_client_waits<F: std::future::Future>(
+    conn: &mut Conn,
+    work: F,
+) -> Result<Option<F::Output>, Fatal> {
+    tokio::pin!(work);
+    loop {
+        let wake = conn.next_keepalive();
+        let watch = watch_client(conn);
+        tokio::select! {
+            outcome = &mut work => return Ok(Some(outcome)),
+            _ = sleep_until_opt(wake) => conn.keepalive_if_due().await?,
+            read = read_more(conn), if watch => {
+                if matches!(read, Ok(0) | Err(_)) {
+                    set_client_closed(conn);
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// What the milters left for the rest of the transaction.
+enum MilterStep {
+    /// The client has its answer; the upstream was reset.
+    Answered,
+    /// Go on with this content (when they changed it) and envelope (when they changed it).
+    Go {
+        content: Option<Spool>,
+        envelope: Option<Envelope>,
+    },
+}
+
+/// The message through the session's milters, then what they decided: an answer to the
+/// client, a quarantine, or a changed envelope sent upstream again.
+async fn milter_stage(
+    conn: &mut Conn,
+    envelope: &Envelope,
+    spool: &Spool,
+    size: u64,
+    started: Instant,
+) -> Result<MilterStep, Fatal> {
+    let Some(mut chain) = conn.milters.take() else {
+        return Ok(MilterStep::Go {
+            content: None,
+            envelope: None,
+        });
+    };
+    let queue_id = chain.queue_id(&conn.milter_client());
+    let dir = conn.settings.temp_directory.clone();
+    let work = milters::run(&mut chain, spool.path(), &dir, envelope, &queue_id);
+    let result = while_client_waits(conn, work).await;
+    conn.milters = Some(chain);
+    let Some(result) = result? else {
+        tracing::warn!(
+            "{}: client disconnected while the milters ran; message not delivered",
+            conn.id
+        );
+        return Err(abandon(conn, envelope, size, false).await);
+    };
+    let changes = match result {
+        Ok(milters::MilterVerdict::Deliver(changes)) => changes,
+        Ok(milters::MilterVerdict::Answer {
+            reply,
+            verdict,
+            milter,
+            status,
+        }) => {
+            conn.send_client(&reply).await?;
+            let outcome = MessageOutcome::new(verdict, status, size, started).by_milter(milter);
+            observe::message(conn, envelope, outcome);
+            conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
+            return Ok(MilterStep::Answered);
+        }
+        Err(e) => {
+            tracing::error!("{}: couldn't pass the message to the milters: {e}", conn.id);
+            local_error(conn, envelope, size, started, None).await?;
+            return Ok(MilterStep::Answered);
+        }
+    };
+    if !changes.changed_by.is_empty() {
+        tracing::info!(
+            "{}: message changed by milter {}",
+            conn.id,
+            changes.changed_by.join(", ")
+        );
+    }
+    if let Some((milter, reason)) = &changes.quarantine {
+        let content = changes.content.as_ref().unwrap_or(spool);
+        quarantine(
+            conn, envelope, content, milter, reason, &queue_id, size, started,
+        )
+        .await?;
+        return Ok(MilterStep::Answered);
+    }
+    let new_envelope = if changes.envelope.changed {
+        let chain = conn.milters.take();
+        let redone = redo_envelope(conn, chain.as_ref(), envelope, &changes.envelope).await;
+        conn.milters = chain;
+        match redone? {
+            Ok(new) => Some(new),
+            Err(reply) => {
+                send_final_reply(conn, &reply).await;
+                let milter = changes.changed_by.last().cloned().unwrap_or_default();
+                let outcome = MessageOutcome::from_reply(&reply, size, started).by_milter(milter);
+                observe::message(conn, envelope, outcome);
+                conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
+                return Ok(MilterStep::Answered);
+            }
+        }
+    } else {
+        None
+    };
+    Ok(MilterStep::Go {
+        content: changes.content,
+        envelope: new_envelope,
+    })
+}
+
+/// A milter changed the envelope: the upstream transaction is begun again (`RSET`,
+/// `MAIL`, one `RCPT` per recipient) with the client's own lines where they still apply.
+/// The new envelope, or the upstream's refusal when it took no sender or no recipient
+/// (then the client gets that refusal). A recipient refused is logged and counted.
+async fn redo_envelope(
+    conn: &mut Conn,
+    chain: Option<&crate::proxy::milter::MilterChain>,
+    envelope: &Envelope,
+    edit: &crate::protocol::milter::message::EnvelopeEdit,
+) -> Result<Result<Envelope, crate::protocol::reply::Reply>, Fatal> {
+    use crate::protocol::milter::message::{is_safe_address, is_safe_params};
+    let reply = conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
+    if reply.code / 100 != 2 {
+        return Ok(Err(reply));
+    }
+    let mut new = envelope.clone();
+    let mail = match (&edit.sender, chain.and_then(|c| c.mail_line())) {
+        (Some((sender, params)), _) => {
+            let params = params.as_deref().filter(|p| is_safe_params(p));
+            if !is_safe_address(sender) {
+                tracing::warn!(
+                    "{}: milter sender change refused: unsafe address {}",
+                    conn.id,
+                    observe::printable(sender)
+                );
+            }
+            let sender = if is_safe_address(sender) {
+                sender.clone()
+            } else {
+                envelope.sender.clone().unwrap_or_default()
+            };
+            new.sender = Some(if sender.is_empty() {
+                "<>".to_string()
+            } else {
+                sender.clone()
+            });
+            let mut line = format!("MAIL FROM:<{sender}>");
+            if let Some(p) = params {
+                line.push(' ');
+                line.push_str(p);
+            }
+            line.push_str("\r\n");
+            line.into_bytes()
+        }
+        (None, Some(line)) => line.to_vec(),
+        (None, None) => format!(
+            "MAIL FROM:<{}>\r\n",
+            envelope
+                .sender
+                .as_deref()
+                .unwrap_or("")
+                .trim_matches(['<', '>'])
+        )
+        .into_bytes(),
+    };
+    let reply = conn.command(&mail, UpstreamStage::Command).await?;
+    if reply.code / 100 != 2 {
+        tracing::warn!(
+            "{}: upstream refused the sender a milter set: {}",
+            conn.id,
+            observe::printable(&String::from_utf8_lossy(&reply.raw()).replace("\r\n", " "))
+        );
+        crate::ops::metrics::global().milter_envelope_refusal("mail");
+        return Ok(Err(reply));
+    }
+    new.recipients.clear();
+    let mut last_refusal = None;
+    for r in &edit.recipients {
+        if r.address.is_empty() || !is_safe_address(&r.address) {
+            tracing::warn!(
+                "{}: milter recipient refused: unsafe address {}",
+                conn.id,
+                observe::printable(&r.address)
+            );
+            continue;
+        }
+        let line = match (chain.and_then(|c| c.rcpt_line(&r.address)), &r.params) {
+            (Some(line), None) => line.to_vec(),
+            (_, params) => {
+                let mut line = format!("RCPT TO:<{}>", r.address);
+                if let Some(p) = params.as_deref().filter(|p| is_safe_params(p)) {
+                    line.push(' ');
+                    line.push_str(p);
+                }
+                line.push_str("\r\n");
+                line.into_bytes()
+            }
+        };
+        let reply = conn.command(&line, UpstreamStage::Command).await?;
+        if reply.code / 100 == 2 {
+            new.recipients.push(r.address.clone());
+        } else {
+            tracing::warn!(
+                "{}: upstream refused recipient {} added by a milter: {}",
+                conn.id,
+                observe::printable(&r.address),
+                observe::printable(&String::from_utf8_lossy(&reply.raw()).replace("\r\n", " "))
+            );
+            crate::ops::metrics::global().milter_envelope_refusal("rcpt");
+            last_refusal = Some(reply);
+        }
+    }
+    match (new.recipients.is_empty(), last_refusal) {
+        (true, Some(reply)) => Ok(Err(reply)),
+        (true, None) => Ok(Err(crate::protocol::reply::Reply::local(
+            554,
+            "5.5.1 No valid recipients left",
+        ))),
+        _ => Ok(Ok(new)),
+    }
+}
+
+/// A milter quarantined the message: hold it (MilterQuarantineDirectory, 250), or reject
+/// or defer it, as MilterQuarantine says.
+#[allow(clippy::too_many_arguments)]
+async fn quarantine(
+    conn: &mut Conn,
+    envelope: &Envelope,
+    content: &Spool,
+    milter: &str,
+    reason: &str,
+    queue_id: &str,
+    size: u64,
+    started: Instant,
+) -> Result<(), Fatal> {
+    use crate::config::milter::MilterQuarantine;
+    let disposition = conn.settings.milter_quarantine;
+    tracing::warn!(
+        "{}: milter {milter} quarantined the message ({}): {}",
+        conn.id,
+        disposition.label(),
+        observe::printable(reason)
+    );
+    let status = format!("QUARANTINED by {milter}: {reason}");
+    let (reply, verdict): (Vec<u8>, MessageVerdict) = match disposition {
+        MilterQuarantine::Hold => {
+            let record = serde_json::json!({
+                "queue_id": queue_id,
+                "sender": envelope.sender,
+                "recipients": envelope.recipients,
+                "client": conn.info.peer.map(|p| p.ip().to_string()),
+                "milter": milter,
+                "reason": reason,
+                "received": jiff::Timestamp::now().to_string(),
+            });
+            let dir = conn.settings.milter_quarantine_directory.clone();
+            let name = format!("{}-{queue_id}", jiff::Timestamp::now().as_second());
+            match spool::hold(content.path(), &dir, &name, record.to_string()).await {
+                Ok(()) => (milters::discarded_reply(queue_id), MessageVerdict::Dropped),
+                Err(e) => {
+                    tracing::error!(
+                        "{}: couldn't hold the message in {}: {e}",
+                        conn.id,
+                        dir.display()
+                    );
+                    (REPLY_LOCAL_ERROR.to_vec(), MessageVerdict::LocalError)
+                }
+            }
+        }
+        MilterQuarantine::Reject => (
+            b"554 5.7.1 Message quarantined\r\n".to_vec(),
+            MessageVerdict::Rejected,
+        ),
+        MilterQuarantine::Tempfail => (
+            b"451 4.7.1 Message quarantined, try again later\r\n".to_vec(),
+            MessageVerdict::TempFailed,
+        ),
+    };
+    crate::ops::metrics::global().milter_quarantined(milter, disposition.label());
+    conn.send_client(&reply).await?;
+    let outcome = MessageOutcome::new(verdict, status, size, started).by_milter(milter.into());
+    observe::message(conn, envelope, outcome);
+    conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
+    Ok(())
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {

@@ -27,6 +27,7 @@ mod local_failure;
 mod man;
 mod metrics;
 mod milter;
+mod milter_proxy;
 mod operations;
 mod pid1;
 mod pipelining;

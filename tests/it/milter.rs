@@ -389,6 +389,8 @@ fn client_info() -> ClientInfo {
         addr: Some("192.0.2.1:4321".parse().unwrap()),
         helo: Some("client.example".into()),
         daemon_name: "mx.example".into(),
+        tls: None,
+        connection_id: "100000".into(),
     }
 }
 
@@ -445,7 +447,8 @@ fn chain_answers_mail_and_rcpt_in_order() {
         assert_eq!(a.commands()[0].trim_end_matches('Q'), "ODCHDMDRDRADM");
         assert_eq!(b.commands()[0].trim_end_matches('Q'), "ODCHDMDRADM");
         let got = &a.received()[0];
-        assert_eq!(got[4], packet(b'D', b"M{mail_addr}\0a@x\0"));
+        // `i` (the queue id: connection id and message number) first, as Postfix lists it.
+        assert_eq!(got[4], packet(b'D', b"Mi\x00100000.1\0{mail_addr}\0a@x\0"));
         assert_eq!(got[5], packet(b'M', b"<a@x>\0SIZE=10\0"));
         assert_eq!(got[3], packet(b'H', b"client.example\0"));
         let connect_macros = String::from_utf8_lossy(&got[1].data).into_owned();

@@ -8,9 +8,12 @@
 //! - [`reply`]: the filter's replies parsed into `Reply` (verdicts, modifications, progress).
 //! - [`negotiate`]: option negotiation (`Offer`, `Negotiated`) and macro lists per stage.
 //! - [`session`]: `MilterSession`, one filter connection driven stage by stage.
+//! - [`message`]: the message's header fields as milters see them, and the header and
+//!   envelope modifications applied.
 //!
 //! Constant names follow sendmail's libmilter (`mfdef.h`) so they can be looked up there.
 pub mod codec;
+pub mod message;
 pub mod negotiate;
 pub mod reply;
 pub mod session;
@@ -169,6 +172,22 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The stage's name in metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Connect => "connect",
+            Stage::Helo => "helo",
+            Stage::Mail => "mail",
+            Stage::Rcpt => "rcpt",
+            Stage::Data => "data",
+            Stage::Header => "header",
+            Stage::Eoh => "eoh",
+            Stage::Body => "body",
+            Stage::Eom => "eom",
+            Stage::Unknown => "unknown",
+        }
+    }
+
     /// The command byte that starts this stage.
     pub fn command(self) -> u8 {
         match self {

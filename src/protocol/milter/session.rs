@@ -178,6 +178,15 @@ impl MilterSession {
         matches!(self.phase, Phase::Closed | Phase::Failed)
     }
 
+    /// Whether a message transaction is under way (MAIL sent, end of message not): the
+    /// filter must be told `ABORT` before another MAIL.
+    pub fn in_message(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Mail | Phase::Rcpt | Phase::Data | Phase::Header | Phase::Eoh | Phase::Body
+        )
+    }
+
     /// Whether the filter decided for the whole connection.
     pub fn connection_decided(&self) -> bool {
         self.connection_decided

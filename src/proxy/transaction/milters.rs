@@ -1,0 +1,366 @@
+//! A spooled message through the session's milters, in order, each seeing the message as
+//! the previous one left it: `DATA`, each header field, end of headers, the body in chunks
+//! of at most 65535 bytes (until a milter says skip), end of message; then the milter's
+//! modifications are applied before the next one is asked.
+//!
+//! The message is read from the spool file chunk by chunk, so a slow milter holds the
+//! message, not memory: only the header section (at most [`HEADER_SECTION_LIMIT`] bytes)
+//! and a milter's replacement body (bounded by the client's modification limit) are held.
+//! When a milter changed headers or body, the result is written to a new spool file, which
+//! the next milter, the filter command and the delivery read.
+
+use std::path::Path;
+
+use super::spool::{Reader, Spool};
+use crate::config::milter::MilterAction;
+use crate::ops::metrics::MessageVerdict;
+use crate::protocol::milter::codec::Command;
+use crate::protocol::milter::message::{
+    apply_header, parse_header_section, render_header_section, EnvelopeEdit, Field,
+    HEADER_SECTION_LIMIT,
+};
+use crate::protocol::milter::reply::Modification;
+use crate::protocol::milter::session::Verdict;
+use crate::protocol::milter::MAX_BODY_CHUNK;
+use crate::protocol::session::Envelope;
+use crate::proxy::milter::{MilterChain, MilterClient, Outcome, REPLY_REJECT, REPLY_TEMPFAIL};
+
+/// What the milters made of a message.
+pub(super) enum MilterVerdict {
+    /// Go on to the filter command and delivery, with what the milters changed.
+    Deliver(Changes),
+    /// Answer the client with `reply` and deliver nothing (reject, tempfail, a milter's own
+    /// reply, or discard with its 250).
+    Answer {
+        reply: Vec<u8>,
+        verdict: MessageVerdict,
+        /// The milter that decided.
+        milter: String,
+        /// The `status=` item of the message's log line.
+        status: String,
+    },
+}
+
+/// The changes the milters asked for.
+pub(super) struct Changes {
+    /// The message as the milters left it, when any changed headers or body.
+    pub(super) content: Option<Spool>,
+    /// The envelope as they left it (`changed` tells whether any did).
+    pub(super) envelope: EnvelopeEdit,
+    /// The milter that quarantined the message, and why.
+    pub(super) quarantine: Option<(String, String)>,
+    /// The milters that changed the message or its envelope, in order.
+    pub(super) changed_by: Vec<String>,
+}
+
+/// How one stage's outcome moves the message along.
+enum Flow {
+    /// Next stage.
+    Next,
+    /// The milter accepted the message: no more stages for it, nor for the milters after
+    /// it (modifications before the accept still apply).
+    Accepted,
+    /// The milter failed and its default action is accept: go on as if it were not there.
+    Ignore,
+    /// The milter failed and its default action is quarantine.
+    Quarantine(String),
+    /// The message is decided.
+    Decided(MilterVerdict),
+}
+
+fn flow(outcome: &Outcome, milter: &str, queue_id: &str) -> Flow {
+    let answer = |reply: Vec<u8>, verdict: MessageVerdict| {
+        let status = format!(
+            "MILTER {milter}: {}",
+            String::from_utf8_lossy(&reply)
+                .trim_end()
+                .replace("\r\n", " ")
+        );
+        Flow::Decided(MilterVerdict::Answer {
+            reply,
+            verdict,
+            milter: milter.to_string(),
+            status,
+        })
+    };
+    match outcome {
+        Outcome::Continue | Outcome::Skip => Flow::Next,
+        Outcome::Verdict(Verdict::Accept) => Flow::Accepted,
+        Outcome::Verdict(Verdict::Reject) => {
+            answer(REPLY_REJECT.to_vec(), MessageVerdict::Rejected)
+        }
+        Outcome::Verdict(Verdict::Tempfail | Verdict::ConnFail | Verdict::Shutdown) => {
+            answer(REPLY_TEMPFAIL.to_vec(), MessageVerdict::TempFailed)
+        }
+        Outcome::Verdict(Verdict::Reply(r)) => {
+            let mut reply = r.text.to_vec();
+            reply.extend_from_slice(b"\r\n");
+            let verdict = if r.is_temporary() {
+                MessageVerdict::TempFailed
+            } else {
+                MessageVerdict::Rejected
+            };
+            answer(reply, verdict)
+        }
+        Outcome::Verdict(Verdict::Discard) => Flow::Decided(MilterVerdict::Answer {
+            reply: discarded_reply(queue_id),
+            verdict: MessageVerdict::Dropped,
+            milter: milter.to_string(),
+            status: format!("MILTER {milter}: DISCARDED"),
+        }),
+        Outcome::Failed(f) => match f.action {
+            MilterAction::Accept => Flow::Ignore,
+            MilterAction::Reject => answer(REPLY_REJECT.to_vec(), MessageVerdict::Rejected),
+            MilterAction::Tempfail => answer(REPLY_TEMPFAIL.to_vec(), MessageVerdict::TempFailed),
+            MilterAction::Quarantine => Flow::Quarantine(format!("milter failed: {}", f.kind)),
+        },
+    }
+}
+
+/// The 250 a discarded (or held) message gets: the same as a delivered one's.
+pub(super) fn discarded_reply(queue_id: &str) -> Vec<u8> {
+    format!("250 2.0.0 Ok: queued as {queue_id}\r\n").into_bytes()
+}
+
+/// Runs the message in `path` through the chain's milters. Spool files are created in
+/// `dir`. An I/O error on the spool ends it (the caller answers with a local error).
+pub(super) async fn run(
+    chain: &mut MilterChain,
+    path: &Path,
+    dir: &Path,
+    envelope: &Envelope,
+    queue_id: &str,
+) -> std::io::Result<MilterVerdict> {
+    let mut changes = Changes {
+        content: None,
+        envelope: EnvelopeEdit::new(&envelope.recipients),
+        quarantine: None,
+        changed_by: Vec::new(),
+    };
+    for i in chain.message_milters() {
+        let Some(milter) = chain.milter(i) else {
+            continue;
+        };
+        let name = milter.name().to_string();
+        let current = changes
+            .content
+            .as_ref()
+            .map_or(path, Spool::path)
+            .to_path_buf();
+        let current = current.as_path();
+        let asked = ask(milter, current, queue_id).await?;
+        let (section_length, mut fields) = (asked.section_length, asked.fields);
+        let modifications = match flow(&asked.outcome, &name, queue_id) {
+            Flow::Next => asked.modifications,
+            Flow::Accepted => {
+                apply(
+                    &mut changes,
+                    &name,
+                    asked.modifications,
+                    &mut fields,
+                    milter.leading_space(),
+                    (current, section_length),
+                    dir,
+                )
+                .await?;
+                break;
+            }
+            Flow::Ignore => continue,
+            Flow::Quarantine(reason) => {
+                changes.quarantine.get_or_insert((name, reason));
+                continue;
+            }
+            Flow::Decided(verdict) => return Ok(verdict),
+        };
+        let leading = milter.leading_space();
+        apply(
+            &mut changes,
+            &name,
+            modifications,
+            &mut fields,
+            leading,
+            (current, section_length),
+            dir,
+        )
+        .await?;
+    }
+    Ok(MilterVerdict::Deliver(changes))
+}
+
+/// What one milter said about the message.
+struct Asked {
+    outcome: Outcome,
+    modifications: Vec<Modification>,
+    section_length: usize,
+    fields: Vec<Field>,
+}
+
+/// Sends the message in `path` to one milter, stage by stage, up to its verdict.
+async fn ask(milter: &mut MilterClient, path: &Path, queue_id: &str) -> std::io::Result<Asked> {
+    let mut reader = Reader::open(path).await?;
+    let mut head = Vec::new();
+    let mut complete = false;
+    while !has_section_end(&head) && head.len() < HEADER_SECTION_LIMIT {
+        let chunk = reader.next().await?;
+        if chunk.is_empty() {
+            complete = true;
+            break;
+        }
+        head.extend_from_slice(chunk);
+    }
+    let section = parse_header_section(&head, complete);
+    let mut asked = Asked {
+        outcome: Outcome::Continue,
+        modifications: Vec::new(),
+        section_length: section.length,
+        fields: section.fields,
+    };
+    let id: [(&str, &[u8]); 1] = [("i", queue_id.as_bytes())];
+    let leading = milter.leading_space();
+    let done = |o: &Outcome| !matches!(o, Outcome::Continue);
+
+    asked.outcome = milter.stage(Command::Data, &id).await.outcome;
+    if !done(&asked.outcome) {
+        for field in &asked.fields {
+            let value = field.milter_value();
+            let name = field.name.strip_suffix(b" ").unwrap_or(&field.name);
+            let value = crate::protocol::milter::codec::header_value(&value, leading);
+            asked.outcome = milter
+                .stage(Command::Header { name, value }, &[])
+                .await
+                .outcome;
+            if done(&asked.outcome) {
+                break;
+            }
+        }
+    }
+    if !done(&asked.outcome) {
+        asked.outcome = milter.stage(Command::Eoh, &id).await.outcome;
+    }
+    if !done(&asked.outcome) {
+        let mut skip = false;
+        let mut pending = head[section.length..].to_vec();
+        let mut at_end = complete;
+        loop {
+            while pending.len() >= MAX_BODY_CHUNK || (at_end && !pending.is_empty()) {
+                let n = pending.len().min(MAX_BODY_CHUNK);
+                let outcome = milter
+                    .stage(Command::Body(&pending[..n]), &[])
+                    .await
+                    .outcome;
+                pending.drain(..n);
+                match outcome {
+                    Outcome::Continue => {}
+                    Outcome::Skip => {
+                        skip = true;
+                        break;
+                    }
+                    other => {
+                        asked.outcome = other;
+                        break;
+                    }
+                }
+            }
+            if skip || done(&asked.outcome) || (at_end && pending.is_empty()) {
+                break;
+            }
+            let chunk = reader.next().await?;
+            if chunk.is_empty() {
+                at_end = true;
+            } else {
+                pending.extend_from_slice(chunk);
+            }
+        }
+    }
+    if !done(&asked.outcome) {
+        let result = milter.stage(Command::BodyEob, &id).await;
+        asked.outcome = result.outcome;
+        asked.modifications = result.modifications;
+    }
+    Ok(asked)
+}
+
+fn has_section_end(head: &[u8]) -> bool {
+    head.starts_with(b"\r\n") || head.windows(4).any(|w| w == b"\r\n\r\n")
+}
+
+/// Applies one milter's modifications: the envelope's to `changes.envelope`, the headers'
+/// and the body's to a new spool file (`source` is the message they change: its path and
+/// where its body starts).
+async fn apply(
+    changes: &mut Changes,
+    milter: &str,
+    modifications: Vec<Modification>,
+    fields: &mut Vec<Field>,
+    leading_space: bool,
+    source: (&Path, usize),
+    dir: &Path,
+) -> std::io::Result<()> {
+    if modifications.is_empty() {
+        return Ok(());
+    }
+    let mut headers_changed = false;
+    let mut new_body: Option<Vec<u8>> = None;
+    let mut envelope_changed = false;
+    for m in &modifications {
+        match m {
+            Modification::AddHeader { .. }
+            | Modification::InsHeader { .. }
+            | Modification::ChgHeader { .. } => match apply_header(fields, m, leading_space) {
+                Ok(()) => headers_changed = true,
+                Err(e) => tracing::warn!("milter {milter}: header change ignored: {e}"),
+            },
+            Modification::ReplBody(piece) => {
+                new_body
+                    .get_or_insert_with(Vec::new)
+                    .extend_from_slice(piece);
+            }
+            Modification::Quarantine(reason) => {
+                let reason = String::from_utf8_lossy(reason).into_owned();
+                changes
+                    .quarantine
+                    .get_or_insert((milter.to_string(), reason));
+            }
+            _ => {
+                let before = changes.envelope.clone();
+                changes.envelope.apply(m);
+                envelope_changed |= changes.envelope != before;
+            }
+        }
+    }
+    if headers_changed || new_body.is_some() || envelope_changed {
+        changes.changed_by.push(milter.to_string());
+    }
+    if !headers_changed && new_body.is_none() {
+        return Ok(());
+    }
+    let (path, section_length) = source;
+    let spool = Spool::create(dir, 1)
+        .await?
+        .pop()
+        .ok_or_else(|| std::io::Error::other("no spool file"))?;
+    let mut writer = spool.writer()?;
+    let mut section = Vec::new();
+    render_header_section(fields, &mut section);
+    writer.write(&section).await;
+    match new_body {
+        Some(body) => writer.write(&body).await,
+        None => {
+            // The old body: what follows its header section in the old file.
+            let mut skip = section_length;
+            let mut reader = Reader::open(path).await?;
+            loop {
+                let chunk = reader.next().await?;
+                if chunk.is_empty() {
+                    break;
+                }
+                let from = skip.min(chunk.len());
+                skip -= from;
+                writer.write(&chunk[from..]).await;
+            }
+        }
+    }
+    writer.finish().await?;
+    changes.content = Some(spool);
+    Ok(())
+}
