@@ -794,6 +794,11 @@ fn proxy_spamass_rejects_gtube_and_marks_ham() {
 /// clamav-milter, rspamd and opendkim in one `Milters` line, in that order: clean mail
 /// gets every milter's fields and a signature that verifies; GTUBE is refused by rspamd
 /// after clamav-milter passed it; EICAR by clamav-milter before rspamd sees it.
+///
+/// clamav-milter answers ACCEPT (not CONTINUE) at the end of every clean message. As in
+/// Postfix (milter8.c: ACCEPT ends that milter's part in the message, the next milter is
+/// still asked) and Sendmail (the filter's state becomes done, the command goes on to the
+/// next filter), that must not keep rspamd and opendkim from seeing the message.
 #[test]
 fn proxy_chain_of_real_milters() {
     timed(150, || {
