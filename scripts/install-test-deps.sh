@@ -12,6 +12,16 @@
 #   spamd spamc clamav-daemon clamdscan
 #              the scanners of examples/filters/ (tests/it/scanners.rs starts its own spamd
 #              and clamd on loopback; the packages' services and freshclam never run)
+#   rspamd     a real milter (tests/it/real_milters.rs starts its own proxy worker in milter
+#              mode on loopback; the package's service never runs)
+#   opendkim opendkim-tools
+#              a real signing milter and opendkim-genkey for its test key
+#   clamav-milter
+#              clamav-milter in front of the tests' own clamd
+#   spamass-milter
+#              SpamAssassin's milter in front of the tests' own spamd
+#   python3-dkim
+#              dkimpy, to verify the signatures opendkim adds
 #   lintian man-db
 #              the Debian package's checks (scripts/deb.sh --check)
 #   openssl    certificates for the TLS tests and deployment checks
@@ -25,6 +35,7 @@ set -euo pipefail
 need=()
 for pkg in proxsmtp postfix swaks haproxy strace linux-perf prometheus python3 procps iproute2 iptables \
            spamd spamc clamav-daemon clamdscan lintian man-db openssl \
+           rspamd opendkim opendkim-tools clamav-milter spamass-milter python3-dkim \
            shellcheck python3-venv python3-fusepy; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
@@ -58,10 +69,12 @@ if [ -d /run/systemd/system ]; then
 else
     update-rc.d haproxy disable >/dev/null 2>&1 || true
 fi
-# The scanners' services are stopped and kept from starting at boot; nothing may download a
-# virus database (freshclam) or rules (sa-update, run by spamassassin-maintenance).
+# The scanners' and milters' services are stopped and kept from starting at boot; nothing
+# may download a virus database (freshclam) or rules (sa-update, run by
+# spamassassin-maintenance).
 for svc in spamd spamassassin clamav-daemon clamav-freshclam \
-           clamav-freshclam-once.timer spamassassin-maintenance.timer; do
+           clamav-freshclam-once.timer spamassassin-maintenance.timer \
+           rspamd opendkim clamav-milter spamass-milter; do
     service "$svc" stop >/dev/null 2>&1 || true
     if [ -d /run/systemd/system ]; then
         systemctl disable --now "$svc" >/dev/null 2>&1 || true

@@ -32,6 +32,7 @@ mod operations;
 mod pid1;
 mod pipelining;
 mod proxy_protocol;
+mod real_milters;
 mod real_peers;
 mod relay;
 mod reload;

@@ -19,6 +19,7 @@ pub mod client;
 pub mod daemon;
 pub mod metrics;
 pub mod milter;
+pub mod milter_daemons;
 pub mod peers;
 pub mod proxy;
 pub mod upstream;
