@@ -45,7 +45,7 @@
 #
 # --smoke: one tiny run of every scenario, for ours, relay, haproxy1, haproxy2,
 # direct and spawn unless --setups says otherwise; checks that each completes
-# with no error and says nothing about speed (it takes about 20 s). Exit
+# with no error and says nothing about speed (it takes about 25 s). Exit
 # status: 0 when no run of ours, of the relay, of haproxy, of the direct path
 # or of the spawn driver had an error, 1 otherwise
 # (the original's errors are reported, not fatal: it is the reference, and
