@@ -31,8 +31,8 @@ COLUMNS = [
     "sessions", "upstream_conns", "rss_idle_kb", "rss_held_kb", "kb_per_session",
     "open_secs", "proxy_died", "overflows", "errors", "error",
 ]
-SETUP_ORDER = ["original", "ours", "relay", "haproxy1", "haproxy2", "direct", "spawn"]
-FATAL_SETUPS = {"ours", "relay", "haproxy1", "haproxy2", "direct", "spawn"}
+SETUP_ORDER = ["original", "ours", "nofilter", "relay", "haproxy1", "haproxy2", "direct", "spawn", "rspamc"]
+FATAL_SETUPS = {"ours", "nofilter", "relay", "haproxy1", "haproxy2", "direct", "spawn", "rspamc"}
 HAPROXIES = ("haproxy1", "haproxy2")
 
 # name, scenario, how it is measured, limit, "min" or "max"
@@ -51,6 +51,8 @@ TARGETS = [
     # latency goes"), so it is a figure to read, not a limit to meet.
     ("no filter c1: added p50 latency, whole session, connect .. 221 (ms)", "nofilter_c1_1k", "added_p50_ms", None, "info"),
     ("no filter c1: the same for the byte relay (ms)", "nofilter_c1_1k", "added_p50_ms_relay", None, "info"),
+    ("rspamd 4 KB c1: ours+rspamd / rspamd alone (rspamc) msgs/s", "rspamd_c1_4k", "rspamc_ratio", 0.8, "min"),
+    ("rspamd 4 KB c32: ours+rspamd / rspamd alone (rspamc) msgs/s", "rspamd_c32_4k", "rspamc_ratio", 0.8, "min"),
 ]
 
 
@@ -244,6 +246,13 @@ def main():
             "ours_haproxy_rss": paired(rounds, sc, "ours", "haproxy", "rss_kb", ratio),
             "ours_relay_mps": paired(rounds, sc, "ours", "relay", "mps", ratio),
             "added_p50_ms_haproxy": paired(rounds, sc, "haproxy", "direct", "lat_p50_ms", diff),
+            # Milter scenarios: ours with the milter against ours with no filter, same round.
+            "milter_nofilter_mps": paired(rounds, sc, "ours", "nofilter", "mps", ratio),
+            "milter_nofilter_cpu": paired(rounds, sc, "ours", "nofilter", "cpu_us_per_msg", ratio),
+            "milter_added_cpu_us": paired(rounds, sc, "ours", "nofilter", "cpu_us_per_msg", diff),
+            "milter_added_p50_ms": paired(rounds, sc, "ours", "nofilter", "lat_p50_ms", diff),
+            # rspamd scenarios: ours in front of rspamd against rspamd scanning alone.
+            "ours_rspamc_mps": paired(rounds, sc, "ours", "rspamc", "mps", ratio),
         }
         if sc.startswith("sessions"):
             row["ours_original_rss"] = paired(rounds, sc, "ours", "original", "kb_per_session", ratio)
@@ -259,6 +268,8 @@ def main():
             value = by_sc[sc]["ours_direct_mps"]
         elif how == "spawn_ratio":
             value = by_sc[sc]["ours_spawn_mps"]
+        elif how == "rspamc_ratio":
+            value = by_sc[sc]["ours_rspamc_mps"]
         elif how == "added_p50_ms":
             value = by_sc[sc]["added_p50_ms_ours"]
         elif how == "added_txn_p50_ms":
@@ -281,7 +292,9 @@ def main():
                   "ours_original_cpu", "ours_original_rss", "added_p50_ms_ours",
                   "added_txn_p50_ms_ours", "added_p50_ms_original", "added_p50_ms_relay",
                   "added_txn_p50_ms_relay", "ours_haproxy_mps", "ours_haproxy_cpu",
-                  "ours_haproxy_rss", "ours_relay_mps", "added_p50_ms_haproxy"]
+                  "ours_haproxy_rss", "ours_relay_mps", "added_p50_ms_haproxy",
+                  "milter_nofilter_mps", "milter_nofilter_cpu", "milter_added_cpu_us",
+                  "milter_added_p50_ms", "ours_rspamc_mps"]
     with open(os.path.join(args.out, f"{args.prefix}-ratios.tsv"), "w") as f:
         f.write("\t".join(ratio_cols) + "\n")
         for r in ratio_rows:
@@ -310,22 +323,27 @@ def main():
     md.append("| scenario | setup | msgs/s | proxy CPU µs/msg | filter CPU µs/msg | peak RSS KB | session p50 ms | session p99 ms | errors | notes |")
     md.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for m in ordered:
-        proxied = m["setup"] in ("original", "ours", "relay") + HAPROXIES
+        proxied = m["setup"] in ("original", "ours", "nofilter", "relay") + HAPROXIES
         sessions = m["scenario"].startswith("sessions")
         md.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             m["scenario"], m["setup"],
             "-" if sessions else fmt(m["mps"]),
             fmt(m["cpu_us_per_msg"], 0) if proxied and not sessions else "-",
-            fmt(m["child_us_per_msg"], 0) if (proxied or m["setup"] == "spawn") and not sessions
+            fmt(m["child_us_per_msg"], 0) if (proxied or m["setup"] in ("spawn", "rspamc")) and not sessions
             else "-",
             fmt(m["rss_kb"], 0) if proxied else "-",
             fmt(m["lat_p50_ms"]), fmt(m["lat_p99_ms"]),
             m["errors"], notes_for(m)))
-    md.append("")
-    # ours/haproxy: against the faster of haproxy1 and haproxy2 in each round.
-    md.append("| scenario | ours/direct msgs/s | ours/original msgs/s | ours/haproxy msgs/s | ours/relay msgs/s | ours/spawn limit | CPU/msg ours/original | CPU/msg ours/haproxy | peak RSS ours/original | peak RSS ours/haproxy | added transaction p50 ms (ours) | added session p50 ms (ours) | added session p50 ms (byte relay) | added session p50 ms (haproxy) | added session p50 ms (original) |")
-    md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    # ours/haproxy: against the faster of haproxy1 and haproxy2 in each round. The milter
+    # scenarios have their own table below.
+    milter_rows = [r for r in ratio_rows if r["scenario"].startswith(("milter_", "rspamd_"))]
+    if len(milter_rows) < len(ratio_rows):
+        md.append("")
+        md.append("| scenario | ours/direct msgs/s | ours/original msgs/s | ours/haproxy msgs/s | ours/relay msgs/s | ours/spawn limit | CPU/msg ours/original | CPU/msg ours/haproxy | peak RSS ours/original | peak RSS ours/haproxy | added transaction p50 ms (ours) | added session p50 ms (ours) | added session p50 ms (byte relay) | added session p50 ms (haproxy) | added session p50 ms (original) |")
+        md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in ratio_rows:
+        if r in milter_rows:
+            continue
         md.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["scenario"], fmt(r["ours_direct_mps"], 2), fmt(r["ours_original_mps"], 1),
             fmt(r["ours_haproxy_mps"], 2), fmt(r["ours_relay_mps"], 2),
@@ -334,6 +352,17 @@ def main():
             fmt(r["added_txn_p50_ms_ours"], 3), fmt(r["added_p50_ms_ours"], 3),
             fmt(r["added_p50_ms_relay"], 3), fmt(r["added_p50_ms_haproxy"], 3),
             fmt(r["added_p50_ms_original"], 3)))
+    if milter_rows:
+        # "no filter" is ours without filter or milter in the same round; the filter's CPU
+        # (null milter or rspamd) is in the table above as filter CPU, not in the proxy's.
+        md.append("")
+        md.append("| scenario | msgs/s: milter / no filter | proxy CPU/msg: milter / no filter | proxy CPU µs/msg added by the milter | session p50 ms added by the milter | msgs/s: ours+rspamd / rspamd alone (rspamc) |")
+        md.append("|---|---:|---:|---:|---:|---:|")
+        for r in milter_rows:
+            md.append("| {} | {} | {} | {} | {} | {} |".format(
+                r["scenario"], fmt(r["milter_nofilter_mps"], 2), fmt(r["milter_nofilter_cpu"], 2),
+                fmt(r["milter_added_cpu_us"], 0), fmt(r["milter_added_p50_ms"], 3),
+                fmt(r["ours_rspamc_mps"], 2)))
     if target_rows and meta.get("smoke") != "1" and not meta.get("profile"):
         md.append("")
         md.append("| target | measured | limit | met |")

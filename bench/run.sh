@@ -18,7 +18,18 @@
 #   spawn     in the filter scenarios only: the spawn limit, the rate at which
 #             this machine runs `sh -c cat` on the same message size at the
 #             same concurrency, with no SMTP at all (spawn.py)
+#   nofilter  in the milter scenarios only: ours with no filter and no milter,
+#             the base the milter's cost is measured against
+#   rspamc    in the rspamd scenarios only: rspamd scanning the same message
+#             the same number of times at the same concurrency, sent by
+#             rspamc (rspamd's own client) to its normal worker, no SMTP
 # Load: Postfix's smtp-source, one connection per message; upstream: smtp-sink.
+# The milter scenarios run ours with `Milters:` pointing at a null milter
+# (examples/null_milter.rs, every stage answered "continue"); the rspamd
+# scenarios at rspamd (Debian package rspamd) in milter mode, started once from
+# a generated config (local rules only: no redis, no DNS, no network). rspamd
+# takes about half a minute to start, so --smoke leaves its scenarios out
+# unless --only names them.
 # Everything listens on 127.0.0.1 only.
 #
 # Prints medians and ratios as markdown tables on stdout (progress on stderr)
@@ -34,7 +45,7 @@
 #
 # --smoke: one tiny run of every scenario, for ours, relay, haproxy1, haproxy2,
 # direct and spawn unless --setups says otherwise; checks that each completes
-# with no error and says nothing about speed (it takes about 20 s). Exit
+# with no error and says nothing about speed (it takes about 25 s). Exit
 # status: 0 when no run of ours, of the relay, of haproxy, of the direct path
 # or of the spawn driver had an error, 1 otherwise
 # (the original's errors are reported, not fatal: it is the reference, and
@@ -56,11 +67,14 @@ ORIGINAL=/usr/sbin/proxsmtpd
 HAPROXY=/usr/sbin/haproxy
 SOURCE=/usr/sbin/smtp-source
 SINK=/usr/sbin/smtp-sink
+RSPAMD=/usr/bin/rspamd
+RSPAMC=/usr/bin/rspamc
 HOST=127.0.0.1
 
 SMOKE=0 RUNS=5 ONLY="" SETUPS="" SECS=2 INSTALL=1 MSGS="" PROFILE=""
 OUT=$HERE/results OURS=$ROOT/target/release/proxsmtpd
 RELAY=$ROOT/target/release/examples/byte_relay
+MILTER=$ROOT/target/release/examples/null_milter
 
 usage() { sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 
@@ -89,12 +103,12 @@ case $PROFILE in ''|perf|callgrind) ;; *) echo "run.sh: --profile takes perf or 
 # out the original (whose c32 runs alone take seconds: its listen backlog is 5).
 if [ -z "$SETUPS" ]; then
   if [ -n "$PROFILE" ]; then SETUPS=ours
-  elif [ $SMOKE = 1 ]; then SETUPS="ours,relay,haproxy1,haproxy2,direct,spawn"
-  else SETUPS="original,ours,relay,haproxy1,haproxy2,direct,spawn"; fi
+  elif [ $SMOKE = 1 ]; then SETUPS="ours,nofilter,relay,haproxy1,haproxy2,direct,spawn,rspamc"
+  else SETUPS="original,ours,nofilter,relay,haproxy1,haproxy2,direct,spawn,rspamc"; fi
 fi
 SETUPS=${SETUPS//,/ }
 for s in $SETUPS; do
-  case $s in original|ours|relay|haproxy1|haproxy2|direct|spawn) ;; *) echo "run.sh: unknown setup $s" >&2; exit 2 ;; esac
+  case $s in original|ours|nofilter|relay|haproxy1|haproxy2|direct|spawn|rspamc) ;; *) echo "run.sh: unknown setup $s" >&2; exit 2 ;; esac
 done
 has_setup() { [[ " $SETUPS " == *" $1 "* ]]; }
 has_haproxy() { has_setup haproxy1 || has_setup haproxy2; }
@@ -110,6 +124,10 @@ file_c1_4k        smtp      1            4096        file
 file_c32_4k       smtp      32           4096        file
 big_cat_20m       smtp      1            20000000    pipe
 sessions_2000     sessions  2000         0           none
+milter_c1_4k      smtp      1            4096        milter
+milter_c32_4k     smtp      32           4096        milter
+rspamd_c1_4k      smtp      1            4096        rspamd
+rspamd_c32_4k     smtp      32           4096        rspamd
 "
 # The file filter is a scanner's minimum: it reads the whole spooled message
 # and accepts it. It has shell syntax, so every proxy runs it through /bin/sh.
@@ -128,9 +146,16 @@ while read -r name kind conc size filter; do
     done
     [ $keep = 1 ] || continue
   fi
+  # rspamd's start (about 30 s) would triple the smoke run: only when named.
+  if [ $SMOKE = 1 ] && [ "$filter" = rspamd ] && [ -z "$ONLY" ]; then continue; fi
   NAMES+=("$name"); KIND[$name]=$kind CONC[$name]=$conc SIZE[$name]=$size FILTER[$name]=$filter
 done <<<"$SCENARIO_TABLE"
 [ ${#NAMES[@]} -gt 0 ] || { echo "run.sh: --only '$ONLY' matches no scenario" >&2; exit 2; }
+has_filter() { # some scenario of this run has this filter
+  local n
+  for n in "${NAMES[@]}"; do [ "${FILTER[$n]}" = "$1" ] && return 0; done
+  return 1
+}
 
 if [ $SMOKE = 1 ]; then
   RUNS=1
@@ -158,6 +183,7 @@ install_missing() {
   { [ -x "$SOURCE" ] && [ -x "$SINK" ]; } || pkgs+=(postfix)
   if has_setup original && [ ! -x "$ORIGINAL" ]; then pkgs+=(proxsmtp); fi
   if has_haproxy && [ ! -x "$HAPROXY" ]; then pkgs+=(haproxy); fi
+  if has_filter rspamd && { [ ! -x "$RSPAMD" ] || [ ! -x "$RSPAMC" ]; }; then pkgs+=(rspamd); fi
   command -v ps >/dev/null || pkgs+=(procps)
   [ -x /usr/bin/time ] || pkgs+=(time)
   command -v ss >/dev/null || pkgs+=(iproute2)
@@ -194,6 +220,11 @@ if has_setup relay && [ ! -x "$RELAY" ]; then
   (cd "$ROOT" && cargo build --release --example byte_relay >&2) ||
     { echo "run.sh: $RELAY is missing and could not be built" >&2; exit 2; }
 fi
+if has_filter milter && [ ! -x "$MILTER" ]; then
+  echo "run.sh: building the null milter (cargo build --release --example null_milter)" >&2
+  (cd "$ROOT" && cargo build --release --example null_milter >&2) ||
+    { echo "run.sh: $MILTER is missing and could not be built" >&2; exit 2; }
+fi
 
 # --- work area, ports, cleanup -------------------------------------------------
 WORK=$(mktemp -d /tmp/proxsmtpd-bench.XXXXXX) || exit 2
@@ -208,7 +239,8 @@ if has_setup ours; then
   OURS_SHA=$(sha256sum "$WORK/proxsmtpd" | cut -c1-16)
 fi
 if has_setup relay; then cp "$RELAY" "$WORK/byte_relay" || exit 2; fi
-SINK_PID="" PROXY_PID="" CHILD_PID="" PERF_PID=""
+if has_filter milter; then cp "$MILTER" "$WORK/null_milter" || exit 2; fi
+SINK_PID="" PROXY_PID="" CHILD_PID="" PERF_PID="" MILTER_PID="" RSPAMD_PID=""
 
 stop_pid() { # stop one process we started, by its PID only
   local pid=$1
@@ -222,6 +254,7 @@ stop_pid() { # stop one process we started, by its PID only
 # shellcheck disable=SC2317,SC2329  # called by the EXIT trap
 cleanup() {
   stop_pid "$CHILD_PID"; stop_pid "$PERF_PID"; stop_pid "$PROXY_PID"; stop_pid "$SINK_PID"
+  stop_pid "$MILTER_PID"; stop_pid "$RSPAMD_PID"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -238,12 +271,15 @@ fi
 # shellcheck source=bench/lib.sh
 . "$(dirname "$0")/lib.sh"
 PPORT=${BENCH_PORT:-24525}
+# Five ports: the proxy, the sink, the null milter, rspamd's normal worker
+# (rspamc's) and its milter worker.
+ports_busy() { local i; for i in 0 1 2 3 4; do listening $(($1 + i)) && return 0; done; return 1; }
 for _ in $(seq 30); do
-  listening "$PPORT" || listening $((PPORT + 1)) || break
+  ports_busy "$PPORT" || break
   PPORT=$((PPORT + 10))
 done
-SPORT=$((PPORT + 1))
-if listening "$PPORT" || listening "$SPORT"; then echo "run.sh: no free port pair found" >&2; exit 2; fi
+SPORT=$((PPORT + 1)) MPORT=$((PPORT + 2)) RNPORT=$((PPORT + 3)) RMPORT=$((PPORT + 4))
+if ports_busy "$PPORT"; then echo "run.sh: no five free ports found" >&2; exit 2; fi
 
 START_S=$SECONDS
 
@@ -254,7 +290,85 @@ sink_alive() { # restarts the sink if it has gone; false if it had
   start_sink
   return 1
 }
-binary_of() { case $1 in original) echo "$ORIGINAL" ;; ours) echo "$WORK/proxsmtpd" ;; esac; }
+binary_of() { case $1 in original) echo "$ORIGINAL" ;; ours|nofilter) echo "$WORK/proxsmtpd" ;; esac; }
+
+start_milter() { # the null milter -> MILTER_PID
+  "$WORK/null_milter" "$HOST:$MPORT" >>"$WORK/null_milter.log" 2>&1 &
+  MILTER_PID=$!
+  wait_listen "$MPORT" "$MILTER_PID" || {
+    echo "run.sh: the null milter did not listen on $MPORT:" >&2; cat "$WORK/null_milter.log" >&2; exit 2;
+  }
+}
+
+# rspamd from a generated config: rspamd's own rules (lua/regexp, local
+# checks only) and the metrics, actions and groups of the Debian package; no
+# redis, a DNS server that answers nothing (127.0.0.1:1, so no lookup leaves
+# the machine), no hyperscan (its compile at start takes minutes on two cores;
+# the rules then run on PCRE). A normal worker for rspamc and a proxy worker
+# in milter mode that scans itself, each with one process per CPU (rspamd's
+# default for the normal worker).
+start_rspamd() { # -> RSPAMD_PID; false when it does not come up
+  local d=$WORK/rspamd user=() n
+  n=$(nproc)
+  mkdir -p "$d"; chmod 777 "$d"
+  [ "$(id -u)" = 0 ] && user=(-u root -g root)
+  cat >"$d/rspamd.conf" <<EOF_RSPAMD
+lua = "/usr/share/rspamd/rules/rspamd.lua";
+.include "/etc/rspamd/metrics.conf"
+.include "/etc/rspamd/actions.conf"
+.include "/etc/rspamd/groups.conf"
+options {
+  pidfile = "$d/rspamd.pid";
+  filters = "regexp,chartable";
+  dbdir = "$d";
+  cache_file = "$d/symbols.cache";
+  hs_cache_dir = "$d";
+  disable_hyperscan = true;
+  stats_file = "$d/stats.ucl";
+  history_file = "$d/history";
+  dynamic_conf = "$d/dynamic";
+  control_socket = "$d/rspamd.sock mode=0600";
+  tempdir = "$d";
+  url_tld = "/usr/share/rspamd/effective_tld_names.dat";
+  explicit_modules = [];
+  dns { nameserver = ["127.0.0.1:1"]; timeout = 100ms; retransmits = 0; }
+  task_timeout = 8s;
+}
+logging { type = "file"; filename = "$d/rspamd.log"; level = "error"; }
+worker "normal" { bind_socket = "$HOST:$RNPORT"; count = $n; }
+worker "rspamd_proxy" {
+  bind_socket = "$HOST:$RMPORT";
+  count = $n;
+  milter = yes;
+  timeout = 120s;
+  upstream "local" { default = yes; self_scan = yes; }
+}
+EOF_RSPAMD
+  echo "run.sh: starting rspamd (about 30 s)" >&2
+  "$RSPAMD" -f -i -c "$d/rspamd.conf" "${user[@]}" >>"$d/out.log" 2>&1 &
+  RSPAMD_PID=$!
+  if ! LISTEN_WAIT=3600 wait_listen "$RMPORT" "$RSPAMD_PID" ||
+     ! LISTEN_WAIT=600 wait_listen "$RNPORT" "$RSPAMD_PID"; then
+    echo "run.sh: rspamd did not listen on $RMPORT and $RNPORT:" >&2
+    tail -5 "$d/out.log" "$d/rspamd.log" >&2
+    stop_pid "$RSPAMD_PID"; RSPAMD_PID=""
+    return 1
+  fi
+}
+
+tree_ticks() { # pid -> clock ticks of it and its children (each with all threads)
+  local t=0 p s
+  [ -n "$1" ] || { echo 0; return; }
+  for p in $1 $(pgrep -P "$1" 2>/dev/null); do s=$(cpu_ticks "$p"); t=$((t + ${s%% *})); done
+  echo $t
+}
+filter_ticks() { # filter: CPU of the milter it stands for (no process of the proxy's)
+  case $1 in
+    milter) tree_ticks "$MILTER_PID" ;;
+    rspamd) tree_ticks "$RSPAMD_PID" ;;
+    *) echo 0 ;;
+  esac
+}
 
 # haproxy_conf (bench/lib.sh) runs haproxy with -db: one process in the
 # foreground, so that PROXY_PID is haproxy itself and stop_pid ends it.
@@ -273,6 +387,8 @@ start_proxy() { # setup filter -> PROXY_PID, or returns 1
     case $2 in
       pipe) echo "FilterType: pipe"; echo "FilterCommand: cat" ;;
       file) echo "FilterType: file"; echo "FilterCommand: $FILE_FILTER" ;;
+      milter) echo "Milters: inet:$HOST:$MPORT{name=null}" ;;
+      rspamd) echo "Milters: inet:$HOST:$RMPORT{name=rspamd}" ;;
     esac
   } >"$conf"
   echo "=== $(date -u +%T) $1 $2" >>"$WORK/proxy-$1.log"
@@ -340,23 +456,24 @@ run_child() { # timeout_s outfile cmd...
 # in $(...), so that the EXIT trap knows every process they start.
 RESULT=""
 run_smtp() { # scenario setup msgs
-  local sc=$1 setup=$2 n=$3 conc=${CONC[$1]} size=${SIZE[$1]} port=$SPORT
-  local tmo rc c0="0 0" c1="0 0" rss=0 o0 o1 s0 s1 t0 t1 lat="" err="" errors=0
+  local sc=$1 setup=$2 n=$3 conc=${CONC[$1]} size=${SIZE[$1]} port=$SPORT filter=${FILTER[$1]}
+  local tmo rc c0="0 0" c1="0 0" rss=0 o0 o1 s0 s1 t0 t1 lat="" err="" errors=0 f0 f1
   tmo=$RUN_MAX_S
   [ "$conc" -gt "$n" ] && conc=$n
+  [ "$setup" = nofilter ] && filter=none
   if [ "$setup" != direct ]; then
-    start_proxy "$setup" "${FILTER[$sc]}" ||
+    start_proxy "$setup" "$filter" ||
       { RESULT="scenario=$sc setup=$setup msgs=$n errors=1 error=proxy_did_not_start"; return; }
     port=$PPORT
     c0=$(cpu_ticks "$PROXY_PID")
   fi
-  s0=$(sink_count); o0=$(overflows)
+  s0=$(sink_count); o0=$(overflows); f0=$(filter_ticks "$filter")
   t0=$EPOCHREALTIME
   run_child "$tmo" "$WORK/source.out" "$SOURCE" -s "$conc" -m "$n" -l "$size" -M bench.example \
     -f sender@bench.example -t rcpt@bench.example "$HOST:$port"
   rc=$?
   t1=$EPOCHREALTIME
-  o1=$(overflows)
+  o1=$(overflows); f1=$(filter_ticks "$filter")
   if [ -n "$PROXY_PID" ]; then
     c1=$(cpu_ticks "$PROXY_PID")
     rss=$(vm_kb "$PROXY_PID" VmHWM)
@@ -385,15 +502,60 @@ run_smtp() { # scenario setup msgs
   stop_proxy
   RESULT=$(awk -v sc="$sc" -v setup="$setup" -v n="$n" -v conc="$conc" -v t0="$t0" -v t1="$t1" \
       -v c0="$c0" -v c1="$c1" -v hz="$HZ" -v rss="${rss:-0}" -v o0="${o0:-0}" -v o1="${o1:-0}" \
-      -v errors="$errors" -v err="$err" -v lat="$lat" 'BEGIN {
+      -v errors="$errors" -v err="$err" -v lat="$lat" -v f0="$f0" -v f1="$f1" 'BEGIN {
     split(c0, a, " "); split(c1, b, " ");
     secs = t1 - t0; if (secs <= 0) secs = 1e-6
-    self = (b[1] - a[1]) / hz; kids = (b[2] - a[2]) / hz
+    # A milter is the filter of its scenario: its CPU counts as the filter CPU.
+    self = (b[1] - a[1]) / hz; kids = (b[2] - a[2] + f1 - f0) / hz
     printf "scenario=%s setup=%s msgs=%d conc=%d secs=%.4f mps=%.2f cpu_self_s=%.3f cpu_child_s=%.3f", sc, setup, n, conc, secs, n / secs, self, kids
     printf " cpu_us_per_msg=%.1f child_us_per_msg=%.1f rss_kb=%d overflows=%d errors=%d", self * 1e6 / n, kids * 1e6 / n, rss, o1 - o0, errors
     if (lat != "") printf " %s", lat
     if (err != "") printf " error=%s", err
     printf "\n" }')
+}
+
+# rspamd alone: rspamc sends the message N times to rspamd's normal worker,
+# CONC requests at a time, with the envelope smtp-source gives the proxy; the
+# message is what smtp-source sends (its headers and SIZE bytes of X lines).
+run_rspamc() { # scenario msgs
+  local sc=$1 n=$2 conc=${CONC[$1]} size=${SIZE[$1]} dir=$WORK/rspamc tmo rc t0 t1 r0 r1 got err="" errors=0
+  local args=() i
+  tmo=$RUN_MAX_S
+  [ "$conc" -gt "$n" ] && conc=$n
+  mkdir -p "$dir"
+  awk -v size="$size" 'BEGIN {
+    printf "From: <sender@bench.example>\nTo: <rcpt@bench.example>\n"
+    printf "Date: Mon,  7 Dec 2026 12:00:00 +0000 (UTC)\nMessage-Id: <1.0001.0000@bench.example>\n\n"
+    for (left = size; left > 0; left -= 80) {
+      line = ""; w = (left >= 80) ? 79 : left - 1
+      for (j = 0; j < w; j++) line = line "X"
+      print line
+    } }' >"$dir/m"
+  for ((i = 0; i < n; i++)); do args+=(m); done
+  r0=$(tree_ticks "$RSPAMD_PID")
+  t0=$EPOCHREALTIME
+  # Relative names (env -C) keep 60,000 of them within the argument limit.
+  run_child "$tmo" "$dir/out" env -C "$dir" "$RSPAMC" -h "$HOST:$RNPORT" -n "$conc" -t 60 \
+    -F sender@bench.example -r rcpt@bench.example -i "$HOST" --helo bench.example "${args[@]}"
+  rc=$?
+  t1=$EPOCHREALTIME
+  r1=$(tree_ticks "$RSPAMD_PID")
+  got=$(grep -c '^Action:' "$dir/out")
+  if [ $rc -ne 0 ]; then
+    errors=1; err="rspamc_rc_$rc:$(tail -1 "$dir/out" | tr -c 'A-Za-z0-9:._\n-' '_' | cut -c1-80)"
+  elif [ "${got:-0}" -ne "$n" ]; then
+    errors=1; err="rspamc_scanned_${got:-0}_of_$n"
+  fi
+  RESULT=$(awk -v sc="$sc" -v n="$n" -v conc="$conc" -v t0="$t0" -v t1="$t1" -v r0="$r0" -v r1="$r1" \
+      -v hz="$HZ" -v errors="$errors" -v err="$err" 'BEGIN {
+    secs = t1 - t0; if (secs <= 0) secs = 1e-6
+    kids = (r1 - r0) / hz
+    printf "scenario=%s setup=rspamc msgs=%d conc=%d secs=%.4f mps=%.2f cpu_child_s=%.3f child_us_per_msg=%.1f errors=%d", sc, n, conc, secs, n / secs, kids, kids * 1e6 / n, errors
+    if (err != "") printf " error=%s", err
+    printf "\n" }')
+}
+run_measured() { # scenario setup msgs: one timed run of an smtp scenario
+  if [ "$2" = rspamc ]; then run_rspamc "$1" "$3"; else run_smtp "$1" "$2" "$3"; fi
 }
 
 run_sessions() { # scenario setup
@@ -443,7 +605,7 @@ calibrate() { # scenario setup -> NMSG
   if [ $SMOKE = 1 ]; then NMSG=$(( conc > 1 ? conc : 5 )); return; fi
   n=$(( floor > 20 ? floor : 20 ))
   for k in 1 2 3 4; do
-    run_smtp "$sc" "$setup" "$n"; line=$RESULT
+    run_measured "$sc" "$setup" "$n"; line=$RESULT
     echo "probe: $line" >&2
     secs=$(field secs "$line")
     [ "$(field errors "$line")" = 0 ] || break
@@ -457,9 +619,15 @@ calibrate() { # scenario setup -> NMSG
 }
 
 # --- the run ----------------------------------------------------------------------
-echo "run.sh: setups: $SETUPS; ours: $OURS; runs: $RUNS; ports $PPORT/$SPORT; work $WORK" >&2
+echo "run.sh: setups: $SETUPS; ours: $OURS; runs: $RUNS; ports $PPORT-$RMPORT; work $WORK" >&2
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 start_sink
+has_filter milter && start_milter
+only_setups() { # the setups of this run among $*
+  local s out=""
+  for s in $SETUPS; do [[ " $* " == *" $s "* ]] && out="$out $s"; done
+  echo "$out"
+}
 
 record() { echo "round=$1 $2" >>"$RUNLOG"; echo "run: round=$1 $2" >&2; }
 
@@ -470,15 +638,35 @@ for sc in "${NAMES[@]}"; do
   setups_here=$SETUPS
   # The spawn limit belongs to the scenarios that spawn a filter per message,
   # the byte relay to the SMTP scenarios without a filter, haproxy to those
-  # and to the sessions scenario.
-  if [ "${FILTER[$sc]}" = none ] || [ "${SIZE[$sc]}" -gt 1000000 ]; then
-    setups_here=${setups_here/spawn/}
-  fi
-  if [ "${FILTER[$sc]}" != none ] || [ "$kind" != smtp ]; then
-    setups_here=${setups_here/relay/}
-  fi
-  if [ "${FILTER[$sc]}" != none ]; then
-    setups_here=${setups_here/haproxy1/} setups_here=${setups_here/haproxy2/}
+  # and to the sessions scenario. The milter scenarios compare ours with a
+  # milter to ours without one (the original has no milters), the rspamd
+  # scenarios ours with rspamd to rspamd alone.
+  case ${FILTER[$sc]} in
+    milter) setups_here=$(only_setups ours nofilter) ;;
+    rspamd) setups_here=$(only_setups ours rspamc) ;;
+    *)
+      setups_here=${setups_here/nofilter/} setups_here=${setups_here/rspamc/}
+      if [ "${FILTER[$sc]}" = none ] || [ "${SIZE[$sc]}" -gt 1000000 ]; then
+        setups_here=${setups_here/spawn/}
+      fi
+      if [ "${FILTER[$sc]}" != none ] || [ "$kind" != smtp ]; then
+        setups_here=${setups_here/relay/}
+      fi
+      if [ "${FILTER[$sc]}" != none ]; then
+        setups_here=${setups_here/haproxy1/} setups_here=${setups_here/haproxy2/}
+      fi
+      ;;
+  esac
+  # rspamd runs for the rspamd scenarios only (they are next to each other).
+  if [ "${FILTER[$sc]}" = rspamd ] && [ -z "$RSPAMD_PID" ]; then
+    if ! start_rspamd; then
+      for setup in $setups_here; do
+        record 1 "scenario=$sc setup=$setup errors=1 error=rspamd_did_not_start"
+      done
+      continue
+    fi
+  elif [ "${FILTER[$sc]}" != rspamd ] && [ -n "$RSPAMD_PID" ]; then
+    stop_pid "$RSPAMD_PID"; RSPAMD_PID=""
   fi
   # shellcheck disable=SC2086
   set -- $setups_here
@@ -502,7 +690,7 @@ for sc in "${NAMES[@]}"; do
       for attempt in 1 2; do
         case $kind/$setup in
           */spawn) run_spawn "$sc" ;;
-          smtp/*) run_smtp "$sc" "$setup" "${N[$setup]}" ;;
+          smtp/*) run_measured "$sc" "$setup" "${N[$setup]}" ;;
           sessions/*) run_sessions "$sc" "$setup" ;;
         esac
         sink_alive && break
@@ -533,6 +721,7 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
   echo "postfix=$(dpkg-query -W -f '${Version}' postfix 2>/dev/null)"
   echo "proxsmtp=$(dpkg-query -W -f '${Version}' proxsmtp 2>/dev/null)"
   echo "haproxy=$(dpkg-query -W -f '${Version}' haproxy 2>/dev/null)"
+  echo "rspamd=$(dpkg-query -W -f '${Version}' rspamd 2>/dev/null)"
   echo "file_filter=$FILE_FILTER"
   echo "sessions=$SESSIONS"
 } >"$WORK/meta.txt"
