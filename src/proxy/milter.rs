@@ -471,12 +471,18 @@ pub const REPLY_REJECT: &[u8] = b"550 5.7.1 Command rejected\r\n";
 pub const REPLY_TEMPFAIL: &[u8] = b"451 4.7.1 Service unavailable - try again later\r\n";
 
 /// This host's name: `{daemon_name}` and `j` unless MilterMacroDaemonName says otherwise.
+/// Read once: a host name does not change under a running proxy, and asking the kernel
+/// at every MAIL, RCPT and DATA shows in the system-call count.
 pub fn host_name() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|n| n.into_string().ok())
-        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic()))
-        .unwrap_or_else(|| "localhost".into())
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|n| n.into_string().ok())
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic()))
+            .unwrap_or_else(|| "localhost".into())
+    })
+    .clone()
 }
 
 /// The SMTP client as the connect and helo stages report it.

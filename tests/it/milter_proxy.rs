@@ -531,3 +531,33 @@ fn milter_metrics_count_replies_durations_and_errors() {
         assert!(!text.contains("127.0.0.1"), "an address in a label");
     });
 }
+
+/// ReadinessCheckMilters: /readyz fails while a milter does not accept connections, and
+/// is not tied to milters without it.
+#[test]
+fn readiness_follows_the_milters_only_when_asked() {
+    timed(30, || {
+        let up = Upstream::start();
+        let closed = format!("inet:127.0.0.1:{}", free_port());
+        let live = TestMilter::start(Script::new());
+        let cases = [
+            (format!("{}, {closed}", live.address), "on", 503),
+            (live.address.clone(), "on", 200),
+            (closed.clone(), "off", 200),
+        ];
+        for (milters, check, want) in cases {
+            let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let _p = proxy_with(&up, &milters)
+                .set("ReadinessCheckMilters", check)
+                .set("AdminListen", &admin.to_string())
+                .start();
+            assert!(wait_until(secs(5), || http_get(&admin, "/livez")
+                .is_ok_and(|r| r.0 == 200)));
+            let (status, body) = http_get(&admin, "/readyz?verbose").unwrap();
+            assert_eq!(status, want, "{milters} {check}: {body}");
+            if want == 503 {
+                assert!(body.contains("[-]milters failed"), "{body}");
+            }
+        }
+    });
+}
