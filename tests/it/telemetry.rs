@@ -436,3 +436,49 @@ fn no_export_when_switched_off() {
         assert!(receiver.bad().is_empty(), "{:?}", receiver.bad());
     });
 }
+
+/// Each milter call is a `milter` span naming the milter (its configured name) and the
+/// stage; the message's stages are children of the `smtp.message` span.
+#[test]
+fn milter_calls_are_spans_under_the_message() {
+    use crate::common::milter::{Script, TestMilter};
+    timed(40, || {
+        let receiver = OtlpReceiver::start();
+        let up = upstream();
+        let milter = TestMilter::start(Script::new());
+        let p = otel_env(ProxyBuilder::new(), &receiver)
+            .upstream(&up)
+            .set("Milters", &format!("{}{{name=scan}}", milter.address))
+            .start();
+        let mut c = p.open();
+        let t = c.transaction(
+            "<alice@example.org>",
+            &["<bob@example.net>"],
+            &message("m", b"x\r\n"),
+        );
+        assert_eq!(t.final_reply.code, 250);
+        assert_eq!(c.cmd("QUIT").code, 221);
+        assert!(c.wait_eof(secs(5)));
+        let message = &receiver.wait_spans("smtp.message", 1)[0];
+        // connect, helo, mail, rcpt, data, 4 headers, eoh, body, eom
+        let milters = receiver.wait_spans("milter", 12);
+        for s in &milters {
+            assert_eq!(value_of(&s.attributes, "milter"), string("scan"));
+        }
+        let stage = |s: &Span| match value_of(&s.attributes, "stage") {
+            Some(any_value::Value::StringValue(v)) => v,
+            other => panic!("stage: {other:?}"),
+        };
+        let eom = milters
+            .iter()
+            .find(|s| stage(s) == "eom")
+            .expect("eom span");
+        assert_eq!(eom.parent_span_id, message.span_id, "eom under the message");
+        assert_eq!(eom.trace_id, message.trace_id);
+        let mail = milters
+            .iter()
+            .find(|s| stage(s) == "mail")
+            .expect("mail span");
+        assert_eq!(mail.trace_id, message.trace_id, "same trace as the message");
+    });
+}
