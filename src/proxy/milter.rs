@@ -216,7 +216,7 @@ impl MilterClient {
     /// time in `proxsmtpd_milter_duration_seconds`).
     pub async fn stage(&mut self, command: Command<'_>, macros: &[(&str, &[u8])]) -> StageResult {
         use tracing::Instrument;
-        let stage = command_stage(&command);
+        let stage = command.stage();
         let span = tracing::info_span!(
             "milter",
             milter = %self.config.name,
@@ -252,7 +252,7 @@ impl MilterClient {
             Command::Body(_) | Command::BodyEob => self.config.content_timeout,
             _ => self.config.command_timeout,
         };
-        let stage_of = command_stage(&command);
+        let stage_of = command.stage();
         let begun = match self.session.begin(command, macros) {
             Ok(b) => b,
             Err(e) => return (StageResult::of(self.fail(FailureKind::Usage(e))), false),
@@ -438,22 +438,6 @@ fn io_kind(e: io::Error) -> FailureKind {
     }
 }
 
-fn command_stage(command: &Command<'_>) -> Option<Stage> {
-    Some(match command {
-        Command::Connect { .. } => Stage::Connect,
-        Command::Helo(_) => Stage::Helo,
-        Command::Mail(_) => Stage::Mail,
-        Command::Rcpt(_) => Stage::Rcpt,
-        Command::Data => Stage::Data,
-        Command::Header { .. } => Stage::Header,
-        Command::Eoh => Stage::Eoh,
-        Command::Body(_) => Stage::Body,
-        Command::BodyEob => Stage::Eom,
-        Command::Unknown(_) => Stage::Unknown,
-        _ => return None,
-    })
-}
-
 async fn open(address: &MilterAddress) -> io::Result<Stream> {
     match address {
         MilterAddress::Tcp { host, port } => {
@@ -547,8 +531,8 @@ impl MilterChain {
     }
 
     /// The `i` macro: the connection's id and the message's number.
-    pub fn queue_id(&self, client: &ClientInfo) -> String {
-        format!("{}.{}", client.connection_id, self.messages)
+    pub fn queue_id(&self, connection_id: &str) -> String {
+        format!("{connection_id}.{}", self.messages)
     }
 
     /// Asks the milters about a MAIL or RCPT command line (CRLF included or not): `None`
@@ -575,7 +559,7 @@ impl MilterChain {
             self.rcpt_lines
                 .push((String::from_utf8_lossy(&addr).into_owned(), line.to_vec()));
         }
-        let queue_id = self.queue_id(client);
+        let queue_id = self.queue_id(&client.connection_id);
         if self.discarded_by.is_some() {
             return None;
         }

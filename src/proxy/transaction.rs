@@ -504,7 +504,7 @@ async fn milter_stage(
             envelope: None,
         });
     };
-    let queue_id = chain.queue_id(&conn.milter_client());
+    let queue_id = chain.queue_id(&conn.id.to_string());
     let dir = conn.settings.temp_directory.clone();
     let work = milters::run(&mut chain, spool.path(), &dir, envelope, &queue_id);
     let result = while_client_waits(conn, work).await;

@@ -24,26 +24,13 @@ use proxsmtpd::protocol::milter::session::Verdict;
 use proxsmtpd::proxy::milter::{MilterClient, Outcome, StageResult};
 
 use crate::common::milter_daemons::{
-    self, dkim_txt_record, eicar, MilterDaemon, DKIM_DOMAIN, DKIM_SELECTOR, EICAR_SIGNATURE, GTUBE,
+    self, dkim_txt_record, MilterDaemon, DKIM_DOMAIN, DKIM_SELECTOR,
 };
+use crate::common::samples::{eicar, gtube_message, ham_message, EICAR_SIGNATURE};
 use crate::common::{message, secs, show, timed, Proxy, ProxyBuilder, Upstream};
 
 // ---------------------------------------------------------------------------------------
 // Messages.
-
-fn gtube_message() -> Vec<u8> {
-    message(
-        "gtube",
-        format!("Buy now, limited offer.\r\n{GTUBE}\r\n").as_bytes(),
-    )
-}
-
-fn ham_message() -> Vec<u8> {
-    message(
-        "lunch",
-        b"Hi Bob,\r\n\r\nshall we meet for lunch on Thursday at noon?\r\n\r\nAlice\r\n",
-    )
-}
 
 /// A clean message whose sender already claims `X-Virus-Status: Clean` (clamav-milter's
 /// `AddHeader Replace` must replace it, not add a second one).

@@ -24,23 +24,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::common::proxy::{free_port, pid_alive};
+use crate::common::samples::{
+    eicar, gtube_message, ham_message, spamd_answers, spamd_args, EICAR_SIGNATURE,
+};
 use crate::common::{message, secs, show, timed, Proxy, ProxyBuilder, Upstream};
-
-/// The GTUBE test string: SpamAssassin scores a message containing it 1000.
-const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
-
-/// The EICAR anti-virus test string, put together at run time so that this source file
-/// itself does not trip a scanner.
-fn eicar() -> String {
-    [
-        r"X5O!P%@AP[4\PZX54(P^)7CC)7}$",
-        "EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*",
-    ]
-    .concat()
-}
-
-/// The name clamd gives our EICAR signature (custom signatures get `.UNOFFICIAL`).
-const EICAR_SIGNATURE: &str = "Eicar-Test-Signature";
 
 // ---------------------------------------------------------------------------------------
 // Prerequisites and the scanner daemons.
@@ -186,51 +173,8 @@ fn spamd() -> &'static Scanner {
 
 fn start_spamd(spamd: &Path, spamc: &Path) -> Result<Scanner, String> {
     let dir = private_dir("proxsmtpd-spamd.");
-    let home = dir.join("home");
-    let site = dir.join("site");
-    fs::create_dir(&home).map_err(|e| e.to_string())?;
-    fs::set_permissions(&home, fs::Permissions::from_mode(0o777)).map_err(|e| e.to_string())?;
-    fs::create_dir(&site).map_err(|e| e.to_string())?;
-    // A site configuration of our own (not the machine's /etc/spamassassin): the plugins the
-    // stock rules need, no Bayes, no learning. The rules are the installed ones.
-    fs::write(
-        site.join("plugins.pre"),
-        [
-            "Check",
-            "BodyEval",
-            "HeaderEval",
-            "MIMEEval",
-            "RelayEval",
-            "URIEval",
-            "HTMLEval",
-            "WLBLEval",
-            "DNSEval",
-        ]
-        .iter()
-        .map(|p| format!("loadplugin Mail::SpamAssassin::Plugin::{p}\n"))
-        .collect::<String>(),
-    )
-    .map_err(|e| e.to_string())?;
-    fs::write(site.join("local.cf"), "use_bayes 0\nbayes_auto_learn 0\n")
-        .map_err(|e| e.to_string())?;
     let port = free_port();
-    let args: Vec<String> = vec![
-        "-i".into(),
-        "127.0.0.1".into(),
-        "-p".into(),
-        port.to_string(),
-        "-A".into(),
-        "127.0.0.1".into(),
-        // Local tests only: no DNS blocklists nor other network checks.
-        "-L".into(),
-        // No per-user configuration; a private home for the helpers.
-        "-x".into(),
-        format!("--helper-home-dir={}", home.display()),
-        format!("--siteconfigpath={}", site.display()),
-        "--max-children=4".into(),
-        "--min-children=2".into(),
-        "--syslog=stderr".into(),
-    ];
+    let args = spamd_args(&dir, port, (2, 4)).map_err(|e| e.to_string())?;
     let (guard, pid) = spawn_guarded(dir.clone(), spamd, &args)?;
     let scanner = Scanner {
         _guard: guard,
@@ -238,15 +182,7 @@ fn start_spamd(spamd: &Path, spamc: &Path) -> Result<Scanner, String> {
         pid,
         port,
     };
-    let ping = |s: &Scanner| {
-        common::command(spamc)
-            .args(["-K", "-d", "127.0.0.1", "-p", &s.port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|st| st.success())
-    };
+    let ping = |s: &Scanner| spamd_answers(spamc, s.port);
     scanner.wait_ready("spamd", secs(60), ping)
 }
 
@@ -417,20 +353,6 @@ fn has_header(content: &[u8], name: &str) -> bool {
             l.to_ascii_lowercase()
                 .starts_with(&format!("{}:", name.to_ascii_lowercase()))
         })
-}
-
-fn gtube_message() -> Vec<u8> {
-    message(
-        "gtube",
-        format!("Buy now, limited offer.\r\n{GTUBE}\r\n").as_bytes(),
-    )
-}
-
-fn ham_message() -> Vec<u8> {
-    message(
-        "lunch",
-        b"Hi Bob,\r\n\r\nshall we meet for lunch on Thursday at noon?\r\n\r\nAlice\r\n",
-    )
 }
 
 fn eicar_inline_message() -> Vec<u8> {

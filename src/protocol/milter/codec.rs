@@ -5,7 +5,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use std::net::IpAddr;
 
-use super::{cmd, rsp, ProtocolError, MAX_BODY_CHUNK};
+use super::{cmd, rsp, ProtocolError, Stage, MAX_BODY_CHUNK};
 
 /// One packet as read from the filter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,6 +253,28 @@ impl Command<'_> {
             Command::QuitNc => cmd::QUIT_NC,
             Command::Unknown(_) => cmd::UNKNOWN,
         }
+    }
+
+    /// The stage this command starts; `None` for negotiation, macros, abort and quit, which
+    /// start none.
+    pub fn stage(&self) -> Option<Stage> {
+        Some(match self {
+            Command::Connect { .. } => Stage::Connect,
+            Command::Helo(_) => Stage::Helo,
+            Command::Mail(_) => Stage::Mail,
+            Command::Rcpt(_) => Stage::Rcpt,
+            Command::Data => Stage::Data,
+            Command::Header { .. } => Stage::Header,
+            Command::Eoh => Stage::Eoh,
+            Command::Body(_) => Stage::Body,
+            Command::BodyEob => Stage::Eom,
+            Command::Unknown(_) => Stage::Unknown,
+            Command::OptNeg { .. }
+            | Command::Macro { .. }
+            | Command::Abort
+            | Command::Quit
+            | Command::QuitNc => return None,
+        })
     }
 
     /// Appends the packet to `out`. On error nothing is appended.

@@ -210,28 +210,10 @@ impl MilterSession {
             return Err(BeginError::Busy);
         };
         let code = command.code();
-        let stage = match command {
-            Command::Connect { .. } => Stage::Connect,
-            Command::Helo(_) => Stage::Helo,
-            Command::Mail(_) => Stage::Mail,
-            Command::Rcpt(_) => Stage::Rcpt,
-            Command::Data => Stage::Data,
-            Command::Header { .. } => Stage::Header,
-            Command::Eoh => Stage::Eoh,
-            Command::Body(_) => Stage::Body,
-            Command::BodyEob => Stage::Eom,
-            Command::Unknown(_) => Stage::Unknown,
-            Command::Abort => {
-                if !matches!(
-                    self.phase,
-                    Phase::Connection
-                        | Phase::Mail
-                        | Phase::Rcpt
-                        | Phase::Data
-                        | Phase::Header
-                        | Phase::Eoh
-                        | Phase::Body
-                ) {
+        let stage = match (command.stage(), &command) {
+            (Some(stage), _) => stage,
+            (None, Command::Abort) => {
+                if !(self.phase == Phase::Connection || self.in_message()) {
                     return Err(BeginError::OutOfOrder(code));
                 }
                 self.phase = Phase::Connection;
@@ -241,7 +223,7 @@ impl MilterSession {
                 }
                 return Ok(Begun::NoReply(encode(&command)?));
             }
-            Command::Quit | Command::QuitNc => {
+            (None, Command::Quit | Command::QuitNc) => {
                 let bytes = encode(&command)?;
                 if command == Command::Quit {
                     self.phase = Phase::Closed;
@@ -252,9 +234,7 @@ impl MilterSession {
                 }
                 return Ok(Begun::NoReply(bytes));
             }
-            Command::OptNeg { .. } | Command::Macro { .. } => {
-                return Err(BeginError::OutOfOrder(code))
-            }
+            (None, _) => return Err(BeginError::OutOfOrder(code)),
         };
         let next = match (stage, self.phase) {
             (Stage::Connect, Phase::Ready) => Phase::Connection,

@@ -26,22 +26,8 @@ use nix::unistd::Pid;
 use tempfile::TempDir;
 
 use super::proxy::{free_port, is_listening};
-
-/// The GTUBE test string: rspamd and SpamAssassin treat a message holding it as spam.
-pub const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
-
-/// The EICAR anti-virus test string, put together at run time so that this source file
-/// itself does not trip a scanner.
-pub fn eicar() -> String {
-    [
-        r"X5O!P%@AP[4\PZX54(P^)7CC)7}$",
-        "EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*",
-    ]
-    .concat()
-}
-
-/// The name clamd gives our EICAR signature (custom signatures get `.UNOFFICIAL`).
-pub const EICAR_SIGNATURE: &str = "Eicar-Test-Signature";
+use super::samples::{eicar, spamd_answers, spamd_args, EICAR_SIGNATURE};
+use super::secs;
 
 /// The signing domain and selector of [`opendkim`].
 pub const DKIM_DOMAIN: &str = "example.org";
@@ -436,56 +422,11 @@ pub fn spamass(reject_score: u32) -> Option<MilterDaemon> {
     let milter = require("spamass-milter", "spamass-milter")?;
     let dir = temp_dir("proxsmtpd-spamass.");
     let d = dir.path();
-    let home = d.join("home");
-    let site = d.join("site");
-    fs::create_dir(&home).expect("home dir");
-    // spamd's children drop to an unprivileged user when it is started as root.
-    fs::set_permissions(&home, fs::Permissions::from_mode(0o777)).expect("chmod");
-    fs::create_dir(&site).expect("site dir");
-    let plugins: String = [
-        "Check",
-        "BodyEval",
-        "HeaderEval",
-        "MIMEEval",
-        "RelayEval",
-        "URIEval",
-        "HTMLEval",
-        "WLBLEval",
-        "DNSEval",
-    ]
-    .iter()
-    .map(|p| format!("loadplugin Mail::SpamAssassin::Plugin::{p}\n"))
-    .collect();
-    write(&site.join("plugins.pre"), &plugins);
-    write(&site.join("local.cf"), "use_bayes 0\nbayes_auto_learn 0\n");
     let spamd_port = free_port();
-    let spamd_args: Vec<String> = vec![
-        "-i".into(),
-        "127.0.0.1".into(),
-        "-p".into(),
-        spamd_port.to_string(),
-        "-A".into(),
-        "127.0.0.1".into(),
-        "-L".into(),
-        "-x".into(),
-        format!("--helper-home-dir={}", home.display()),
-        format!("--siteconfigpath={}", site.display()),
-        "--max-children=2".into(),
-        "--min-children=1".into(),
-        "--syslog=stderr".into(),
-    ];
+    let spamd_args = spamd_args(d, spamd_port, (1, 2)).expect("spamd configuration");
     let start = Instant::now();
     let mut daemon = Process::spawn("spamd", &spamd, &spamd_args, d);
-    // spamd listens before its children are ready: ready is when spamc's ping is answered.
-    let ping = || {
-        super::command(&spamc)
-            .args(["-K", "-d", "127.0.0.1", "-p", &spamd_port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|st| st.success())
-    };
+    let ping = || spamd_answers(&spamc, spamd_port);
     waited("spamd", daemon.wait_ready(secs(90), ping));
     let port = free_port();
     let milter_args: Vec<String> = vec![
@@ -511,8 +452,4 @@ pub fn spamass(reject_score: u32) -> Option<MilterDaemon> {
         processes: vec![daemon, m],
         dir,
     })
-}
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
 }

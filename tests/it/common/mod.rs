@@ -22,6 +22,7 @@ pub mod milter;
 pub mod milter_daemons;
 pub mod peers;
 pub mod proxy;
+pub mod samples;
 pub mod upstream;
 
 use std::cell::Cell;
