@@ -26,7 +26,9 @@ use proxsmtpd::proxy::milter::{MilterClient, Outcome, StageResult};
 use crate::common::milter_daemons::{
     self, dkim_txt_record, MilterDaemon, DKIM_DOMAIN, DKIM_SELECTOR,
 };
-use crate::common::samples::{eicar, gtube_message, ham_message, EICAR_SIGNATURE};
+use crate::common::samples::{
+    eicar, eicar_attachment_message, gtube_message, ham_message, EICAR_SIGNATURE,
+};
 use crate::common::{message, secs, show, timed, Proxy, ProxyBuilder, Upstream};
 
 // ---------------------------------------------------------------------------------------
@@ -38,48 +40,6 @@ fn forged_clean_message() -> Vec<u8> {
     b"From: <alice@example.org>\r\nTo: <bob@example.net>\r\nSubject: forged\r\n\
       X-Virus-Status: Clean\r\nMessage-ID: <forged@test.example>\r\n\r\nNothing to see.\r\n"
         .to_vec()
-}
-
-/// Standard base64 with padding, lines of 76 characters (as MIME wants).
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for (i, chunk) in data.chunks(3).enumerate() {
-        if i > 0 && i % 19 == 0 {
-            out.push_str("\r\n");
-        }
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for k in 0..4 {
-            if k <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * k)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// A multipart message whose attachment is the EICAR string, base64-encoded (so a match
-/// needs clamd's MIME decoding, not a plain search of the bytes).
-fn eicar_attachment_message() -> Vec<u8> {
-    let encoded = base64(eicar().as_bytes());
-    assert!(!encoded.contains("EICAR"), "the attachment must be encoded");
-    format!(
-        "From: <alice@example.org>\r\nTo: <bob@example.net>\r\nSubject: the file\r\n\
-         Message-ID: <attachment@test.example>\r\nMIME-Version: 1.0\r\n\
-         Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
-         --b1\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nThe file you asked for.\r\n\
-         --b1\r\nContent-Type: application/octet-stream; name=\"tool.com\"\r\n\
-         Content-Disposition: attachment; filename=\"tool.com\"\r\n\
-         Content-Transfer-Encoding: base64\r\n\r\n{encoded}\r\n--b1--\r\n"
-    )
-    .into_bytes()
 }
 
 /// The header fields of `content` as (name, raw value): everything after the colon, the

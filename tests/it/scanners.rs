@@ -13,7 +13,6 @@
 use crate::common;
 
 use std::fs;
-use std::io::Read;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -25,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::proxy::{free_port, pid_alive};
 use crate::common::samples::{
-    eicar, gtube_message, ham_message, spamd_answers, spamd_args, EICAR_SIGNATURE,
+    eicar, eicar_attachment_message, gtube_message, ham_message, spamd_answers, spamd_args,
+    EICAR_SIGNATURE,
 };
 use crate::common::{message, secs, show, timed, Proxy, ProxyBuilder, Upstream};
 
@@ -357,39 +357,6 @@ fn has_header(content: &[u8], name: &str) -> bool {
 
 fn eicar_inline_message() -> Vec<u8> {
     message("inline", format!("{}\r\n", eicar()).as_bytes())
-}
-
-fn eicar_attachment_message() -> Vec<u8> {
-    use std::io::Write;
-    let mut b64 = common::command("base64")
-        .arg("-w0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("base64");
-    b64.stdin
-        .take()
-        .expect("stdin")
-        .write_all(eicar().as_bytes())
-        .expect("write");
-    let mut encoded = String::new();
-    b64.stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut encoded)
-        .expect("read");
-    assert!(b64.wait().expect("wait").success());
-    assert!(!encoded.contains("EICAR"), "the attachment must be encoded");
-    format!(
-        "From: <alice@example.org>\r\nTo: <bob@example.net>\r\nSubject: the file\r\n\
-         Message-ID: <attachment@test.example>\r\nMIME-Version: 1.0\r\n\
-         Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
-         --b1\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nThe file you asked for.\r\n\
-         --b1\r\nContent-Type: application/octet-stream; name=\"tool.com\"\r\n\
-         Content-Disposition: attachment; filename=\"tool.com\"\r\n\
-         Content-Transfer-Encoding: base64\r\n\r\n{encoded}\r\n--b1--\r\n"
-    )
-    .into_bytes()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -90,18 +90,9 @@ impl TestMilter {
     pub fn start(script: Script) -> TestMilter {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind test milter");
         let addr: SocketAddr = listener.local_addr().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let shared = log.clone();
-        thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { return };
-                let (script, log) = (script.clone(), shared.clone());
-                thread::spawn(move || serve(stream, script, log));
-            }
-        });
         TestMilter {
             address: format!("inet:{addr}"),
-            log,
+            log: accept_all(move || listener.accept().map(|(s, _)| s), script),
             _dir: None,
         }
     }
@@ -111,18 +102,9 @@ impl TestMilter {
         let dir = tempfile::tempdir().expect("temp dir");
         let path: PathBuf = dir.path().join("milter.sock");
         let listener = UnixListener::bind(&path).expect("bind test milter socket");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let shared = log.clone();
-        thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { return };
-                let (script, log) = (script.clone(), shared.clone());
-                thread::spawn(move || serve(stream, script, log));
-            }
-        });
         TestMilter {
             address: format!("unix:{}", path.display()),
-            log,
+            log: accept_all(move || listener.accept().map(|(s, _)| s), script),
             _dir: Some(dir),
         }
     }
@@ -141,6 +123,26 @@ impl TestMilter {
             .collect()
     }
 }
+
+/// Serves every connection `accept` returns, each on its own thread with `script`; the log
+/// they all record to.
+fn accept_all<S: Read + Write + Send + 'static>(
+    mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
+    script: Script,
+) -> Log {
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let shared = log.clone();
+    thread::spawn(move || {
+        while let Ok(stream) = accept() {
+            let (script, log) = (script.clone(), shared.clone());
+            thread::spawn(move || serve(stream, script, log));
+        }
+    });
+    log
+}
+
+/// Packets per connection, in arrival order.
+type Log = Arc<Mutex<Vec<Vec<Received>>>>;
 
 fn serve<S: Read + Write>(mut stream: S, script: Script, log: Arc<Mutex<Vec<Vec<Received>>>>) {
     let index = {
