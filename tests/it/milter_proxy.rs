@@ -451,7 +451,7 @@ fn quarantined_messages_are_held_or_refused() {
         assert_eq!(record["sender"], "alice@example.org");
         assert_eq!(record["recipients"][0], "bob@example.net");
 
-        let m = TestMilter::start(script);
+        let m = TestMilter::start(script.clone());
         let up = Upstream::start();
         let p = proxy_with(&up, &m.address)
             .set("MilterQuarantine", "reject")
@@ -459,6 +459,28 @@ fn quarantined_messages_are_held_or_refused() {
         let mut c = client(&p);
         assert_eq!(c.send_mail(&message("refused", b"x\r\n")).code, 554);
         assert!(up.delivered().is_empty());
+
+        let m = TestMilter::start(script);
+        let up = Upstream::start();
+        let p = proxy_with(&up, &m.address)
+            .set("MilterQuarantine", "tempfail")
+            .start();
+        let mut c = client(&p);
+        assert_eq!(c.send_mail(&message("deferred", b"x\r\n")).code, 451);
+        assert!(up.delivered().is_empty());
+
+        // default_action=quarantine: a milter failing mid-message has the message held.
+        let m = TestMilter::start(Script::new().on(b'B', vec![Act::Close]));
+        let up = Upstream::start();
+        let b = proxy_with(&up, &format!("{}{{default_action=quarantine}}", m.address));
+        let dir = b.dir().join("held");
+        let p = b
+            .set("MilterQuarantineDirectory", dir.to_str().unwrap())
+            .start();
+        let mut c = client(&p);
+        assert_eq!(c.send_mail(&message("failed", b"x\r\n")).code, 250);
+        assert!(up.delivered().is_empty());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
     });
 }
 
