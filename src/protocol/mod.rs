@@ -3,6 +3,7 @@
 pub mod command;
 pub mod data;
 pub mod deadline;
+pub mod hook;
 pub mod ehlo;
 pub mod encode;
 pub mod line;
