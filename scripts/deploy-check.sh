@@ -343,6 +343,13 @@ check "the binary starts with the rendered hook configuration [standalone-hooks]
 sed 's/{name=policy, /{name=policy, timeout=soon, /' "$W/render-standalone-hooks.yaml" > "$W/render-bad-hook.yaml"
 check "... and refuses it with a broken hook option" \
   fails_with "invalid setting: Hooks" deploy/check/conf-accepted.sh "$BINARY" "$W/render-bad-hook.yaml" "$PY"
+big_sizes() {   # a size in bytes from a values file stays an integer (YAML numbers are floats to helm)
+  printf 'upstream: {host: m}\nhooks:\n  - url: https://p:8443/c\n    maxSize: 10485760\nhook:\n  maxSize: 20971520\n' > "$W/big-sizes.yaml"
+  "$HELM" template x "$CHART" -f "$W/big-sizes.yaml" -s templates/configmap.yaml > "$W/big-sizes.out" || return 1
+  grep -E '^ *(Hooks|HookMaxSize):' "$W/big-sizes.out"
+  grep -q '{max_size=10485760}' "$W/big-sizes.out" && grep -q 'HookMaxSize: 20971520$' "$W/big-sizes.out"
+}
+check "hook sizes in bytes rendered as integers (not 1.048576e+07)" big_sizes
 HOOK1=(--set upstream.host=m --set 'hooks[0].url=https://policy:8443/check')
 refuse "schema refuses a hook URL that is not http(s)" "$HELM" template x "$CHART" --set upstream.host=m --set 'hooks[0].url=ftp://policy/check'
 refuse "schema refuses an unknown hook option" "$HELM" template x "$CHART" "${HOOK1[@]}" --set 'hooks[0].retries=3'

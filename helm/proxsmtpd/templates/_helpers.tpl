@@ -684,6 +684,11 @@ image's read-only root file system could never be there).
 {{- define "proxsmtpd.hookTlsDir" -}}/etc/proxsmtpd/hook-tls{{- end -}}
 {{- define "proxsmtpd.hookTokenDir" -}}/etc/proxsmtpd/hook-token{{- end -}}
 
+{{/* A size as written (10M) or a number of bytes (YAML numbers arrive as floats: 1.048576e+07 otherwise). */}}
+{{- define "proxsmtpd.size" -}}
+{{- if kindIs "string" . }}{{ . }}{{ else }}{{ int64 . }}{{ end -}}
+{{- end -}}
+
 {{/* One hook's options in braces: {name=..., stages=mail+rcpt, timeout=..., ...}. */}}
 {{- define "proxsmtpd.hookOptions" -}}
 {{- $o := list -}}
@@ -691,7 +696,7 @@ image's read-only root file system could never be there).
 {{- with .stages }}{{ $o = append $o (printf "stages=%s" (join "+" .)) }}{{ end -}}
 {{- if not (kindIs "invalid" .timeout) }}{{ $o = append $o (printf "timeout=%v" .timeout) }}{{ end -}}
 {{- with .defaultAction }}{{ $o = append $o (printf "default_action=%s" .) }}{{ end -}}
-{{- if not (kindIs "invalid" .maxSize) }}{{ $o = append $o (printf "max_size=%v" .maxSize) }}{{ end -}}
+{{- if not (kindIs "invalid" .maxSize) }}{{ $o = append $o (printf "max_size=%s" (include "proxsmtpd.size" .maxSize)) }}{{ end -}}
 {{- with .oversizeAction }}{{ $o = append $o (printf "oversize_action=%s" .) }}{{ end -}}
 {{- if not (kindIs "invalid" .concurrency) }}{{ $o = append $o (printf "concurrency=%v" .concurrency) }}{{ end -}}
 {{- if .shadow }}{{ $o = append $o "shadow=yes" }}{{ end -}}
