@@ -38,6 +38,13 @@ it must have, finds the workload whose pod runs the container "proxsmtpd" and ch
              the proxy and another container mount (not a ConfigMap or Secret); with
              MilterQuarantine hold (the default), MilterQuarantineDirectory (default
              /var/lib/proxsmtpd/quarantine) is on a writable volume that is not the spool
+  hooks      with Hooks: a hook on loopback is a container port of another container of the
+             pod; HookCaFile, HookClientCertificate, HookClientKey, HookTokenFile and each
+             hook's ca_file, client_certificate, client_key, token_file lie in a mounted
+             volume, a Secret one mounted whole (no subPath: a renewed certificate or a
+             rotated token reaches the pod) and read-only, the key and the token readable by
+             the non-root proxy; a client certificate comes with its key; the quarantine as
+             with milters (a hook may quarantine)
   --existing FILE: objects that exist in the cluster apart from the render (e.g. the
              ConfigMaps that config.existingConfigMap and filters.existingConfigMap name)
 Prints one line per check; exit status 1 if any failed.
@@ -214,6 +221,10 @@ def check_milters(c, settings, ctr, pod, mounts, volumes):
             c.check(bool(owners), f"milter {addr} on loopback: a container of the pod listens there ({owners or 'none'})")
         else:
             c.check(True, f"milter {addr}: a network service")
+    check_quarantine(c, settings, mounts, volumes)
+
+
+def check_quarantine(c, settings, mounts, volumes):
     # hold is the default, and its directory is on the image's read-only root file system
     # unless a volume is mounted there
     if (settings.get("milterquarantine") or "hold").lower() == "hold":
@@ -222,6 +233,78 @@ def check_milters(c, settings, ctr, pod, mounts, volumes):
         c.check(bool(qdir) and m is not None and not m.get("readOnly") and m["mountPath"].rstrip("/") != SPOOL
                 and any(k in v for k in ("emptyDir", "persistentVolumeClaim", "ephemeral")),
                 f"MilterQuarantineDirectory {qdir or '(none)'} on a writable volume of its own ({(m or {}).get('name')})")
+
+
+def hook_entries(value):
+    """The hooks of a Hooks value: (url, {option: value}) for each comma-separated URL with
+    its optional `{name=value, ...}` options."""
+    out, depth, cur = [], 0, ""
+    for ch in value + ",":
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            if cur.strip():
+                url, _, opts = cur.strip().partition("{")
+                pairs = [o.split("=", 1) for o in opts.rstrip("}").split(",") if "=" in o]
+                out.append((url.strip(), {k.strip(): v.strip() for k, v in pairs}))
+            cur = ""
+        else:
+            cur += ch
+    return out
+
+
+def check_hooks(c, settings, ctr, pod, mounts, volumes):
+    value = settings.get("hooks")
+    if not value:
+        return
+    others = [x for x in (pod.get("containers") or []) + (pod.get("initContainers") or [])
+              if x.get("name") != ctr.get("name")]
+    fsgroup = (pod.get("securityContext") or {}).get("fsGroup")
+    hooks = hook_entries(value)
+    c.check(bool(hooks), f"Hooks names {len(hooks)} hook(s)")
+    files = []   # (what, path, secret: must not be world- or group-less unreadable)
+    for what, key in (("HookCaFile", "hookcafile"), ("HookClientCertificate", "hookclientcertificate"),
+                      ("HookClientKey", "hookclientkey"), ("HookTokenFile", "hooktokenfile")):
+        if settings.get(key):
+            files.append((what, settings[key]))
+    c.check(bool(settings.get("hookclientcertificate")) == bool(settings.get("hookclientkey")),
+            "HookClientCertificate and HookClientKey set together (or neither)")
+    for url, opts in hooks:
+        label = opts.get("name") or url
+        m = re.match(r"^(https?)://(\[[^]]+\]|[^/:]+)(?::(\d+))?", url)
+        if not c.check(m is not None, f"hook {label}: {url} is an http(s) URL"):
+            continue
+        scheme, host, port = m.group(1), m.group(2).strip("[]"), m.group(3)
+        port = int(port) if port else (443 if scheme == "https" else 80)
+        if host in ("127.0.0.1", "localhost", "::1"):
+            owners = [o["name"] for o in others if any(p.get("containerPort") == port for p in o.get("ports") or [])]
+            c.check(bool(owners), f"hook {label} on loopback: a container of the pod listens on {port} ({owners or 'none'})")
+        else:
+            c.check(True, f"hook {label}: a network service ({host}:{port})")
+        c.check(("client_certificate" in opts) == ("client_key" in opts),
+                f"hook {label}: client_certificate and client_key together (or neither)")
+        for opt in ("ca_file", "client_certificate", "client_key", "token_file"):
+            if opts.get(opt):
+                files.append((f"hook {label} {opt}", opts[opt]))
+    for what, path in files:
+        m, v, name = mounted_file(path, mounts, volumes)
+        if not c.check(m is not None, f"{what} {path} lies in a mounted volume ({(m or {}).get('name')})"):
+            continue
+        source = v.get("secret") or v.get("configMap") or v.get("projected")
+        if source is None:
+            continue
+        c.check("subPath" not in m and "subPathExpr" not in m,
+                f"{what}: its volume {m['name']} mounted whole, no subPath (updates reach the pod)")
+        c.check(m.get("readOnly") is True, f"{what}: its volume {m['name']} mounted readOnly")
+        if "secret" in v and what.endswith(("Key", "TokenFile", "client_key", "token_file")):
+            mode = file_mode(v["secret"], name)
+            readable = bool(mode & 0o004) or (bool(mode & 0o040) and fsgroup is not None)
+            c.check(readable and not mode & 0o002,
+                    f"{what}: mode {mode:04o} readable by the non-root proxy (fsGroup {fsgroup}), not writable")
+    if not settings.get("milters"):
+        check_quarantine(c, settings, mounts, volumes)
 
 
 def main():
@@ -354,6 +437,9 @@ def main():
            if ("subPath" in m or "subPathExpr" in m)
            and any(k in volumes.get(m["name"], {}) for k in ("configMap", "secret", "projected"))]
     c.check(not sub, f"no ConfigMap or Secret mounted with subPath {sub or ''}".rstrip())
+
+    # --- hooks: reachable, their TLS material and token mounted so that updates arrive ---
+    check_hooks(c, effective_settings(conf, env), ctr, pod, mounts, volumes)
 
     # --- TLS ---
     services = [d for d in docs if d.get("kind") == "Service"]

@@ -287,6 +287,7 @@ together with the volumes of "proxsmtpd.volumes".
 */}}
 {{- define "proxsmtpd.container" -}}
 {{- include "proxsmtpd.validateTls" . -}}
+{{- include "proxsmtpd.validateHooks" . -}}
 {{- $upstreamTls := include "proxsmtpd.upstreamTlsMode" . -}}
 name: proxsmtpd
 image: {{ include "proxsmtpd.image" . | quote }}
@@ -405,6 +406,16 @@ volumeMounts:
   - name: proxsmtpd-quarantine
     mountPath: {{ .Values.milter.quarantine.directory }}
   {{- end }}
+  {{- if and .Values.hooks .Values.hook.tls.secretName }}
+  - name: proxsmtpd-hook-tls
+    mountPath: {{ include "proxsmtpd.hookTlsDir" . }}
+    readOnly: true
+  {{- end }}
+  {{- if and .Values.hooks .Values.hook.token.secretName }}
+  - name: proxsmtpd-hook-token
+    mountPath: {{ include "proxsmtpd.hookTokenDir" . }}
+    readOnly: true
+  {{- end }}
   {{- with .Values.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -460,6 +471,20 @@ volumeMounts:
     sizeLimit: {{ . }}
     {{- end }}
   {{- end }}
+{{- end }}
+{{- if .Values.hooks }}
+{{- with .Values.hook.tls.secretName }}
+- name: proxsmtpd-hook-tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: {{ include "proxsmtpd.tlsDefaultMode" $ }}
+{{- end }}
+{{- with .Values.hook.token.secretName }}
+- name: proxsmtpd-hook-token
+  secret:
+    secretName: {{ . }}
+    defaultMode: {{ include "proxsmtpd.tlsDefaultMode" $ }}
+{{- end }}
 {{- end }}
 {{- if .Values.rspamd.enabled }}
 - name: rspamd-config
@@ -614,6 +639,7 @@ spec:
 {{- if not (kindIs "invalid" .commandTimeout) }}{{ $o = append $o (printf "command_timeout=%v" .commandTimeout) }}{{ end -}}
 {{- if not (kindIs "invalid" .contentTimeout) }}{{ $o = append $o (printf "content_timeout=%v" .contentTimeout) }}{{ end -}}
 {{- with .defaultAction }}{{ $o = append $o (printf "default_action=%s" .) }}{{ end -}}
+{{- if .shadow }}{{ $o = append $o "shadow=yes" }}{{ end -}}
 {{- if $o }}{{ printf "{%s}" (join ", " $o) }}{{ end -}}
 {{- end -}}
 
@@ -650,9 +676,81 @@ image's read-only root file system could never be there).
 {{- join ", " $out -}}
 {{- end -}}
 
-{{/* Whether held messages need the quarantine volume. */}}
+{{/* Whether held messages need the quarantine volume (a milter or a hook may quarantine). */}}
 {{- define "proxsmtpd.quarantineVolume" -}}
-{{- if and (include "proxsmtpd.milters" .) (eq .Values.milter.quarantine.action "hold") }}true{{ end -}}
+{{- if and (or (include "proxsmtpd.milters" .) .Values.hooks) (eq .Values.milter.quarantine.action "hold") }}true{{ end -}}
+{{- end -}}
+
+{{- define "proxsmtpd.hookTlsDir" -}}/etc/proxsmtpd/hook-tls{{- end -}}
+{{- define "proxsmtpd.hookTokenDir" -}}/etc/proxsmtpd/hook-token{{- end -}}
+
+{{/* A size as written (10M) or a number of bytes (YAML numbers arrive as floats: 1.048576e+07 otherwise). */}}
+{{- define "proxsmtpd.size" -}}
+{{- if kindIs "string" . }}{{ . }}{{ else }}{{ int64 . }}{{ end -}}
+{{- end -}}
+
+{{/* One hook's options in braces: {name=..., stages=mail+rcpt, timeout=..., ...}. */}}
+{{- define "proxsmtpd.hookOptions" -}}
+{{- $o := list -}}
+{{- with .name }}{{ $o = append $o (printf "name=%s" .) }}{{ end -}}
+{{- with .stages }}{{ $o = append $o (printf "stages=%s" (join "+" .)) }}{{ end -}}
+{{- if not (kindIs "invalid" .timeout) }}{{ $o = append $o (printf "timeout=%v" .timeout) }}{{ end -}}
+{{- with .defaultAction }}{{ $o = append $o (printf "default_action=%s" .) }}{{ end -}}
+{{- if not (kindIs "invalid" .maxSize) }}{{ $o = append $o (printf "max_size=%s" (include "proxsmtpd.size" .maxSize)) }}{{ end -}}
+{{- with .oversizeAction }}{{ $o = append $o (printf "oversize_action=%s" .) }}{{ end -}}
+{{- if not (kindIs "invalid" .concurrency) }}{{ $o = append $o (printf "concurrency=%v" .concurrency) }}{{ end -}}
+{{- if .shadow }}{{ $o = append $o "shadow=yes" }}{{ end -}}
+{{- with .caFile }}{{ $o = append $o (printf "ca_file=%s" .) }}{{ end -}}
+{{- with .clientCertificate }}{{ $o = append $o (printf "client_certificate=%s" .) }}{{ end -}}
+{{- with .clientKey }}{{ $o = append $o (printf "client_key=%s" .) }}{{ end -}}
+{{- if not (kindIs "invalid" .tlsVerify) }}{{ $o = append $o (printf "tls_verify=%s" (ternary "yes" "no" .tlsVerify)) }}{{ end -}}
+{{- with .tokenFile }}{{ $o = append $o (printf "token_file=%s" .) }}{{ end -}}
+{{- if $o }}{{ printf "{%s}" (join ", " $o) }}{{ end -}}
+{{- end -}}
+
+{{/*
+The Hooks value: each URL with its options, comma-separated. A hook's own TLS or token file
+must lie in a directory the proxy container mounts (extraVolumeMounts, or the chart's
+hook.tls / hook.token Secrets), or the proxy could never read it.
+*/}}
+{{- define "proxsmtpd.hooks" -}}
+{{- $dirs := list -}}
+{{- range .Values.extraVolumeMounts }}{{ $dirs = append $dirs (printf "%s/" (trimSuffix "/" .mountPath)) }}{{ end -}}
+{{- if .Values.hook.tls.secretName }}{{ $dirs = append $dirs (printf "%s/" (include "proxsmtpd.hookTlsDir" .)) }}{{ end -}}
+{{- if .Values.hook.token.secretName }}{{ $dirs = append $dirs (printf "%s/" (include "proxsmtpd.hookTokenDir" .)) }}{{ end -}}
+{{- $out := list -}}
+{{- range $i, $h := .Values.hooks -}}
+{{- range $k := list "caFile" "clientCertificate" "clientKey" "tokenFile" -}}
+{{- with (get $h $k) -}}
+{{- $path := . -}}
+{{- $mounted := false -}}
+{{- range $dirs }}{{ if hasPrefix . $path }}{{ $mounted = true }}{{ end }}{{ end -}}
+{{- if not $mounted -}}
+{{- fail (printf "hooks[%d].%s %s: no volume is mounted at a directory above it (extraVolumes and extraVolumeMounts, or hook.tls / hook.token)" $i $k $path) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $out = append $out (printf "%s%s" $h.url (include "proxsmtpd.hookOptions" $h)) -}}
+{{- end -}}
+{{- join ", " $out -}}
+{{- end -}}
+
+{{/* Settings of the hooks and the filter chain that would stop the proxy or do nothing are refused here. */}}
+{{- define "proxsmtpd.validateHooks" -}}
+{{- if and .Values.hook.tls.clientCertificate (not .Values.hook.tls.secretName) -}}
+{{- fail "hook.tls.clientCertificate needs hook.tls.secretName (the Secret with tls.crt and tls.key)" -}}
+{{- end -}}
+{{- if and .Values.config.filterShadow (not .Values.filters.command) -}}
+{{- fail "config.filterShadow needs filters.command (the FilterCommand to run as a shadow filter)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether any filter runs as a shadow (then ShadowConcurrency is written). */}}
+{{- define "proxsmtpd.hasShadow" -}}
+{{- $s := .Values.config.filterShadow -}}
+{{- range .Values.hooks }}{{ if .shadow }}{{ $s = true }}{{ end }}{{ end -}}
+{{- range (include "proxsmtpd.milterList" . | fromJson).milters }}{{ if .shadow }}{{ $s = true }}{{ end }}{{ end -}}
+{{- if $s }}true{{ end -}}
 {{- end -}}
 
 {{/* The rspamd sidecar container: its proxy worker in milter mode on loopback. */}}
