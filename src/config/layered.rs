@@ -192,6 +192,7 @@ pub fn validate(s: &Settings) -> Result<Vec<String>, ConfigError> {
         }
         _ => {}
     }
+    check_hook_client_pairs(s)?;
     let certificate = s.tls_certificate.is_some();
     if s.tls_required && !certificate {
         return Err(
@@ -218,6 +219,48 @@ pub fn validate(s: &Settings) -> Result<Vec<String>, ConfigError> {
         );
     }
     Ok(warnings)
+}
+
+/// A client certificate needs its key and a key its certificate: the global pair, and
+/// each hook's pair once its own options are combined with the globals. The error names
+/// the setting to fix.
+fn check_hook_client_pairs(s: &Settings) -> Result<(), ConfigError> {
+    let global = match (&s.hook_client_certificate, &s.hook_client_key) {
+        (Some(_), None) => Some(
+            ConfigError::new("", "HookClientCertificate is set but HookClientKey is not")
+                .with_setting("HookClientKey"),
+        ),
+        (None, Some(_)) => Some(
+            ConfigError::new("", "HookClientKey is set but HookClientCertificate is not")
+                .with_setting("HookClientCertificate"),
+        ),
+        _ => None,
+    };
+    if let (Some(e), true) = (&global, s.hooks.is_empty()) {
+        return Err(e.clone());
+    }
+    for hook in &s.hooks {
+        let resolved = hook.resolve(s);
+        let half = match (&resolved.client_certificate, &resolved.client_key) {
+            (Some(_), None) => "client_certificate is set but client_key is not",
+            (None, Some(_)) => "client_key is set but client_certificate is not",
+            _ => continue,
+        };
+        // A hook that sets neither option takes both from the globals: they are at fault.
+        if let (Some(e), None, None) = (&global, &hook.client_certificate, &hook.client_key) {
+            return Err(e.clone());
+        }
+        return Err(ConfigError::new(
+            "",
+            format!(
+                "Hooks: hook {}: {half} (neither by the hook nor by HookClientCertificate and \
+                 HookClientKey)",
+                hook.name
+            ),
+        )
+        .with_setting("Hooks"));
+    }
+    Ok(())
 }
 
 /// Where one value was written.
@@ -1073,6 +1116,18 @@ reload_watch: no
             "MilterProtocol" => "2",
             "MilterQuarantine" => "reject",
             "MilterQuarantineDirectory" => "/srv/quarantine",
+            "FilterOrder" => "command, milters, hooks",
+            "Hooks" => "https://[::1]:8443/check{name=h, stages=mail+data}, http://h/x",
+            "HookTimeout" => "2m",
+            "HookDefaultAction" | "HookOversizeAction" => "reject",
+            "HookMaxSize" => "1G",
+            "HookConcurrency" => "5",
+            "ShadowConcurrency" => "65536",
+            "HookCaFile" => "/etc/hook/ca.pem",
+            "HookClientCertificate" => "/etc/hook/tls.crt",
+            "HookClientKey" => "/etc/hook/tls.key",
+            "HookTokenFile" => "/run/secrets/hook/token",
+            "HookTlsVerify" => "off",
             _ => "on",
         };
         let none = Path::new("/nonexistent/p.conf");
@@ -1111,6 +1166,93 @@ reload_watch: no
             milters[0].default_action,
             Some(crate::config::milter::MilterAction::Reject)
         );
+    }
+
+    /// A TOML or YAML array of hooks is the list, braces and commas inside an entry
+    /// included; a hook option error names the file and line.
+    #[test]
+    fn hooks_from_toml_and_yaml() {
+        use crate::config::hook::{FilterKind, HookStage};
+        let dir = tempfile::tempdir().unwrap();
+        let toml = write(
+            &dir,
+            "h.toml",
+            "hooks = [\"https://p.example/check{name=a, stages=rcpt+mail, shadow=yes}\", \
+             \"http://127.0.0.1:8080/\"]\nfilter_order = \"hooks command milters\"\n\
+             hook_max_size = \"1K\"\n",
+        );
+        let yaml = write(
+            &dir,
+            "h.yaml",
+            "hooks:\n  - https://p.example/check{name=a, stages=rcpt+mail, shadow=yes}\n  \
+             - http://127.0.0.1:8080/\nfilter_order: hooks, command, milters\n\
+             hook_max_size: 1K\n",
+        );
+        for path in [toml, yaml] {
+            let s = load(&opts(&path, &[], &[])).unwrap().settings;
+            let names: Vec<&str> = s.hooks.iter().map(|h| h.name.as_str()).collect();
+            assert_eq!(names, ["a", "http://127.0.0.1:8080/"], "{path:?}");
+            assert_eq!(s.hooks[0].stages, [HookStage::Mail, HookStage::Rcpt]);
+            assert!(s.hooks[0].shadow && !s.hooks[1].shadow);
+            assert_eq!(
+                s.filter_order,
+                [FilterKind::Hooks, FilterKind::Command, FilterKind::Milters]
+            );
+            assert_eq!(s.hook_max_size, 1024);
+        }
+        let cases = [
+            (
+                "h.conf",
+                "TimeOut: 5\n\nHooks: http://h/{stages=helo}\n",
+                "3: invalid setting: Hooks (stages=\"helo\": expected mail, rcpt or data",
+            ),
+            (
+                "h2.toml",
+                "timeout = 5\nhooks = [\"http://a/{name=x}\", \"http://b/{name=x}\"]\n",
+                "2: invalid setting: Hooks (two hooks are named \"x\"",
+            ),
+            (
+                "o.yaml",
+                "timeout: 5\nfilter_order: milters hooks\n",
+                "2: invalid setting: FilterOrder (expected milters, hooks and command",
+            ),
+            (
+                "c.conf",
+                "HookConcurrency: 0\n",
+                "1: invalid setting: HookConcurrency (must be between 1 and 4096)",
+            ),
+            (
+                "s.conf",
+                "\nShadowConcurrency: 65537\n",
+                "2: invalid setting: ShadowConcurrency (must be between 1 and 65536)",
+            ),
+            (
+                "t.conf",
+                "HookTimeout: 1ms\n",
+                "1: invalid setting: HookTimeout (value \"1ms\")",
+            ),
+            (
+                "m.conf",
+                "HookMaxSize: 10T\n",
+                "1: invalid setting: HookMaxSize (value \"10T\")",
+            ),
+            (
+                "a.conf",
+                "HookOversizeAction: skip\n",
+                "1: invalid value for HookOversizeAction (must specify 'tempfail'",
+            ),
+            (
+                "v.conf",
+                "Milters: inet:h:1{shadow=perhaps}\n",
+                "1: invalid setting: Milters (shadow=\"perhaps\": expected yes or no)",
+            ),
+        ];
+        for (name, text, want) in cases {
+            let path = write(&dir, name, text);
+            let shown = load(&opts(&path, &[], &[])).unwrap_err().to_string();
+            let want = format!("{}:{want}", path.display());
+            assert!(shown.starts_with(&want), "{shown}\nlacks {want}");
+        }
     }
 
     /// Until milters filter mail, listing one is refused at start-up, not ignored.
@@ -1275,5 +1417,68 @@ reload_watch: no
         );
         s.upstream_tls = UpstreamTls::Opportunistic;
         assert_eq!(validate(&s), Ok(vec![]));
+    }
+
+    /// Client certificate and key come in pairs, per hook once combined with the globals;
+    /// the error names the setting to fix.
+    #[test]
+    fn hook_client_pairs() {
+        let base = Settings {
+            out_address: Some(OutAddress::ClientLoopback(25)),
+            ..Settings::default()
+        };
+        let check = |hooks: &str, cert: Option<&str>, key: Option<&str>| {
+            let s = Settings {
+                hooks: crate::config::hook::parse_hooks(hooks).unwrap(),
+                hook_client_certificate: cert.map(PathBuf::from),
+                hook_client_key: key.map(PathBuf::from),
+                ..base.clone()
+            };
+            validate(&s).map_err(|e| (e.setting, e.to_string()))
+        };
+        let ok = Ok(vec![]);
+        assert_eq!(check("", None, None), ok);
+        assert_eq!(check("", Some("/c"), Some("/k")), ok);
+        assert_eq!(check("http://h/", Some("/c"), Some("/k")), ok);
+        assert_eq!(
+            check("http://h/{client_key=/hk}", Some("/c"), None),
+            ok,
+            "the hook completes the global certificate"
+        );
+        assert_eq!(
+            check(
+                "http://h/{client_certificate=/hc, client_key=/hk}",
+                None,
+                None
+            ),
+            ok
+        );
+        let global_cert = (
+            Some("HookClientKey"),
+            "HookClientCertificate is set but HookClientKey is not".to_string(),
+        );
+        assert_eq!(check("", Some("/c"), None), Err(global_cert.clone()));
+        assert_eq!(check("http://h/", Some("/c"), None), Err(global_cert));
+        assert_eq!(
+            check("http://h/", None, Some("/k")),
+            Err((
+                Some("HookClientCertificate"),
+                "HookClientKey is set but HookClientCertificate is not".to_string()
+            ))
+        );
+        let (setting, message) =
+            check("http://h/{name=p, client_certificate=/hc}", None, None).unwrap_err();
+        assert_eq!(setting, Some("Hooks"));
+        assert!(
+            message.starts_with("Hooks: hook p: client_certificate is set but client_key is not"),
+            "{message}"
+        );
+        let (setting, message) =
+            check("http://h/{name=q, client_key=/hk}", None, None).unwrap_err();
+        assert_eq!(setting, Some("Hooks"));
+        assert!(
+            message.starts_with("Hooks: hook q: client_key is set but client_certificate is not"),
+            "{message}"
+        );
     }
 }

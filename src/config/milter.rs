@@ -8,7 +8,8 @@
 //! `{ inet:127.0.0.1:11332, default_action=accept }`. Options: `name` (the label in logs
 //! and metrics; default the address as written), `connect_timeout`, `command_timeout`,
 //! `content_timeout` (Postfix's durations: `30`, `30s`, `2m`, `1h`, `1d`, `1w`) and
-//! `default_action` (`tempfail`, `accept`, `reject`, `quarantine`). An option not given
+//! `default_action` (`tempfail`, `accept`, `reject`, `quarantine`) and `shadow` (`yes`:
+//! the milter's verdict is recorded, never enforced). An option not given
 //! takes the global setting (`MilterConnectTimeout`, ...): see [`MilterSpec::resolve`].
 
 use std::path::PathBuf;
@@ -111,6 +112,8 @@ pub struct MilterSpec {
     pub timeouts: MilterTimeouts,
     /// `None` takes `MilterDefaultAction`.
     pub default_action: Option<MilterAction>,
+    /// `shadow=yes`: the milter's verdict is recorded, never enforced.
+    pub shadow: bool,
 }
 
 /// A milter with every option decided.
@@ -122,6 +125,8 @@ pub struct MilterConfig {
     pub command_timeout: Duration,
     pub content_timeout: Duration,
     pub default_action: MilterAction,
+    /// Runs as a shadow filter: its verdict is recorded, never enforced.
+    pub shadow: bool,
 }
 
 /// The global values the options fall back to.
@@ -143,6 +148,7 @@ impl MilterSpec {
             command_timeout: self.timeouts.command.unwrap_or(defaults.command_timeout),
             content_timeout: self.timeouts.content.unwrap_or(defaults.content_timeout),
             default_action: self.default_action.unwrap_or(defaults.default_action),
+            shadow: self.shadow,
         }
     }
 }
@@ -190,11 +196,12 @@ impl MilterSpec {
             address: parse_address(address)?,
             timeouts: MilterTimeouts::default(),
             default_action: None,
+            shadow: false,
         })
     }
 }
 
-enum Token<'a> {
+pub(super) enum Token<'a> {
     Word(&'a str),
     /// The text between `{` and `}`.
     Group(&'a str),
@@ -204,7 +211,8 @@ fn is_separator(c: char) -> bool {
     c == ',' || c.is_whitespace()
 }
 
-fn tokens(v: &str) -> Result<Vec<Token<'_>>, String> {
+/// Splits a list value into words and brace groups (shared with `Hooks`).
+pub(super) fn tokens(v: &str) -> Result<Vec<Token<'_>>, String> {
     let mut out = Vec::new();
     let mut rest = v;
     loop {
@@ -322,10 +330,14 @@ fn apply_options<'a>(
                     .ok_or_else(|| bad("expected tempfail, accept, reject or quarantine"))?;
                 spec.default_action = Some(action);
             }
+            "shadow" => {
+                spec.shadow =
+                    super::values::parse_boolean(value).ok_or_else(|| bad("expected yes or no"))?;
+            }
             _ => {
                 return Err(format!(
                     "unknown option {key:?} (name, connect_timeout, command_timeout, \
-                     content_timeout, default_action)"
+                     content_timeout, default_action, shadow)"
                 ))
             }
         }
@@ -368,6 +380,7 @@ mod tests {
             address,
             timeouts: MilterTimeouts::default(),
             default_action: None,
+            shadow: false,
         }
     }
 
@@ -409,6 +422,17 @@ mod tests {
                             content: secs(300),
                         },
                         default_action: Some(MilterAction::Accept),
+                        shadow: false,
+                    },
+                    plain("inet:h:2", tcp("h", 2)),
+                ],
+            ),
+            (
+                "inet:h:1{shadow=yes}, inet:h:2{shadow=off}",
+                vec![
+                    MilterSpec {
+                        shadow: true,
+                        ..plain("inet:h:1", tcp("h", 1))
                     },
                     plain("inet:h:2", tcp("h", 2)),
                 ],
@@ -473,6 +497,10 @@ mod tests {
                 "expected tempfail, accept",
             ),
             ("{inet:h:1, connect_timeout}", "expected option=value"),
+            (
+                "inet:h:1{shadow=maybe}",
+                "shadow=\"maybe\": expected yes or no",
+            ),
         ];
         for (input, want) in cases {
             let err = parse_milters(input).expect_err(input);
@@ -517,7 +545,7 @@ mod tests {
             content_timeout: Duration::from_secs(300),
             default_action: MilterAction::Tempfail,
         };
-        let spec = &parse_milters("inet:h:1{command_timeout=5s, name=m}").unwrap()[0];
+        let spec = &parse_milters("inet:h:1{command_timeout=5s, name=m, shadow=true}").unwrap()[0];
         assert_eq!(
             spec.resolve(&defaults),
             MilterConfig {
@@ -527,6 +555,7 @@ mod tests {
                 command_timeout: Duration::from_secs(5),
                 content_timeout: Duration::from_secs(300),
                 default_action: MilterAction::Tempfail,
+                shadow: true,
             }
         );
         assert_eq!(tcp("::1", 2).to_string(), "inet:[::1]:2");

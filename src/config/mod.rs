@@ -9,6 +9,7 @@
 //! - `address`: the `Listen` / `OutAddress` syntax.
 //! - `cidr`: networks for `ProxyProtocolTrusted`.
 //! - `milter`: the `Milters` list (addresses and per-milter options).
+//! - `hook`: the `Hooks` list (URLs and per-hook options) and the `FilterOrder` words.
 //! - `legacy`: the original `proxsmtpd.conf` reader and the per-setting validation shared by
 //!   every layer.
 //! - `layered`: defaults < config file < `PROXSMTPD_*` environment < command line, merged
@@ -19,6 +20,7 @@
 pub mod address;
 pub mod cidr;
 pub mod file_watch;
+pub mod hook;
 pub mod layered;
 pub mod legacy;
 pub mod milter;

@@ -16,7 +16,13 @@ use super::address::{
     parse_listen, parse_out_address, ListenAddress, OutAddress, DEFAULT_LISTEN_PORT,
 };
 use super::cidr::{parse_cidr_list, Cidr};
-use super::milter::{self, parse_milters, MilterAction, MilterQuarantine, MilterSpec};
+use super::hook::{
+    default_filter_order, parse_concurrency, parse_filter_order, parse_hooks, parse_size,
+    FilterKind, HookSpec,
+};
+use super::milter::{
+    self, parse_duration, parse_milters, MilterAction, MilterQuarantine, MilterSpec,
+};
 use super::values::{self, Parser};
 
 /// How the filter command receives the message.
@@ -371,6 +377,159 @@ registry! {
         doc: "On SIGTERM or SIGINT, the seconds sessions in a transaction may take to finish \
             before they are told 421 and closed.",
     }
+    FilterOrder {
+        key: "filter_order",
+        field: filter_order: Vec<FilterKind> = default_filter_order(),
+        kind: Single,
+        original: false,
+        default: "milters hooks command",
+        parse: |name, v| {
+            parse_filter_order(v).map_err(|e| format!("{} ({e})", values::invalid_setting(name)))
+        },
+        doc: "The order of the filters a message goes through: the words milters (the Milters, \
+            in their order), hooks (the Hooks, in their order) and command (FilterCommand), \
+            each once, comma- or space-separated. The first filter that rejects, tempfails, \
+            discards or quarantines ends the chain.",
+    }
+    FilterShadow {
+        key: "filter_shadow",
+        field: filter_shadow: bool = false,
+        kind: Single,
+        original: false,
+        default: "off",
+        parse: values::boolean,
+        doc: "Run FilterCommand as a shadow filter: it sees every message, its verdict is \
+            recorded (proxsmtpd_shadow_verdicts_total, the log line's shadow= field) but never \
+            enforced, and the live chain has no command.",
+    }
+    Hooks {
+        key: "hooks",
+        field: hooks: Vec<HookSpec> = Vec::new(),
+        kind: CommaList,
+        original: false,
+        default: "none",
+        parse: |name, v| {
+            parse_hooks(v).map_err(|e| format!("{} ({e})", values::invalid_setting(name)))
+        },
+        doc: "HTTP policy services asked about each message with a JSON POST (the MTA Hooks \
+            protocol, version 1), comma- or space-separated: http:// or \
+            https://host[:port]/path, each optionally followed by options in braces, e.g. \
+            https://policy.example:8443/check{name=policy, stages=mail+rcpt+data, \
+            timeout=10s, default_action=tempfail, max_size=10M, oversize_action=accept, \
+            concurrency=32, shadow=yes, ca_file=/etc/hook/ca.pem, \
+            client_certificate=/etc/hook/tls.crt, client_key=/etc/hook/tls.key, \
+            tls_verify=yes, token_file=/var/run/secrets/hook/token}. name labels the hook in \
+            logs and metrics (default the URL) and must be unique; stages is a +-separated \
+            subset of mail, rcpt and data (default data); shadow=yes records the hook's \
+            verdict without enforcing it. The other options default to the Hook* settings.",
+    }
+    HookCaFile {
+        key: "hook_ca_file",
+        field: hook_ca_file: Option<PathBuf> = None,
+        kind: Single,
+        original: false,
+        default: "the system store (/etc/ssl/certs)",
+        parse: values::optional_path,
+        doc: "PEM bundle of the certificate authorities trusted for https:// hooks' \
+            certificates (a hook's ca_file option overrides it).",
+    }
+    HookClientCertificate {
+        key: "hook_client_certificate",
+        field: hook_client_certificate: Option<PathBuf> = None,
+        kind: Single,
+        original: false,
+        default: "none",
+        parse: values::optional_path,
+        doc: "PEM client certificate chain (leaf first) presented to https:// hooks, with \
+            HookClientKey (both or neither; a hook's client_certificate option overrides it).",
+    }
+    HookClientKey {
+        key: "hook_client_key",
+        field: hook_client_key: Option<PathBuf> = None,
+        kind: Single,
+        original: false,
+        default: "none",
+        parse: values::optional_path,
+        doc: "The PEM private key of HookClientCertificate (a hook's client_key option \
+            overrides it).",
+    }
+    HookConcurrency {
+        key: "hook_concurrency",
+        field: hook_concurrency: usize = 32,
+        kind: Single,
+        original: false,
+        default: "32",
+        parse: |name, v| {
+            parse_concurrency(v, 4096)
+                .ok_or_else(|| format!("{} (must be between 1 and 4096)", values::invalid_setting(name)))
+        },
+        doc: "Requests in flight to each hook across the proxy (1 to 4096); more wait for one \
+            to finish (a hook's concurrency option overrides it).",
+    }
+    HookDefaultAction {
+        key: "hook_default_action",
+        field: hook_default_action: MilterAction = MilterAction::Tempfail,
+        kind: Single,
+        original: false,
+        default: "tempfail",
+        parse: |name, v| values::choice(name, v, milter::ACTIONS),
+        doc: "What a message gets when a hook cannot be reached, times out, answers other than \
+            2xx or with JSON that does not parse: tempfail (4xx), accept (go on without that \
+            hook), reject (5xx) or quarantine (a hook's default_action option overrides it).",
+    }
+    HookMaxSize {
+        key: "hook_max_size",
+        field: hook_max_size: u64 = 10 << 20,
+        kind: Single,
+        original: false,
+        default: "10M",
+        parse: |name, v| parse_size(v).ok_or_else(|| values::invalid_setting(name)),
+        doc: "The largest message sent to a hook, in bytes or with a K, M or G suffix (binary: \
+            10M is 10485760); a larger one gets HookOversizeAction (a hook's max_size option \
+            overrides it).",
+    }
+    HookOversizeAction {
+        key: "hook_oversize_action",
+        field: hook_oversize_action: MilterAction = MilterAction::Accept,
+        kind: Single,
+        original: false,
+        default: "accept",
+        parse: |name, v| values::choice(name, v, milter::ACTIONS),
+        doc: "What a message larger than HookMaxSize gets: accept (the hook is not asked), \
+            tempfail, reject or quarantine (a hook's oversize_action option overrides it).",
+    }
+    HookTimeout {
+        key: "hook_timeout",
+        field: hook_timeout: Duration = Duration::from_secs(10),
+        kind: Single,
+        original: false,
+        default: "10s",
+        parse: |name, v| parse_duration(v).ok_or_else(|| values::invalid_setting(name)),
+        doc: "How long a hook has for each request, connecting and sending the message \
+            included, in Postfix's durations (30, 30s, 2m, 1h); then HookDefaultAction \
+            applies (a hook's timeout option overrides it).",
+    }
+    HookTlsVerify {
+        key: "hook_tls_verify",
+        field: hook_tls_verify: bool = true,
+        kind: Single,
+        original: false,
+        default: "on",
+        parse: values::boolean,
+        doc: "Check https:// hooks' certificates and names (a hook's tls_verify option \
+            overrides it). Turn it off only for a hook on the same host or pod.",
+    }
+    HookTokenFile {
+        key: "hook_token_file",
+        field: hook_token_file: Option<PathBuf> = None,
+        kind: Single,
+        original: false,
+        default: "none",
+        parse: values::optional_path,
+        doc: "A file holding a bearer token (e.g. a mounted Kubernetes Secret) sent to hooks as \
+            Authorization: Bearer TOKEN; re-read when it changes (a hook's token_file option \
+            overrides it).",
+    }
     Milters {
         key: "milters",
         field: milters: Vec<MilterSpec> = Vec::new(),
@@ -384,10 +543,12 @@ registry! {
             comma- or space-separated as Postfix's smtpd_milters: inet:host:port, \
             inet6:[address]:port or unix:/path, each optionally followed by options in braces, \
             e.g. inet:127.0.0.1:11332{name=rspamd, connect_timeout=10s, command_timeout=10s, \
-            content_timeout=5m, default_action=accept} (or Postfix's { address, options }). \
+            content_timeout=5m, default_action=accept, shadow=no} (or Postfix's { address, \
+            options }). \
             name labels the milter in logs and metrics (default the address); the timeouts \
             take Postfix's durations (30, 30s, 2m, 1h) and default to the Milter*Timeout \
-            settings; default_action to MilterDefaultAction.",
+            settings; default_action to MilterDefaultAction. shadow=yes makes the milter a shadow \
+            filter: its verdict is recorded, never enforced.",
     }
     MilterCommandTimeout {
         key: "milter_command_timeout",
@@ -544,6 +705,19 @@ registry! {
         parse: values::boolean,
         doc: "Watch the configuration file and the filter script and apply changes to new \
             messages, as SIGHUP does.",
+    }
+    ShadowConcurrency {
+        key: "shadow_concurrency",
+        field: shadow_concurrency: usize = 64,
+        kind: Single,
+        original: false,
+        default: "64",
+        parse: |name, v| {
+            parse_concurrency(v, 65536)
+                .ok_or_else(|| format!("{} (must be between 1 and 65536)", values::invalid_setting(name)))
+        },
+        doc: "Shadow filter runs in flight across the proxy (1 to 65536); beyond that a shadow \
+            run is dropped, never queued, and counted as the shadow verdict dropped.",
     }
     TlsCertificate {
         key: "tls_certificate",
@@ -740,6 +914,77 @@ mod tests {
             s("MilterContentTimeout", "0").unwrap_err(),
             "invalid setting: MilterContentTimeout"
         );
+        assert_eq!(
+            s("Hooks", "http://h/{name=p, shadow=yes}").unwrap().hooks[0].name,
+            "p"
+        );
+        assert_eq!(
+            s("Hooks", "ftp://h/").unwrap_err(),
+            "invalid setting: Hooks (\"ftp://h/\": the scheme must be http or https)"
+        );
+        assert_eq!(
+            s("HookTimeout", "2m").unwrap().hook_timeout,
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            s("HookTimeout", "30").unwrap().hook_timeout,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            s("HookTimeout", "0").unwrap_err(),
+            "invalid setting: HookTimeout"
+        );
+        assert_eq!(
+            s("HookDefaultAction", "quarantine")
+                .unwrap()
+                .hook_default_action,
+            MilterAction::Quarantine
+        );
+        assert_eq!(
+            s("HookOversizeAction", "tempfail")
+                .unwrap()
+                .hook_oversize_action,
+            MilterAction::Tempfail
+        );
+        assert_eq!(s("HookMaxSize", "123").unwrap().hook_max_size, 123);
+        assert_eq!(s("HookMaxSize", "10K").unwrap().hook_max_size, 10240);
+        assert_eq!(s("HookMaxSize", "10M").unwrap().hook_max_size, 10 << 20);
+        assert_eq!(s("HookMaxSize", "1G").unwrap().hook_max_size, 1 << 30);
+        assert_eq!(
+            s("HookMaxSize", "1.5M").unwrap_err(),
+            "invalid setting: HookMaxSize"
+        );
+        assert_eq!(s("HookConcurrency", "4096").unwrap().hook_concurrency, 4096);
+        assert_eq!(
+            s("HookConcurrency", "4097").unwrap_err(),
+            "invalid setting: HookConcurrency (must be between 1 and 4096)"
+        );
+        assert_eq!(s("ShadowConcurrency", "1").unwrap().shadow_concurrency, 1);
+        assert_eq!(
+            s("ShadowConcurrency", "0").unwrap_err(),
+            "invalid setting: ShadowConcurrency (must be between 1 and 65536)"
+        );
+        assert!(!s("HookTlsVerify", "off").unwrap().hook_tls_verify);
+        assert!(s("FilterShadow", "yes").unwrap().filter_shadow);
+        assert_eq!(
+            s("HookTokenFile", "/run/t").unwrap().hook_token_file,
+            Some(PathBuf::from("/run/t"))
+        );
+        assert_eq!(
+            s("FilterOrder", "command hooks milters")
+                .unwrap()
+                .filter_order,
+            [FilterKind::Command, FilterKind::Hooks, FilterKind::Milters]
+        );
+        assert_eq!(
+            s("FilterOrder", "hooks, milters, command, hooks").unwrap_err(),
+            "invalid setting: FilterOrder (hooks is listed twice)"
+        );
+        assert_eq!(
+            Settings::default().filter_order,
+            [FilterKind::Milters, FilterKind::Hooks, FilterKind::Command]
+        );
+        assert!(s("Milters", "inet:h:1{shadow=on}").unwrap().milters[0].shadow);
         assert_eq!(
             s("TlsListen", "0").unwrap_err(),
             "invalid TlsListen socket name or ip: 0"
