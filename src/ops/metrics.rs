@@ -175,7 +175,26 @@ pub(crate) struct Metrics {
     milter_errors: IntCounterVec,
     milter_envelope_refusals: IntCounterVec,
     milter_quarantined: IntCounterVec,
+    hook_replies: IntCounterVec,
+    hook_duration: prometheus::HistogramVec,
+    hook_errors: IntCounterVec,
+    shadow_verdicts: IntCounterVec,
 }
+
+/// The `kind` label of `proxsmtpd_hook_errors_total`.
+pub(crate) const HOOK_ERROR_KINDS: [&str; 5] =
+    ["connect", "timeout", "status", "parse", "oversize"];
+
+/// The `action` label of `proxsmtpd_hook_replies_total` (failed: no usable answer, the
+/// hook's default action applied; skipped: the message was over the hook's max_size).
+pub(crate) const HOOK_ACTIONS: [&str; 6] = [
+    "accept",
+    "reject",
+    "discard",
+    "quarantine",
+    "failed",
+    "skipped",
+];
 
 /// The `kind` label of `proxsmtpd_milter_errors_total`.
 pub(crate) const MILTER_ERROR_KINDS: [&str; 8] = [
@@ -377,6 +396,31 @@ impl Metrics {
                 "proxsmtpd_milter_quarantined_total",
                 "Messages a milter quarantined, by milter and what MilterQuarantine did with them (hold, reject, tempfail).",
                 &["milter", "disposition"],
+            ),
+            hook_replies: reg.counter_vec(
+                "proxsmtpd_hook_replies_total",
+                "HTTP hook answers, by hook (its configured name), stage (mail, rcpt, data) and action (failed: no usable answer, the hook's default action applied; skipped: over max_size).",
+                &["hook", "stage", "action"],
+            ),
+            hook_duration: prometheus::HistogramVec::new(
+                HistogramOpts::new(
+                    "proxsmtpd_hook_duration_seconds",
+                    "Time an HTTP hook took to answer, the wait for a free connection included, by hook and stage.",
+                )
+                .buckets(REPLY_BUCKETS.to_vec()),
+                &["hook", "stage"],
+            )
+            .map(|h| reg.add(h))
+            .expect("valid metric definition"),
+            hook_errors: reg.counter_vec(
+                "proxsmtpd_hook_errors_total",
+                "HTTP hook calls that failed, by hook and kind (connect, timeout, status, parse, oversize).",
+                &["hook", "kind"],
+            ),
+            shadow_verdicts: reg.counter_vec(
+                "proxsmtpd_shadow_verdicts_total",
+                "Verdicts of shadow filters (recorded, never enforced) beside the live chain's for the same message, by filter (milter:NAME, hook:NAME, command), live and shadow verdict (accept, reject, tempfail, discard, quarantine, error, dropped).",
+                &["filter", "live", "shadow"],
             ),
             registry,
         };
@@ -597,6 +641,47 @@ impl Metrics {
     pub(crate) fn milter_quarantined(&self, milter: &str, disposition: &str) {
         self.milter_quarantined
             .with_label_values(&[milter, disposition])
+            .inc();
+    }
+
+    /// Starts every series of a configured hook at zero, so that its rates and alerts work
+    /// before mail flows.
+    pub(crate) fn hook_configured(&self, hook: &str, stages: &[&str]) {
+        for kind in HOOK_ERROR_KINDS {
+            self.hook_errors.with_label_values(&[hook, kind]);
+        }
+        for stage in stages {
+            for action in HOOK_ACTIONS {
+                self.hook_replies.with_label_values(&[hook, stage, action]);
+            }
+            self.hook_duration.with_label_values(&[hook, stage]);
+        }
+    }
+
+    /// A hook's answer (or failure: action `failed`) at `stage`, after `duration`.
+    pub(crate) fn hook_reply(&self, hook: &str, stage: &str, action: &str, duration: Duration) {
+        self.hook_replies
+            .with_label_values(&[hook, stage, action])
+            .inc();
+        self.hook_duration
+            .with_label_values(&[hook, stage])
+            .observe(duration.as_secs_f64());
+    }
+
+    pub(crate) fn hook_skipped(&self, hook: &str, stage: &str) {
+        self.hook_replies
+            .with_label_values(&[hook, stage, "skipped"])
+            .inc();
+    }
+
+    pub(crate) fn hook_error(&self, hook: &str, kind: &str) {
+        self.hook_errors.with_label_values(&[hook, kind]).inc();
+    }
+
+    /// A shadow filter's verdict on a message, beside the live chain's.
+    pub(crate) fn shadow_verdict(&self, filter: &str, live: &str, shadow: &str) {
+        self.shadow_verdicts
+            .with_label_values(&[filter, live, shadow])
             .inc();
     }
 

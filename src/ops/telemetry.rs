@@ -254,6 +254,8 @@ pub(crate) fn message_span() -> Span {
         message.size_bytes = Empty,
         message.recipients = Empty,
         filter.duration_ms = Empty,
+        filter.decided_by = Empty,
+        shadow.verdicts = Empty,
         upstream.reply_code = Empty,
         tls.established = Empty,
         tls.protocol.version = Empty,

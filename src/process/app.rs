@@ -148,6 +148,10 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Err(e) = crate::proxy::hook::hooks_for(&settings) {
+        eprintln!("proxsmtpd: Hooks: {e}");
+        return ExitCode::from(1);
+    }
     let mut pid_path = args.pid_file.clone();
     if let Some(p) = &settings.pid_file {
         if pid_path.is_some() {
@@ -511,10 +515,11 @@ async fn signals(
 pub(crate) async fn reload(args: &RunArgs, settings_tx: &watch::Sender<Arc<Settings>>) {
     let args = args.clone();
     let loaded = file_watch::off_runtime(move || {
-        load(&args).map(|(settings, _)| {
-            let ready = crate::filter::check::filter_ready(&settings);
-            (settings, ready)
-        })
+        let (settings, _) = load(&args).map_err(|e| e.to_string())?;
+        // A hook whose certificate, key or token cannot be read refuses the reload.
+        crate::proxy::hook::hooks_for(&settings).map_err(|e| format!("Hooks: {e}"))?;
+        let ready = crate::filter::check::filter_ready(&settings);
+        Ok::<_, String>((settings, ready))
     })
     .await;
     match loaded {

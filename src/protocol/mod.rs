@@ -3,9 +3,9 @@
 pub mod command;
 pub mod data;
 pub mod deadline;
-pub mod hook;
 pub mod ehlo;
 pub mod encode;
+pub mod hook;
 pub mod line;
 pub mod milter;
 pub mod proxy_header;

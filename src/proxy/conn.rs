@@ -14,6 +14,7 @@ use crate::config::Settings;
 use crate::ops::metrics::UpstreamStage;
 use crate::protocol::relay::Relay;
 use crate::protocol::reply::Reply;
+use crate::protocol::session::Envelope;
 use crate::proxy::tls::TlsInfo;
 
 pub(crate) const REPLY_UPSTREAM_UNAVAILABLE: &[u8] =
@@ -61,9 +62,115 @@ pub(crate) struct Conn {
     pub(crate) upstream_active: Instant,
     /// The session's milters (`Milters`), when there are any.
     pub(crate) milters: Option<crate::proxy::milter::MilterChain>,
+    /// The configured HTTP hooks (`Hooks`), when there are any.
+    pub(crate) hooks: Option<std::sync::Arc<crate::proxy::hook::Hooks>>,
+    /// The current transaction's MAIL and RCPT lines, as the client sent them.
+    pub(crate) lines: EnvelopeLines,
+    /// The shadow filters running on the current message.
+    pub(crate) shadows: Option<crate::proxy::transaction::Shadows>,
+    /// The current message's outcome, logged when its shadows are done.
+    pub(crate) deferred: Option<(Envelope, crate::proxy::observe::MessageOutcome)>,
+    /// Close the session once the next reply is written (a hook's `disconnect`).
+    pub(crate) close_after_reply: bool,
+}
+
+/// The envelope lines of the current transaction, as the client sent them: what the
+/// hooks are told (with their ESMTP parameters) and what is sent again when a filter
+/// changes the envelope. Also what the filters decided at MAIL and RCPT for the message.
+#[derive(Debug, Default)]
+pub(crate) struct EnvelopeLines {
+    pub(crate) mail: Option<Vec<u8>>,
+    /// RCPT lines by address.
+    pub(crate) rcpts: Vec<(String, Vec<u8>)>,
+    /// Messages begun (MAIL lines) in the session: the queue id's second part.
+    pub(crate) messages: u32,
+    /// The hook that discarded the message at MAIL or RCPT.
+    pub(crate) discarded_by: Option<String>,
+    /// The hook that quarantined the message at MAIL or RCPT, and why.
+    pub(crate) quarantined_by: Option<(String, String)>,
+}
+
+impl EnvelopeLines {
+    /// A new MAIL line: a new transaction.
+    pub(crate) fn mail(&mut self, line: &[u8]) {
+        self.mail = Some(line.to_vec());
+        self.rcpts.clear();
+        self.messages += 1;
+        self.discarded_by = None;
+        self.quarantined_by = None;
+    }
+
+    pub(crate) fn rcpt(&self, address: &str) -> Option<&[u8]> {
+        self.rcpts
+            .iter()
+            .rev()
+            .find(|(a, _)| a.eq_ignore_ascii_case(address))
+            .map(|(_, l)| l.as_slice())
+    }
 }
 
 impl Conn {
+    /// The current message's queue id: the connection's id and the message's number (the
+    /// milters' `i` macro, the hooks' `queue.id`).
+    pub(crate) fn queue_id(&self) -> String {
+        format!("{}.{}", self.id, self.lines.messages)
+    }
+
+    /// The context of a hook request at `stage`.
+    pub(crate) fn hook_context(
+        &self,
+        stage: crate::config::hook::HookStage,
+    ) -> crate::protocol::hook::request::Context {
+        use crate::protocol::hook::request::{Client, Context, Protocol, Queue, Server, Tls};
+        let client = self.milter_client();
+        Context {
+            stage: stage.label(),
+            client: Client {
+                ip: client.addr.map_or_else(String::new, |a| a.ip().to_string()),
+                port: client.addr.map_or(0, |a| a.port()),
+                ptr: None,
+                helo: client.helo,
+                active_connections: 1,
+            },
+            tls: client.tls.map(|(version, cipher)| Tls { version, cipher }),
+            server: Server {
+                name: Some(crate::proxy::hook::server_name().to_string()),
+                port: self.info.local.map_or(0, |a| a.port()),
+                ip: self.info.local.map(|a| a.ip().to_string()),
+            },
+            queue: Some(Queue {
+                id: self.queue_id(),
+            }),
+            protocol: Protocol { version: 1 },
+        }
+    }
+
+    /// The envelope a hook is told of: the sender and recipients with the parameters of
+    /// the client's lines.
+    pub(crate) fn hook_envelope(
+        &self,
+        envelope: &Envelope,
+    ) -> (
+        crate::protocol::hook::request::Address,
+        Vec<crate::protocol::hook::request::Address>,
+    ) {
+        use crate::protocol::hook::request::Address;
+        let sender = envelope.sender.as_deref().unwrap_or("<>");
+        let from = match &self.lines.mail {
+            Some(line) => Address::from_line(sender, line),
+            None => Address::bare(sender),
+        };
+        let to = envelope
+            .recipients
+            .iter()
+            .map(|r| match self.lines.rcpt(r) {
+                Some(line) => Address::from_line(r, line),
+                None => Address::bare(r),
+            })
+            .collect();
+        (from, to)
+    }
+
     /// The client as milters are told of it.
     pub(crate) fn milter_client(&self) -> crate::proxy::milter::ClientInfo {
         // A client that forwards for another (XFORWARD accepted by the upstream) speaks

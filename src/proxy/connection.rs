@@ -32,7 +32,7 @@ use crate::ops::metrics::UpstreamStage;
 use crate::protocol::line::trim_line_end;
 use crate::protocol::relay::{End, Relay, Stage, Step};
 use crate::protocol::reply::Reply;
-use crate::protocol::session::{Policy, Session, TlsPolicy};
+use crate::protocol::session::{EnvelopeCommand, Policy, Session, TlsPolicy};
 
 /// Everything a connection needs from the server.
 pub(crate) struct Shared {
@@ -245,6 +245,21 @@ pub(crate) async fn serve(
         }
     }
 
+    // Checked at start and reload, so only a hook file that broke since can fail here;
+    // mail is then refused for now, never let through unfiltered.
+    let hooks = match super::hook::hooks_for(&settings) {
+        Ok(hooks) => hooks,
+        Err(e) => {
+            tracing::error!("{id}: {e}");
+            observe::replies_sent(REPLY_FILTER_UNAVAILABLE);
+            let _ =
+                tokio::time::timeout(settings.timeout, client.write_all(REPLY_FILTER_UNAVAILABLE))
+                    .await;
+            let _ = client.shutdown().await;
+            return;
+        }
+    };
+
     let upstream = match upstream::connect(&settings, &info, settings.timeout).await {
         Ok(u) => u,
         Err(e) => {
@@ -269,8 +284,11 @@ pub(crate) async fn serve(
     let mut core = Relay::new(session, settings.timeout, std::time::Instant::now());
     core.client_buf = received;
     let milters = milter_chain(&settings);
-    // With milters, each MAIL and RCPT waits for their verdict before it goes upstream.
-    core.check_envelope(milters.is_some());
+    // With milters or hooks, each MAIL and RCPT waits for their verdict before it goes
+    // upstream (and is recorded for them and for shadow filters).
+    core.check_envelope(
+        milters.is_some() || hooks.is_some() || super::transaction::shadows_configured(&settings),
+    );
     core.trace_client_lines(tracing::enabled!(tracing::Level::DEBUG));
     let mut conn = Conn {
         id,
@@ -284,6 +302,11 @@ pub(crate) async fn serve(
         relay: core,
         upstream_active: Instant::now(),
         milters,
+        hooks,
+        lines: Default::default(),
+        shadows: None,
+        deferred: None,
+        close_after_reply: false,
     };
     let mut hard_stop = shared.hard_stop.clone();
     let result = tokio::select! {
@@ -324,6 +347,8 @@ pub(crate) async fn serve(
     }
 }
 
+const REPLY_FILTER_UNAVAILABLE: &[u8] = b"421 4.3.0 Filter unavailable, try again later\r\n";
+
 /// The session's milters, from the settings at its start.
 fn milter_chain(settings: &Settings) -> Option<MilterChain> {
     if settings.milters.is_empty() {
@@ -335,11 +360,16 @@ fn milter_chain(settings: &Settings) -> Option<MilterChain> {
         content_timeout: settings.milter_content_timeout,
         default_action: settings.milter_default_action,
     };
-    let configs = settings
+    // Shadow milters get a connection of their own per message (see transaction::shadow).
+    let configs: Vec<_> = settings
         .milters
         .iter()
+        .filter(|m| !m.shadow)
         .map(|m| m.resolve(&defaults))
         .collect();
+    if configs.is_empty() {
+        return None;
+    }
     Some(MilterChain::new(configs, settings.milter_protocol))
 }
 
@@ -433,7 +463,12 @@ async fn perform(conn: &mut Conn, step: Step, shared: &Shared) -> Result<(), Fat
         }
         Step::ToClient(bytes) => {
             trace_line(conn.id, "CLIENT >", &bytes);
-            conn.send_client(&bytes).await
+            conn.send_client(&bytes).await?;
+            if conn.close_after_reply {
+                tracing::info!("{}: closing the session as a hook asked", conn.id);
+                return Err(Fatal::Done);
+            }
+            Ok(())
         }
         Step::ClientLine(line) => {
             trace_line(conn.id, "CLIENT <", &line);
@@ -448,7 +483,15 @@ async fn perform(conn: &mut Conn, step: Step, shared: &Shared) -> Result<(), Fat
             Ok(())
         }
         Step::CheckEnvelope { command, line } => {
-            let refusal = match conn.milters.take() {
+            match command {
+                EnvelopeCommand::Mail => conn.lines.mail(&line),
+                EnvelopeCommand::Rcpt => {
+                    let address =
+                        crate::protocol::command::envelope_address(&line).unwrap_or_default();
+                    conn.lines.rcpts.push((address, line.to_vec()));
+                }
+            }
+            let mut refusal = match conn.milters.take() {
                 Some(mut chain) => {
                     let client = conn.milter_client();
                     let refusal = chain.envelope(command, &line, &client).await;
@@ -457,9 +500,12 @@ async fn perform(conn: &mut Conn, step: Step, shared: &Shared) -> Result<(), Fat
                 }
                 None => None,
             };
+            if refusal.is_none() {
+                refusal = hooks_envelope(conn, command, &line).await;
+            }
             if let Some(reply) = &refusal {
                 tracing::info!(
-                    "{}: milter refused {}: {}",
+                    "{}: filter refused {}: {}",
                     conn.id,
                     observe::printable(&String::from_utf8_lossy(trim_line_end(&line))),
                     observe::printable(&String::from_utf8_lossy(trim_line_end(reply)))
@@ -499,6 +545,82 @@ async fn perform(conn: &mut Conn, step: Step, shared: &Shared) -> Result<(), Fat
             Err(protocol_error(upstream_stage(stage), reason))
         }
     }
+}
+
+/// Asks the live hooks configured for the MAIL or RCPT stage about `line`: `None` relays
+/// it, `Some(reply)` refuses it (a refused RCPT is that recipient alone). A discard or a
+/// quarantine is kept for the message's data stage.
+async fn hooks_envelope(conn: &mut Conn, command: EnvelopeCommand, line: &[u8]) -> Option<Vec<u8>> {
+    use crate::config::hook::HookStage;
+    use crate::config::milter::MilterAction;
+    use crate::protocol::hook::answer::Action;
+    use crate::protocol::hook::request::{self, Address, Envelope as HookEnvelope};
+    let hooks = conn.hooks.clone()?;
+    let stage = match command {
+        EnvelopeCommand::Mail => HookStage::Mail,
+        EnvelopeCommand::Rcpt => HookStage::Rcpt,
+    };
+    if hooks.live_at(stage).next().is_none() || conn.lines.discarded_by.is_some() {
+        return None;
+    }
+    let mail = conn.lines.mail.clone().unwrap_or_default();
+    let sender = crate::protocol::command::envelope_address(&mail).unwrap_or_default();
+    let from = Address::from_line(&sender, &mail);
+    let mut to: Vec<Address> = Vec::new();
+    if stage == HookStage::Rcpt {
+        let (_, accepted) = conn.hook_envelope(conn.relay.envelope());
+        to = accepted;
+        let address = crate::protocol::command::envelope_address(line).unwrap_or_default();
+        to.push(Address::from_line(&address, line));
+    }
+    let body = request::render(&conn.hook_context(stage), &HookEnvelope { from, to }, None).before;
+    for hook in hooks.live_at(stage) {
+        let name = hook.name().to_string();
+        let (action, reply, disconnect, reason) = match hook.ask(stage, body.clone().into()).await {
+            Ok(answer) => (
+                answer.action,
+                answer.reply.clone(),
+                answer.disconnect,
+                answer.reason.clone(),
+            ),
+            Err(e) => match hook.config.default_action {
+                MilterAction::Accept => continue,
+                MilterAction::Reject => (
+                    Action::Reject,
+                    Some(b"550 5.7.1 Command rejected\r\n".to_vec()),
+                    false,
+                    String::new(),
+                ),
+                MilterAction::Tempfail => (
+                    Action::Reject,
+                    Some(b"451 4.7.1 Service unavailable - try again later\r\n".to_vec()),
+                    false,
+                    String::new(),
+                ),
+                MilterAction::Quarantine => {
+                    (Action::Quarantine, None, false, format!("hook failed: {e}"))
+                }
+            },
+        };
+        match action {
+            Action::Accept => {}
+            Action::Reject => {
+                conn.close_after_reply |= disconnect;
+                return Some(reply.unwrap_or_else(|| b"550 5.7.1 Command rejected\r\n".to_vec()));
+            }
+            Action::Discard => {
+                // The whole message, as for milters.
+                conn.lines.discarded_by = Some(name);
+                return None;
+            }
+            Action::Quarantine => {
+                conn.lines
+                    .quarantined_by
+                    .get_or_insert((format!("hook {name}"), reason));
+            }
+        }
+    }
+    None
 }
 
 /// The original's debug trace of every relayed line, cut at 79 characters.

@@ -2,6 +2,7 @@
 //! options, the message transaction and the milter client.
 pub mod conn;
 pub mod connection;
+pub mod hook;
 pub mod io;
 pub mod milter;
 pub mod observe;

@@ -54,8 +54,11 @@ pub(crate) struct MessageOutcome {
     pub(crate) started: Instant,
     pub(crate) filter_time: Option<Duration>,
     pub(crate) upstream_code: Option<u16>,
-    /// The milter that decided the outcome (or last changed the message).
-    pub(crate) milter: Option<String>,
+    /// The network filter that decided the outcome (or last changed the message):
+    /// `milter NAME` or `hook NAME`.
+    pub(crate) by: Option<String>,
+    /// The shadow filters' verdicts, `filter:verdict` separated by commas.
+    pub(crate) shadow: Option<String>,
 }
 
 impl MessageOutcome {
@@ -72,7 +75,8 @@ impl MessageOutcome {
             started,
             filter_time: None,
             upstream_code: None,
-            milter: None,
+            by: None,
+            shadow: None,
         }
     }
 
@@ -102,9 +106,17 @@ impl MessageOutcome {
         self
     }
 
-    pub(crate) fn by_milter(mut self, milter: String) -> Self {
-        self.milter = Some(milter);
+    /// The network filter (`milter NAME`, `hook NAME`) that decided.
+    pub(crate) fn by(mut self, filter: String) -> Self {
+        self.by = Some(filter);
         self
+    }
+
+    fn by_kind(&self, kind: &str) -> Option<&str> {
+        self.by
+            .as_deref()
+            .and_then(|b| b.strip_prefix(kind))
+            .and_then(|b| b.strip_prefix(' '))
     }
 
     pub(crate) fn unfiltered(mut self) -> Self {
@@ -125,7 +137,7 @@ impl MessageOutcome {
         match self.verdict {
             MessageVerdict::LocalError => MessageSource::Local,
             MessageVerdict::Dropped => MessageSource::Filter,
-            _ if self.milter.is_some() && self.upstream_code.is_none() => MessageSource::Filter,
+            _ if self.by.is_some() && self.upstream_code.is_none() => MessageSource::Filter,
             _ if self.upstream_code.is_some() => MessageSource::Upstream,
             MessageVerdict::Accepted => MessageSource::Upstream,
             _ if self.filter_time.is_some() => MessageSource::Filter,
@@ -182,7 +194,14 @@ pub(crate) fn message(conn: &impl Connection, envelope: &Envelope, outcome: Mess
         },
     );
     let tls = conn.tls();
-    record_tls(&tracing::Span::current(), tls);
+    let span = tracing::Span::current();
+    record_tls(&span, tls);
+    if let Some(by) = &outcome.by {
+        span.record("filter.decided_by", by.as_str());
+    }
+    if let Some(shadow) = &outcome.shadow {
+        span.record("shadow.verdicts", shadow.as_str());
+    }
     tracing::info!(
         target: "proxsmtpd::message",
         verdict,
@@ -194,7 +213,9 @@ pub(crate) fn message(conn: &impl Connection, envelope: &Envelope, outcome: Mess
         tls = tls.is_some(),
         tls_version = tls.map(|t| t.version),
         tls_cipher = tls.map(|t| t.cipher.as_str()),
-        milter = outcome.milter.as_deref(),
+        milter = outcome.by_kind("milter"),
+        hook = outcome.by_kind("hook"),
+        shadow = outcome.shadow.as_deref(),
         "{}: {}",
         conn.id(),
         summary(conn, envelope, outcome.status.as_deref())

@@ -378,6 +378,37 @@ fn client_config(key: &ClientKey) -> Result<ClientConfig, TlsError> {
     Ok(config)
 }
 
+/// The TLS configuration of an HTTP hook: its CA bundle (else the system's), or no
+/// verification; a client certificate and key for mutual TLS; HTTP/1.1 by ALPN.
+pub(crate) fn hook_client_config(
+    ca: Option<&Path>,
+    verify: bool,
+    client: Option<(&Path, &Path)>,
+) -> Result<ClientConfig, TlsError> {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3");
+    let builder = if verify {
+        builder.with_root_certificates(roots(ca)?)
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+    };
+    let mut config = match client {
+        Some((cert, key)) => {
+            let certified = load_certified_key(cert, key)?;
+            builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                certified,
+            )))
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// The proxy's side of upstream TLS. The configuration is built on first use and again
 /// when a reload changes `UpstreamTlsCa` or `UpstreamTlsVerify` (reading the system store
 /// for every connection would cost milliseconds).

@@ -22,8 +22,12 @@
 //! Spool files are created, written, read and removed on the blocking pool ([`spool`]): a
 //! slow TempDirectory holds up the message that uses it, not the other sessions.
 
+mod hooks;
 mod milters;
+mod shadow;
 mod spool;
+
+pub(crate) use shadow::{configured as shadows_configured, Shadows};
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -33,6 +37,7 @@ use tokio::io::AsyncReadExt;
 
 use super::conn::{Conn, Fatal, READ_BUFFER};
 use super::observe::{self, MessageOutcome};
+use crate::config::hook::{FilterKind, HookStage};
 use crate::config::FilterType;
 use crate::filter::header::{self, HeaderContext};
 use crate::filter::run::{self as filter_run, FilterJob, Mode};
@@ -66,11 +71,29 @@ pub(crate) async fn run(conn: &mut Conn, envelope: &Envelope, mode: DataMode) ->
         DataMode::Filter
             if conn.settings.filter_command.is_none()
                 && conn.settings.keep_alives.is_none()
-                && conn.milters.is_none() =>
+                && conn.milters.is_none()
+                && conn.hooks.is_none()
+                && !shadow::configured(&conn.settings) =>
         {
             unfiltered(conn, envelope).instrument(span).await
         }
-        DataMode::Filter => filtered(conn, envelope).instrument(span).await,
+        DataMode::Filter => {
+            async {
+                let result = filtered(conn, envelope).await;
+                // The client has its answer: the shadows' verdicts join the message's log
+                // line (waited for at most until each shadow's own limit).
+                if let Some(shadows) = conn.shadows.take() {
+                    if let Some((envelope, mut outcome)) = conn.deferred.take() {
+                        let live = shadow::live_word(outcome.verdict, outcome.status.as_deref());
+                        outcome.shadow = shadows.finish(live).await;
+                        observe::message(conn, &envelope, outcome);
+                    }
+                }
+                result
+            }
+            .instrument(span)
+            .await
+        }
     }
 }
 
@@ -251,7 +274,7 @@ async fn refuse_nul(
         size,
         started,
     );
-    observe::message(conn, envelope, outcome.clone());
+    finished(conn, envelope, outcome.clone());
     Ok(outcome)
 }
 
@@ -304,7 +327,7 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         Err(Interrupted { fatal, .. }) => {
             // The client left mid-body: the upstream never saw DATA, so RSET is enough.
             let _ = conn.command(b"RSET\r\n", UpstreamStage::Command).await;
-            observe::message(conn, envelope, MessageOutcome::local_error(0, started));
+            finished(conn, envelope, MessageOutcome::local_error(0, started));
             return Err(fatal);
         }
     };
@@ -313,71 +336,124 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
         return Ok(());
     }
-    let mut spool = match (spool, written) {
+    let spool = match (spool, written) {
         (Ok(spool), Ok(())) => spool,
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!("{}: couldn't write cache file: {e}", conn.id);
             return local_error(conn, envelope, size, started, None).await;
         }
     };
+    if shadow::configured(&settings) {
+        let input = shadow_input(conn, envelope, size, &settings.temp_directory);
+        let hooks = conn.hooks.clone();
+        conn.shadows = Some(shadow::start(&settings, hooks.as_ref(), input, spool.path()).await);
+    }
 
-    // The milters first; the filter command gets what they left.
-    let mut milter_envelope = None;
-    if conn.milters.is_some() {
-        match milter_stage(conn, envelope, &spool, size, started).await? {
-            MilterStep::Answered => return Ok(()),
-            MilterStep::Go { content, envelope } => {
-                if let Some(content) = content {
-                    spool = content;
-                }
-                milter_envelope = envelope;
+    // The live chain, in FilterOrder: each filter gets the message (and envelope) as the
+    // ones before it left it.
+    let mut current = Current {
+        content: spool,
+        output,
+        envelope: None,
+        filter_time: None,
+    };
+    let mut filtered_by_any = false;
+    for kind in settings.filter_order.clone() {
+        let step = match kind {
+            FilterKind::Milters if conn.milters.is_some() => {
+                network_stage(conn, kind, envelope, &mut current, size, started).await?
             }
+            FilterKind::Hooks if conn.hooks.as_ref().is_some_and(|h| h.has_live()) => {
+                network_stage(conn, kind, envelope, &mut current, size, started).await?
+            }
+            FilterKind::Command if settings.filter_command.is_some() && !settings.filter_shadow => {
+                command_stage(conn, envelope, &mut current, size, started).await?
+            }
+            _ => continue,
+        };
+        filtered_by_any = true;
+        if let Stage::Answered = step {
+            return Ok(());
         }
     }
-    let envelope = milter_envelope.as_ref().unwrap_or(envelope);
-
-    let Some(command) = settings.filter_command.clone() else {
-        if conn.milters.is_none() {
-            tracing::warn!(
-                "{}: no filter command specified. passing message through",
-                conn.id
-            );
-        }
-        let outcome = deliver_recorded(conn, envelope, spool.path(), size, started).await?;
-        let outcome = if conn.milters.is_some() {
-            outcome
-        } else {
-            outcome.unfiltered()
-        };
-        observe::message(conn, envelope, outcome);
-        return Ok(());
+    let envelope = current.envelope.as_ref().unwrap_or(envelope);
+    if !filtered_by_any {
+        tracing::warn!(
+            "{}: no filter command specified. passing message through",
+            conn.id
+        );
+    }
+    let outcome = deliver_recorded(conn, envelope, current.content.path(), size, started).await?;
+    let outcome = match current.filter_time {
+        Some(time) => outcome.with_filter(time),
+        None if filtered_by_any => outcome,
+        None => outcome.unfiltered(),
     };
+    finished(conn, envelope, outcome);
+    Ok(())
+}
 
-    let mode = match output {
+/// The message as the live filters leave it, stage by stage.
+struct Current {
+    /// The message as it stands.
+    content: Spool,
+    /// A pipe filter's output file, created with the spool file.
+    output: Option<Spool>,
+    /// The envelope when a filter changed it.
+    envelope: Option<Envelope>,
+    /// How long the filter command took.
+    filter_time: Option<Duration>,
+}
+
+/// Where the message stands after a stage of the live chain.
+enum Stage {
+    /// The client has its answer; the upstream was reset.
+    Answered,
+    /// On to the next stage.
+    Go,
+}
+
+/// The filter command's stage: runs it on the message as it stands, then delivers nothing
+/// and answers the client (reject, defer, drop, failure) or goes on with its result.
+async fn command_stage(
+    conn: &mut Conn,
+    original: &Envelope,
+    current: &mut Current,
+    size: u64,
+    started: Instant,
+) -> Result<Stage, Fatal> {
+    let settings = conn.settings.clone();
+    let Some(command) = settings.filter_command.clone() else {
+        return Ok(Stage::Go);
+    };
+    let envelope = current.envelope.clone();
+    let envelope = envelope.as_ref().unwrap_or(original);
+    let mode = match current.output {
         Some(_) => Mode::Pipe,
         None => Mode::File,
     };
     let mut env = filter_environment(conn, envelope, &settings.temp_directory);
     if mode == Mode::File {
-        env.push(("EMAIL".into(), spool.path().display().to_string()));
+        env.push(("EMAIL".into(), current.content.path().display().to_string()));
     }
-    let stdout = output.as_ref().map(Spool::output).transpose();
+    let stdout = current.output.as_ref().map(Spool::output).transpose();
     let stdout = match stdout {
         Ok(f) => f,
         Err(e) => {
             tracing::error!("{}: couldn't open cache file: {e}", conn.id);
-            return local_error(conn, envelope, size, started, None).await;
+            local_error(conn, envelope, size, started, None).await?;
+            return Ok(Stage::Answered);
         }
     };
     let stdin = match mode {
-        Mode::Pipe => spool.take_reader(),
+        Mode::Pipe => current.content.take_reader(),
         Mode::File => None,
     };
     let job = FilterJob {
         command: &command,
         mode,
         timeout: settings.filter_timeout,
-        input: spool.path(),
+        input: current.content.path(),
         stdin,
         output: stdout,
         env,
@@ -420,13 +496,13 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
 
     match verdict::decide(&result.exit, result.stderr_last.as_deref()) {
         Verdict::Deliver => {
-            let path = match &output {
-                Some(out) => out.path(),
-                None => spool.path(),
-            };
-            let outcome = deliver_recorded(conn, envelope, path, size, started).await?;
-            observe::message(conn, envelope, outcome.with_filter(filter_time));
-            Ok(())
+            current.filter_time = Some(filter_time);
+            // A pipe filter's output is the message from now on; the next stage that
+            // pipes gets a new output file.
+            if let Some(out) = current.output.take() {
+                current.content = out;
+            }
+            Ok(Stage::Go)
         }
         Verdict::Reply { reply, kind } => {
             conn.send_client(reply.as_bytes()).await?;
@@ -437,18 +513,54 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
             };
             let status = reply.trim_end().to_string();
             let status = result.stderr_last.clone().unwrap_or(status);
-            observe::message(
+            finished(
                 conn,
                 envelope,
                 MessageOutcome::new(verdict, status, size, started).with_filter(filter_time),
             );
             conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
-            Ok(())
+            Ok(Stage::Answered)
         }
         Verdict::LocalError { reason } => {
             tracing::error!("{}: {reason}", conn.id);
-            local_error(conn, envelope, size, started, Some(filter_time)).await
+            local_error(conn, envelope, size, started, Some(filter_time)).await?;
+            Ok(Stage::Answered)
         }
+    }
+}
+
+/// What the shadow filters are told of the message.
+fn shadow_input(conn: &Conn, envelope: &Envelope, size: u64, tmpdir: &Path) -> shadow::Input {
+    let (from, to) = conn.hook_envelope(envelope);
+    shadow::Input {
+        client: conn.milter_client(),
+        context: conn.hook_context(HookStage::Data),
+        from,
+        to,
+        mail_line: conn.lines.mail.clone().unwrap_or_default(),
+        rcpt_lines: envelope
+            .recipients
+            .iter()
+            .map(|r| {
+                conn.lines
+                    .rcpt(r)
+                    .map_or_else(|| format!("RCPT TO:<{r}>\r\n").into_bytes(), <[u8]>::to_vec)
+            })
+            .collect(),
+        envelope: envelope.clone(),
+        queue_id: conn.queue_id(),
+        size,
+        command_env: filter_environment(conn, envelope, tmpdir),
+    }
+}
+
+/// Records a message's outcome: logged at once, or, while shadow filters run on it, when
+/// they are done (see [`run`]).
+fn finished(conn: &mut Conn, envelope: &Envelope, outcome: MessageOutcome) {
+    if conn.shadows.is_some() {
+        conn.deferred = Some((envelope.clone(), outcome));
+    } else {
+        observe::message(conn, envelope, outcome);
     }
 }
 
@@ -478,101 +590,194 @@ async fn while_client_waits<F: std::future::Future>(
     }
 }
 
-/// What the milters left for the rest of the transaction.
-enum MilterStep {
-    /// The client has its answer; the upstream was reset.
-    Answered,
-    /// Go on with this content (when they changed it) and envelope (when they changed it).
-    Go {
-        content: Option<Spool>,
-        envelope: Option<Envelope>,
-    },
-}
-
-/// The message through the session's milters, then what they decided: an answer to the
-/// client, a quarantine, or a changed envelope sent upstream again.
-async fn milter_stage(
+/// The message through the session's milters or its live hooks (`kind`), then what they
+/// decided: an answer to the client, a quarantine, or a changed envelope sent upstream
+/// again.
+async fn network_stage(
     conn: &mut Conn,
-    envelope: &Envelope,
-    spool: &Spool,
+    kind: FilterKind,
+    original: &Envelope,
+    current: &mut Current,
     size: u64,
     started: Instant,
-) -> Result<MilterStep, Fatal> {
-    let Some(mut chain) = conn.milters.take() else {
-        return Ok(MilterStep::Go {
-            content: None,
-            envelope: None,
-        });
-    };
-    let queue_id = chain.queue_id(&conn.id.to_string());
+) -> Result<Stage, Fatal> {
+    let queue_id = conn.queue_id();
     let dir = conn.settings.temp_directory.clone();
-    let work = milters::run(&mut chain, spool.path(), &dir, envelope, &queue_id);
-    let result = while_client_waits(conn, work).await;
-    conn.milters = Some(chain);
+    let envelope = current.envelope.clone();
+    let envelope = envelope.as_ref().unwrap_or(original);
+    let mut changes = milters::Changes::new(envelope);
+    let path = current.content.path().to_path_buf();
+    let what = match kind {
+        FilterKind::Milters => "milters",
+        _ => "hooks",
+    };
+    let result = match kind {
+        FilterKind::Milters => {
+            let Some(mut chain) = conn.milters.take() else {
+                return Ok(Stage::Go);
+            };
+            let work = milters::run(&mut chain, &path, &dir, &queue_id, &mut changes);
+            let result = while_client_waits(conn, work).await;
+            conn.milters = Some(chain);
+            result
+        }
+        _ => {
+            let Some(hooks) = conn.hooks.clone() else {
+                return Ok(Stage::Go);
+            };
+            if let Some(name) = conn.lines.discarded_by.clone() {
+                let decided = milters::Decided {
+                    reply: milters::discarded_reply(&queue_id),
+                    verdict: MessageVerdict::Dropped,
+                    status: format!("HOOK {name}: DISCARDED"),
+                    by: format!("hook {name}"),
+                    disconnect: false,
+                };
+                return answer(conn, envelope, decided, size, started).await;
+            }
+            if let Some(quarantined) = conn.lines.quarantined_by.clone() {
+                changes.quarantine = Some(quarantined);
+            }
+            let (from, to) = conn.hook_envelope(envelope);
+            let context = conn.hook_context(HookStage::Data);
+            let work = async {
+                for hook in hooks.live_at(HookStage::Data) {
+                    let now = changes.current(&path).to_path_buf();
+                    let request = hooks::Request {
+                        context: context.clone(),
+                        from: changed_sender(&from, &changes.envelope),
+                        to: changed_recipients(&to, &changes.envelope),
+                        path: &now,
+                        size: current_size(&now, size).await,
+                    };
+                    if let Some(decided) =
+                        hooks::ask_data(hook, request, &dir, &queue_id, &mut changes).await?
+                    {
+                        return Ok(Some(decided));
+                    }
+                }
+                Ok(None)
+            };
+            while_client_waits(conn, work).await
+        }
+    };
     let Some(result) = result? else {
         tracing::warn!(
-            "{}: client disconnected while the milters ran; message not delivered",
+            "{}: client disconnected while the {what} ran; message not delivered",
             conn.id
         );
         return Err(abandon(conn, envelope, size, false).await);
     };
-    let changes = match result {
-        Ok(milters::MilterVerdict::Deliver(changes)) => changes,
-        Ok(milters::MilterVerdict::Answer {
-            reply,
-            verdict,
-            milter,
-            status,
-        }) => {
-            conn.send_client(&reply).await?;
-            let outcome = MessageOutcome::new(verdict, status, size, started).by_milter(milter);
-            observe::message(conn, envelope, outcome);
-            conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
-            return Ok(MilterStep::Answered);
-        }
+    match result {
+        Ok(None) => {}
+        Ok(Some(decided)) => return answer(conn, envelope, decided, size, started).await,
         Err(e) => {
-            tracing::error!("{}: couldn't pass the message to the milters: {e}", conn.id);
+            tracing::error!("{}: couldn't pass the message to the {what}: {e}", conn.id);
             local_error(conn, envelope, size, started, None).await?;
-            return Ok(MilterStep::Answered);
+            return Ok(Stage::Answered);
         }
-    };
+    }
     if !changes.changed_by.is_empty() {
         tracing::info!(
-            "{}: message changed by milter {}",
+            "{}: message changed by {}",
             conn.id,
             changes.changed_by.join(", ")
         );
     }
-    if let Some((milter, reason)) = &changes.quarantine {
-        let content = changes.content.as_ref().unwrap_or(spool);
+    if let Some((by, reason)) = &changes.quarantine {
+        let content = changes.content.as_ref().unwrap_or(&current.content);
         quarantine(
-            conn, envelope, content, milter, reason, &queue_id, size, started,
+            conn, envelope, content, by, reason, &queue_id, size, started,
         )
         .await?;
-        return Ok(MilterStep::Answered);
+        return Ok(Stage::Answered);
     }
-    let new_envelope = if changes.envelope.changed {
-        let chain = conn.milters.take();
-        let redone = redo_envelope(conn, chain.as_ref(), envelope, &changes.envelope).await;
-        conn.milters = chain;
-        match redone? {
-            Ok(new) => Some(new),
+    if changes.envelope.changed {
+        match redo_envelope(conn, envelope, &changes.envelope).await? {
+            Ok(new) => current.envelope = Some(new),
             Err(reply) => {
                 send_final_reply(conn, &reply).await;
-                let milter = changes.changed_by.last().cloned().unwrap_or_default();
-                let outcome = MessageOutcome::from_reply(&reply, size, started).by_milter(milter);
-                observe::message(conn, envelope, outcome);
+                let by = changes.changed_by.last().cloned().unwrap_or_default();
+                let outcome = MessageOutcome::from_reply(&reply, size, started).by(by);
+                finished(conn, envelope, outcome);
                 conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
-                return Ok(MilterStep::Answered);
+                return Ok(Stage::Answered);
             }
         }
-    } else {
-        None
-    };
-    Ok(MilterStep::Go {
-        content: changes.content,
-        envelope: new_envelope,
-    })
+    }
+    if let Some(content) = changes.content {
+        // A pipe filter later reads the new content through a descriptor of its own.
+        current.content = content;
+    }
+    Ok(Stage::Go)
+}
+
+/// A filter decided the message: the client gets its reply, the upstream RSET (or the
+/// session ends when the filter asked for that).
+async fn answer(
+    conn: &mut Conn,
+    envelope: &Envelope,
+    decided: milters::Decided,
+    size: u64,
+    started: Instant,
+) -> Result<Stage, Fatal> {
+    conn.send_client(&decided.reply).await?;
+    let outcome =
+        MessageOutcome::new(decided.verdict, decided.status, size, started).by(decided.by);
+    finished(conn, envelope, outcome);
+    if decided.disconnect {
+        tracing::info!("{}: closing the session as a hook asked", conn.id);
+        return Err(Fatal::Done);
+    }
+    conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
+    Ok(Stage::Answered)
+}
+
+/// The sender a hook is told of: the one a filter before it set, else the client's.
+fn changed_sender(
+    from: &crate::protocol::hook::request::Address,
+    edit: &crate::protocol::milter::message::EnvelopeEdit,
+) -> crate::protocol::hook::request::Address {
+    use crate::protocol::hook::request::Address;
+    match &edit.sender {
+        None => from.clone(),
+        Some((sender, params)) => {
+            let line = format!("MAIL FROM:<{sender}> {}", params.as_deref().unwrap_or(""));
+            Address::from_line(sender, line.as_bytes())
+        }
+    }
+}
+
+/// The recipients a hook is told of, as the filters before it left them, each with the
+/// parameters its client line (or the filter that added it) gave.
+fn changed_recipients(
+    to: &[crate::protocol::hook::request::Address],
+    edit: &crate::protocol::milter::message::EnvelopeEdit,
+) -> Vec<crate::protocol::hook::request::Address> {
+    use crate::protocol::hook::request::Address;
+    edit.recipients
+        .iter()
+        .map(|r| {
+            to.iter()
+                .find(|a| a.address.eq_ignore_ascii_case(&r.address))
+                .cloned()
+                .unwrap_or_else(|| {
+                    let line = format!(
+                        "RCPT TO:<{}> {}",
+                        r.address,
+                        r.params.as_deref().unwrap_or("")
+                    );
+                    Address::from_line(&r.address, line.as_bytes())
+                })
+        })
+        .collect()
+}
+
+/// The size of the message as it stands (a filter may have changed it).
+async fn current_size(path: &Path, original: u64) -> u64 {
+    tokio::fs::metadata(path)
+        .await
+        .map_or(original, |m| m.len())
 }
 
 /// A milter changed the envelope: the upstream transaction is begun again (`RSET`,
@@ -581,7 +786,6 @@ async fn milter_stage(
 /// (then the client gets that refusal). A recipient refused is logged and counted.
 async fn redo_envelope(
     conn: &mut Conn,
-    chain: Option<&crate::proxy::milter::MilterChain>,
     envelope: &Envelope,
     edit: &crate::protocol::milter::message::EnvelopeEdit,
 ) -> Result<Result<Envelope, crate::protocol::reply::Reply>, Fatal> {
@@ -591,7 +795,8 @@ async fn redo_envelope(
         return Ok(Err(reply));
     }
     let mut new = envelope.clone();
-    let mail = match (&edit.sender, chain.and_then(|c| c.mail_line())) {
+    let mail_line = conn.lines.mail.clone();
+    let mail = match (&edit.sender, mail_line.as_deref()) {
         (Some((sender, params)), _) => {
             let params = params.as_deref().filter(|p| is_safe_params(p));
             if !is_safe_address(sender) {
@@ -651,8 +856,9 @@ async fn redo_envelope(
             );
             continue;
         }
-        let line = match (chain.and_then(|c| c.rcpt_line(&r.address)), &r.params) {
-            (Some(line), None) => line.to_vec(),
+        let client_line = conn.lines.rcpt(&r.address).map(<[u8]>::to_vec);
+        let line = match (client_line, &r.params) {
+            (Some(line), None) => line,
             (_, params) => {
                 let mut line = format!("RCPT TO:<{}>", r.address);
                 if let Some(p) = params.as_deref().filter(|p| is_safe_params(p)) {
@@ -687,14 +893,14 @@ async fn redo_envelope(
     }
 }
 
-/// A milter quarantined the message: hold it (MilterQuarantineDirectory, 250), or reject
+/// A milter or hook quarantined the message: hold it (MilterQuarantineDirectory, 250), or reject
 /// or defer it, as MilterQuarantine says.
 #[allow(clippy::too_many_arguments)]
 async fn quarantine(
     conn: &mut Conn,
     envelope: &Envelope,
     content: &Spool,
-    milter: &str,
+    by: &str,
     reason: &str,
     queue_id: &str,
     size: u64,
@@ -703,12 +909,12 @@ async fn quarantine(
     use crate::config::milter::MilterQuarantine;
     let disposition = conn.settings.milter_quarantine;
     tracing::warn!(
-        "{}: milter {milter} quarantined the message ({}): {}",
+        "{}: {by} quarantined the message ({}): {}",
         conn.id,
         disposition.label(),
         observe::printable(reason)
     );
-    let status = format!("QUARANTINED by {milter}: {reason}");
+    let status = format!("QUARANTINED by {by}: {reason}");
     let (reply, verdict): (Vec<u8>, MessageVerdict) = match disposition {
         MilterQuarantine::Hold => {
             let record = serde_json::json!({
@@ -716,7 +922,8 @@ async fn quarantine(
                 "sender": envelope.sender,
                 "recipients": envelope.recipients,
                 "client": conn.info.peer.map(|p| p.ip().to_string()),
-                "milter": milter,
+                "milter": by.strip_prefix("milter "),
+                "hook": by.strip_prefix("hook "),
                 "reason": reason,
                 "received": jiff::Timestamp::now().to_string(),
             });
@@ -743,10 +950,12 @@ async fn quarantine(
             MessageVerdict::TempFailed,
         ),
     };
-    crate::ops::metrics::global().milter_quarantined(milter, disposition.label());
+    if let Some(milter) = by.strip_prefix("milter ") {
+        crate::ops::metrics::global().milter_quarantined(milter, disposition.label());
+    }
     conn.send_client(&reply).await?;
-    let outcome = MessageOutcome::new(verdict, status, size, started).by_milter(milter.into());
-    observe::message(conn, envelope, outcome);
+    let outcome = MessageOutcome::new(verdict, status, size, started).by(by.into());
+    finished(conn, envelope, outcome);
     conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
     Ok(())
 }
@@ -771,7 +980,7 @@ async fn local_error(
     if let Some(t) = filter_time {
         outcome = outcome.with_filter(t);
     }
-    observe::message(conn, envelope, outcome);
+    finished(conn, envelope, outcome);
     conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
     Ok(())
 }
@@ -868,7 +1077,7 @@ async fn deliver_recorded(
         Err(fatal) => {
             let outcome =
                 MessageOutcome::new(MessageVerdict::TempFailed, "FILTERED".into(), size, started);
-            observe::message(conn, envelope, outcome);
+            finished(conn, envelope, outcome);
             Err(fatal)
         }
     }
@@ -1059,7 +1268,7 @@ async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         Ok(r) => r,
         Err(Interrupted { fatal, size }) => {
             let outcome = MessageOutcome::local_error(size, started);
-            observe::message(conn, envelope, outcome.unfiltered());
+            finished(conn, envelope, outcome.unfiltered());
             return Err(fatal);
         }
     };
@@ -1092,7 +1301,7 @@ async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
     };
     match result {
         Ok(outcome) => {
-            observe::message(conn, envelope, outcome.unfiltered());
+            finished(conn, envelope, outcome.unfiltered());
             Ok(())
         }
         // Counted as abandoned already.
@@ -1100,7 +1309,7 @@ async fn unfiltered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         Err(fatal) => {
             let outcome =
                 MessageOutcome::new(MessageVerdict::TempFailed, "FILTERED".into(), size, started);
-            observe::message(conn, envelope, outcome.unfiltered());
+            finished(conn, envelope, outcome.unfiltered());
             Err(fatal)
         }
     }
@@ -1154,6 +1363,6 @@ async fn passthrough(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> 
     } = sink;
     encoder.finish(&mut out);
     let outcome = finish_data(conn, envelope, &out, size, started).await?;
-    observe::message(conn, envelope, outcome.skipped());
+    finished(conn, envelope, outcome.skipped());
     Ok(())
 }

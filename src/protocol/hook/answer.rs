@@ -51,7 +51,9 @@ pub struct Answer {
 impl Answer {
     /// Whether a `reject` is a temporary failure (a 4xx status).
     pub fn is_temporary(&self) -> bool {
-        self.reply.as_ref().is_some_and(|r| r.first() == Some(&b'4'))
+        self.reply
+            .as_ref()
+            .is_some_and(|r| r.first() == Some(&b'4'))
     }
 }
 
@@ -338,8 +340,10 @@ mod tests {
 
     #[test]
     fn disconnect_and_quarantine_reason_are_read() {
-        let a = parse(br#"{"action":"quarantine","response":{"message":"suspicious","disconnect":true}}"#)
-            .unwrap();
+        let a = parse(
+            br#"{"action":"quarantine","response":{"message":"suspicious","disconnect":true}}"#,
+        )
+        .unwrap();
         assert_eq!(a.action, Action::Quarantine);
         assert_eq!(a.reason, "suspicious");
         assert!(a.disconnect);
@@ -415,7 +419,9 @@ mod tests {
             r#"{{"action":"accept","modifications":[{}]}}"#,
             vec![r#"{"type":"deleteRecipient","value":"a"}"#; MAX_MODIFICATIONS + 1].join(",")
         );
-        assert!(parse(many.as_bytes()).unwrap_err().contains("modifications"));
+        assert!(parse(many.as_bytes())
+            .unwrap_err()
+            .contains("modifications"));
     }
 
     #[test]

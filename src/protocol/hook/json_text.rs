@@ -121,7 +121,10 @@ mod tests {
         let cases: &[(&[&[u8]], &str)] = &[
             (&[b"plain"], "plain"),
             (&[b"a\"b\\c\r\n\td"], "a\"b\\c\r\n\td"),
-            (&[b"nul\x00 bell\x07 esc\x1b del\x7f"], "nul\0 bell\x07 esc\x1b del\x7f"),
+            (
+                &[b"nul\x00 bell\x07 esc\x1b del\x7f"],
+                "nul\0 bell\x07 esc\x1b del\x7f",
+            ),
             // é (C3 A9) cut between chunks, and € (E2 82 AC) cut twice.
             (&[b"caf\xc3", b"\xa9 ", b"\xe2", b"\x82", b"\xac"], "café €"),
             (&[b"latin1 \xe9t\xe9"], "latin1 \u{FFFD}t\u{FFFD}"),

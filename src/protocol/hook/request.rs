@@ -230,10 +230,7 @@ mod tests {
             ),
             to: vec![
                 Address::from_line("b@example.net", b"RCPT TO:<b@example.net>\r\n"),
-                Address::from_line(
-                    "c@example.net",
-                    b"RCPT TO:<c@example.net> NOTIFY=NEVER\r\n",
-                ),
+                Address::from_line("c@example.net", b"RCPT TO:<c@example.net> NOTIFY=NEVER\r\n"),
             ],
         }
     }
@@ -310,7 +307,8 @@ mod tests {
 
     #[test]
     fn parameters_are_the_words_after_the_address() {
-        let cases: &[(&[u8], &[(&str, Option<&str>)])] = &[
+        type Case<'a> = (&'a [u8], &'a [(&'a str, Option<&'a str>)]);
+        let cases: &[Case] = &[
             (b"MAIL FROM:<a@b>\r\n", &[]),
             (b"MAIL FROM:<a@b>  SIZE=1\r\n", &[("SIZE", Some("1"))]),
             (

@@ -25,32 +25,45 @@ use crate::protocol::milter::MAX_BODY_CHUNK;
 use crate::protocol::session::Envelope;
 use crate::proxy::milter::{MilterChain, MilterClient, Outcome, REPLY_REJECT, REPLY_TEMPFAIL};
 
-/// What the milters made of a message.
-pub(super) enum MilterVerdict {
-    /// Go on to the filter command and delivery, with what the milters changed.
-    Deliver(Changes),
-    /// Answer the client with `reply` and deliver nothing (reject, tempfail, a milter's own
-    /// reply, or discard with its 250).
-    Answer {
-        reply: Vec<u8>,
-        verdict: MessageVerdict,
-        /// The milter that decided.
-        milter: String,
-        /// The `status=` item of the message's log line.
-        status: String,
-    },
+/// A filter decided the message: the client gets `reply` and nothing is delivered
+/// (reject, tempfail, a filter's own reply, or discard with its 250).
+pub(crate) struct Decided {
+    pub(crate) reply: Vec<u8>,
+    pub(crate) verdict: MessageVerdict,
+    /// The filter that decided: `milter NAME` or `hook NAME`.
+    pub(crate) by: String,
+    /// The `status=` item of the message's log line.
+    pub(crate) status: String,
+    /// Close the session after the reply (a hook's `disconnect`).
+    pub(crate) disconnect: bool,
 }
 
-/// The changes the milters asked for.
-pub(super) struct Changes {
-    /// The message as the milters left it, when any changed headers or body.
-    pub(super) content: Option<Spool>,
+/// The changes the network filters (milters, hooks) asked for so far.
+pub(crate) struct Changes {
+    /// The message as the filters left it, when any changed headers or body.
+    pub(crate) content: Option<Spool>,
     /// The envelope as they left it (`changed` tells whether any did).
-    pub(super) envelope: EnvelopeEdit,
-    /// The milter that quarantined the message, and why.
-    pub(super) quarantine: Option<(String, String)>,
-    /// The milters that changed the message or its envelope, in order.
-    pub(super) changed_by: Vec<String>,
+    pub(crate) envelope: EnvelopeEdit,
+    /// The filter (`milter NAME`, `hook NAME`) that quarantined the message, and why.
+    pub(crate) quarantine: Option<(String, String)>,
+    /// The filters that changed the message or its envelope, in order.
+    pub(crate) changed_by: Vec<String>,
+}
+
+impl Changes {
+    pub(crate) fn new(envelope: &Envelope) -> Changes {
+        Changes {
+            content: None,
+            envelope: EnvelopeEdit::new(&envelope.recipients),
+            quarantine: None,
+            changed_by: Vec::new(),
+        }
+    }
+
+    /// The message as it stands: the filters' version, else the spool file `original`.
+    pub(crate) fn current<'a>(&'a self, original: &'a Path) -> &'a Path {
+        self.content.as_ref().map_or(original, Spool::path)
+    }
 }
 
 /// How one stage's outcome moves the message along.
@@ -65,7 +78,7 @@ enum Flow {
     /// The milter failed and its default action is quarantine.
     Quarantine(String),
     /// The message is decided.
-    Decided(MilterVerdict),
+    Decided(Decided),
 }
 
 fn flow(outcome: &Outcome, milter: &str, queue_id: &str) -> Flow {
@@ -76,11 +89,12 @@ fn flow(outcome: &Outcome, milter: &str, queue_id: &str) -> Flow {
                 .trim_end()
                 .replace("\r\n", " ")
         );
-        Flow::Decided(MilterVerdict::Answer {
+        Flow::Decided(Decided {
             reply,
             verdict,
-            milter: milter.to_string(),
+            by: format!("milter {milter}"),
             status,
+            disconnect: false,
         })
     };
     match outcome {
@@ -102,11 +116,12 @@ fn flow(outcome: &Outcome, milter: &str, queue_id: &str) -> Flow {
             };
             answer(reply, verdict)
         }
-        Outcome::Verdict(Verdict::Discard) => Flow::Decided(MilterVerdict::Answer {
+        Outcome::Verdict(Verdict::Discard) => Flow::Decided(Decided {
             reply: discarded_reply(queue_id),
             verdict: MessageVerdict::Dropped,
-            milter: milter.to_string(),
+            by: format!("milter {milter}"),
             status: format!("MILTER {milter}: DISCARDED"),
+            disconnect: false,
         }),
         Outcome::Failed(f) => match f.action {
             MilterAction::Accept => Flow::Ignore,
@@ -118,43 +133,35 @@ fn flow(outcome: &Outcome, milter: &str, queue_id: &str) -> Flow {
 }
 
 /// The 250 a discarded (or held) message gets: the same as a delivered one's.
-pub(super) fn discarded_reply(queue_id: &str) -> Vec<u8> {
+pub(crate) fn discarded_reply(queue_id: &str) -> Vec<u8> {
     format!("250 2.0.0 Ok: queued as {queue_id}\r\n").into_bytes()
 }
 
-/// Runs the message in `path` through the chain's milters. Spool files are created in
-/// `dir`. An I/O error on the spool ends it (the caller answers with a local error).
-pub(super) async fn run(
+/// Runs the message (`path`, or the version `changes` holds) through the chain's milters,
+/// adding their changes to `changes`. Spool files are created in `dir`. An I/O error on the
+/// spool ends it (the caller answers with a local error).
+pub(crate) async fn run(
     chain: &mut MilterChain,
     path: &Path,
     dir: &Path,
-    envelope: &Envelope,
     queue_id: &str,
-) -> std::io::Result<MilterVerdict> {
+    changes: &mut Changes,
+) -> std::io::Result<Option<Decided>> {
     if let Some(milter) = chain.discarded_by() {
-        return Ok(MilterVerdict::Answer {
+        return Ok(Some(Decided {
             reply: discarded_reply(queue_id),
             verdict: MessageVerdict::Dropped,
             status: format!("MILTER {milter}: DISCARDED"),
-            milter: milter.to_string(),
-        });
+            by: format!("milter {milter}"),
+            disconnect: false,
+        }));
     }
-    let mut changes = Changes {
-        content: None,
-        envelope: EnvelopeEdit::new(&envelope.recipients),
-        quarantine: None,
-        changed_by: Vec::new(),
-    };
     for i in chain.message_milters() {
         let Some(milter) = chain.milter(i) else {
             continue;
         };
         let name = milter.name().to_string();
-        let current = changes
-            .content
-            .as_ref()
-            .map_or(path, Spool::path)
-            .to_path_buf();
+        let current = changes.current(path).to_path_buf();
         let current = current.as_path();
         let asked = ask(milter, current, queue_id).await?;
         let (section_length, mut fields) = (asked.section_length, asked.fields);
@@ -162,15 +169,17 @@ pub(super) async fn run(
             Flow::Next | Flow::Accepted => asked.modifications,
             Flow::Ignore => continue,
             Flow::Quarantine(reason) => {
-                changes.quarantine.get_or_insert((name, reason));
+                changes
+                    .quarantine
+                    .get_or_insert((format!("milter {name}"), reason));
                 continue;
             }
-            Flow::Decided(verdict) => return Ok(verdict),
+            Flow::Decided(decided) => return Ok(Some(decided)),
         };
         let leading = milter.leading_space();
         apply(
-            &mut changes,
-            &name,
+            changes,
+            &format!("milter {name}"),
             modifications,
             &mut fields,
             leading,
@@ -179,7 +188,7 @@ pub(super) async fn run(
         )
         .await?;
     }
-    Ok(MilterVerdict::Deliver(changes))
+    Ok(None)
 }
 
 /// What one milter said about the message.
@@ -279,10 +288,10 @@ fn has_section_end(head: &[u8]) -> bool {
     head.starts_with(b"\r\n") || head.windows(4).any(|w| w == b"\r\n\r\n")
 }
 
-/// Applies one milter's modifications: the envelope's to `changes.envelope`, the headers'
+/// Applies one filter's (`milter NAME`, `hook NAME`) modifications: the envelope's to `changes.envelope`, the headers'
 /// and the body's to a new spool file (`source` is the message they change: its path and
 /// where its body starts).
-async fn apply(
+pub(crate) async fn apply(
     changes: &mut Changes,
     milter: &str,
     modifications: Vec<Modification>,
@@ -303,7 +312,7 @@ async fn apply(
             | Modification::InsHeader { .. }
             | Modification::ChgHeader { .. } => match apply_header(fields, m, leading_space) {
                 Ok(()) => headers_changed = true,
-                Err(e) => tracing::warn!("milter {milter}: header change ignored: {e}"),
+                Err(e) => tracing::warn!("{milter}: header change ignored: {e}"),
             },
             Modification::ReplBody(piece) => {
                 new_body

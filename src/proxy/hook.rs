@@ -1,0 +1,319 @@
+//! HTTP hooks: one client per configured hook, shared by every session. Each client keeps
+//! a pool of HTTP/1.1 keep-alive connections; a semaphore bounds the calls in flight per
+//! hook (`concurrency`), and the wait for a free slot counts against the hook's timeout,
+//! so a saturated hook costs a message its timeout, never more. Sessions never wait for
+//! each other's calls: each call takes its own connection from the pool.
+//!
+//! The request body is built by the caller (the message contents are streamed from the
+//! spool); this module sends it, reads at most [`answer_limit`] bytes back and parses the
+//! answer. Anything but a 2xx with an answer that parses is a [`HookError`], for which the
+//! caller applies the hook's default action.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::Semaphore;
+
+use crate::config::hook::{HookConfig, HookStage};
+use crate::config::Settings;
+use crate::protocol::hook::answer::{self, Answer};
+
+/// Why a hook gave no usable answer; `kind()` is the `proxsmtpd_hook_errors_total` label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HookError {
+    Connect(String),
+    Timeout,
+    Status(u16),
+    Parse(String),
+    /// The answer was larger than the hook may send.
+    Oversize,
+}
+
+impl HookError {
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            HookError::Connect(_) => "connect",
+            HookError::Timeout => "timeout",
+            HookError::Status(_) => "status",
+            HookError::Parse(_) => "parse",
+            HookError::Oversize => "oversize",
+        }
+    }
+}
+
+impl std::fmt::Display for HookError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HookError::Connect(e) => write!(f, "request failed: {e}"),
+            HookError::Timeout => write!(f, "no answer in time"),
+            HookError::Status(s) => write!(f, "answered HTTP {s}"),
+            HookError::Parse(e) => write!(f, "answer not understood: {e}"),
+            HookError::Oversize => write!(f, "answer too large"),
+        }
+    }
+}
+
+/// The most an answer may take: a replacement body can be as large as the message.
+fn answer_limit(config: &HookConfig) -> usize {
+    let limit = config.max_size.saturating_mul(2).saturating_add(1 << 20);
+    usize::try_from(limit.min(512 << 20)).unwrap_or(usize::MAX)
+}
+
+/// A bearer token in a file (a mounted Secret), read again when the file changes: checked
+/// at most once a second, so a rotated Secret takes effect within a second of the kubelet
+/// updating the volume.
+struct Token {
+    path: PathBuf,
+    state: Mutex<TokenState>,
+}
+
+struct TokenState {
+    checked: Instant,
+    modified: Option<SystemTime>,
+    value: String,
+}
+
+const TOKEN_CHECK: Duration = Duration::from_secs(1);
+
+fn read_token(path: &std::path::Path) -> std::io::Result<(Option<SystemTime>, String)> {
+    let modified = std::fs::metadata(path)?.modified().ok();
+    let value = std::fs::read_to_string(path)?.trim().to_string();
+    Ok((modified, value))
+}
+
+impl Token {
+    fn load(path: PathBuf) -> Result<Token, String> {
+        let (modified, value) = read_token(&path)
+            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+        Ok(Token {
+            path,
+            state: Mutex::new(TokenState {
+                checked: Instant::now(),
+                modified,
+                value,
+            }),
+        })
+    }
+
+    fn current(&self, hook: &str) -> String {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.checked.elapsed() >= TOKEN_CHECK {
+            state.checked = Instant::now();
+            // A stat of a small local file: cheap enough for the async worker, once a second.
+            let changed = std::fs::metadata(&self.path)
+                .ok()
+                .and_then(|m| m.modified().ok())
+                != state.modified;
+            if changed {
+                match read_token(&self.path) {
+                    Ok((modified, value)) => {
+                        tracing::info!("hook {hook}: token file {} re-read", self.path.display());
+                        state.modified = modified;
+                        state.value = value;
+                    }
+                    Err(e) => tracing::warn!(
+                        "hook {hook}: cannot read token file {} (the last token is kept): {e}",
+                        self.path.display()
+                    ),
+                }
+            }
+        }
+        state.value.clone()
+    }
+}
+
+/// One configured hook: its settings, HTTP client and call slots.
+pub(crate) struct Hook {
+    pub(crate) config: HookConfig,
+    http: reqwest::Client,
+    slots: Semaphore,
+    token: Option<Token>,
+}
+
+impl Hook {
+    fn new(config: HookConfig) -> Result<Hook, String> {
+        let name = &config.name;
+        let mut builder = reqwest::Client::builder()
+            .http1_only()
+            .pool_max_idle_per_host(config.concurrency)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .connect_timeout(config.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .user_agent(concat!("proxsmtpd/", env!("CARGO_PKG_VERSION")));
+        // Always our own TLS configuration (ring, as everywhere in the proxy): reqwest
+        // would otherwise look for a process-wide default provider, even for http://.
+        let tls = if config.url.starts_with("https:") {
+            let client = match (&config.client_certificate, &config.client_key) {
+                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                _ => None,
+            };
+            super::tls::hook_client_config(config.ca_file.as_deref(), config.tls_verify, client)
+        } else {
+            super::tls::hook_client_config(None, false, None)
+        };
+        builder = builder.use_preconfigured_tls(tls.map_err(|e| format!("hook {name}: {e}"))?);
+        let http = builder
+            .build()
+            .map_err(|e| format!("hook {name}: cannot build its HTTP client: {e}"))?;
+        let token = config
+            .token_file
+            .clone()
+            .map(Token::load)
+            .transpose()
+            .map_err(|e| format!("hook {name}: {e}"))?;
+        Ok(Hook {
+            slots: Semaphore::new(config.concurrency),
+            config,
+            http,
+            token,
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Sends one request and reads the answer, within the hook's timeout (the wait for a
+    /// free slot included). Counted in the hook metrics and traced as a `hook` span.
+    pub(crate) async fn ask(
+        &self,
+        stage: HookStage,
+        body: reqwest::Body,
+    ) -> Result<Answer, HookError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!("hook", hook = %self.config.name, stage = stage.label());
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.config.timeout, self.exchange(body))
+            .instrument(span)
+            .await
+            .unwrap_or(Err(HookError::Timeout));
+        let metrics = crate::ops::metrics::global();
+        let took = started.elapsed();
+        match &result {
+            Ok(answer) => {
+                metrics.hook_reply(self.name(), stage.label(), answer.action.label(), took)
+            }
+            Err(e) => {
+                metrics.hook_reply(self.name(), stage.label(), "failed", took);
+                metrics.hook_error(self.name(), e.kind());
+                tracing::warn!("hook {} ({}): {e}", self.name(), stage.label());
+            }
+        }
+        result
+    }
+
+    async fn exchange(&self, body: reqwest::Body) -> Result<Answer, HookError> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| HookError::Connect("hook closed".into()))?;
+        let mut request = self
+            .http
+            .post(&self.config.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(body);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token.current(&self.config.name));
+        }
+        let mut response = request.send().await.map_err(|e| {
+            if e.is_timeout() {
+                HookError::Timeout
+            } else {
+                HookError::Connect(error_chain(&e))
+            }
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(HookError::Status(status.as_u16()));
+        }
+        let limit = answer_limit(&self.config);
+        if response.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(HookError::Oversize);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| HookError::Connect(error_chain(&e)))?
+        {
+            if body.len() + chunk.len() > limit {
+                return Err(HookError::Oversize);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        answer::parse(&body).map_err(HookError::Parse)
+    }
+}
+
+/// An error with its causes: reqwest's own message alone says little ("error sending
+/// request"), the cause says why (connection refused, certificate unknown).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The configured hooks, in order.
+pub(crate) struct Hooks {
+    pub(crate) list: Vec<Arc<Hook>>,
+}
+
+impl Hooks {
+    /// The live hooks asked at `stage`.
+    pub(crate) fn live_at(&self, stage: HookStage) -> impl Iterator<Item = &Arc<Hook>> {
+        self.list
+            .iter()
+            .filter(move |h| !h.config.shadow && h.config.runs_at(stage))
+    }
+
+    pub(crate) fn has_live(&self) -> bool {
+        self.list.iter().any(|h| !h.config.shadow)
+    }
+}
+
+/// The hooks of the current settings, built once and kept while a reload leaves them as
+/// they are (so their connection pools survive a reload).
+static CURRENT: Mutex<Option<(Vec<HookConfig>, Arc<Hooks>)>> = Mutex::new(None);
+
+/// The hooks `settings` configures (`None` when there are none). Fails with a message for
+/// the operator when a hook's TLS material or token cannot be read.
+pub(crate) fn hooks_for(settings: &Settings) -> Result<Option<Arc<Hooks>>, String> {
+    if settings.hooks.is_empty() {
+        return Ok(None);
+    }
+    let configs: Vec<HookConfig> = settings.hooks.iter().map(|h| h.resolve(settings)).collect();
+    let mut current = CURRENT.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((c, hooks)) = current.as_ref() {
+        if *c == configs {
+            return Ok(Some(hooks.clone()));
+        }
+    }
+    let list = configs
+        .iter()
+        .cloned()
+        .map(|c| Hook::new(c).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    for hook in &list {
+        let stages: Vec<&str> = hook.config.stages.iter().map(|s| s.label()).collect();
+        crate::ops::metrics::global().hook_configured(hook.name(), &stages);
+    }
+    let hooks = Arc::new(Hooks { list });
+    *current = Some((configs, hooks.clone()));
+    Ok(Some(hooks))
+}
+
+/// The host name hooks are told the server has (`context.server.name`).
+pub(crate) fn server_name() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(crate::proxy::milter::host_name)
+}
