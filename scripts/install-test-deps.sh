@@ -30,13 +30,15 @@
 #              a venv under ~/.cache/proxsmtpd/lint-venv
 #   python3-fusepy
 #              a FUSE file system whose reads and writes stall (tests/it/faults/slow_spool.rs)
+#   python3-aiohttp
+#              the HTTP hook service of the hook tests (tests/it/common/hook_service.py)
 #   cargo-deb  (cargo install, pinned) builds the Debian package (scripts/deb.sh)
 set -euo pipefail
 need=()
 for pkg in proxsmtp postfix swaks haproxy strace linux-perf prometheus python3 procps iproute2 iptables \
            spamd spamc clamav-daemon clamdscan lintian man-db openssl \
            rspamd opendkim opendkim-tools clamav-milter spamass-milter python3-dkim \
-           shellcheck python3-venv python3-fusepy; do
+           shellcheck python3-venv python3-fusepy python3-aiohttp; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

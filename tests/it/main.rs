@@ -21,6 +21,7 @@ mod faults;
 mod filter;
 mod hardening;
 mod harness;
+mod hook_harness;
 mod hostile_peers;
 mod limits;
 mod local_failure;

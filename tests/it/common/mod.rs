@@ -17,6 +17,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod hook_server;
 pub mod metrics;
 pub mod milter;
 pub mod milter_daemons;
