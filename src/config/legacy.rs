@@ -272,6 +272,43 @@ mod tests {
                 s.upstream_tls_ca == Some(PathBuf::from("/etc/ssl/ca.pem"))
             }),
             ("UpstreamTlsVerify", "off", |s| !s.upstream_tls_verify),
+            (
+                "Hooks",
+                "http://h:8080/c{name=c, stages=rcpt} https://p/x",
+                |s| {
+                    s.hooks.len() == 2 && s.hooks[0].name == "c" && s.hooks[1].name == "https://p/x"
+                },
+            ),
+            ("Hooks", "", |s| s.hooks.is_empty()),
+            ("HookTimeout", "45", |s| s.hook_timeout == secs(45)),
+            ("HookTimeout", "1h", |s| s.hook_timeout == secs(3600)),
+            ("HookDefaultAction", "ACCEPT", |s| {
+                s.hook_default_action == crate::config::milter::MilterAction::Accept
+            }),
+            ("HookOversizeAction", "reject", |s| {
+                s.hook_oversize_action == crate::config::milter::MilterAction::Reject
+            }),
+            ("HookMaxSize", "20m", |s| s.hook_max_size == 20 << 20),
+            ("HookConcurrency", "1", |s| s.hook_concurrency == 1),
+            ("HookCaFile", "/etc/hook/ca.pem", |s| {
+                s.hook_ca_file == Some(PathBuf::from("/etc/hook/ca.pem"))
+            }),
+            ("HookClientCertificate", "/c.pem", |s| {
+                s.hook_client_certificate == Some(PathBuf::from("/c.pem"))
+            }),
+            ("HookClientKey", "/k.pem", |s| {
+                s.hook_client_key == Some(PathBuf::from("/k.pem"))
+            }),
+            ("HookTlsVerify", "no", |s| !s.hook_tls_verify),
+            ("HookTokenFile", "", |s| s.hook_token_file.is_none()),
+            ("FilterShadow", "on", |s| s.filter_shadow),
+            ("FilterOrder", "hooks,milters,command", |s| {
+                use crate::config::hook::FilterKind::*;
+                s.filter_order == [Hooks, Milters, Command]
+            }),
+            ("ShadowConcurrency", "65536", |s| {
+                s.shadow_concurrency == 65536
+            }),
             // Names are case-insensitive; values are trimmed of C whitespace.
             ("filtertimeout", " 9\r", |s| s.filter_timeout == secs(9)),
             ("MAXCONNECTIONS", "\t100 ", |s| s.max_connections == 100),
@@ -335,6 +372,16 @@ mod tests {
             ("UpstreamTlsVerify", "", "invalid value for UpstreamTlsVerify"),
             ("LogFormat", "", "invalid value for LogFormat (must specify 'text' or 'json')"),
             ("ReloadWatch", "", "invalid value for ReloadWatch"),
+            ("Hooks", "http://h/x y{name=a}", "invalid setting: Hooks (\"y\": expected http://host[:port]/path or https://...)"),
+            ("Hooks", "https://u@h/", "invalid setting: Hooks (\"https://u@h/\": no user name or password in the URL (use token_file for a bearer token))"),
+            ("HookTimeout", "", "invalid setting: HookTimeout"),
+            ("HookDefaultAction", "discard", "invalid value for HookDefaultAction (must specify 'tempfail' or 'accept' or 'reject' or 'quarantine')"),
+            ("HookMaxSize", "0", "invalid setting: HookMaxSize"),
+            ("HookConcurrency", "", "invalid setting: HookConcurrency (must be between 1 and 4096)"),
+            ("HookTlsVerify", "sure", "invalid value for HookTlsVerify"),
+            ("FilterShadow", "2", "invalid value for FilterShadow"),
+            ("FilterOrder", "", "invalid setting: FilterOrder (expected milters, hooks and command, each once, in any order)"),
+            ("ShadowConcurrency", "-1", "invalid setting: ShadowConcurrency (must be between 1 and 65536)"),
             ("DebugFiles", "1", "invalid config line: DebugFiles"),
             ("Bogus", "1", "invalid config line: Bogus"),
         ];

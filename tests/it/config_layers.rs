@@ -252,7 +252,62 @@ fn errors_name_their_source() {
             "bad-value.yaml",
             "out_address: \"127.0.0.1:25\"\nfilter_type: smoke-signals\n",
         );
+        let hooks_legacy = file(
+            "hooks.conf",
+            "OutAddress: 127.0.0.1:25\n\nHooks: https://policy.example/check{stages=helo}\n",
+        );
+        let hooks_toml = file(
+            "hooks.toml",
+            "out_address = \"127.0.0.1:25\"\nhook_max_size = \"10T\"\n",
+        );
+        let hooks_yaml = file(
+            "hooks.yaml",
+            "out_address: \"127.0.0.1:25\"\nfilter_order: milters hooks\n",
+        );
         let cases: Vec<ErrorCase> = vec![
+            (
+                "legacy file, Hooks option",
+                vec!["-d", "3", "-f", &hooks_legacy],
+                vec![],
+                vec![
+                    format!("{hooks_legacy}:3"),
+                    "invalid setting: Hooks".into(),
+                    "stages=\"helo\"".into(),
+                ],
+            ),
+            (
+                "TOML HookMaxSize",
+                vec!["-d", "3", "-f", &hooks_toml],
+                vec![],
+                vec![format!("{hooks_toml}:2"), "HookMaxSize".into()],
+            ),
+            (
+                "YAML FilterOrder",
+                vec!["-d", "3", "-f", &hooks_yaml],
+                vec![],
+                vec![format!("{hooks_yaml}:2"), "FilterOrder".into()],
+            ),
+            (
+                "environment Hooks",
+                vec!["-d", "3", "-f", &good],
+                vec![("PROXSMTPD_HOOKS", "http://a/{name=x}, http://b/{name=x}")],
+                vec!["PROXSMTPD_HOOKS".into(), "two hooks are named \"x\"".into()],
+            ),
+            (
+                "command line ShadowConcurrency",
+                vec!["-d", "3", "-f", &good, "--set", "ShadowConcurrency=0"],
+                vec![],
+                vec!["command line".into(), "ShadowConcurrency".into()],
+            ),
+            (
+                "hook client certificate without key",
+                vec!["-d", "3", "-f", &good],
+                vec![
+                    ("PROXSMTPD_HOOKS", "https://policy.example/check"),
+                    ("PROXSMTPD_HOOK_CLIENT_CERTIFICATE", "/etc/hook/tls.crt"),
+                ],
+                vec!["HookClientCertificate is set but HookClientKey is not".into()],
+            ),
             (
                 "legacy file",
                 vec!["-d", "3", "-f", &legacy],
