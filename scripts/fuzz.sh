@@ -5,7 +5,7 @@
 #   scripts/fuzz.sh [SECONDS]      a campaign of SECONDS per target (default 300), then a
 #                                  table of executions per target from libFuzzer's final stats
 #
-# Targets (fuzz/fuzz_targets/): command, reply, data, session, config, proxy_header, milter. Seed
+# Targets (fuzz/fuzz_targets/): command, reply, data, session, config, proxy_header, milter, hook. Seed
 # inputs are written into fuzz/corpus/<target>/ on every run; the corpus grows there and
 # crashing inputs land in fuzz/artifacts/<target>/ (both ignored by git). Reproduce a crash with
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run -O -a -s none <target> <file>     (in fuzz/)
@@ -34,7 +34,7 @@ for arg in "$@"; do
     esac
 done
 
-targets=(command reply data session config proxy_header milter)
+targets=(command reply data session config proxy_header milter hook)
 export RUSTC_BOOTSTRAP=1
 export CARGO_TERM_COLOR=never
 # The instrumented build of every dependency takes minutes: keep it outside the checkout
@@ -93,6 +93,10 @@ write_seeds() {
     # make one up), then answers to the stages the target begins.
     seed milter plain 'milter01\0\0\0\x0dO\0\0\0\x06\0\0\x01\xff\0\0\x04\0\0\0\0\x01c\0\0\0\x01c\0\0\0\x01p\0\0\0\x01c\0\0\0\x01s\0\0\0\x0chX-Spam\0yes\0\0\0\0\x01a'
     seed milter reject 'milter02\0\0\0\x01c\0\0\0\x01c\0\0\0\x0fy550 5.7.1 no\0\0\0\0\x01t\0\0\0\x01r\0\0\0\x05bbody\0\0\0\x01d'
+    # Hook answers (after 8 bytes that seed the chunking of the same bytes as message text).
+    seed hook reject 'hook0001{"action":"reject","response":{"status":451,"enhancedStatus":"4.7.1","message":"later\\r\\n250 ok","disconnect":true}}'
+    seed hook modify 'hook0002{"action":"accept","modifications":[{"type":"changeFrom","value":"a@b","parameters":{"SIZE":"1","X":null}},{"type":"replaceContents","value":"a\\nb\\r"},{"type":"deleteHeader","index":1,"name":"X"}]}'
+    seed hook text 'hook0003Subject: caf\xc3\xa9\r\n\r\n\xff\xfe "quoted" \\ \x01\x1f\xe2\x82'
     seed milter symlist 'milter03\0\0\0\x21O\0\0\0\x06\0\0\x01\xff\0\0\0\0\0\0\0\0j {client_addr}\0\0\0\0\x01c'
 }
 

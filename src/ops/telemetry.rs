@@ -128,6 +128,9 @@ where
             "must be set up inside the tokio runtime".into(),
         ));
     }
+    // The exporter's HTTP client (reqwest, shared with the hooks, built with rustls and no
+    // provider of its own) takes the process-wide one: ring, as everywhere in the proxy.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut builder = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary);

@@ -377,7 +377,7 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         }
     }
     let envelope = current.envelope.as_ref().unwrap_or(envelope);
-    if !filtered_by_any {
+    if !filtered_by_any && conn.shadows.is_none() {
         tracing::warn!(
             "{}: no filter command specified. passing message through",
             conn.id

@@ -9,27 +9,10 @@ use serde::Serialize;
 
 use crate::protocol::milter::message::Field;
 
-/// Where in the transaction a hook is asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    Mail,
-    Rcpt,
-    Data,
-}
-
-impl Stage {
-    pub fn label(self) -> &'static str {
-        match self {
-            Stage::Mail => "mail",
-            Stage::Rcpt => "rcpt",
-            Stage::Data => "data",
-        }
-    }
-}
-
 /// The session a request describes.
 #[derive(Debug, Clone, Serialize)]
 pub struct Context {
+    /// `mail`, `rcpt` or `data`.
     pub stage: &'static str,
     pub client: Client,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -198,9 +181,9 @@ mod tests {
     use crate::protocol::hook::json_text::JsonText;
     use crate::protocol::milter::message::parse_header_section;
 
-    fn context(stage: Stage) -> Context {
+    fn context(stage: &'static str) -> Context {
         Context {
-            stage: stage.label(),
+            stage,
             client: Client {
                 ip: "192.0.2.7".into(),
                 port: 40123,
@@ -237,7 +220,7 @@ mod tests {
 
     #[test]
     fn an_envelope_stage_request_is_stalwarts_json() {
-        let r = render(&context(Stage::Rcpt), &envelope(), None);
+        let r = render(&context("rcpt"), &envelope(), None);
         assert!(r.after.is_empty());
         let v: serde_json::Value = serde_json::from_slice(&r.before).unwrap();
         let expected = serde_json::json!({
@@ -267,7 +250,7 @@ mod tests {
         let message = b"Subject: a\r\n folded\r\nX-Empty:\r\n\r\nbody \"quoted\"\r\n";
         let section = parse_header_section(message, true);
         let r = render(
-            &context(Stage::Data),
+            &context("data"),
             &envelope(),
             Some(MessageInfo {
                 fields: &section.fields,
