@@ -18,8 +18,8 @@
 #   spawn     in the filter scenarios only: the spawn limit, the rate at which
 #             this machine runs `sh -c cat` on the same message size at the
 #             same concurrency, with no SMTP at all (spawn.py)
-#   nofilter  in the milter scenarios only: ours with no filter and no milter,
-#             the base the milter's cost is measured against
+#   nofilter  in the milter and hook scenarios only: ours with no filter, no milter,
+#             no hook: the base their cost is measured against
 #   rspamc    in the rspamd scenarios only: rspamd scanning the same message
 #             the same number of times at the same concurrency, sent by
 #             rspamc (rspamd's own client) to its normal worker, no SMTP
