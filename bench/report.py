@@ -29,7 +29,7 @@ COLUMNS = [
     "cpu_self_s", "cpu_child_s", "cpu_us_per_msg", "child_us_per_msg", "rss_kb",
     "lat_n", "lat_p50_ms", "lat_p99_ms", "txn_p50_ms", "txn_p99_ms",
     "sessions", "upstream_conns", "rss_idle_kb", "rss_held_kb", "kb_per_session",
-    "open_secs", "proxy_died", "overflows", "errors", "error",
+    "open_secs", "proxy_died", "overflows", "ideal_mps", "errors", "error",
 ]
 SETUP_ORDER = ["original", "ours", "nofilter", "relay", "haproxy1", "haproxy2", "direct", "spawn", "rspamc"]
 FATAL_SETUPS = {"ours", "nofilter", "relay", "haproxy1", "haproxy2", "direct", "spawn", "rspamc"}
@@ -53,6 +53,7 @@ TARGETS = [
     ("no filter c1: the same for the byte relay (ms)", "nofilter_c1_1k", "added_p50_ms_relay", None, "info"),
     ("rspamd 4 KB c1: ours+rspamd / rspamd alone (rspamc) msgs/s", "rspamd_c1_4k", "rspamc_ratio", 0.8, "min"),
     ("rspamd 4 KB c32: ours+rspamd / rspamd alone (rspamc) msgs/s", "rspamd_c32_4k", "rspamc_ratio", 0.8, "min"),
+    ("hook answering in 50 ms, c32: ours / ideal (32 / 0.05 s) msgs/s", "hook_sleep50_c32", "ideal_ratio", 0.9, "min"),
 ]
 
 
@@ -154,6 +155,18 @@ def write_tsv(path, header, rows):
             f.write("\t".join("" if row.get(h) is None else str(row.get(h)) for h in header) + "\n")
 
 
+def per_run(runs, sc, setup, a, b):
+    """Median over the runs of one setup of a / b within the same run."""
+    vals = []
+    for r in runs:
+        if r.get("scenario") != sc or r.get("setup") != setup:
+            continue
+        v = ratio(num(r.get(a)), num(r.get(b)))
+        if v is not None:
+            vals.append(v)
+    return statistics.median(vals) if vals else None
+
+
 def notes_for(m):
     notes = []
     if m["scenario"].startswith("big_") and m.get("secs") is not None:
@@ -253,6 +266,8 @@ def main():
             "milter_added_p50_ms": paired(rounds, sc, "ours", "nofilter", "lat_p50_ms", diff),
             # rspamd scenarios: ours in front of rspamd against rspamd scanning alone.
             "ours_rspamc_mps": paired(rounds, sc, "ours", "rspamc", "mps", ratio),
+            # A hook that answers after a fixed delay: ours against CONC / delay.
+            "ours_ideal_mps": per_run(runs, sc, "ours", "mps", "ideal_mps"),
         }
         if sc.startswith("sessions"):
             row["ours_original_rss"] = paired(rounds, sc, "ours", "original", "kb_per_session", ratio)
@@ -270,6 +285,8 @@ def main():
             value = by_sc[sc]["ours_spawn_mps"]
         elif how == "rspamc_ratio":
             value = by_sc[sc]["ours_rspamc_mps"]
+        elif how == "ideal_ratio":
+            value = by_sc[sc]["ours_ideal_mps"]
         elif how == "added_p50_ms":
             value = by_sc[sc]["added_p50_ms_ours"]
         elif how == "added_txn_p50_ms":
@@ -294,7 +311,7 @@ def main():
                   "added_txn_p50_ms_relay", "ours_haproxy_mps", "ours_haproxy_cpu",
                   "ours_haproxy_rss", "ours_relay_mps", "added_p50_ms_haproxy",
                   "milter_nofilter_mps", "milter_nofilter_cpu", "milter_added_cpu_us",
-                  "milter_added_p50_ms", "ours_rspamc_mps"]
+                  "milter_added_p50_ms", "ours_rspamc_mps", "ours_ideal_mps"]
     with open(os.path.join(args.out, f"{args.prefix}-ratios.tsv"), "w") as f:
         f.write("\t".join(ratio_cols) + "\n")
         for r in ratio_rows:
@@ -336,7 +353,7 @@ def main():
             m["errors"], notes_for(m)))
     # ours/haproxy: against the faster of haproxy1 and haproxy2 in each round. The milter
     # scenarios have their own table below.
-    milter_rows = [r for r in ratio_rows if r["scenario"].startswith(("milter_", "rspamd_"))]
+    milter_rows = [r for r in ratio_rows if r["scenario"].startswith(("milter_", "rspamd_", "hook_"))]
     if len(milter_rows) < len(ratio_rows):
         md.append("")
         md.append("| scenario | ours/direct msgs/s | ours/original msgs/s | ours/haproxy msgs/s | ours/relay msgs/s | ours/spawn limit | CPU/msg ours/original | CPU/msg ours/haproxy | peak RSS ours/original | peak RSS ours/haproxy | added transaction p50 ms (ours) | added session p50 ms (ours) | added session p50 ms (byte relay) | added session p50 ms (haproxy) | added session p50 ms (original) |")
@@ -356,13 +373,13 @@ def main():
         # "no filter" is ours without filter or milter in the same round; the filter's CPU
         # (null milter or rspamd) is in the table above as filter CPU, not in the proxy's.
         md.append("")
-        md.append("| scenario | msgs/s: milter / no filter | proxy CPU/msg: milter / no filter | proxy CPU µs/msg added by the milter | session p50 ms added by the milter | msgs/s: ours+rspamd / rspamd alone (rspamc) |")
-        md.append("|---|---:|---:|---:|---:|---:|")
+        md.append("| scenario | msgs/s: milter or hook / no filter | proxy CPU/msg: milter or hook / no filter | proxy CPU µs/msg added by the milter or hook | session p50 ms added by the milter or hook | msgs/s: ours+rspamd / rspamd alone (rspamc) | msgs/s: ours / ideal (slow hook) |")
+        md.append("|---|---:|---:|---:|---:|---:|---:|")
         for r in milter_rows:
-            md.append("| {} | {} | {} | {} | {} | {} |".format(
+            md.append("| {} | {} | {} | {} | {} | {} | {} |".format(
                 r["scenario"], fmt(r["milter_nofilter_mps"], 2), fmt(r["milter_nofilter_cpu"], 2),
                 fmt(r["milter_added_cpu_us"], 0), fmt(r["milter_added_p50_ms"], 3),
-                fmt(r["ours_rspamc_mps"], 2)))
+                fmt(r["ours_rspamc_mps"], 2), fmt(r["ours_ideal_mps"], 2)))
     if target_rows and meta.get("smoke") != "1" and not meta.get("profile"):
         md.append("")
         md.append("| target | measured | limit | met |")

@@ -18,8 +18,8 @@
 #   spawn     in the filter scenarios only: the spawn limit, the rate at which
 #             this machine runs `sh -c cat` on the same message size at the
 #             same concurrency, with no SMTP at all (spawn.py)
-#   nofilter  in the milter scenarios only: ours with no filter and no milter,
-#             the base the milter's cost is measured against
+#   nofilter  in the milter and hook scenarios only: ours with no filter, no milter,
+#             no hook: the base their cost is measured against
 #   rspamc    in the rspamd scenarios only: rspamd scanning the same message
 #             the same number of times at the same concurrency, sent by
 #             rspamc (rspamd's own client) to its normal worker, no SMTP
@@ -30,6 +30,11 @@
 # a generated config (local rules only: no redis, no DNS, no network). rspamd
 # takes about half a minute to start, so --smoke leaves its scenarios out
 # unless --only names them.
+# The hook scenarios run ours with `Hooks:` pointing at a null HTTP hook
+# (examples/null_hook.rs, every request answered {"action":"accept"}) against
+# nofilter; hook_sleep50_c32 has the hook wait 50 ms before each answer and
+# compares ours with the ideal rate, concurrency / 50 ms (ideal_mps). --smoke
+# runs hook_c1_4k only, unless --only names the others.
 # Everything listens on 127.0.0.1 only.
 #
 # Prints medians and ratios as markdown tables on stdout (progress on stderr)
@@ -75,6 +80,7 @@ SMOKE=0 RUNS=5 ONLY="" SETUPS="" SECS=2 INSTALL=1 MSGS="" PROFILE=""
 OUT=$HERE/results OURS=$ROOT/target/release/proxsmtpd
 RELAY=$ROOT/target/release/examples/byte_relay
 MILTER=$ROOT/target/release/examples/null_milter
+NULL_HOOK=$ROOT/target/release/examples/null_hook
 
 usage() { sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 
@@ -128,6 +134,9 @@ milter_c1_4k      smtp      1            4096        milter
 milter_c32_4k     smtp      32           4096        milter
 rspamd_c1_4k      smtp      1            4096        rspamd
 rspamd_c32_4k     smtp      32           4096        rspamd
+hook_c1_4k        smtp      1            4096        hook
+hook_c32_4k       smtp      32           4096        hook
+hook_sleep50_c32  smtp      32           4096        hook50
 "
 # The file filter is a scanner's minimum: it reads the whole spooled message
 # and accepts it. It has shell syntax, so every proxy runs it through /bin/sh.
@@ -148,6 +157,9 @@ while read -r name kind conc size filter; do
   fi
   # rspamd's start (about 30 s) would triple the smoke run: only when named.
   if [ $SMOKE = 1 ] && [ "$filter" = rspamd ] && [ -z "$ONLY" ]; then continue; fi
+  # One hook scenario checks the hook path; the others measure speed only.
+  if [ $SMOKE = 1 ] && [ -z "$ONLY" ] && [ "${filter#hook}" != "$filter" ] &&
+     [ "$name" != hook_c1_4k ]; then continue; fi
   NAMES+=("$name"); KIND[$name]=$kind CONC[$name]=$conc SIZE[$name]=$size FILTER[$name]=$filter
 done <<<"$SCENARIO_TABLE"
 [ ${#NAMES[@]} -gt 0 ] || { echo "run.sh: --only '$ONLY' matches no scenario" >&2; exit 2; }
@@ -156,6 +168,10 @@ has_filter() { # some scenario of this run has this filter
   for n in "${NAMES[@]}"; do [ "${FILTER[$n]}" = "$1" ] && return 0; done
   return 1
 }
+hook_delay_ms() { # filter -> the null hook's delay before each answer (ms)
+  case $1 in hook50) echo 50 ;; *) echo 0 ;; esac
+}
+has_hook() { has_filter hook || has_filter hook50; }
 
 if [ $SMOKE = 1 ]; then
   RUNS=1
@@ -226,6 +242,12 @@ if has_filter milter && [ ! -x "$MILTER" ]; then
     { echo "run.sh: $MILTER is missing and could not be built" >&2; exit 2; }
 fi
 
+if has_hook && [ ! -x "$NULL_HOOK" ]; then
+  echo "run.sh: building the null hook (cargo build --release --example null_hook)" >&2
+  (cd "$ROOT" && cargo build --release --example null_hook >&2) ||
+    { echo "run.sh: $NULL_HOOK is missing and could not be built" >&2; exit 2; }
+fi
+
 # --- work area, ports, cleanup -------------------------------------------------
 WORK=$(mktemp -d /tmp/proxsmtpd-bench.XXXXXX) || exit 2
 mkdir -p "$WORK/spool" "$OUT" || exit 2
@@ -240,6 +262,8 @@ if has_setup ours; then
 fi
 if has_setup relay; then cp "$RELAY" "$WORK/byte_relay" || exit 2; fi
 if has_filter milter; then cp "$MILTER" "$WORK/null_milter" || exit 2; fi
+if has_hook; then cp "$NULL_HOOK" "$WORK/null_hook" || exit 2; fi
+HOOK_PID="" HOOK_DELAY=""
 SINK_PID="" PROXY_PID="" CHILD_PID="" PERF_PID="" MILTER_PID="" RSPAMD_PID=""
 
 stop_pid() { # stop one process we started, by its PID only
@@ -255,6 +279,7 @@ stop_pid() { # stop one process we started, by its PID only
 cleanup() {
   stop_pid "$CHILD_PID"; stop_pid "$PERF_PID"; stop_pid "$PROXY_PID"; stop_pid "$SINK_PID"
   stop_pid "$MILTER_PID"; stop_pid "$RSPAMD_PID"
+  stop_pid "$HOOK_PID"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -280,6 +305,25 @@ for _ in $(seq 30); do
 done
 SPORT=$((PPORT + 1)) MPORT=$((PPORT + 2)) RNPORT=$((PPORT + 3)) RMPORT=$((PPORT + 4))
 if ports_busy "$PPORT"; then echo "run.sh: no five free ports found" >&2; exit 2; fi
+
+# The null hook's port: the first free one of the five above the proxy's.
+HPORT=""
+if has_hook; then
+  for i in 5 6 7 8 9; do listening $((PPORT + i)) || { HPORT=$((PPORT + i)); break; }; done
+  [ -n "$HPORT" ] || { echo "run.sh: no free port for the null hook" >&2; exit 2; }
+fi
+start_hook() { # delay_ms -> HOOK_PID (the null hook with that delay), or returns 1
+  [ -n "$HOOK_PID" ] && [ "$HOOK_DELAY" = "$1" ] && return 0
+  stop_pid "$HOOK_PID"; HOOK_PID=""
+  for _ in $(seq 40); do listening "$HPORT" || break; sleep 0.05; done
+  "$WORK/null_hook" --listen "$HOST:$HPORT" --delay-ms "$1" >>"$WORK/null_hook.log" 2>&1 &
+  HOOK_PID=$! HOOK_DELAY=$1
+  wait_listen "$HPORT" "$HOOK_PID" && return 0
+  echo "run.sh: the null hook did not listen on $HPORT:" >&2
+  tail -5 "$WORK/null_hook.log" >&2
+  stop_pid "$HOOK_PID"; HOOK_PID=""
+  return 1
+}
 
 START_S=$SECONDS
 
@@ -366,6 +410,7 @@ filter_ticks() { # filter: CPU of the milter it stands for (no process of the pr
   case $1 in
     milter) tree_ticks "$MILTER_PID" ;;
     rspamd) tree_ticks "$RSPAMD_PID" ;;
+    hook|hook50) tree_ticks "$HOOK_PID" ;;
     *) echo 0 ;;
   esac
 }
@@ -389,6 +434,8 @@ start_proxy() { # setup filter -> PROXY_PID, or returns 1
       file) echo "FilterType: file"; echo "FilterCommand: $FILE_FILTER" ;;
       milter) echo "Milters: inet:$HOST:$MPORT{name=null}" ;;
       rspamd) echo "Milters: inet:$HOST:$RMPORT{name=rspamd}" ;;
+      # HookConcurrency as the load's concurrency (its default): no call waits for a slot.
+      hook|hook50) echo "Hooks: http://$HOST:$HPORT/check{name=null}"; echo "HookConcurrency: 32" ;;
     esac
   } >"$conf"
   echo "=== $(date -u +%T) $1 $2" >>"$WORK/proxy-$1.log"
@@ -556,6 +603,10 @@ run_rspamc() { # scenario msgs
 }
 run_measured() { # scenario setup msgs: one timed run of an smtp scenario
   if [ "$2" = rspamc ]; then run_rspamc "$1" "$3"; else run_smtp "$1" "$2" "$3"; fi
+  # A hook that waits D ms per answer allows at most CONC / D messages a second.
+  local d
+  d=$(hook_delay_ms "${FILTER[$1]}")
+  if [ "$d" != 0 ]; then RESULT="$RESULT ideal_mps=$(( ${CONC[$1]} * 1000 / d ))"; fi
 }
 
 run_sessions() { # scenario setup
@@ -644,6 +695,9 @@ for sc in "${NAMES[@]}"; do
   case ${FILTER[$sc]} in
     milter) setups_here=$(only_setups ours nofilter) ;;
     rspamd) setups_here=$(only_setups ours rspamc) ;;
+    # The null hook against no filter; the slow hook against its ideal rate.
+    hook) setups_here=$(only_setups ours nofilter) ;;
+    hook50) setups_here=$(only_setups ours) ;;
     *)
       setups_here=${setups_here/nofilter/} setups_here=${setups_here/rspamc/}
       if [ "${FILTER[$sc]}" = none ] || [ "${SIZE[$sc]}" -gt 1000000 ]; then
@@ -667,6 +721,15 @@ for sc in "${NAMES[@]}"; do
     fi
   elif [ "${FILTER[$sc]}" != rspamd ] && [ -n "$RSPAMD_PID" ]; then
     stop_pid "$RSPAMD_PID"; RSPAMD_PID=""
+  fi
+  # The null hook runs for the hook scenarios, with the delay of each.
+  if [ "${FILTER[$sc]#hook}" != "${FILTER[$sc]}" ]; then
+    if ! start_hook "$(hook_delay_ms "${FILTER[$sc]}")"; then
+      for setup in $setups_here; do
+        record 1 "scenario=$sc setup=$setup errors=1 error=null_hook_did_not_start"
+      done
+      continue
+    fi
   fi
   # shellcheck disable=SC2086
   set -- $setups_here
