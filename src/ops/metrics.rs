@@ -182,8 +182,8 @@ pub(crate) struct Metrics {
 }
 
 /// The `kind` label of `proxsmtpd_hook_errors_total`.
-pub(crate) const HOOK_ERROR_KINDS: [&str; 5] =
-    ["connect", "timeout", "status", "parse", "oversize"];
+pub(crate) const HOOK_ERROR_KINDS: [&str; 6] =
+    ["connect", "timeout", "status", "parse", "oversize", "tls"];
 
 /// The `action` label of `proxsmtpd_hook_replies_total` (failed: no usable answer, the
 /// hook's default action applied; skipped: the message was over the hook's max_size).
@@ -414,7 +414,7 @@ impl Metrics {
             .expect("valid metric definition"),
             hook_errors: reg.counter_vec(
                 "proxsmtpd_hook_errors_total",
-                "HTTP hook calls that failed, by hook and kind (connect, timeout, status, parse, oversize).",
+                "HTTP hook calls that failed, by hook and kind (connect, timeout, status, parse, oversize, tls).",
                 &["hook", "kind"],
             ),
             shadow_verdicts: reg.counter_vec(

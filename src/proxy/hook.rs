@@ -28,6 +28,8 @@ pub(crate) enum HookError {
     Parse(String),
     /// The answer was larger than the hook may send.
     Oversize,
+    /// The TLS handshake failed: the hook's certificate refused, or ours.
+    Tls(String),
 }
 
 impl HookError {
@@ -38,6 +40,7 @@ impl HookError {
             HookError::Status(_) => "status",
             HookError::Parse(_) => "parse",
             HookError::Oversize => "oversize",
+            HookError::Tls(_) => "tls",
         }
     }
 }
@@ -50,6 +53,7 @@ impl std::fmt::Display for HookError {
             HookError::Status(s) => write!(f, "answered HTTP {s}"),
             HookError::Parse(e) => write!(f, "answer not understood: {e}"),
             HookError::Oversize => write!(f, "answer too large"),
+            HookError::Tls(e) => write!(f, "TLS failed: {e}"),
         }
     }
 }
@@ -220,13 +224,7 @@ impl Hook {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token.current(&self.config.name));
         }
-        let mut response = request.send().await.map_err(|e| {
-            if e.is_timeout() {
-                HookError::Timeout
-            } else {
-                HookError::Connect(error_chain(&e))
-            }
-        })?;
+        let mut response = request.send().await.map_err(request_error)?;
         let status = response.status();
         if !status.is_success() {
             return Err(HookError::Status(status.as_u16()));
@@ -236,11 +234,7 @@ impl Hook {
             return Err(HookError::Oversize);
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| HookError::Connect(error_chain(&e)))?
-        {
+        while let Some(chunk) = response.chunk().await.map_err(request_error)? {
             if body.len() + chunk.len() > limit {
                 return Err(HookError::Oversize);
             }
@@ -248,6 +242,38 @@ impl Hook {
         }
         answer::parse(&body).map_err(HookError::Parse)
     }
+}
+
+/// What a failed request is: a timeout, a TLS failure (counted apart: a certificate
+/// problem is not an outage), or another connection error.
+fn request_error(e: reqwest::Error) -> HookError {
+    if e.is_timeout() {
+        HookError::Timeout
+    } else if is_tls(&e) {
+        HookError::Tls(error_chain(&e))
+    } else {
+        HookError::Connect(error_chain(&e))
+    }
+}
+
+/// Whether rustls' error is among the causes. An `io::Error`'s `source()` skips its inner
+/// error (and the TLS connector wraps rustls' error in two of them), so the walk goes into
+/// the inner error instead.
+fn is_tls(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        next = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
 }
 
 /// An error with its causes: reqwest's own message alone says little ("error sending

@@ -22,6 +22,7 @@ mod filter;
 mod hardening;
 mod harness;
 mod hook_harness;
+mod hooks;
 mod hostile_peers;
 mod limits;
 mod local_failure;
