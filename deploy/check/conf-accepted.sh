@@ -37,8 +37,11 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -su
   -keyout "$W/hook-tls/ca.key" -out "$W/hook-tls/ca.crt" 2>/dev/null
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=proxsmtpd \
   -keyout "$W/hook-tls/tls.key" -out "$W/hook-tls/tls.csr" 2>/dev/null
+# with extensions, so that it is an X.509 v3 certificate (OpenSSL 3.0 makes a v1 one
+# without, which rustls refuses)
+printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n' > "$W/hook-tls/client.ext"
 openssl x509 -req -in "$W/hook-tls/tls.csr" -CA "$W/hook-tls/ca.crt" -CAkey "$W/hook-tls/ca.key" \
-  -CAcreateserial -days 2 -out "$W/hook-tls/tls.crt" 2>/dev/null
+  -CAcreateserial -days 2 -extfile "$W/hook-tls/client.ext" -out "$W/hook-tls/tls.crt" 2>/dev/null
 head -c 24 /dev/urandom | base64 > "$W/hook-token/token"
 sed -e "s#^Listen:.*#Listen: 127.0.0.1:$(free_port)#" -e "s#^AdminListen:.*#AdminListen: 127.0.0.1:$ADMIN#" \
     -e "s#^OutAddress:.*#OutAddress: 127.0.0.1:$(free_port)#" -e "s#^TempDirectory:.*#TempDirectory: $W/spool#" \

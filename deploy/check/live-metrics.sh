@@ -12,7 +12,12 @@
 # one, the good one again). Every message also goes through two milters: rspamd (Debian;
 # the configuration of k8s/examples/rspamd-milter, its proxy worker in milter mode, with
 # thresholds no test message reaches) and one on a port nothing listens on
-# (default_action=accept: connect errors, the mail flows on).
+# (default_action=accept: connect errors, the mail flows on); and through three HTTP hooks:
+# a loopback hook service (python3 http.server) asked at MAIL and at the data stage, which
+# accepts all but the messages to hookreject@ (rejected at the data stage); one on a port
+# nothing listens on (default_action=accept: connect errors, failed calls); and a shadow
+# hook on the same service that rejects every message over 10 kB, so that it disagrees
+# with the live chain on some messages (live accept, shadow reject) and agrees on others.
 # Prometheus (Debian prometheus) scrapes every second with the target labels a Kubernetes
 # ServiceMonitor gives (namespace, pod) and loads deploy/alerts/*.rules.yaml.
 # Checks: `promtool check metrics` on the exposition, then deploy/check/promql_check.py; and
@@ -50,6 +55,7 @@ wait_http() {   # wait_http URL SECONDS: until it answers 200
 
 ADMIN=$(free_port) PROM=$(free_port) SMTP=$(free_port) SINK=$(free_port) SMTPS=$(free_port)
 RSPAMD=$(free_port) RSPAMD_NORMAL=$(free_port) RSPAMD_CONTROLLER=$(free_port) MILTER_DOWN=$(free_port)
+HOOK=$(free_port) HOOK_DOWN=$(free_port)
 TLS=0; command -v openssl >/dev/null && TLS=1
 
 # tls_version NAME [CERT-CONTENT]: a certificate pair in $W/tls/NAME (self-signed for
@@ -92,8 +98,63 @@ start_rspamd() {
   for ((i = 0; i < 900; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$RSPAMD") 2>/dev/null && return 0; sleep 0.1; done
   say "FAIL rspamd did not listen on 127.0.0.1:$RSPAMD within 90 s"; tail -n 10 "$W/rspamd.log" | sed 's/^/     /'; return 1
 }
+# the HTTP hook service (Stalwart MTA Hooks JSON): /live rejects the messages to
+# hookreject@ at the data stage, /shadow rejects every message over 10 kB; anything else is
+# accepted. Requests may come chunked (large messages are streamed).
+start_hook() {
+  python3 - "$HOOK" > "$W/hook.log" 2>&1 <<'PY' &
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Hook(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def body(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            data = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return data
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def do_POST(self):
+        request = json.loads(self.body())
+        stage = request["context"]["stage"]
+        to = [r["address"] for r in request["envelope"]["to"]]
+        size = (request.get("message") or {}).get("size", 0)
+        action = "accept"
+        if self.path == "/live" and stage == "data" and any(a.startswith("hookreject@") for a in to):
+            action = "reject"
+        if self.path == "/shadow" and size > 10000:
+            action = "reject"
+        answer = {"action": action}
+        if action == "reject":
+            answer["response"] = {"status": 550, "enhancedStatus": "5.7.1", "message": "Rejected by the test hook"}
+        out = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Hook).serve_forever()
+PY
+  PIDS+=("$!")
+  for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$HOOK") 2>/dev/null && return 0; sleep 0.1; done
+  say "FAIL the hook service did not start"; tail -n 10 "$W/hook.log" | sed 's/^/     /'; return 1
+}
 command -v rspamd > /dev/null || { say "FAIL no rspamd (Debian rspamd; scripts/install-deploy-tools.sh)"; exit 1; }
 start_rspamd || exit 1
+start_hook || exit 1
 [ -x "$BINARY" ] || { say "FAIL no proxsmtpd binary at $BINARY (cargo build --release)"; exit 1; }
 mkdir -p "$W/spool"
 cat > "$W/proxsmtpd.conf" <<EOF
@@ -108,6 +169,7 @@ TimeOut: 10
 DrainTimeout: 5
 Milters: inet:127.0.0.1:$RSPAMD{name=rspamd, default_action=accept}, inet:127.0.0.1:$MILTER_DOWN{name=down, connect_timeout=1, default_action=accept}
 MilterQuarantineDirectory: $W/quarantine
+Hooks: http://127.0.0.1:$HOOK/live{name=policy, stages=mail+data, timeout=5s}, http://127.0.0.1:$HOOK_DOWN/check{name=down, timeout=1s, default_action=accept}, http://127.0.0.1:$HOOK/shadow{name=classifier, timeout=5s, shadow=yes}
 EOF
 if [ "$TLS" = 1 ]; then
   tls_version v1
@@ -165,12 +227,13 @@ swaks_to() {   # swaks_to RCPT [more swaks args]: one message, any reply is fine
   swaks --silent 2 --server 127.0.0.1 --port "$SMTP" --from sender@example.org --to "$1" \
     --timeout 15 "${@:2}" >> "$W/swaks.log" 2>&1 || true
 }
-say "traffic: accepted mail of 3 sizes, rejected, dropped, temp-failed, filter timeouts"
+say "traffic: accepted mail of 3 sizes, rejected (by the filter and by the hook), dropped, temp-failed, filter timeouts"
 for len in 800 20000 300000; do
   smtp-source -s 2 -m 20 -l "$len" -f sender@example.org -t ok@example.net "127.0.0.1:$SMTP" \
     >> "$W/source.log" 2>&1 || say "note: smtp-source -l $len: $(tail -n 1 "$W/source.log")"
 done
 for _ in $(seq 1 12); do swaks_to reject@example.net; done
+for _ in $(seq 1 4); do swaks_to hookreject@example.net; done
 for _ in $(seq 1 4); do swaks_to drop@example.net; swaks_to tempfail@example.net; done
 swaks_to slow@example.net & s1=$!
 swaks_to slow@example.net & s2=$!
@@ -241,7 +304,7 @@ END=$(date +%s)
 # --- checks -----------------------------------------------------------------------------
 status=0
 curl -s "http://127.0.0.1:$ADMIN/metrics" > "$W/exposition.txt"
-say "counters at the end: $(grep -E '^proxsmtpd_(messages_total|filter_timeouts_total|connections_refused_total|upstream_errors_total|config_reloads_total|tls_[a-z_]+_total|milter_replies_total\{[^}]*stage="eom"|milter_errors_total)' "$W/exposition.txt" \
+say "counters at the end: $(grep -E '^proxsmtpd_(messages_total|filter_timeouts_total|connections_refused_total|upstream_errors_total|config_reloads_total|tls_[a-z_]+_total|milter_replies_total\{[^}]*stage="eom"|milter_errors_total|hook_replies_total|hook_errors_total|shadow_verdicts_total)' "$W/exposition.txt" \
   | grep -v ' 0$' | sed -E 's/^proxsmtpd_//; s/_total//' | tr '\n' ' ')"
 if promtool check metrics < "$W/exposition.txt" > "$W/promtool.txt" 2>&1; then
   say "PASS promtool check metrics on the /metrics exposition ($(grep -c '^proxsmtpd_' "$W/exposition.txt") samples)"

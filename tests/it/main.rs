@@ -40,6 +40,7 @@ mod relay;
 mod reload;
 mod scanners;
 mod sd_notify;
+mod shadow;
 mod shutdown;
 mod soak;
 mod telemetry;

@@ -214,11 +214,8 @@ pub(crate) async fn ask_data(
 ) -> std::io::Result<Option<Decided>> {
     let name = hook.name().to_string();
     if request.size > hook.config.max_size {
-        let metrics = crate::ops::metrics::global();
-        metrics.hook_skipped(&name, HookStage::Data.label());
-        // Counted as an error kind too (docs/hooks.md): the dashboard shows it beside the
-        // failures, which the alerts leave it out of.
-        metrics.hook_error(&name, "oversize");
+        // Policy, not a failure of the hook: counted as skipped, never as an error.
+        crate::ops::metrics::global().hook_skipped(&name, HookStage::Data.label());
         tracing::info!(
             "hook {name}: message of {} bytes over its max_size ({}): {}",
             request.size,
