@@ -44,6 +44,38 @@ pub(crate) trait Connection {
     fn tls(&self) -> Option<&TlsInfo>;
 }
 
+/// What the message log line says of a connection, kept for a line written after the
+/// session went on (a message whose shadow filters were still running).
+pub(crate) struct Snapshot {
+    id: ConnectionId,
+    client: Option<std::net::SocketAddr>,
+    tls: Option<TlsInfo>,
+}
+
+impl Snapshot {
+    pub(crate) fn of(conn: &impl Connection) -> Snapshot {
+        Snapshot {
+            id: conn.id(),
+            client: conn.client(),
+            tls: conn.tls().cloned(),
+        }
+    }
+}
+
+impl Connection for Snapshot {
+    fn id(&self) -> ConnectionId {
+        self.id
+    }
+
+    fn client(&self) -> Option<std::net::SocketAddr> {
+        self.client
+    }
+
+    fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
+    }
+}
+
 /// How a message ended.
 #[derive(Debug, Clone)]
 pub(crate) struct MessageOutcome {

@@ -78,21 +78,25 @@ pub(crate) async fn run(conn: &mut Conn, envelope: &Envelope, mode: DataMode) ->
             unfiltered(conn, envelope).instrument(span).await
         }
         DataMode::Filter => {
-            async {
-                let result = filtered(conn, envelope).await;
-                // The client has its answer: the shadows' verdicts join the message's log
-                // line (waited for at most until each shadow's own limit).
-                if let Some(shadows) = conn.shadows.take() {
-                    if let Some((envelope, mut outcome)) = conn.deferred.take() {
-                        let live = shadow::live_word(outcome.verdict, outcome.status.as_deref());
-                        outcome.shadow = shadows.finish(live).await;
-                        observe::message(conn, &envelope, outcome);
-                    }
+            let result = filtered(conn, envelope).instrument(span.clone()).await;
+            // The client has its answer and the session goes on: the shadows' verdicts join
+            // the message's log line and span from a task of their own, which waits for each
+            // shadow at most until its own limit.
+            if let Some(shadows) = conn.shadows.take() {
+                if let Some((envelope, mut outcome)) = conn.deferred.take() {
+                    let who = observe::Snapshot::of(conn);
+                    tokio::spawn(
+                        async move {
+                            let live =
+                                shadow::live_word(outcome.verdict, outcome.status.as_deref());
+                            outcome.shadow = shadows.finish(live).await;
+                            observe::message(&who, &envelope, outcome);
+                        }
+                        .instrument(span),
+                    );
                 }
-                result
             }
-            .instrument(span)
-            .await
+            result
         }
     }
 }
