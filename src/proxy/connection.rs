@@ -268,6 +268,7 @@ pub(crate) async fn serve(
     );
     let mut core = Relay::new(session, settings.timeout, std::time::Instant::now());
     core.client_buf = received;
+    core.upstream_buf = upstream.received;
     let milters = milter_chain(&settings);
     // With milters, each MAIL and RCPT waits for their verdict before it goes upstream.
     core.check_envelope(milters.is_some());
@@ -317,10 +318,21 @@ pub(crate) async fn serve(
             let _ = conn.send_client(REPLY_SHUTTING_DOWN).await;
         }
     }
-    let _ = conn.client.shutdown().await;
-    let _ = conn.upstream.shutdown().await;
+    close(&mut conn.client).await;
+    close(&mut conn.upstream).await;
     if let Some(chain) = conn.milters.take() {
         chain.quit().await;
+    }
+}
+
+/// Ends one side of a finished session now, not when the session is dropped (after its
+/// milters are told). A plain socket is just closed: the close sends the FIN that a
+/// `shutdown` would, without the extra system call. A TLS stream first sends its
+/// close_notify.
+async fn close(stream: &mut Stream) {
+    let mut stream = stream.detach();
+    if matches!(stream, Stream::TlsServer(_) | Stream::TlsClient(_)) {
+        let _ = stream.shutdown().await;
     }
 }
 
