@@ -258,7 +258,8 @@ pub(crate) async fn run(
         let id = ConnectionId::next();
         let settings = initial.clone();
         sessions.spawn(async move {
-            let mut received = BytesMut::with_capacity(16 * 1024);
+            // Filled only by a PROXY header's trailing bytes; the relay sizes its own reads.
+            let mut received = BytesMut::new();
             let info = match proxy_header(&settings, &mut stream, info, &mut received).await {
                 Ok(info) => info,
                 Err(e) => {
