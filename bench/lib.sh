@@ -17,8 +17,10 @@ wait_listen() { # port pid: wait until pid listens on port
 
 start_sink() { # -> SINK_PID; exits the script when the sink cannot start
   local user=(); [ "$(id -u)" = 0 ] && user=(-u nobody)
-  # Fast sink: no delays, accepts everything; -c counts messages on stdout.
-  "$SINK" -c "${user[@]}" -m 8192 "$HOST:$SPORT" 4096 >"$WORK/sink.out" 2>>"$WORK/sink.err" &
+  # Fast sink: no delays, accepts everything; -c counts messages on stdout;
+  # -m: room for the 10,000-session scenario and its probes; -t: its first
+  # sessions wait idle while the last ones open (the default is 100 s).
+  "$SINK" -c "${user[@]}" -m 12000 -t 600 "$HOST:$SPORT" 4096 >"$WORK/sink.out" 2>>"$WORK/sink.err" &
   SINK_PID=$!
   wait_listen "$SPORT" "$SINK_PID" || {
     echo "${0##*/}: smtp-sink did not start:" >&2; cat "$WORK/sink.err" >&2; exit 2;
@@ -30,12 +32,13 @@ sink_count() { # messages received so far (last mesg= counter of smtp-sink -c)
 }
 
 # haproxy in TCP mode between the load and the sink: no logging (no log
-# line in the config), room for the 2,000-session scenario, timeouts long
+# line in the config), room for the 10,000-session scenario (the same
+# 10,240 connections as ours' MaxConnections), timeouts long
 # enough for idle held sessions. haproxy refuses to start unless the
 # open-file limit holds two descriptors per connection.
 haproxy_conf() { # threads file
   local maxconn=$(( ($(ulimit -n) - 256) / 2 ))
-  [ "$maxconn" -gt 10000 ] && maxconn=10000
+  [ "$maxconn" -gt 10240 ] && maxconn=10240
   cat >"$2" <<EOF_CFG
 global
     nbthread $1

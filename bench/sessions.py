@@ -4,7 +4,10 @@
 Each session connects, reads the greeting, says HELO and waits. Once all are
 open, the proxy's resident memory (VmRSS) is compared with its value before
 the first connection, and the number of established TCP connections towards
-the upstream port is counted (each session must have its own). Then every
+the upstream port is counted (each session must have its own). With --probes
+N, N more clients then connect one after the other while all those sessions
+are still open, and the time from connect to the greeting's last line is
+taken for each (each probe says QUIT before the next connects). Then every
 session says QUIT and must get 221.
 
 Prints one line of key=value pairs; exits 1 on any error.
@@ -79,6 +82,28 @@ async def close_one(s, gate, timeout):
             s.writer.close()
 
 
+async def probe_greetings(args):
+    """Connect .. greeting times in ms of args.probes clients, one after the other."""
+    times = []
+    for _ in range(args.probes):
+        t0 = time.monotonic()
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(args.host, args.port), args.timeout)
+        try:
+            await expect(reader, b"220", args.timeout)
+            times.append((time.monotonic() - t0) * 1000)
+            writer.write(b"QUIT\r\n")
+            await expect(reader, b"221", args.timeout)
+        finally:
+            writer.close()
+    return times
+
+
+def percentile(values, p):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
 def first_error(results):
     for r in results:
         if isinstance(r, BaseException):
@@ -107,14 +132,24 @@ async def run(args):
         out["kb_per_session"] = f"{(rss_held - rss_idle) / len(good):.1f}"
     else:
         out["kb_per_session"] = "nan"  # no proxy, or it is gone
+    probe_error = ""
+    if args.probes:
+        try:
+            times = await probe_greetings(args)
+            out["greet_p50_ms"] = f"{percentile(times, 50):.3f}"
+            out["greet_p99_ms"] = f"{percentile(times, 99):.3f}"
+            out["greet_max_ms"] = f"{max(times):.3f}"
+        except (OSError, ConnectionError, asyncio.TimeoutError) as e:
+            probe_error = ("probe:" + type(e).__name__ + ":" + str(e)).replace(" ", "_")[:80]
 
     closed = await asyncio.gather(*(close_one(s, gate, args.timeout) for s in good),
                                   return_exceptions=True)
     open_errors = len(opened) - len(good)
     close_errors = sum(1 for r in closed if isinstance(r, BaseException))
     errors = open_errors + close_errors + (1 if upstream < len(good) else 0)
+    errors += 1 if probe_error else 0
     out["errors"] = errors
-    err = first_error(opened) or first_error(closed)
+    err = first_error(opened) or first_error(closed) or probe_error
     if not err and upstream < len(good):
         err = f"only_{upstream}_upstream_connections"
     if err:
@@ -133,6 +168,8 @@ def main():
     ap.add_argument("--pid", type=int, default=0, help="proxy whose RSS is measured")
     ap.add_argument("--connect-conc", type=int, default=4,
                     help="sessions being opened at once (the original's listen backlog is 5)")
+    ap.add_argument("--probes", type=int, default=0,
+                    help="new clients timed to their greeting while all sessions are open")
     ap.add_argument("--settle", type=float, default=0.5, help="seconds before measuring")
     ap.add_argument("--timeout", type=float, default=15.0, help="per SMTP step")
     ap.add_argument("--deadline", type=float, default=180.0, help="whole run")

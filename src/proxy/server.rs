@@ -31,7 +31,9 @@ const LISTEN_BACKLOG: i32 = 1024;
 const HARD_STOP_GRACE: Duration = Duration::from_secs(5);
 
 pub(crate) enum Listener {
-    Tcp(TcpListener),
+    /// With the address it is bound to when that is one address (not a wildcard): then it
+    /// is every accepted connection's local address, with no `getsockname` per connection.
+    Tcp(TcpListener, Option<SocketAddr>),
     Unix(UnixListener),
 }
 
@@ -59,6 +61,10 @@ impl BoundListener {
                 };
                 let fd = sock::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
                 sock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+                // Accepted connections inherit TCP_NODELAY from the listener (Linux), which
+                // saves a setsockopt per connection. Commands and replies are small and
+                // latency-bound; Nagle only delays them.
+                sock::setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
                 if transparent == Transparent::Full {
                     crate::proxy::sockopt::set_ip_transparent(&fd)?;
                 }
@@ -81,7 +87,14 @@ impl BoundListener {
     /// Hands the socket to tokio. Must run inside the runtime.
     pub(crate) fn into_listener(self) -> io::Result<Listener> {
         match self {
-            BoundListener::Tcp(l) => Ok(Listener::Tcp(TcpListener::from_std(l)?)),
+            BoundListener::Tcp(l) => {
+                let listener = TcpListener::from_std(l)?;
+                let fixed = listener
+                    .local_addr()
+                    .ok()
+                    .filter(|a| !a.ip().is_unspecified());
+                Ok(Listener::Tcp(listener, fixed))
+            }
             BoundListener::Unix(l) => Ok(Listener::Unix(UnixListener::from_std(l)?)),
         }
     }
@@ -90,18 +103,22 @@ impl BoundListener {
 impl Listener {
     pub(crate) fn local_description(&self) -> String {
         match self {
-            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Tcp(l, _) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             Listener::Unix(_) => "unix socket".into(),
         }
     }
 
     async fn accept(&self, transparent: Transparent) -> io::Result<(Stream, ClientInfo)> {
         match self {
-            Listener::Tcp(l) => {
+            Listener::Tcp(l, fixed) => {
                 let (stream, peer) = l.accept().await?;
-                let _ = stream.set_nodelay(true);
                 crate::proxy::sockopt::prefer_delayed_acks(&stream);
-                let local = stream.local_addr().ok();
+                // Behind TPROXY a connection's local address is whatever the client asked
+                // for, not the listener's.
+                let local = match (fixed, transparent) {
+                    (Some(addr), Transparent::Off) => Some(*addr),
+                    _ => stream.local_addr().ok(),
+                };
                 let original_destination = match transparent {
                     Transparent::Off => None,
                     // With TPROXY there is no NAT entry: the local address is the
@@ -241,7 +258,8 @@ pub(crate) async fn run(
         let id = ConnectionId::next();
         let settings = initial.clone();
         sessions.spawn(async move {
-            let mut received = BytesMut::with_capacity(16 * 1024);
+            // Filled only by a PROXY header's trailing bytes; the relay sizes its own reads.
+            let mut received = BytesMut::new();
             let info = match proxy_header(&settings, &mut stream, info, &mut received).await {
                 Ok(info) => info,
                 Err(e) => {

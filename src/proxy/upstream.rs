@@ -33,27 +33,67 @@ pub(crate) struct Upstream {
     /// The name its TLS certificate must carry: the `OutAddress` host name, else the IP
     /// address connected to (`localhost` for a unix socket).
     pub(crate) tls_name: String,
+    /// Bytes already read from the stream while connecting: the relay's first upstream
+    /// bytes.
+    pub(crate) received: bytes::BytesMut,
 }
 
 /// The upstream connection to `addr` (the address connected to, so no getpeername).
 fn tcp(stream: TcpStream, addr: SocketAddr) -> io::Result<Upstream> {
     // Commands and replies are small and latency-bound; Nagle only delays them.
     stream.set_nodelay(true)?;
+    Ok(upstream_tcp(stream, addr))
+}
+
+fn upstream_tcp(stream: TcpStream, addr: SocketAddr) -> Upstream {
     sockopt::prefer_delayed_acks(&stream);
     let server = addr.ip().to_string();
-    Ok(Upstream {
+    Upstream {
         stream: Stream::Tcp(stream),
         tls_name: server.clone(),
         server,
-    })
+        received: bytes::BytesMut::new(),
+    }
+}
+
+/// Connects to `addr` with TCP_NODELAY set before the connect, in as few system calls as
+/// the kernel allows: `socket`, `setsockopt`, `connect` and the runtime's registration.
+///
+/// Where `TcpStream::connect` asks `getsockopt(SO_ERROR)` once the socket is writable, this
+/// lets the socket say it: a failed connect leaves the socket closed with its error pending
+/// (the runtime sees it as readable), and the read that finds it fails with that error. A
+/// connected socket has nothing to read until the greeting comes, and the runtime then
+/// makes no read at all. Whatever such a read does take (the start of the greeting) is
+/// handed on in [`Upstream::received`].
+async fn connect_fast(addr: SocketAddr) -> io::Result<Upstream> {
+    use socket2::{Domain, Socket, Type};
+    let domain = Domain::for_address(addr);
+    let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None)?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    stream.writable().await?;
+    let mut received = bytes::BytesMut::new();
+    match stream.try_read_buf(&mut received) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    let mut upstream = upstream_tcp(stream, addr);
+    upstream.received = received;
+    Ok(upstream)
 }
 
 /// Tries each address in turn.
 async fn connect_tcp(addrs: &[SocketAddr]) -> io::Result<Upstream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
     for &addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(s) => return tcp(s, addr),
+        match connect_fast(addr).await {
+            Ok(u) => return Ok(u),
             Err(e) => last = e,
         }
     }
@@ -110,6 +150,7 @@ async fn connect_inner(settings: &Settings, client: &ClientInfo) -> io::Result<U
                 stream: Stream::Unix(stream),
                 server: path.display().to_string(),
                 tls_name: "localhost".into(),
+                received: bytes::BytesMut::new(),
             })
         }
     }
