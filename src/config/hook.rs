@@ -17,7 +17,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::milter::{parse_duration, tokens, MilterAction, Token, ACTIONS};
+use super::milter::{parse_duration, parse_entries, MilterAction, ACTIONS};
 use super::settings::Settings;
 use super::values::parse_boolean;
 
@@ -212,35 +212,14 @@ pub fn parse_filter_order(v: &str) -> Result<Vec<FilterKind>, String> {
 /// Parses the `Hooks` value; an empty value is no hook. The error says what is wrong (the
 /// caller adds the setting's name).
 pub fn parse_hooks(v: &str) -> Result<Vec<HookSpec>, String> {
-    let mut specs: Vec<HookSpec> = Vec::new();
-    // Whether the last URL may still take options in braces.
-    let mut open = false;
-    for token in tokens(v)? {
-        match token {
-            Token::Word(word) => {
-                specs.push(HookSpec::at(word)?);
-                open = true;
-            }
-            Token::Group(group) => {
-                let mut items = group.split(',').map(str::trim).filter(|s| !s.is_empty());
-                match items.clone().next() {
-                    // `{ url, options }` (a query string may hold `=`).
-                    Some(first) if !first.contains('=') || first.contains("://") => {
-                        items.next();
-                        let mut spec = HookSpec::at(first)?;
-                        apply_options(&mut spec, items)?;
-                        specs.push(spec);
-                    }
-                    // Options of the URL just before.
-                    _ => match specs.last_mut() {
-                        Some(spec) if open => apply_options(spec, items)?,
-                        _ => return Err(format!("{{{group}}} follows no hook URL")),
-                    },
-                }
-                open = false;
-            }
-        }
-    }
+    // `{ url, options }`: an option is `key=value`, a URL may hold `=` in its query.
+    let specs = parse_entries(
+        v,
+        "hook URL",
+        |first| !first.contains('=') || first.contains("://"),
+        HookSpec::at,
+        |spec, items| apply_options(spec, items),
+    )?;
     for (i, spec) in specs.iter().enumerate() {
         if specs[..i].iter().any(|s| s.name == spec.name) {
             return Err(format!(

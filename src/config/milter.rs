@@ -156,29 +156,48 @@ impl MilterSpec {
 /// Parses the `Milters` value; an empty value is no milter. The error says what is wrong
 /// (the caller adds the setting's name).
 pub fn parse_milters(v: &str) -> Result<Vec<MilterSpec>, String> {
-    let mut specs: Vec<MilterSpec> = Vec::new();
-    // Whether the last address may still take options in braces.
+    parse_entries(
+        v,
+        "milter address",
+        |first| !first.contains('='),
+        MilterSpec::at,
+        |spec, items| apply_options(spec, items),
+    )
+}
+
+/// The list grammar `Milters` and `Hooks` share: entries separated by commas or spaces,
+/// each optionally followed by its options in braces, or written Postfix's way with the
+/// entry first inside the braces (`{ entry, options }`: `is_entry` tells the entry from an
+/// option). `what` names an entry in the error for braces that follow none.
+pub(super) fn parse_entries<'a, T>(
+    v: &'a str,
+    what: &str,
+    is_entry: impl Fn(&str) -> bool,
+    at: impl Fn(&str) -> Result<T, String>,
+    apply: impl Fn(&mut T, &mut dyn Iterator<Item = &'a str>) -> Result<(), String>,
+) -> Result<Vec<T>, String> {
+    let mut specs: Vec<T> = Vec::new();
+    // Whether the last entry may still take options in braces.
     let mut open = false;
     for token in tokens(v)? {
         match token {
             Token::Word(word) => {
-                specs.push(MilterSpec::at(word)?);
+                specs.push(at(word)?);
                 open = true;
             }
             Token::Group(group) => {
                 let mut items = group.split(',').map(str::trim).filter(|s| !s.is_empty());
                 match items.clone().next() {
-                    // Postfix's `{ address, options }`.
-                    Some(first) if !first.contains('=') => {
+                    Some(first) if is_entry(first) => {
                         items.next();
-                        let mut spec = MilterSpec::at(first)?;
-                        apply_options(&mut spec, items)?;
+                        let mut spec = at(first)?;
+                        apply(&mut spec, &mut items)?;
                         specs.push(spec);
                     }
-                    // Options of the address just before.
+                    // Options of the entry just before.
                     _ => match specs.last_mut() {
-                        Some(spec) if open => apply_options(spec, items)?,
-                        _ => return Err(format!("{{{group}}} follows no milter address")),
+                        Some(spec) if open => apply(spec, &mut items)?,
+                        _ => return Err(format!("{{{group}}} follows no {what}")),
                     },
                 }
                 open = false;
@@ -201,7 +220,7 @@ impl MilterSpec {
     }
 }
 
-pub(super) enum Token<'a> {
+enum Token<'a> {
     Word(&'a str),
     /// The text between `{` and `}`.
     Group(&'a str),
@@ -212,7 +231,7 @@ fn is_separator(c: char) -> bool {
 }
 
 /// Splits a list value into words and brace groups (shared with `Hooks`).
-pub(super) fn tokens(v: &str) -> Result<Vec<Token<'_>>, String> {
+fn tokens(v: &str) -> Result<Vec<Token<'_>>, String> {
     let mut out = Vec::new();
     let mut rest = v;
     loop {
