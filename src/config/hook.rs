@@ -18,7 +18,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::milter::{parse_duration, parse_entries, MilterAction, ACTIONS};
-use super::settings::Settings;
 use super::values::parse_boolean;
 
 /// Where in the SMTP transaction a hook is asked.
@@ -100,27 +99,41 @@ pub struct HookConfig {
     pub token_file: Option<PathBuf>,
 }
 
+/// What a hook option not given takes: the global `Hook*` settings
+/// ([`crate::config::Settings::hook_defaults`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookDefaults {
+    pub timeout: Duration,
+    pub default_action: MilterAction,
+    pub max_size: u64,
+    pub oversize_action: MilterAction,
+    pub concurrency: usize,
+    pub ca_file: Option<PathBuf>,
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub tls_verify: bool,
+    pub token_file: Option<PathBuf>,
+}
+
 impl HookSpec {
     /// This hook's options, the global `Hook*` settings where it has none.
-    pub fn resolve(&self, settings: &Settings) -> HookConfig {
+    pub fn resolve(&self, defaults: &HookDefaults) -> HookConfig {
         let path = |own: &Option<PathBuf>, global: &Option<PathBuf>| own.clone().or(global.clone());
         HookConfig {
             name: self.name.clone(),
             url: self.url.clone(),
             stages: self.stages.clone(),
-            timeout: self.timeout.unwrap_or(settings.hook_timeout),
-            default_action: self.default_action.unwrap_or(settings.hook_default_action),
-            max_size: self.max_size.unwrap_or(settings.hook_max_size),
-            oversize_action: self
-                .oversize_action
-                .unwrap_or(settings.hook_oversize_action),
-            concurrency: self.concurrency.unwrap_or(settings.hook_concurrency),
+            timeout: self.timeout.unwrap_or(defaults.timeout),
+            default_action: self.default_action.unwrap_or(defaults.default_action),
+            max_size: self.max_size.unwrap_or(defaults.max_size),
+            oversize_action: self.oversize_action.unwrap_or(defaults.oversize_action),
+            concurrency: self.concurrency.unwrap_or(defaults.concurrency),
             shadow: self.shadow,
-            ca_file: path(&self.ca_file, &settings.hook_ca_file),
-            client_certificate: path(&self.client_certificate, &settings.hook_client_certificate),
-            client_key: path(&self.client_key, &settings.hook_client_key),
-            tls_verify: self.tls_verify.unwrap_or(settings.hook_tls_verify),
-            token_file: path(&self.token_file, &settings.hook_token_file),
+            ca_file: path(&self.ca_file, &defaults.ca_file),
+            client_certificate: path(&self.client_certificate, &defaults.client_certificate),
+            client_key: path(&self.client_key, &defaults.client_key),
+            tls_verify: self.tls_verify.unwrap_or(defaults.tls_verify),
+            token_file: path(&self.token_file, &defaults.token_file),
         }
     }
 
@@ -598,10 +611,17 @@ mod tests {
 
     #[test]
     fn resolve_takes_the_globals_where_unset() {
-        let settings = Settings {
-            hook_ca_file: Some("/g/ca.pem".into()),
-            hook_token_file: Some("/g/token".into()),
-            ..Settings::default()
+        let settings = HookDefaults {
+            timeout: Duration::from_secs(10),
+            default_action: MilterAction::Tempfail,
+            max_size: 10 << 20,
+            oversize_action: MilterAction::Accept,
+            concurrency: 32,
+            ca_file: Some("/g/ca.pem".into()),
+            client_certificate: None,
+            client_key: None,
+            tls_verify: true,
+            token_file: Some("/g/token".into()),
         };
         let spec =
             &parse_hooks("http://h/{name=p, stages=rcpt, concurrency=2, shadow=on}").unwrap()[0];

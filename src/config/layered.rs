@@ -240,7 +240,7 @@ fn check_hook_client_pairs(s: &Settings) -> Result<(), ConfigError> {
         return Err(e.clone());
     }
     for hook in &s.hooks {
-        let resolved = hook.resolve(s);
+        let resolved = hook.resolve(&s.hook_defaults());
         let half = match (&resolved.client_certificate, &resolved.client_key) {
             (Some(_), None) => "client_certificate is set but client_key is not",
             (None, Some(_)) => "client_key is set but client_certificate is not",

@@ -18,7 +18,7 @@ use super::address::{
 use super::cidr::{parse_cidr_list, Cidr};
 use super::hook::{
     default_filter_order, parse_concurrency, parse_filter_order, parse_hooks, parse_size,
-    FilterKind, HookSpec,
+    FilterKind, HookDefaults, HookSpec,
 };
 use super::milter::{
     self, parse_duration, parse_milters, MilterAction, MilterQuarantine, MilterSpec,
@@ -414,7 +414,7 @@ registry! {
         doc: "HTTP policy services asked about each message with a JSON POST (the MTA Hooks \
             protocol, version 1), comma- or space-separated: http:// or \
             https://host[:port]/path, each optionally followed by options in braces, e.g. \
-            https://policy.example:8443/check{name=policy, stages=mail+rcpt+data, \
+            https://policy:8443/check{name=policy, stages=mail+rcpt+data, \
             timeout=10s, default_action=tempfail, max_size=10M, oversize_action=accept, \
             concurrency=32, shadow=yes, ca_file=/etc/hook/ca.pem, \
             client_certificate=/etc/hook/tls.crt, client_key=/etc/hook/tls.key, \
@@ -843,6 +843,24 @@ fn tls_listen(name: &'static str, v: &str) -> Result<Option<ListenAddress>, Stri
         v => parse_listen(v)
             .map(Some)
             .map_err(|e| e.replacen("Listen", name, 1)),
+    }
+}
+
+impl Settings {
+    /// The global `Hook*` settings, what a hook's options not given take.
+    pub fn hook_defaults(&self) -> HookDefaults {
+        HookDefaults {
+            timeout: self.hook_timeout,
+            default_action: self.hook_default_action,
+            max_size: self.hook_max_size,
+            oversize_action: self.hook_oversize_action,
+            concurrency: self.hook_concurrency,
+            ca_file: self.hook_ca_file.clone(),
+            client_certificate: self.hook_client_certificate.clone(),
+            client_key: self.hook_client_key.clone(),
+            tls_verify: self.hook_tls_verify,
+            token_file: self.hook_token_file.clone(),
+        }
     }
 }
 

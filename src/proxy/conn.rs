@@ -66,8 +66,8 @@ pub(crate) struct Conn {
     pub(crate) hooks: Option<std::sync::Arc<crate::proxy::hook::Hooks>>,
     /// The current transaction's MAIL and RCPT lines, as the client sent them.
     pub(crate) lines: EnvelopeLines,
-    /// The shadow filters running on the current message.
-    pub(crate) shadows: Option<crate::proxy::transaction::Shadows>,
+    /// Shadow filters run on the current message: its log line waits for them.
+    pub(crate) defer_message_log: bool,
     /// The current message's outcome, logged when its shadows are done.
     pub(crate) deferred: Option<(Envelope, crate::proxy::observe::MessageOutcome)>,
     /// Close the session once the next reply is written (a hook's `disconnect`).

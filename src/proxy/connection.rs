@@ -312,7 +312,7 @@ pub(crate) async fn serve(
         milters,
         hooks,
         lines: Default::default(),
-        shadows: None,
+        defer_message_log: false,
         deferred: None,
         close_after_reply: false,
     };

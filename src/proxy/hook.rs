@@ -317,7 +317,12 @@ pub(crate) fn hooks_for(settings: &Settings) -> Result<Option<Arc<Hooks>>, Strin
     if settings.hooks.is_empty() {
         return Ok(None);
     }
-    let configs: Vec<HookConfig> = settings.hooks.iter().map(|h| h.resolve(settings)).collect();
+    let defaults = settings.hook_defaults();
+    let configs: Vec<HookConfig> = settings
+        .hooks
+        .iter()
+        .map(|h| h.resolve(&defaults))
+        .collect();
     let mut current = CURRENT.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some((c, hooks)) = current.as_ref() {
         if *c == configs {

@@ -27,7 +27,7 @@ mod milters;
 mod shadow;
 mod spool;
 
-pub(crate) use shadow::{configured as shadows_configured, Shadows};
+pub(crate) use shadow::configured as shadows_configured;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -78,11 +78,15 @@ pub(crate) async fn run(conn: &mut Conn, envelope: &Envelope, mode: DataMode) ->
             unfiltered(conn, envelope).instrument(span).await
         }
         DataMode::Filter => {
-            let result = filtered(conn, envelope).instrument(span.clone()).await;
+            let mut shadows = None;
+            let result = filtered(conn, envelope, &mut shadows)
+                .instrument(span.clone())
+                .await;
+            conn.defer_message_log = false;
             // The client has its answer and the session goes on: the shadows' verdicts join
             // the message's log line and span from a task of their own, which waits for each
             // shadow at most until its own limit.
-            if let Some(shadows) = conn.shadows.take() {
+            if let Some(shadows) = shadows {
                 if let Some((envelope, mut outcome)) = conn.deferred.take() {
                     let who = observe::Snapshot::of(conn);
                     tokio::spawn(
@@ -300,7 +304,13 @@ impl BodySink for ToSpool {
     }
 }
 
-async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
+/// `shadows` gets the shadow filters started on the message, whose verdicts its log line
+/// waits for (see [`run`]).
+async fn filtered(
+    conn: &mut Conn,
+    envelope: &Envelope,
+    shadows: &mut Option<shadow::Shadows>,
+) -> Result<(), Fatal> {
     conn.send_client(REPLY_START_INPUT).await?;
     let settings = conn.settings.clone();
     let started = Instant::now();
@@ -350,7 +360,8 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
     if shadow::configured(&settings) {
         let input = shadow_input(conn, envelope, size, &settings.temp_directory);
         let hooks = conn.hooks.clone();
-        conn.shadows = Some(shadow::start(&settings, hooks.as_ref(), input, spool.path()).await);
+        *shadows = Some(shadow::start(&settings, hooks.as_ref(), input, spool.path()).await);
+        conn.defer_message_log = true;
     }
 
     // The live chain, in FilterOrder: each filter gets the message (and envelope) as the
@@ -381,7 +392,7 @@ async fn filtered(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
         }
     }
     let envelope = current.envelope.as_ref().unwrap_or(envelope);
-    if !filtered_by_any && conn.shadows.is_none() {
+    if !filtered_by_any && !conn.defer_message_log {
         tracing::warn!(
             "{}: no filter command specified. passing message through",
             conn.id
@@ -561,7 +572,7 @@ fn shadow_input(conn: &Conn, envelope: &Envelope, size: u64, tmpdir: &Path) -> s
 /// Records a message's outcome: logged at once, or, while shadow filters run on it, when
 /// they are done (see [`run`]).
 fn finished(conn: &mut Conn, envelope: &Envelope, outcome: MessageOutcome) {
-    if conn.shadows.is_some() {
+    if conn.defer_message_log {
         conn.deferred = Some((envelope.clone(), outcome));
     } else {
         observe::message(conn, envelope, outcome);
