@@ -619,13 +619,13 @@ async fn hooks_envelope(conn: &mut Conn, command: EnvelopeCommand, line: &[u8]) 
                 MilterAction::Accept => continue,
                 MilterAction::Reject => (
                     Action::Reject,
-                    Some(b"550 5.7.1 Command rejected\r\n".to_vec()),
+                    Some(super::milter::REPLY_REJECT.to_vec()),
                     false,
                     String::new(),
                 ),
                 MilterAction::Tempfail => (
                     Action::Reject,
-                    Some(b"451 4.7.1 Service unavailable - try again later\r\n".to_vec()),
+                    Some(super::milter::REPLY_TEMPFAIL.to_vec()),
                     false,
                     String::new(),
                 ),
@@ -638,7 +638,7 @@ async fn hooks_envelope(conn: &mut Conn, command: EnvelopeCommand, line: &[u8]) 
             Action::Accept => {}
             Action::Reject => {
                 conn.close_after_reply |= disconnect;
-                return Some(reply.unwrap_or_else(|| b"550 5.7.1 Command rejected\r\n".to_vec()));
+                return Some(reply.unwrap_or_else(|| super::milter::REPLY_REJECT.to_vec()));
             }
             Action::Discard => {
                 // The whole message, as for milters.

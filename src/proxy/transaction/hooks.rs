@@ -20,13 +20,13 @@ use crate::protocol::hook::json_text::JsonText;
 use crate::protocol::hook::request::{self, Address, Context, Envelope, MessageInfo};
 use crate::protocol::milter::message::{parse_header_section, Field, HEADER_SECTION_LIMIT};
 use crate::proxy::hook::{Hook, HookError};
+use crate::proxy::milter::REPLY_TEMPFAIL;
 
 /// Messages up to this size are sent from memory, with a Content-Length.
 const IN_MEMORY: u64 = 256 * 1024;
 
 /// The default replies when a hook's failure (or oversize action) decides.
 const REPLY_REJECT: &[u8] = b"550 5.7.1 Message rejected\r\n";
-const REPLY_TEMPFAIL: &[u8] = b"451 4.7.1 Service unavailable - try again later\r\n";
 
 /// What a data-stage request needs besides the message.
 pub(crate) struct Request<'a> {
