@@ -1121,6 +1121,7 @@ reload_watch: no
             "HookTimeout" => "2m",
             "HookDefaultAction" | "HookOversizeAction" => "reject",
             "HookMaxSize" => "1G",
+            "SpoolMemory" => "1M",
             "HookConcurrency" => "5",
             "ShadowConcurrency" => "65536",
             "HookCaFile" => "/etc/hook/ca.pem",

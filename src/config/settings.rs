@@ -305,6 +305,21 @@ registry! {
             removed) when there is a filter, or KeepAlives without one; also the filter's \
             TMPDIR. It should not be world-writable.",
     }
+    SpoolMemory {
+        key: "spool_memory",
+        field: spool_memory: u64 = 64 << 20,
+        kind: Single,
+        original: false,
+        default: "64M",
+        parse: |name, v| match v {
+            "0" => Ok(0),
+            _ => parse_size(v).ok_or_else(|| values::invalid_setting(name)),
+        },
+        doc: "How much memory, in bytes or with a K, M or G suffix, messages for milters and \
+            hooks may take in all instead of spool files in TempDirectory (each at most 256K; \
+            a larger one, or one past this total, is spooled). 0 spools every message. With a \
+            filter command every message is spooled: the command reads a file.",
+    }
     TimeOut {
         key: "timeout",
         field: timeout: Duration = Duration::from_secs(180),
@@ -965,6 +980,12 @@ mod tests {
             MilterAction::Tempfail
         );
         assert_eq!(s("HookMaxSize", "123").unwrap().hook_max_size, 123);
+        assert_eq!(s("SpoolMemory", "0").unwrap().spool_memory, 0);
+        assert_eq!(s("SpoolMemory", "16M").unwrap().spool_memory, 16 << 20);
+        assert_eq!(
+            s("SpoolMemory", "-1").unwrap_err(),
+            "invalid setting: SpoolMemory"
+        );
         assert_eq!(s("HookMaxSize", "10K").unwrap().hook_max_size, 10240);
         assert_eq!(s("HookMaxSize", "10M").unwrap().hook_max_size, 10 << 20);
         assert_eq!(s("HookMaxSize", "1G").unwrap().hook_max_size, 1 << 30);

@@ -160,6 +160,7 @@ pub(crate) struct Metrics {
     config_reload_failure: IntCounter,
     draining: IntGauge,
     max_connections: IntGauge,
+    spool_memory: IntGauge,
     config_last_reload_successful: IntGauge,
     config_last_reload_success_timestamp: prometheus::Gauge,
     upstream_reply_duration: [Histogram; 4],
@@ -326,6 +327,10 @@ impl Metrics {
             max_connections: reg.gauge(
                 "proxsmtpd_max_connections",
                 "The configured MaxConnections (concurrent clients).",
+            ),
+            spool_memory: reg.gauge(
+                "proxsmtpd_spool_memory_bytes",
+                "Bytes of messages held in memory for milters and hooks (within SpoolMemory).",
             ),
             config_last_reload_successful: reg.gauge(
                 "proxsmtpd_config_last_reload_successful",
@@ -685,6 +690,12 @@ impl Metrics {
             .inc();
     }
 
+    /// The bytes of messages held in memory instead of spool files now.
+    pub(crate) fn spool_memory(&self, bytes: u64) {
+        self.spool_memory
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
     pub(crate) fn set_draining(&self, draining: bool) {
         self.draining.set(i64::from(draining));
     }
@@ -947,6 +958,7 @@ mod tests {
             ("proxsmtpd_filter_timeouts_total".into(), 0.0),
             ("proxsmtpd_filter_spawn_failures_total".into(), 0.0),
             ("proxsmtpd_draining".into(), 0.0),
+            ("proxsmtpd_spool_memory_bytes".into(), 0.0),
             ("proxsmtpd_messages_abandoned_total".into(), 0.0),
             ("proxsmtpd_filter_duration_seconds_count".into(), 0.0),
             (

@@ -1,7 +1,8 @@
 //! One message: receive the body, run the filter, deliver or answer.
 //!
-//! The client gets 354 at once. With a filter, its body is spooled (unstuffed,
-//! CRLF-normalised) to TempDirectory and the upstream sees DATA only after the filter
+//! The client gets 354 at once. With a filter, its body is kept (unstuffed, CRLF-normalised)
+//! in memory when small and only milters and hooks read it ([`content`]), else spooled to
+//! TempDirectory, and the upstream sees DATA only after the filter
 //! accepted the message, so a reject or a failure is answered without anything reaching the
 //! upstream but an RSET. Without a filter (and without KeepAlives) nothing needs the whole
 //! message first: the body is streamed upstream as it arrives (see [`unfiltered`]).
@@ -22,6 +23,7 @@
 //! Spool files are created, written, read and removed on the blocking pool ([`spool`]): a
 //! slow TempDirectory holds up the message that uses it, not the other sessions.
 
+mod content;
 mod hooks;
 mod milters;
 mod shadow;
@@ -47,7 +49,8 @@ use crate::protocol::data::DataReceiver;
 use crate::protocol::deadline::DataDeadline;
 use crate::protocol::encode::{HeaderPlacement, WireEncoder};
 use crate::protocol::session::{DataMode, Envelope};
-use spool::{Reader, Spool};
+use content::{Content, Reader, Receiving, Source};
+use spool::Spool;
 
 pub(crate) const REPLY_START_INPUT: &[u8] = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n";
 pub(crate) const REPLY_LOCAL_ERROR: &[u8] = b"451 Local Error\r\n";
@@ -286,20 +289,18 @@ async fn refuse_nul(
     Ok(outcome)
 }
 
-/// A filtered message's body on its way to the spool file; without one (it could not be
-/// created) the body is only read.
-struct ToSpool(Option<spool::Writer>);
+/// A filtered message's body on its way to memory or a spool file; without a place (the
+/// file could not be created) the body is only read.
+struct ToContent(Receiving);
 
-impl BodySink for ToSpool {
+impl BodySink for ToContent {
     fn keepalives(&self) -> bool {
         // The upstream sees DATA only after the filter: it may get NOOPs meanwhile.
         true
     }
 
     async fn take(&mut self, _: &mut Conn, content: &[u8], _: Step) -> Result<(), Fatal> {
-        if let Some(writer) = &mut self.0 {
-            writer.write(content).await;
-        }
+        self.0.write(content).await;
         Ok(())
     }
 }
@@ -315,27 +316,32 @@ async fn filtered(
     let settings = conn.settings.clone();
     let started = Instant::now();
 
-    // Without a spool file the body is still read to its end before the client's answer.
-    // A pipe filter's output file is created in the same blocking call as the input.
+    // Without a place for it the body is still read to its end before the client's answer.
+    // A filter command reads files: the message and a pipe filter's output are created in
+    // one blocking call. Milters and hooks read the message wherever it is: in memory when
+    // small (see [`content`]).
     let pipe = settings.filter_command.is_some() && settings.filter_type != FilterType::File;
-    let created = Spool::create(&settings.temp_directory, if pipe { 2 } else { 1 })
-        .await
-        .and_then(|mut spools| {
-            let output = if pipe { spools.pop() } else { None };
-            let spool = spools
-                .pop()
-                .unwrap_or_else(|| unreachable!("asked for one"));
-            Ok((spool.writer()?, spool, output))
-        });
-    let (spool, output, mut sink) = match created {
-        Ok((writer, spool, output)) => (Ok(spool), output, ToSpool(Some(writer))),
-        Err(e) => (Err(e), None, ToSpool(None)),
+    let (receiving, output) = if settings.filter_command.is_some() {
+        let created = Spool::create(&settings.temp_directory, if pipe { 2 } else { 1 })
+            .await
+            .and_then(|mut spools| {
+                let output = if pipe { spools.pop() } else { None };
+                let spool = spools
+                    .pop()
+                    .ok_or_else(|| std::io::Error::other("no spool file"))?;
+                Ok((spool.writer()?, spool, output))
+            });
+        match created {
+            Ok((writer, spool, output)) => (Receiving::into_file(spool, writer), output),
+            Err(e) => (Receiving::failed(e), None),
+        }
+    } else {
+        let limit = settings.spool_memory;
+        (Receiving::new(limit, &settings.temp_directory), None)
     };
+    let mut sink = ToContent(receiving);
     let received = receive_body(conn, &mut sink).await;
-    let written = match sink.0 {
-        Some(writer) => writer.finish().await,
-        None => Ok(()),
-    };
+    let content = sink.0.finish().await;
     let Received { size, nul_bytes } = match received {
         Ok(r) => r,
         Err(Interrupted { fatal, .. }) => {
@@ -350,9 +356,9 @@ async fn filtered(
         conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
         return Ok(());
     }
-    let spool = match (spool, written) {
-        (Ok(spool), Ok(())) => spool,
-        (Err(e), _) | (_, Err(e)) => {
+    let content = match content {
+        Ok(content) => content,
+        Err(e) => {
             tracing::error!("{}: couldn't write cache file: {e}", conn.id);
             return local_error(conn, envelope, size, started, None).await;
         }
@@ -360,14 +366,15 @@ async fn filtered(
     if shadow::configured(&settings) {
         let input = shadow_input(conn, envelope, size, &settings.temp_directory);
         let hooks = conn.hooks.clone();
-        *shadows = Some(shadow::start(&settings, hooks.as_ref(), input, spool.path()).await);
+        let source = content.source();
+        *shadows = Some(shadow::start(&settings, hooks.as_ref(), input, source).await);
         conn.defer_message_log = true;
     }
 
     // The live chain, in FilterOrder: each filter gets the message (and envelope) as the
     // ones before it left it.
     let mut current = Current {
-        content: spool,
+        content,
         output,
         envelope: None,
         filter_time: None,
@@ -398,7 +405,8 @@ async fn filtered(
             conn.id
         );
     }
-    let outcome = deliver_recorded(conn, envelope, current.content.path(), size, started).await?;
+    let source = current.content.source();
+    let outcome = deliver_recorded(conn, envelope, source, size, started).await?;
     let outcome = match current.filter_time {
         Some(time) => outcome.with_filter(time),
         None if filtered_by_any => outcome,
@@ -411,7 +419,7 @@ async fn filtered(
 /// The message as the live filters leave it, stage by stage.
 struct Current {
     /// The message as it stands.
-    content: Spool,
+    content: Content,
     /// A pipe filter's output file, created with the spool file.
     output: Option<Spool>,
     /// The envelope when a filter changed it.
@@ -447,9 +455,19 @@ async fn command_stage(
         Some(_) => Mode::Pipe,
         None => Mode::File,
     };
+    // Every message is spooled when a command is configured; one that a milter or hook
+    // before it changed may be in memory.
+    let spool = match current.content.spooled(&settings.temp_directory).await {
+        Ok(spool) => spool,
+        Err(e) => {
+            tracing::error!("{}: couldn't write cache file: {e}", conn.id);
+            local_error(conn, envelope, size, started, None).await?;
+            return Ok(Stage::Answered);
+        }
+    };
     let mut env = filter_environment(conn, envelope, &settings.temp_directory);
     if mode == Mode::File {
-        env.push(("EMAIL".into(), current.content.path().display().to_string()));
+        env.push(("EMAIL".into(), spool.path().display().to_string()));
     }
     let stdout = current.output.as_ref().map(Spool::output).transpose();
     let stdout = match stdout {
@@ -461,14 +479,14 @@ async fn command_stage(
         }
     };
     let stdin = match mode {
-        Mode::Pipe => current.content.take_reader(),
+        Mode::Pipe => spool.take_reader(),
         Mode::File => None,
     };
     let job = FilterJob {
         command: &command,
         mode,
         timeout: settings.filter_timeout,
-        input: current.content.path(),
+        input: spool.path(),
         stdin,
         output: stdout,
         env,
@@ -515,7 +533,7 @@ async fn command_stage(
             // A pipe filter's output is the message from now on; the next stage that
             // pipes gets a new output file.
             if let Some(out) = current.output.take() {
-                current.content = out;
+                current.content = Content::File(out);
             }
             Ok(Stage::Go)
         }
@@ -620,8 +638,8 @@ async fn network_stage(
     let dir = conn.settings.temp_directory.clone();
     let envelope = current.envelope.clone();
     let envelope = envelope.as_ref().unwrap_or(original);
-    let mut changes = milters::Changes::new(envelope);
-    let path = current.content.path().to_path_buf();
+    let mut changes = milters::Changes::new(envelope, conn.settings.spool_memory);
+    let source = current.content.source();
     let what = match kind {
         FilterKind::Milters => "milters",
         _ => "hooks",
@@ -631,7 +649,7 @@ async fn network_stage(
             let Some(mut chain) = conn.milters.take() else {
                 return Ok(Stage::Go);
             };
-            let work = milters::run(&mut chain, &path, &dir, &queue_id, &mut changes);
+            let work = milters::run(&mut chain, source, &dir, &queue_id, &mut changes);
             let result = while_client_waits(conn, work).await;
             conn.milters = Some(chain);
             result
@@ -657,13 +675,13 @@ async fn network_stage(
             let context = conn.hook_context(HookStage::Data);
             let work = async {
                 for hook in hooks.live_at(HookStage::Data) {
-                    let now = changes.current(&path).to_path_buf();
+                    let now = changes.current(source).to_owned();
                     let request = hooks::Request {
                         context: context.clone(),
                         from: changed_sender(&from, &changes.envelope),
                         to: changed_recipients(&to, &changes.envelope),
-                        path: &now,
-                        size: current_size(&now, size).await,
+                        source: now.source(),
+                        size: now.source().size(size).await,
                     };
                     if let Some(decided) =
                         hooks::ask_data(hook, request, &dir, &queue_id, &mut changes).await?
@@ -788,13 +806,6 @@ fn changed_recipients(
         .collect()
 }
 
-/// The size of the message as it stands (a filter may have changed it).
-async fn current_size(path: &Path, original: u64) -> u64 {
-    tokio::fs::metadata(path)
-        .await
-        .map_or(original, |m| m.len())
-}
-
 /// A milter changed the envelope: the upstream transaction is begun again (`RSET`,
 /// `MAIL`, one `RCPT` per recipient) with the client's own lines where they still apply.
 /// The new envelope, or the upstream's refusal when it took no sender or no recipient
@@ -914,7 +925,7 @@ async fn redo_envelope(
 async fn quarantine(
     conn: &mut Conn,
     envelope: &Envelope,
-    content: &Spool,
+    content: &Content,
     by: &str,
     reason: &str,
     queue_id: &str,
@@ -944,7 +955,7 @@ async fn quarantine(
             });
             let dir = conn.settings.milter_quarantine_directory.clone();
             let name = format!("{}-{queue_id}", jiff::Timestamp::now().as_second());
-            match spool::hold(content.path(), &dir, &name, record.to_string()).await {
+            match content.source().hold(&dir, &name, record.to_string()).await {
                 Ok(()) => (milters::discarded_reply(queue_id), MessageVerdict::Dropped),
                 Err(e) => {
                     tracing::error!(
@@ -1081,11 +1092,11 @@ async fn send_final_reply(conn: &mut Conn, reply: &crate::protocol::reply::Reply
 async fn deliver_recorded(
     conn: &mut Conn,
     envelope: &Envelope,
-    path: &Path,
+    source: Source<'_>,
     size: u64,
     started: Instant,
 ) -> Result<MessageOutcome, Fatal> {
-    match deliver(conn, envelope, path, size, started).await {
+    match deliver(conn, envelope, source, size, started).await {
         Ok(outcome) => Ok(outcome),
         // Counted as abandoned already.
         Err(Fatal::ClientGone) => Err(Fatal::ClientGone),
@@ -1098,17 +1109,17 @@ async fn deliver_recorded(
     }
 }
 
-/// Sends the message in `path` upstream: DATA, the encoded content, the final reply
-/// relayed to the client.
+/// Sends the message upstream: DATA, the encoded content, the final reply relayed to the
+/// client.
 async fn deliver(
     conn: &mut Conn,
     envelope: &Envelope,
-    path: &Path,
+    source: Source<'_>,
     size: u64,
     started: Instant,
 ) -> Result<MessageOutcome, Fatal> {
     // Opened before DATA: once the upstream said 354 there is no clean way back.
-    let mut file = match Reader::open(path).await {
+    let mut file = match Reader::open(source).await {
         Ok(f) => f,
         Err(e) => {
             tracing::error!("{}: couldn't open cache file: {e}", conn.id);

@@ -705,6 +705,90 @@ fn large_messages_are_streamed_small_ones_have_a_length() {
     });
 }
 
+/// The bytes of messages held in memory now, from the proxy's gauge.
+fn spool_memory(admin: &SocketAddr) -> f64 {
+    let (_, body) = http_get(admin, "/metrics").expect("metrics");
+    metric("proxsmtpd_spool_memory_bytes")
+        .find_value(&body)
+        .expect("proxsmtpd_spool_memory_bytes")
+}
+
+/// Where a message waits for its hook: in memory when it is small and SpoolMemory has room
+/// (no file in TempDirectory, the gauge shows its size), else in a spool file (the gauge
+/// does not count it). Four cases, each with the hook holding its messages for a while:
+/// a small message; one over the 256 KiB a message may take in memory; SpoolMemory 0; and
+/// SpoolMemory 16K with a second message arriving while a first of 10 KB holds most of it.
+/// Every message is delivered whole, and memory and files are given back.
+#[test]
+fn messages_wait_in_memory_within_spool_memory_else_in_a_file() {
+    timed(60, || {
+        let hook = HookServer::start(|_| Behaviour::delay(ms(1500), Behaviour::accept()));
+        let up = Upstream::start();
+        let sized = |subject: &str, size: usize| {
+            let line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstu\r\n";
+            let body = line.repeat(size / line.len() + 1);
+            message(subject, &body)
+        };
+        let spawn_send = |addr: SocketAddr, m: Vec<u8>| {
+            std::thread::spawn(move || {
+                let mut c = Client::open(addr);
+                c.set_timeout(secs(15));
+                c.send_mail(&m).code
+            })
+        };
+        // (SpoolMemory, message sizes sent one after the other, in memory each)
+        let cases: [(&str, &[usize], &[bool]); 4] = [
+            ("64M", &[10_000], &[true]),
+            ("64M", &[300 * 1024], &[false]),
+            ("0", &[10_000], &[false]),
+            ("16K", &[10_000, 10_000], &[true, false]),
+        ];
+        let mut delivered = 0;
+        let mut sent = Vec::new();
+        for (limit, sizes, in_memory) in cases {
+            let (p, admin) = with_admin(hook_proxy(&up, &hook.url("/")).set("SpoolMemory", limit));
+            let mut senders = Vec::new();
+            let mut memory = 0.0;
+            for (i, (&size, &held)) in sizes.iter().zip(in_memory).enumerate() {
+                let m = sized(&format!("{limit}-{i}"), size);
+                let len = m.len() as f64;
+                sent.push(m.clone());
+                senders.push(spawn_send(p.addr(), m));
+                // Received and waiting for the hook: counted in memory, or in a file.
+                let files = senders.len() - in_memory[..=i].iter().filter(|h| **h).count();
+                if held {
+                    memory += len;
+                }
+                assert!(
+                    wait_until(secs(5), || hook.in_flight() == i + 1),
+                    "{limit}: message {i} never reached the hook"
+                );
+                assert_eq!(spool_memory(&admin), memory, "{limit}: message {i}");
+                let spooled = p
+                    .tmp_files()
+                    .iter()
+                    .filter(|f| f.starts_with("proxsmtpd."))
+                    .count();
+                assert_eq!(spooled, files, "{limit}: {:?}", p.tmp_files());
+            }
+            for s in senders {
+                assert_eq!(s.join().unwrap(), 250, "{limit}");
+            }
+            delivered += sizes.len();
+            up.wait_delivered(delivered, secs(5));
+            assert!(
+                wait_until(secs(3), || spool_memory(&admin) == 0.0),
+                "{limit}: memory not given back"
+            );
+            p.assert_tmp_clean();
+        }
+        let mut got: Vec<Vec<u8>> = up.delivered().into_iter().map(|d| d.content).collect();
+        got.sort();
+        sent.sort();
+        assert!(got == sent, "the messages delivered differ from those sent");
+    });
+}
+
 /// Sends one message from each of `n` clients at once; their final reply codes.
 fn send_at_once(p: &Proxy, n: usize) -> Vec<u16> {
     let addr = p.addr();

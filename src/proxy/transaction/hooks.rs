@@ -3,15 +3,15 @@
 //! and modifications, applied by the same code as a milter's.
 //!
 //! The request's JSON is written around the message contents: a message that fits in
-//! [`IN_MEMORY`] goes in one buffer with its length; a larger one is streamed from the
+//! [`IN_MEMORY`] goes in one buffer with its length; a larger one is streamed from its
 //! spool file chunk by chunk (chunked transfer encoding), so it is never held in memory.
 
 use std::path::Path;
 
 use bytes::Bytes;
 
+use super::content::{Reader, Source, MEMORY_MESSAGE_LIMIT};
 use super::milters::{self, Changes, Decided};
-use super::spool::Reader;
 use crate::config::hook::HookStage;
 use crate::config::milter::MilterAction;
 use crate::ops::metrics::MessageVerdict;
@@ -22,8 +22,9 @@ use crate::protocol::milter::message::{parse_header_section, Field, HEADER_SECTI
 use crate::proxy::hook::{Hook, HookError};
 use crate::proxy::milter::REPLY_TEMPFAIL;
 
-/// Messages up to this size are sent from memory, with a Content-Length.
-const IN_MEMORY: u64 = 256 * 1024;
+/// Messages up to this size are sent from memory, with a Content-Length: every message kept
+/// in memory is.
+const IN_MEMORY: u64 = MEMORY_MESSAGE_LIMIT as u64;
 
 /// The default replies when a hook's failure (or oversize action) decides.
 const REPLY_REJECT: &[u8] = b"550 5.7.1 Message rejected\r\n";
@@ -33,11 +34,11 @@ pub(crate) struct Request<'a> {
     pub(crate) context: Context,
     pub(crate) from: Address,
     pub(crate) to: Vec<Address>,
-    pub(crate) path: &'a Path,
+    pub(crate) source: Source<'a>,
     pub(crate) size: u64,
 }
 
-/// The message in `request.path` read for a request: its header fields, where its body
+/// The message in `request.source` read for a request: its header fields, where its body
 /// starts, and the request body (in memory or streamed).
 pub(crate) struct Prepared {
     pub(crate) fields: Vec<Field>,
@@ -47,7 +48,7 @@ pub(crate) struct Prepared {
 
 /// Reads the header section (and, for a small message, everything) and builds the body.
 pub(crate) async fn prepare(request: &Request<'_>) -> std::io::Result<Prepared> {
-    let mut reader = Reader::open(request.path).await?;
+    let mut reader = Reader::open(request.source).await?;
     let mut head = Vec::new();
     let mut complete = false;
     // A small message is read whole (it goes in one buffer); a large one up to the end of
@@ -149,7 +150,7 @@ async fn follow(
     hook: &Hook,
     answer: Answer,
     prepared: &mut Prepared,
-    path: &Path,
+    source: Source<'_>,
     dir: &Path,
     queue_id: &str,
     changes: &mut Changes,
@@ -195,7 +196,7 @@ async fn follow(
                 answer.modifications,
                 &mut prepared.fields,
                 false,
-                (path, prepared.section_length),
+                (source, prepared.section_length),
                 dir,
             )
             .await?;
@@ -229,11 +230,11 @@ pub(crate) async fn ask_data(
             changes,
         ));
     }
-    let path = request.path;
+    let source = request.source;
     let mut prepared = prepare(&request).await?;
     let body = std::mem::replace(&mut prepared.body, reqwest::Body::from(Vec::new()));
     match hook.ask(HookStage::Data, body).await {
-        Ok(answer) => follow(hook, answer, &mut prepared, path, dir, queue_id, changes).await,
+        Ok(answer) => follow(hook, answer, &mut prepared, source, dir, queue_id, changes).await,
         Err(e) => Ok(failure_decision(
             &name,
             hook.config.default_action,

@@ -3,15 +3,16 @@
 //! of at most 65535 bytes (until a milter says skip), end of message; then the milter's
 //! modifications are applied before the next one is asked.
 //!
-//! The message is read from the spool file chunk by chunk, so a slow milter holds the
+//! A spooled message is read from its file chunk by chunk, so a slow milter holds the
 //! message, not memory: only the header section (at most [`HEADER_SECTION_LIMIT`] bytes)
 //! and a milter's replacement body (bounded by the client's modification limit) are held.
-//! When a milter changed headers or body, the result is written to a new spool file, which
-//! the next milter, the filter command and the delivery read.
+//! When a milter changed headers or body, the result is kept as a new message (in memory
+//! when small, see [`super::content`]), which the next milter, the filter command and the
+//! delivery read.
 
 use std::path::Path;
 
-use super::spool::{Reader, Spool};
+use super::content::{Content, Reader, Receiving, Source};
 use crate::config::milter::MilterAction;
 use crate::ops::metrics::MessageVerdict;
 use crate::protocol::milter::codec::Command;
@@ -41,7 +42,9 @@ pub(crate) struct Decided {
 /// The changes the network filters (milters, hooks) asked for so far.
 pub(crate) struct Changes {
     /// The message as the filters left it, when any changed headers or body.
-    pub(crate) content: Option<Spool>,
+    pub(crate) content: Option<Content>,
+    /// How much of SpoolMemory a changed message may take.
+    memory_limit: u64,
     /// The envelope as they left it (`changed` tells whether any did).
     pub(crate) envelope: EnvelopeEdit,
     /// The filter (`milter NAME`, `hook NAME`) that quarantined the message, and why.
@@ -51,18 +54,20 @@ pub(crate) struct Changes {
 }
 
 impl Changes {
-    pub(crate) fn new(envelope: &Envelope) -> Changes {
+    /// `memory_limit`: SpoolMemory, or 0 to keep changed messages in files.
+    pub(crate) fn new(envelope: &Envelope, memory_limit: u64) -> Changes {
         Changes {
             content: None,
+            memory_limit,
             envelope: EnvelopeEdit::new(&envelope.recipients),
             quarantine: None,
             changed_by: Vec::new(),
         }
     }
 
-    /// The message as it stands: the filters' version, else the spool file `original`.
-    pub(crate) fn current<'a>(&'a self, original: &'a Path) -> &'a Path {
-        self.content.as_ref().map_or(original, Spool::path)
+    /// The message as it stands: the filters' version, else `original`.
+    pub(crate) fn current<'a>(&'a self, original: Source<'a>) -> Source<'a> {
+        self.content.as_ref().map_or(original, Content::source)
     }
 }
 
@@ -137,12 +142,12 @@ pub(crate) fn discarded_reply(queue_id: &str) -> Vec<u8> {
     format!("250 2.0.0 Ok: queued as {queue_id}\r\n").into_bytes()
 }
 
-/// Runs the message (`path`, or the version `changes` holds) through the chain's milters,
-/// adding their changes to `changes`. Spool files are created in `dir`. An I/O error on the
-/// spool ends it (the caller answers with a local error).
+/// Runs the message (`original`, or the version `changes` holds) through the chain's
+/// milters, adding their changes to `changes`. Spool files are created in `dir`. An I/O
+/// error on the spool ends it (the caller answers with a local error).
 pub(crate) async fn run(
     chain: &mut MilterChain,
-    path: &Path,
+    original: Source<'_>,
     dir: &Path,
     queue_id: &str,
     changes: &mut Changes,
@@ -161,8 +166,8 @@ pub(crate) async fn run(
             continue;
         };
         let name = milter.name().to_string();
-        let current = changes.current(path).to_path_buf();
-        let current = current.as_path();
+        let current = changes.current(original).to_owned();
+        let current = current.source();
         let asked = ask(milter, current, queue_id).await?;
         let (section_length, mut fields) = (asked.section_length, asked.fields);
         let modifications = match flow(&asked.outcome, &name, queue_id) {
@@ -199,9 +204,13 @@ struct Asked {
     fields: Vec<Field>,
 }
 
-/// Sends the message in `path` to one milter, stage by stage, up to its verdict.
-async fn ask(milter: &mut MilterClient, path: &Path, queue_id: &str) -> std::io::Result<Asked> {
-    let mut reader = Reader::open(path).await?;
+/// Sends the message to one milter, stage by stage, up to its verdict.
+async fn ask(
+    milter: &mut MilterClient,
+    source: Source<'_>,
+    queue_id: &str,
+) -> std::io::Result<Asked> {
+    let mut reader = Reader::open(source).await?;
     let mut head = Vec::new();
     let mut complete = false;
     while !has_section_end(&head) && head.len() < HEADER_SECTION_LIMIT {
@@ -288,16 +297,16 @@ fn has_section_end(head: &[u8]) -> bool {
     head.starts_with(b"\r\n") || head.windows(4).any(|w| w == b"\r\n\r\n")
 }
 
-/// Applies one filter's (`milter NAME`, `hook NAME`) modifications: the envelope's to `changes.envelope`, the headers'
-/// and the body's to a new spool file (`source` is the message they change: its path and
-/// where its body starts).
+/// Applies one filter's (`milter NAME`, `hook NAME`) modifications: the envelope's to
+/// `changes.envelope`, the headers' and the body's to a new message (`source` is the
+/// message they change, and where its body starts).
 pub(crate) async fn apply(
     changes: &mut Changes,
     milter: &str,
     modifications: Vec<Modification>,
     fields: &mut Vec<Field>,
     leading_space: bool,
-    source: (&Path, usize),
+    source: (Source<'_>, usize),
     dir: &Path,
 ) -> std::io::Result<()> {
     if modifications.is_empty() {
@@ -338,21 +347,17 @@ pub(crate) async fn apply(
     if !headers_changed && new_body.is_none() {
         return Ok(());
     }
-    let (path, section_length) = source;
-    let spool = Spool::create(dir, 1)
-        .await?
-        .pop()
-        .ok_or_else(|| std::io::Error::other("no spool file"))?;
-    let mut writer = spool.writer()?;
+    let (source, section_length) = source;
+    let mut new = Receiving::new(changes.memory_limit, dir);
     let mut section = Vec::new();
     render_header_section(fields, &mut section);
-    writer.write(&section).await;
+    new.write(&section).await;
     match new_body {
-        Some(body) => writer.write(&body).await,
+        Some(body) => new.write(&body).await,
         None => {
-            // The old body: what follows its header section in the old file.
+            // The old body: what follows its header section in the old message.
             let mut skip = section_length;
-            let mut reader = Reader::open(path).await?;
+            let mut reader = Reader::open(source).await?;
             loop {
                 let chunk = reader.next().await?;
                 if chunk.is_empty() {
@@ -360,11 +365,10 @@ pub(crate) async fn apply(
                 }
                 let from = skip.min(chunk.len());
                 skip -= from;
-                writer.write(&chunk[from..]).await;
+                new.write(&chunk[from..]).await;
             }
         }
     }
-    writer.finish().await?;
-    changes.content = Some(spool);
+    changes.content = Some(new.finish().await?);
     Ok(())
 }

@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::content::Source;
 use super::milters::{self, Changes};
 use super::{hooks, spool};
 use crate::config::hook::HookStage;
@@ -114,12 +115,28 @@ fn reply_word(reply: &[u8]) -> &'static str {
     }
 }
 
-/// Starts the shadows `settings` configure on the message in `path`.
+/// The shadows' copy of the message: the live chain may change or drop its own.
+enum Copy {
+    /// A message in memory is shared: nobody changes bytes in place.
+    Memory(bytes::Bytes),
+    File(tempfile::TempPath),
+}
+
+impl Copy {
+    fn source(&self) -> Source<'_> {
+        match self {
+            Copy::Memory(bytes) => Source::Memory(bytes),
+            Copy::File(path) => Source::File(path),
+        }
+    }
+}
+
+/// Starts the shadows `settings` configure on the message.
 pub(crate) async fn start(
     settings: &Arc<Settings>,
     hooks: Option<&Arc<Hooks>>,
     input: Input,
-    path: &Path,
+    message: Source<'_>,
 ) -> Shadows {
     let mut shadows = Shadows::default();
     if !configured(settings) {
@@ -128,7 +145,14 @@ pub(crate) async fn start(
     let slots = slots(settings);
     let dir = settings.temp_directory.clone();
     // One copy for the milters and hooks (they only read it); the command gets its own.
-    let copy = match copy_of(path, &dir).await {
+    let copy = match message {
+        Source::Memory(bytes) => Ok(Copy::Memory(bytes.clone())),
+        Source::File(_) => message
+            .copy_to_file(&dir, SHADOW_PREFIX)
+            .await
+            .map(Copy::File),
+    };
+    let copy = match copy {
         Ok(copy) => Some(Arc::new(copy)),
         Err(e) => {
             tracing::warn!("shadow filters: cannot copy the message: {e}");
@@ -209,20 +233,8 @@ pub(crate) async fn start(
     shadows
 }
 
-/// A copy of the message for the shadows, on the blocking pool.
-async fn copy_of(path: &Path, dir: &Path) -> std::io::Result<tempfile::TempPath> {
-    let (path, dir) = (path.to_path_buf(), dir.to_path_buf());
-    tokio::task::spawn_blocking(move || {
-        let copy = tempfile::Builder::new()
-            .prefix("proxsmtpd.shadow.")
-            .tempfile_in(&dir)?
-            .into_temp_path();
-        std::fs::copy(&path, &copy)?;
-        Ok(copy)
-    })
-    .await
-    .map_err(|e| std::io::Error::other(format!("copy task failed: {e}")))?
-}
+/// The name of the shadows' copies in TempDirectory.
+const SHADOW_PREFIX: &str = "proxsmtpd.shadow.";
 
 impl Shadows {
     /// Waits for each shadow (at most until its own limit), records its verdict beside the
@@ -252,13 +264,13 @@ enum ShadowWork {
         config: MilterConfig,
         version: u32,
         input: Arc<Input>,
-        copy: Arc<tempfile::TempPath>,
+        copy: Arc<Copy>,
         dir: PathBuf,
     },
     Hook {
         hook: Arc<Hook>,
         input: Arc<Input>,
-        copy: Arc<tempfile::TempPath>,
+        copy: Arc<Copy>,
         dir: PathBuf,
     },
     Command {
@@ -266,7 +278,7 @@ enum ShadowWork {
         mode: Mode,
         timeout: Duration,
         input: Arc<Input>,
-        copy: Arc<tempfile::TempPath>,
+        copy: Arc<Copy>,
         dir: PathBuf,
     },
 }
@@ -280,13 +292,13 @@ impl ShadowWork {
                 input,
                 copy,
                 dir,
-            } => milter(config, version, &input, &copy, &dir).await,
+            } => milter(config, version, &input, copy.source(), &dir).await,
             ShadowWork::Hook {
                 hook,
                 input,
                 copy,
                 dir,
-            } => hook_verdict(&hook, &input, &copy, &dir).await,
+            } => hook_verdict(&hook, &input, copy.source(), &dir).await,
             ShadowWork::Command {
                 command,
                 mode,
@@ -294,7 +306,7 @@ impl ShadowWork {
                 input,
                 copy,
                 dir,
-            } => command_verdict(&command, mode, timeout, &input, &copy, &dir).await,
+            } => command_verdict(&command, mode, timeout, &input, copy.source(), &dir).await,
         }
     }
 }
@@ -304,7 +316,7 @@ async fn milter(
     config: MilterConfig,
     version: u32,
     input: &Input,
-    path: &Path,
+    message: Source<'_>,
     dir: &Path,
 ) -> &'static str {
     let mut chain = MilterChain::new(vec![config], version);
@@ -331,8 +343,9 @@ async fn milter(
                 return reply_word(&reply);
             }
         }
-        let mut changes = Changes::new(&input.envelope);
-        match milters::run(&mut chain, path, dir, &input.queue_id, &mut changes).await {
+        // What a shadow changes is thrown away: kept in a file, off the memory budget.
+        let mut changes = Changes::new(&input.envelope, 0);
+        match milters::run(&mut chain, message, dir, &input.queue_id, &mut changes).await {
             Ok(Some(decided)) => verdict_word(decided.verdict),
             Ok(None) if changes.quarantine.is_some() => "quarantine",
             Ok(None) => "accept",
@@ -354,7 +367,7 @@ fn action_word(action: Action, reply: Option<&[u8]>) -> &'static str {
 }
 
 /// Every stage the hook is configured for, as the live chain would ask it.
-async fn hook_verdict(hook: &Hook, input: &Input, path: &Path, dir: &Path) -> &'static str {
+async fn hook_verdict(hook: &Hook, input: &Input, message: Source<'_>, dir: &Path) -> &'static str {
     let mut quarantined = false;
     let context = |stage: HookStage| {
         let mut c = input.context.clone();
@@ -415,7 +428,7 @@ async fn hook_verdict(hook: &Hook, input: &Input, path: &Path, dir: &Path) -> &'
             context: context(HookStage::Data),
             from: input.from.clone(),
             to: input.to.clone(),
-            path,
+            source: message,
             size: input.size,
         };
         let Ok(prepared) = hooks::prepare(&request).await else {
@@ -444,10 +457,10 @@ async fn command_verdict(
     mode: Mode,
     timeout: Duration,
     input: &Input,
-    path: &Path,
+    message: Source<'_>,
     dir: &Path,
 ) -> &'static str {
-    let Ok(own) = copy_of(path, dir).await else {
+    let Ok(own) = message.copy_to_file(dir, SHADOW_PREFIX).await else {
         return "error";
     };
     let output = match mode {

@@ -20,7 +20,9 @@ pub(crate) const CHUNK: usize = 64 * 1024;
 const FIRST_READ: usize = 16 * 1024;
 
 /// Runs `work` on the blocking pool.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| io::Error::other(format!("spool task failed: {e}")))
@@ -86,38 +88,6 @@ impl Drop for Spool {
             }
         }
     }
-}
-
-/// Keeps a copy of the message in `path` as `dir/NAME.eml` with `record` (its envelope)
-/// as `dir/NAME.json`, both mode 0600; `dir` is created (mode 0700) if missing. The
-/// record is written last, under a temporary name renamed into place, so that a record
-/// present always has its message complete.
-pub(crate) async fn hold(path: &Path, dir: &Path, name: &str, record: String) -> io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let (path, dir, name) = (path.to_path_buf(), dir.to_path_buf(), name.to_string());
-    blocking(move || -> io::Result<()> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)?;
-        let open = |p: &Path| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(p)
-        };
-        let mut from = File::open(&path)?;
-        let mut eml = open(&dir.join(format!("{name}.eml")))?;
-        io::copy(&mut from, &mut eml)?;
-        eml.sync_all()?;
-        let partial = dir.join(format!(".{name}.json"));
-        let mut json = open(&partial)?;
-        io::Write::write_all(&mut json, record.as_bytes())?;
-        json.sync_all()?;
-        std::fs::rename(&partial, dir.join(format!("{name}.json")))
-    })
-    .await?
 }
 
 /// A finished write: the file and the buffer back, and how it went.
