@@ -31,8 +31,8 @@ COLUMNS = [
     "sessions", "upstream_conns", "rss_idle_kb", "rss_held_kb", "kb_per_session",
     "open_secs", "greet_p50_ms", "greet_p99_ms", "greet_max_ms", "proxy_died", "overflows", "ideal_mps", "errors", "error",
 ]
-SETUP_ORDER = ["original", "ours", "nofilter", "relay", "haproxy1", "haproxy2", "direct", "spawn", "rspamc"]
-FATAL_SETUPS = {"ours", "nofilter", "relay", "haproxy1", "haproxy2", "direct", "spawn", "rspamc"}
+SETUP_ORDER = ["original", "ours", "ours2", "nofilter", "relay", "haproxy1", "haproxy2", "direct", "spawn", "rspamc"]
+FATAL_SETUPS = {"ours", "ours2", "nofilter", "relay", "haproxy1", "haproxy2", "direct", "spawn", "rspamc"}
 HAPROXIES = ("haproxy1", "haproxy2")
 
 # name, scenario, how it is measured, limit, "min" or "max"
@@ -283,6 +283,13 @@ def main():
             "ours_rspamc_mps": paired(rounds, sc, "ours", "rspamc", "mps", ratio),
             # A hook that answers after a fixed delay: ours against CONC / delay.
             "ours_ideal_mps": per_run(runs, sc, "ours", "mps", "ideal_mps"),
+            # A second build of ours (setup ours2), against ours and haproxy, same round.
+            "ours2_ours_mps": paired(rounds, sc, "ours2", "ours", "mps", ratio),
+            "ours2_ours_cpu": paired(rounds, sc, "ours2", "ours", "cpu_us_per_msg", ratio),
+            "ours2_haproxy_mps": paired(rounds, sc, "ours2", "haproxy", "mps", ratio),
+            "ours2_haproxy_cpu": paired(rounds, sc, "ours2", "haproxy", "cpu_us_per_msg", ratio),
+            "ours2_minus_haproxy_p50_ms": paired(rounds, sc, "ours2", "haproxy", "lat_p50_ms", diff),
+            "ours2_minus_haproxy_p99_ms": paired(rounds, sc, "ours2", "haproxy", "lat_p99_ms", diff),
         }
         if sc.startswith("sessions"):
             row["ours_original_rss"] = paired(rounds, sc, "ours", "original", "kb_per_session", ratio)
@@ -335,7 +342,9 @@ def main():
                   "ours_haproxy_rss", "ours_relay_mps", "added_p50_ms_haproxy",
                   "ours_minus_haproxy_p50_ms", "ours_minus_haproxy_p99_ms",
                   "milter_nofilter_mps", "milter_nofilter_cpu", "milter_added_cpu_us",
-                  "milter_added_p50_ms", "ours_rspamc_mps", "ours_ideal_mps"]
+                  "milter_added_p50_ms", "ours_rspamc_mps", "ours_ideal_mps",
+                  "ours2_ours_mps", "ours2_ours_cpu", "ours2_haproxy_mps", "ours2_haproxy_cpu",
+                  "ours2_minus_haproxy_p50_ms", "ours2_minus_haproxy_p99_ms"]
     with open(os.path.join(args.out, f"{args.prefix}-ratios.tsv"), "w") as f:
         f.write("\t".join(ratio_cols) + "\n")
         for r in ratio_rows:
@@ -364,7 +373,7 @@ def main():
     md.append("| scenario | setup | msgs/s | proxy CPU µs/msg | filter CPU µs/msg | peak RSS KB | session p50 ms | session p99 ms | errors | notes |")
     md.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for m in ordered:
-        proxied = m["setup"] in ("original", "ours", "nofilter", "relay") + HAPROXIES
+        proxied = m["setup"] in ("original", "ours", "ours2", "nofilter", "relay") + HAPROXIES
         sessions = m["scenario"].startswith("sessions")
         md.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             m["scenario"], m["setup"],
@@ -404,6 +413,21 @@ def main():
                 r["scenario"], fmt(r["milter_nofilter_mps"], 2), fmt(r["milter_nofilter_cpu"], 2),
                 fmt(r["milter_added_cpu_us"], 0), fmt(r["milter_added_p50_ms"], 3),
                 fmt(r["ours_rspamc_mps"], 2), fmt(r["ours_ideal_mps"], 2)))
+    ours2_rows = [r for r in ratio_rows if r["ours2_ours_mps"] is not None]
+    if ours2_rows:
+        md.append("")
+        md.append(f"ours2: {meta.get('ours2', '?')} ({meta.get('ours2_sha256', '?')}); "
+                  "ours - haproxy p50/p99 as in the first table's rounds.")
+        md.append("")
+        md.append("| scenario | msgs/s ours2/ours | CPU/msg ours2/ours | msgs/s ours/haproxy | msgs/s ours2/haproxy | CPU/msg ours/haproxy | CPU/msg ours2/haproxy | p50 ms ours - haproxy | p50 ms ours2 - haproxy | p99 ms ours - haproxy | p99 ms ours2 - haproxy |")
+        md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in ours2_rows:
+            md.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                r["scenario"], fmt(r["ours2_ours_mps"], 2), fmt(r["ours2_ours_cpu"], 2),
+                fmt(r["ours_haproxy_mps"], 2), fmt(r["ours2_haproxy_mps"], 2),
+                fmt(r["ours_haproxy_cpu"], 2), fmt(r["ours2_haproxy_cpu"], 2),
+                fmt(r["ours_minus_haproxy_p50_ms"], 3), fmt(r["ours2_minus_haproxy_p50_ms"], 3),
+                fmt(r["ours_minus_haproxy_p99_ms"], 3), fmt(r["ours2_minus_haproxy_p99_ms"], 3)))
     if target_rows and meta.get("smoke") != "1" and not meta.get("profile"):
         md.append("")
         md.append("| target | measured | limit | met |")

@@ -8,6 +8,10 @@
 # Runs every scenario for each setup, interleaved round by round in one run:
 #   original  the C proxsmtpd 1.10 (/usr/sbin/proxsmtpd, Debian package proxsmtp)
 #   ours      OURS_BINARY (default: target/release/proxsmtpd of this tree)
+#   ours2     only when named in --setups: the executable BENCH_OURS2 (another
+#             build, or a script that execs one with other settings in its
+#             environment), run as ours is, to compare two builds in one run;
+#             it runs in the scenarios without a milter, rspamd or a hook
 #   relay     in the scenarios without a filter: a byte relay that knows nothing
 #             of SMTP (examples/byte_relay.rs), the floor of any TCP proxy here
 #   haproxy1  in the scenarios without a filter (sessions_2000 too): haproxy
@@ -114,7 +118,7 @@ if [ -z "$SETUPS" ]; then
 fi
 SETUPS=${SETUPS//,/ }
 for s in $SETUPS; do
-  case $s in original|ours|nofilter|relay|haproxy1|haproxy2|direct|spawn|rspamc) ;; *) echo "run.sh: unknown setup $s" >&2; exit 2 ;; esac
+  case $s in original|ours|ours2|nofilter|relay|haproxy1|haproxy2|direct|spawn|rspamc) ;; *) echo "run.sh: unknown setup $s" >&2; exit 2 ;; esac
 done
 has_setup() { [[ " $SETUPS " == *" $1 "* ]]; }
 has_haproxy() { has_setup haproxy1 || has_setup haproxy2; }
@@ -235,6 +239,10 @@ if has_setup ours && [ ! -x "$OURS" ]; then
   echo "run.sh: $OURS is not an executable (build it with: cargo build --release)" >&2
   exit 2
 fi
+if has_setup ours2 && [ ! -x "${BENCH_OURS2:-}" ]; then
+  echo "run.sh: setup ours2 needs BENCH_OURS2, an executable" >&2
+  exit 2
+fi
 if has_setup relay && [ ! -x "$RELAY" ]; then
   echo "run.sh: building the byte relay (cargo build --release --example byte_relay)" >&2
   (cd "$ROOT" && cargo build --release --example byte_relay >&2) ||
@@ -263,6 +271,11 @@ OURS_SHA=none
 if has_setup ours; then
   cp "$OURS" "$WORK/proxsmtpd" || exit 2
   OURS_SHA=$(sha256sum "$WORK/proxsmtpd" | cut -c1-16)
+fi
+OURS2_SHA=none
+if has_setup ours2; then
+  cp "$BENCH_OURS2" "$WORK/proxsmtpd2" || exit 2
+  OURS2_SHA=$(sha256sum "$WORK/proxsmtpd2" | cut -c1-16)
 fi
 if has_setup relay; then cp "$RELAY" "$WORK/byte_relay" || exit 2; fi
 if has_filter milter; then cp "$MILTER" "$WORK/null_milter" || exit 2; fi
@@ -348,7 +361,7 @@ sink_alive() { # restarts the sink if it has gone; false if it had
   start_sink
   return 1
 }
-binary_of() { case $1 in original) echo "$ORIGINAL" ;; ours|nofilter) echo "$WORK/proxsmtpd" ;; esac; }
+binary_of() { case $1 in original) echo "$ORIGINAL" ;; ours|nofilter) echo "$WORK/proxsmtpd" ;; ours2) echo "$WORK/proxsmtpd2" ;; esac; }
 
 start_milter() { # the null milter -> MILTER_PID
   "$WORK/null_milter" "$HOST:$MPORT" >>"$WORK/null_milter.log" 2>&1 &
@@ -801,6 +814,8 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
   echo "wall_s=$((SECONDS - START_S))"
   echo "ours=$OURS"
   echo "ours_sha256=$OURS_SHA"
+  echo "ours2=${BENCH_OURS2:-}"
+  echo "ours2_sha256=$OURS2_SHA"
   echo "tree=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo none)"
   echo "postfix=$(dpkg-query -W -f '${Version}' postfix 2>/dev/null)"
   echo "proxsmtp=$(dpkg-query -W -f '${Version}' proxsmtp 2>/dev/null)"
