@@ -11,7 +11,9 @@
 #   ours2     only when named in --setups: the executable BENCH_OURS2 (another
 #             build, or a script that execs one with other settings in its
 #             environment), run as ours is, to compare two builds in one run;
-#             it runs in the scenarios without a milter, rspamd or a hook
+#             it runs in the scenarios without a milter, rspamd or a hook. It is
+#             copied as ours is; the binary a script execs is not, so keep that
+#             one out of target/ while the run lasts
 #   relay     in the scenarios without a filter: a byte relay that knows nothing
 #             of SMTP (examples/byte_relay.rs), the floor of any TCP proxy here
 #   haproxy1  in the scenarios without a filter (sessions_2000 too): haproxy
