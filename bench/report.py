@@ -64,6 +64,7 @@ TARGETS = [
     ("rspamd 4 KB c1: ours+rspamd / rspamd alone (rspamc) msgs/s", "rspamd_c1_4k", "rspamc_ratio", 0.8, "min"),
     ("rspamd 4 KB c32: ours+rspamd / rspamd alone (rspamc) msgs/s", "rspamd_c32_4k", "rspamc_ratio", 0.8, "min"),
     ("hook answering in 50 ms, c32: ours / ideal (32 / 0.05 s) msgs/s", "hook_sleep50_c32", "ideal_ratio", 0.9, "min"),
+    ("hook answering in 25 to 75 ms, c32: ours / ideal (32 / 0.05 s) msgs/s", "hook_jitter50_c32", "ideal_ratio", 0.9, "min"),
 ]
 
 

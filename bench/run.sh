@@ -39,7 +39,9 @@
 # The hook scenarios run ours with `Hooks:` pointing at a null HTTP hook
 # (examples/null_hook.rs, every request answered {"action":"accept"}) against
 # nofilter; hook_sleep50_c32 has the hook wait 50 ms before each answer and
-# compares ours with the ideal rate, concurrency / 50 ms (ideal_mps). --smoke
+# compares ours with the ideal rate, concurrency / 50 ms (ideal_mps);
+# hook_jitter50_c32 the same with each wait drawn between 25 and 75 ms (mean 50),
+# as a real service's answers vary. --smoke
 # runs hook_c1_4k only, unless --only names the others.
 # Everything listens on 127.0.0.1 only.
 #
@@ -144,6 +146,7 @@ rspamd_c32_4k     smtp      32           4096        rspamd
 hook_c1_4k        smtp      1            4096        hook
 hook_c32_4k       smtp      32           4096        hook
 hook_sleep50_c32  smtp      32           4096        hook50
+hook_jitter50_c32 smtp      32           4096        hook50j
 "
 # The file filter is a scanner's minimum: it reads the whole spooled message
 # and accepts it. It has shell syntax, so every proxy runs it through /bin/sh.
@@ -176,10 +179,13 @@ has_filter() { # some scenario of this run has this filter
   for n in "${NAMES[@]}"; do [ "${FILTER[$n]}" = "$1" ] && return 0; done
   return 1
 }
-hook_delay_ms() { # filter -> the null hook's delay before each answer (ms)
-  case $1 in hook50) echo 50 ;; *) echo 0 ;; esac
+hook_delay_ms() { # filter -> the null hook's mean delay before each answer (ms)
+  case $1 in hook50|hook50j) echo 50 ;; *) echo 0 ;; esac
 }
-has_hook() { has_filter hook || has_filter hook50; }
+hook_jitter_ms() { # filter -> how far each delay may be from the mean (ms)
+  case $1 in hook50j) echo 25 ;; *) echo 0 ;; esac
+}
+has_hook() { has_filter hook || has_filter hook50 || has_filter hook50j; }
 
 if [ $SMOKE = 1 ]; then
   RUNS=1
@@ -341,12 +347,13 @@ if has_hook; then
   for i in 5 6 7 8 9; do listening $((PPORT + i)) || { HPORT=$((PPORT + i)); break; }; done
   [ -n "$HPORT" ] || { echo "run.sh: no free port for the null hook" >&2; exit 2; }
 fi
-start_hook() { # delay_ms -> HOOK_PID (the null hook with that delay), or returns 1
-  [ -n "$HOOK_PID" ] && [ "$HOOK_DELAY" = "$1" ] && return 0
+start_hook() { # delay_ms jitter_ms -> HOOK_PID (the null hook with those), or returns 1
+  [ -n "$HOOK_PID" ] && [ "$HOOK_DELAY" = "$1/$2" ] && return 0
   stop_pid "$HOOK_PID"; HOOK_PID=""
   for _ in $(seq 40); do listening "$HPORT" || break; sleep 0.05; done
-  "$WORK/null_hook" --listen "$HOST:$HPORT" --delay-ms "$1" >>"$WORK/null_hook.log" 2>&1 &
-  HOOK_PID=$! HOOK_DELAY=$1
+  "$WORK/null_hook" --listen "$HOST:$HPORT" --delay-ms "$1" --jitter-ms "$2" \
+    >>"$WORK/null_hook.log" 2>&1 &
+  HOOK_PID=$! HOOK_DELAY=$1/$2
   wait_listen "$HPORT" "$HOOK_PID" && return 0
   echo "run.sh: the null hook did not listen on $HPORT:" >&2
   tail -5 "$WORK/null_hook.log" >&2
@@ -439,7 +446,7 @@ filter_ticks() { # filter: CPU of the milter it stands for (no process of the pr
   case $1 in
     milter) tree_ticks "$MILTER_PID" ;;
     rspamd) tree_ticks "$RSPAMD_PID" ;;
-    hook|hook50) tree_ticks "$HOOK_PID" ;;
+    hook|hook50|hook50j) tree_ticks "$HOOK_PID" ;;
     *) echo 0 ;;
   esac
 }
@@ -465,7 +472,8 @@ start_proxy() { # setup filter -> PROXY_PID, or returns 1
       milter) echo "Milters: inet:$HOST:$MPORT{name=null}" ;;
       rspamd) echo "Milters: inet:$HOST:$RMPORT{name=rspamd}" ;;
       # HookConcurrency as the load's concurrency (its default): no call waits for a slot.
-      hook|hook50) echo "Hooks: http://$HOST:$HPORT/check{name=null}"; echo "HookConcurrency: 32" ;;
+      hook|hook50|hook50j)
+        echo "Hooks: http://$HOST:$HPORT/check{name=null}"; echo "HookConcurrency: 32" ;;
     esac
   } >"$conf"
   echo "=== $(date -u +%T) $1 $2" >>"$WORK/proxy-$1.log"
@@ -633,7 +641,7 @@ run_rspamc() { # scenario msgs
 }
 run_measured() { # scenario setup msgs: one timed run of an smtp scenario
   if [ "$2" = rspamc ]; then run_rspamc "$1" "$3"; else run_smtp "$1" "$2" "$3"; fi
-  # A hook that waits D ms per answer allows at most CONC / D messages a second.
+  # A hook that waits D ms per answer (on average) allows at most CONC / D messages a second.
   local d
   d=$(hook_delay_ms "${FILTER[$1]}")
   if [ "$d" != 0 ]; then RESULT="$RESULT ideal_mps=$(( ${CONC[$1]} * 1000 / d ))"; fi
@@ -729,11 +737,11 @@ for sc in "${NAMES[@]}"; do
   # milter to ours without one (the original has no milters), the rspamd
   # scenarios ours with rspamd to rspamd alone.
   case ${FILTER[$sc]} in
-    milter) setups_here=$(only_setups ours nofilter) ;;
+    milter) setups_here=$(only_setups ours ours2 nofilter) ;;
     rspamd) setups_here=$(only_setups ours rspamc) ;;
     # The null hook against no filter; the slow hook against its ideal rate.
-    hook) setups_here=$(only_setups ours nofilter) ;;
-    hook50) setups_here=$(only_setups ours) ;;
+    hook) setups_here=$(only_setups ours ours2 nofilter) ;;
+    hook50|hook50j) setups_here=$(only_setups ours ours2) ;;
     *)
       setups_here=${setups_here/nofilter/} setups_here=${setups_here/rspamc/}
       if [ "${FILTER[$sc]}" = none ] || [ "${SIZE[$sc]}" -gt 1000000 ]; then
@@ -760,7 +768,7 @@ for sc in "${NAMES[@]}"; do
   fi
   # The null hook runs for the hook scenarios, with the delay of each.
   if [ "${FILTER[$sc]#hook}" != "${FILTER[$sc]}" ]; then
-    if ! start_hook "$(hook_delay_ms "${FILTER[$sc]}")"; then
+    if ! start_hook "$(hook_delay_ms "${FILTER[$sc]}")" "$(hook_jitter_ms "${FILTER[$sc]}")"; then
       for setup in $setups_here; do
         record 1 "scenario=$sc setup=$setup errors=1 error=null_hook_did_not_start"
       done

@@ -5,13 +5,17 @@
 //!
 //! `--delay-ms N` waits N ms before each answer (a timer, never a blocked thread: any number
 //! of requests wait at once), a stand-in for a hook that takes its time, to see whether the
-//! proxy keeps as many calls in flight as it may.
+//! proxy keeps as many calls in flight as it may. `--jitter-ms J` makes each wait a random
+//! one between N - J and N + J ms (the same mean), as a real service's answers vary: with a
+//! fixed wait, sessions started together stay together, and their work after the answer
+//! arrives all at once.
 //!
 //!     cargo build --release --example null_hook
-//!     target/release/examples/null_hook --listen 127.0.0.1:10080 [--delay-ms 50]
+//!     target/release/examples/null_hook --listen 127.0.0.1:10080 [--delay-ms 50] [--jitter-ms 25]
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
@@ -21,13 +25,14 @@ use hyper_util::rt::TokioIo;
 const ACCEPT: &str = "{\"action\":\"accept\"}";
 
 fn usage() -> ExitCode {
-    eprintln!("usage: null_hook [--listen ADDR] [--delay-ms N]");
+    eprintln!("usage: null_hook [--listen ADDR] [--delay-ms N] [--jitter-ms J]");
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
     let mut listen: SocketAddr = ([127, 0, 0, 1], 10080).into();
     let mut delay = Duration::ZERO;
+    let mut jitter = Duration::ZERO;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next();
@@ -46,8 +51,19 @@ fn main() -> ExitCode {
                     return usage();
                 }
             },
+            ("--jitter-ms", Some(v)) => match v.parse() {
+                Ok(ms) => jitter = Duration::from_millis(ms),
+                Err(e) => {
+                    eprintln!("null_hook: --jitter-ms {v}: {e}");
+                    return usage();
+                }
+            },
             _ => return usage(),
         }
+    }
+    if jitter > delay {
+        eprintln!("null_hook: --jitter-ms must not exceed --delay-ms");
+        return usage();
     }
     // One thread: the work per request is small, and on a machine whose cores also run
     // the load, the proxy and the sink, a second worker would mostly add wake-ups.
@@ -61,7 +77,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(serve(listen, delay)) {
+    match runtime.block_on(serve(listen, Wait { delay, jitter })) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("null_hook: {listen}: {e}");
@@ -70,7 +86,32 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(listen: SocketAddr, delay: Duration) -> std::io::Result<()> {
+/// How long each answer waits.
+#[derive(Clone, Copy)]
+struct Wait {
+    delay: Duration,
+    jitter: Duration,
+}
+
+impl Wait {
+    /// `delay`, moved by up to `jitter` either way (uniformly, from a xorshift generator:
+    /// the figures need a spread, not good randomness).
+    fn next(self) -> Duration {
+        static STATE: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+        if self.jitter.is_zero() {
+            return self.delay;
+        }
+        let mut x = STATE.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        STATE.store(x, Ordering::Relaxed);
+        let span = 2 * self.jitter.as_micros() as u64 + 1;
+        self.delay - self.jitter + Duration::from_micros(x % span)
+    }
+}
+
+async fn serve(listen: SocketAddr, wait: Wait) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     loop {
         let (stream, _) = match listener.accept().await {
@@ -84,7 +125,7 @@ async fn serve(listen: SocketAddr, delay: Duration) -> std::io::Result<()> {
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| answer(req, delay));
+            let service = hyper::service::service_fn(move |req| answer(req, wait.next()));
             // A client that goes away ends its connection; nothing to report.
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

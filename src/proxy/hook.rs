@@ -130,6 +130,9 @@ impl Token {
 /// One configured hook: its settings, HTTP client and call slots.
 pub(crate) struct Hook {
     pub(crate) config: HookConfig,
+    /// The URL, parsed once: parsing it per request (its host through IDNA) showed in
+    /// profiles.
+    url: reqwest::Url,
     http: reqwest::Client,
     slots: Semaphore,
     token: Option<Token>,
@@ -168,9 +171,12 @@ impl Hook {
             .map(Token::load)
             .transpose()
             .map_err(|e| format!("hook {name}: {e}"))?;
+        let url = reqwest::Url::parse(&config.url)
+            .map_err(|e| format!("hook {name}: invalid URL {}: {e}", config.url))?;
         Ok(Hook {
             slots: Semaphore::new(config.concurrency),
             config,
+            url,
             http,
             token,
         })
@@ -217,7 +223,7 @@ impl Hook {
             .map_err(|_| HookError::Connect("hook closed".into()))?;
         let mut request = self
             .http
-            .post(&self.config.url)
+            .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(reqwest::header::ACCEPT, "application/json")
             .body(body);
