@@ -302,7 +302,8 @@ registry! {
         default: "/tmp/",
         parse: values::required_path,
         doc: "Where message bodies are spooled (files proxsmtpd.XXXXXX, mode 0600, always \
-            removed) when there is a filter, or KeepAlives without one; also the filter's \
+            removed) when there is a filter, or KeepAlives without one (without a live filter \
+            command, small ones wait in memory instead: SpoolMemory); also the filter's \
             TMPDIR. It should not be world-writable.",
     }
     SpoolMemory {
@@ -315,10 +316,11 @@ registry! {
             "0" => Ok(0),
             _ => parse_size(v).ok_or_else(|| values::invalid_setting(name)),
         },
-        doc: "How much memory, in bytes or with a K, M or G suffix, messages for milters and \
-            hooks may take in all instead of spool files in TempDirectory (each at most 256K; \
-            a larger one, or one past this total, is spooled). 0 spools every message. With a \
-            filter command every message is spooled: the command reads a file.",
+        doc: "How much memory, in bytes or with a K, M or G suffix, filtered messages may \
+            take in all instead of spool files in TempDirectory when no live filter command \
+            reads them (milters, hooks, shadows, KeepAlives): each at most 256K, a larger one \
+            or one past this total is spooled. 0 spools every message. With a live filter \
+            command every message is spooled: the command reads a file.",
     }
     TimeOut {
         key: "timeout",

@@ -330,7 +330,7 @@ impl Metrics {
             ),
             spool_memory: reg.gauge(
                 "proxsmtpd_spool_memory_bytes",
-                "Bytes of messages held in memory for milters and hooks (within SpoolMemory).",
+                "Bytes of memory holding filtered messages instead of spool files (within SpoolMemory).",
             ),
             config_last_reload_successful: reg.gauge(
                 "proxsmtpd_config_last_reload_successful",
@@ -690,10 +690,9 @@ impl Metrics {
             .inc();
     }
 
-    /// The bytes of messages held in memory instead of spool files now.
-    pub(crate) fn spool_memory(&self, bytes: u64) {
-        self.spool_memory
-            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    /// Bytes of messages taken into memory (positive) or given back (negative).
+    pub(crate) fn spool_memory_add(&self, bytes: i64) {
+        self.spool_memory.add(bytes);
     }
 
     pub(crate) fn set_draining(&self, draining: bool) {

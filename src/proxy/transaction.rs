@@ -122,7 +122,7 @@ struct Interrupted {
     size: u64,
 }
 
-/// Where a body goes as it arrives: the spool file ([`ToSpool`]) or the upstream
+/// Where a body goes as it arrives: the spool file ([`ToContent`]) or the upstream
 /// ([`Streamed`]).
 trait BodySink {
     /// Whether KeepAlive NOOPs may go upstream while the body arrives: only while the
@@ -317,11 +317,12 @@ async fn filtered(
     let started = Instant::now();
 
     // Without a place for it the body is still read to its end before the client's answer.
-    // A filter command reads files: the message and a pipe filter's output are created in
-    // one blocking call. Milters and hooks read the message wherever it is: in memory when
-    // small (see [`content`]).
-    let pipe = settings.filter_command.is_some() && settings.filter_type != FilterType::File;
-    let (receiving, output) = if settings.filter_command.is_some() {
+    // A live filter command reads files: the message and a pipe filter's output are created
+    // in one blocking call. Milters, hooks and shadows read the message wherever it is: in
+    // memory when small (see [`content`]).
+    let live_command = settings.filter_command.is_some() && !settings.filter_shadow;
+    let pipe = live_command && settings.filter_type != FilterType::File;
+    let (receiving, output) = if live_command {
         let created = Spool::create(&settings.temp_directory, if pipe { 2 } else { 1 })
             .await
             .and_then(|mut spools| {
@@ -366,8 +367,7 @@ async fn filtered(
     if shadow::configured(&settings) {
         let input = shadow_input(conn, envelope, size, &settings.temp_directory);
         let hooks = conn.hooks.clone();
-        let source = content.source();
-        *shadows = Some(shadow::start(&settings, hooks.as_ref(), input, source).await);
+        *shadows = Some(shadow::start(&settings, hooks.as_ref(), input, &content).await);
         conn.defer_message_log = true;
     }
 

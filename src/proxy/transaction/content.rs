@@ -11,6 +11,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -37,7 +38,8 @@ impl MemoryBudget {
         });
         if taken.is_ok() {
             self.held += n;
-            crate::ops::metrics::global().spool_memory(IN_MEMORY.load(Ordering::Relaxed));
+            // Added and taken away, never set: sessions may report in any order.
+            crate::ops::metrics::global().spool_memory_add(n as i64);
         }
         taken.is_ok()
     }
@@ -46,8 +48,8 @@ impl MemoryBudget {
 impl Drop for MemoryBudget {
     fn drop(&mut self) {
         if self.held > 0 {
-            let before = IN_MEMORY.fetch_sub(self.held, Ordering::AcqRel);
-            crate::ops::metrics::global().spool_memory(before - self.held);
+            IN_MEMORY.fetch_sub(self.held, Ordering::AcqRel);
+            crate::ops::metrics::global().spool_memory_add(-(self.held as i64));
         }
     }
 }
@@ -56,8 +58,9 @@ impl Drop for MemoryBudget {
 pub(crate) enum Content {
     Memory {
         bytes: Bytes,
-        /// Held for its drop, which gives the memory back to SpoolMemory.
-        _budget: MemoryBudget,
+        /// Shared with whoever shares the bytes (the shadows): the memory goes back to
+        /// SpoolMemory when the last of them is done with it.
+        budget: Arc<MemoryBudget>,
     },
     File(Spool),
 }
@@ -75,10 +78,10 @@ impl Content {
             writer.finish().await?;
             *self = Content::File(spool);
         }
-        match self {
-            Content::File(spool) => Ok(spool),
-            Content::Memory { .. } => Err(io::Error::other("message not in a file")),
-        }
+        let Content::File(spool) = self else {
+            unreachable!("a message in memory was moved to a file above");
+        };
+        Ok(spool)
     }
 
     pub(crate) fn source(&self) -> Source<'_> {
@@ -116,20 +119,17 @@ impl Source<'_> {
         prefix: &'static str,
     ) -> io::Result<tempfile::TempPath> {
         let dir = dir.to_path_buf();
-        let what = match self {
-            Source::Memory(bytes) => Err(bytes.clone()),
-            Source::File(path) => Ok(path.to_path_buf()),
-        };
+        let source = self.to_owned();
         spool::blocking(move || {
             let copy = tempfile::Builder::new()
                 .prefix(prefix)
                 .tempfile_in(&dir)?
                 .into_temp_path();
-            match what {
-                Ok(path) => {
+            match source {
+                OwnedSource::File(path) => {
                     std::fs::copy(&path, &copy)?;
                 }
-                Err(bytes) => std::fs::write(&copy, &bytes)?,
+                OwnedSource::Memory(bytes) => std::fs::write(&copy, &bytes)?,
             }
             Ok(copy)
         })
@@ -201,15 +201,16 @@ impl OwnedSource {
 /// Reads a message chunk by chunk: from memory in one piece, from a file through the
 /// blocking pool ([`spool::Reader`]).
 pub(crate) enum Reader {
-    /// The bytes, and whether they were handed out.
-    Memory(Bytes, bool),
+    /// The bytes, and how many were handed out: at most [`spool::CHUNK`] at a time, as
+    /// from a file, so that a reader's own buffers stay as small as with a file.
+    Memory(Bytes, usize),
     File(spool::Reader),
 }
 
 impl Reader {
     pub(crate) async fn open(source: Source<'_>) -> io::Result<Reader> {
         Ok(match source {
-            Source::Memory(bytes) => Reader::Memory(bytes.clone(), false),
+            Source::Memory(bytes) => Reader::Memory(bytes.clone(), 0),
             Source::File(path) => Reader::File(spool::Reader::open(path).await?),
         })
     }
@@ -217,10 +218,10 @@ impl Reader {
     /// The next bytes of the message; empty at its end.
     pub(crate) async fn next(&mut self) -> io::Result<&[u8]> {
         match self {
-            Reader::Memory(_, true) => Ok(&[]),
-            Reader::Memory(bytes, done) => {
-                *done = true;
-                Ok(&bytes[..])
+            Reader::Memory(bytes, at) => {
+                let from = *at;
+                *at = bytes.len().min(from + spool::CHUNK);
+                Ok(&bytes[from..*at])
             }
             Reader::File(file) => file.next().await,
         }
@@ -252,7 +253,7 @@ impl Receiving {
         }
     }
 
-    /// Receives into `spool`, through `writer`.
+    /// Receives into `spool`, through `writer` (no memory: the directory is not used).
     pub(crate) fn into_file(spool: Spool, writer: spool::Writer) -> Receiving {
         let mut receiving = Receiving::new(0, Path::new(""));
         receiving.file = Some((spool, writer));
@@ -271,21 +272,21 @@ impl Receiving {
             return;
         }
         if self.file.is_none() {
-            let len = self.memory.len() + data.len();
-            if len <= MEMORY_MESSAGE_LIMIT && self.budget.grow(data.len() as u64, self.limit) {
+            if self.make_room(data.len()) {
                 self.memory.extend_from_slice(data);
                 return;
             }
             // Too large for memory, or the budget is spent: on to a file, with what was
-            // gathered so far.
+            // gathered so far; the memory goes back at once, not when the body ends.
+            let gathered = std::mem::take(&mut self.memory);
+            self.budget = MemoryBudget::default();
             match Spool::create(&self.dir, 1).await.and_then(|mut v| {
                 let spool = v.pop().ok_or_else(|| io::Error::other("no spool file"))?;
                 let writer = spool.writer()?;
                 Ok((spool, writer))
             }) {
                 Ok((spool, mut writer)) => {
-                    writer.write(&std::mem::take(&mut self.memory)).await;
-                    self.budget = MemoryBudget::default();
+                    writer.write(&gathered).await;
                     self.file = Some((spool, writer));
                 }
                 Err(e) => {
@@ -297,6 +298,26 @@ impl Receiving {
         if let Some((_, writer)) = &mut self.file {
             writer.write(data).await;
         }
+    }
+
+    /// Makes room for `more` bytes in memory, within the message's limit and the budget.
+    /// The budget is charged for the buffer's capacity, not its length: that is what the
+    /// process holds. The capacity doubles (as a Vec's would), up to the limit.
+    fn make_room(&mut self, more: usize) -> bool {
+        let needed = self.memory.len() + more;
+        if needed > MEMORY_MESSAGE_LIMIT {
+            return false;
+        }
+        let capacity = self.memory.capacity();
+        if needed <= capacity {
+            return true;
+        }
+        let grown = needed.max(2 * capacity).clamp(4096, MEMORY_MESSAGE_LIMIT);
+        if !self.budget.grow((grown - capacity) as u64, self.limit) {
+            return false;
+        }
+        self.memory.reserve_exact(grown - self.memory.len());
+        true
     }
 
     /// The message received, or why it could not be kept.
@@ -311,7 +332,7 @@ impl Receiving {
             }
             None => Ok(Content::Memory {
                 bytes: Bytes::from(self.memory),
-                _budget: self.budget,
+                budget: Arc::new(self.budget),
             }),
         }
     }
@@ -320,6 +341,10 @@ impl Receiving {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tests that need room in the process-wide budget take turns (the others ask for no
+    /// limit, or for none at all).
+    static BUDGET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     async fn read_all(source: Source<'_>) -> Vec<u8> {
         let mut reader = Reader::open(source).await.unwrap();
@@ -361,6 +386,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn memory_is_charged_by_capacity_and_read_in_chunks() {
+        let _turn = BUDGET.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        // Room for 16 KiB: a message of 10,000 bytes in 1,000-byte writes grows its buffer
+        // 4, 8, 16 KiB and fits; the budget held is the 16 KiB of the buffer.
+        let base = IN_MEMORY.load(Ordering::Acquire);
+        let mut receiving = Receiving::new(base + 16 * 1024, dir.path());
+        for _ in 0..10 {
+            receiving.write(&[b'x'; 1000]).await;
+        }
+        let content = receiving.finish().await.unwrap();
+        let Content::Memory { budget, .. } = &content else {
+            panic!("not in memory");
+        };
+        assert_eq!(budget.held, 16 * 1024);
+        // A message in memory is handed out as a file is: at most CHUNK bytes at a time.
+        let big = Bytes::from(vec![b'y'; 2 * spool::CHUNK + 5]);
+        let mut reader = Reader::open(Source::Memory(&big)).await.unwrap();
+        let mut sizes = Vec::new();
+        loop {
+            let n = reader.next().await.unwrap().len();
+            if n == 0 {
+                break;
+            }
+            sizes.push(n);
+        }
+        assert_eq!(sizes, [spool::CHUNK, spool::CHUNK, 5]);
+    }
+
+    #[tokio::test]
     async fn a_spent_budget_sends_the_message_to_a_file() {
         let dir = tempfile::tempdir().unwrap();
         // A limit of 0 (SpoolMemory: 0) keeps nothing in memory.
@@ -376,7 +431,7 @@ mod tests {
 
     #[test]
     fn the_budget_is_given_back_when_dropped() {
-        // Other tests share the counter: compare against a limit far above them.
+        let _turn = BUDGET.blocking_lock();
         let base = IN_MEMORY.load(Ordering::Acquire);
         let limit = base + (1 << 40);
         let mut a = MemoryBudget::default();

@@ -3,7 +3,7 @@
 //! and modifications, applied by the same code as a milter's.
 //!
 //! The request's JSON is written around the message contents: a message that fits in
-//! [`IN_MEMORY`] goes in one buffer with its length; a larger one is streamed from its
+//! [`ONE_BUFFER`] goes in one buffer with its length; a larger one is streamed from its
 //! spool file chunk by chunk (chunked transfer encoding), so it is never held in memory.
 
 use std::path::Path;
@@ -22,9 +22,9 @@ use crate::protocol::milter::message::{parse_header_section, Field, HEADER_SECTI
 use crate::proxy::hook::{Hook, HookError};
 use crate::proxy::milter::REPLY_TEMPFAIL;
 
-/// Messages up to this size are sent from memory, with a Content-Length: every message kept
-/// in memory is.
-const IN_MEMORY: u64 = MEMORY_MESSAGE_LIMIT as u64;
+/// Messages up to this size are sent in one buffer, with a Content-Length: every message
+/// kept in memory is.
+const ONE_BUFFER: u64 = MEMORY_MESSAGE_LIMIT as u64;
 
 /// The default replies when a hook's failure (or oversize action) decides.
 const REPLY_REJECT: &[u8] = b"550 5.7.1 Message rejected\r\n";
@@ -49,15 +49,20 @@ pub(crate) struct Prepared {
 /// Reads the header section (and, for a small message, everything) and builds the body.
 pub(crate) async fn prepare(request: &Request<'_>) -> std::io::Result<Prepared> {
     let mut reader = Reader::open(request.source).await?;
-    let mut head = Vec::new();
-    let mut complete = false;
-    // A small message is read whole (it goes in one buffer); a large one up to the end of
-    // its header section, the rest streamed.
-    let whole = request.size <= IN_MEMORY;
-    loop {
-        let section_read = head.starts_with(b"\r\n")
-            || memchr::memmem::find(&head, b"\r\n\r\n").is_some()
-            || head.len() >= HEADER_SECTION_LIMIT;
+    let mut read = Vec::new();
+    // A message in memory is used where it is: the request is its only other copy.
+    let memory = match request.source {
+        Source::Memory(bytes) => Some(bytes.clone()),
+        Source::File(_) => None,
+    };
+    let mut complete = memory.is_some();
+    // A small file is read whole (it goes in one buffer); a large one up to the end of its
+    // header section, the rest streamed.
+    let whole = request.size <= ONE_BUFFER;
+    while !complete {
+        let section_read = read.starts_with(b"\r\n")
+            || memchr::memmem::find(&read, b"\r\n\r\n").is_some()
+            || read.len() >= HEADER_SECTION_LIMIT;
         if section_read && !whole {
             break;
         }
@@ -66,9 +71,10 @@ pub(crate) async fn prepare(request: &Request<'_>) -> std::io::Result<Prepared> 
             complete = true;
             break;
         }
-        head.extend_from_slice(chunk);
+        read.extend_from_slice(chunk);
     }
-    let section = parse_header_section(&head, complete);
+    let head: &[u8] = memory.as_deref().unwrap_or(&read);
+    let section = parse_header_section(head, complete);
     let envelope = Envelope {
         from: request.from.clone(),
         to: request.to.clone(),
@@ -83,7 +89,10 @@ pub(crate) async fn prepare(request: &Request<'_>) -> std::io::Result<Prepared> 
     );
     let mut text = JsonText::new();
     let mut first = rendered.before;
-    text.push(&head[section.length.min(head.len())..], &mut first);
+    let contents = &head[section.length.min(head.len())..];
+    // Room for the contents as JSON (most bytes stay one byte) and the rest, at once.
+    first.reserve(contents.len() + contents.len() / 8 + rendered.after.len());
+    text.push(contents, &mut first);
     let body = if complete {
         text.finish(&mut first);
         first.extend_from_slice(&rendered.after);

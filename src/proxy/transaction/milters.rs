@@ -143,8 +143,9 @@ pub(crate) fn discarded_reply(queue_id: &str) -> Vec<u8> {
 }
 
 /// Runs the message (`original`, or the version `changes` holds) through the chain's
-/// milters, adding their changes to `changes`. Spool files are created in `dir`. An I/O
-/// error on the spool ends it (the caller answers with a local error).
+/// milters, adding their changes to `changes`. A changed message too large for memory is
+/// spooled in `dir`. An I/O error on the spool ends it (the caller answers with a local
+/// error).
 pub(crate) async fn run(
     chain: &mut MilterChain,
     original: Source<'_>,

@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::content::Source;
+use super::content::{Content, MemoryBudget, Source};
 use super::milters::{self, Changes};
 use super::{hooks, spool};
 use crate::config::hook::HookStage;
@@ -117,15 +117,20 @@ fn reply_word(reply: &[u8]) -> &'static str {
 
 /// The shadows' copy of the message: the live chain may change or drop its own.
 enum Copy {
-    /// A message in memory is shared: nobody changes bytes in place.
-    Memory(bytes::Bytes),
+    /// A message in memory is shared (nobody changes bytes in place), and so is its share
+    /// of SpoolMemory: it is given back when the shadows are done too.
+    Memory {
+        bytes: bytes::Bytes,
+        /// Held for its drop.
+        _budget: Arc<MemoryBudget>,
+    },
     File(tempfile::TempPath),
 }
 
 impl Copy {
     fn source(&self) -> Source<'_> {
         match self {
-            Copy::Memory(bytes) => Source::Memory(bytes),
+            Copy::Memory { bytes, .. } => Source::Memory(bytes),
             Copy::File(path) => Source::File(path),
         }
     }
@@ -136,7 +141,7 @@ pub(crate) async fn start(
     settings: &Arc<Settings>,
     hooks: Option<&Arc<Hooks>>,
     input: Input,
-    message: Source<'_>,
+    message: &Content,
 ) -> Shadows {
     let mut shadows = Shadows::default();
     if !configured(settings) {
@@ -146,11 +151,14 @@ pub(crate) async fn start(
     let dir = settings.temp_directory.clone();
     // One copy for the milters and hooks (they only read it); the command gets its own.
     let copy = match message {
-        Source::Memory(bytes) => Ok(Copy::Memory(bytes.clone())),
-        Source::File(_) => message
-            .copy_to_file(&dir, SHADOW_PREFIX)
-            .await
-            .map(Copy::File),
+        Content::Memory { bytes, budget } => Ok(Copy::Memory {
+            bytes: bytes.clone(),
+            _budget: budget.clone(),
+        }),
+        Content::File(_) => {
+            let copy = message.source().copy_to_file(&dir, SHADOW_PREFIX).await;
+            copy.map(Copy::File)
+        }
     };
     let copy = match copy {
         Ok(copy) => Some(Arc::new(copy)),
