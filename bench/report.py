@@ -159,6 +159,16 @@ def with_best_haproxy(rounds):
     return out
 
 
+def md_table(md, header, rows):
+    """Appends a markdown table after a blank line: the first column left-aligned, the
+    others right-aligned (numbers)."""
+    md.append("")
+    md.append("| " + " | ".join(header) + " |")
+    md.append("|---|" + "---:|" * (len(header) - 1))
+    for cells in rows:
+        md.append("| " + " | ".join(str(c) for c in cells) + " |")
+
+
 def write_tsv(path, header, rows):
     with open(path, "w") as f:
         f.write("\t".join(header) + "\n")
@@ -406,29 +416,30 @@ def main():
     if milter_rows:
         # "no filter" is ours without filter or milter in the same round; the filter's CPU
         # (null milter or rspamd) is in the table above as filter CPU, not in the proxy's.
-        md.append("")
-        md.append("| scenario | msgs/s: milter or hook / no filter | proxy CPU/msg: milter or hook / no filter | proxy CPU µs/msg added by the milter or hook | session p50 ms added by the milter or hook | msgs/s: ours+rspamd / rspamd alone (rspamc) | msgs/s: ours / ideal (slow hook) |")
-        md.append("|---|---:|---:|---:|---:|---:|---:|")
-        for r in milter_rows:
-            md.append("| {} | {} | {} | {} | {} | {} | {} |".format(
-                r["scenario"], fmt(r["milter_nofilter_mps"], 2), fmt(r["milter_nofilter_cpu"], 2),
-                fmt(r["milter_added_cpu_us"], 0), fmt(r["milter_added_p50_ms"], 3),
-                fmt(r["ours_rspamc_mps"], 2), fmt(r["ours_ideal_mps"], 2)))
+        md_table(md, ["scenario", "msgs/s: milter or hook / no filter",
+                      "proxy CPU/msg: milter or hook / no filter",
+                      "proxy CPU µs/msg added by the milter or hook",
+                      "session p50 ms added by the milter or hook",
+                      "msgs/s: ours+rspamd / rspamd alone (rspamc)",
+                      "msgs/s: ours / ideal (slow hook)"],
+                 [[r["scenario"], fmt(r["milter_nofilter_mps"], 2), fmt(r["milter_nofilter_cpu"], 2),
+                   fmt(r["milter_added_cpu_us"], 0), fmt(r["milter_added_p50_ms"], 3),
+                   fmt(r["ours_rspamc_mps"], 2), fmt(r["ours_ideal_mps"], 2)] for r in milter_rows])
     ours2_rows = [r for r in ratio_rows if r["ours2_ours_mps"] is not None]
     if ours2_rows:
         md.append("")
         md.append(f"ours2: {meta.get('ours2', '?')} ({meta.get('ours2_sha256', '?')}); "
                   "ours - haproxy p50/p99 as in the first table's rounds.")
-        md.append("")
-        md.append("| scenario | msgs/s ours2/ours | CPU/msg ours2/ours | msgs/s ours/haproxy | msgs/s ours2/haproxy | CPU/msg ours/haproxy | CPU/msg ours2/haproxy | p50 ms ours - haproxy | p50 ms ours2 - haproxy | p99 ms ours - haproxy | p99 ms ours2 - haproxy |")
-        md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for r in ours2_rows:
-            md.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-                r["scenario"], fmt(r["ours2_ours_mps"], 2), fmt(r["ours2_ours_cpu"], 2),
-                fmt(r["ours_haproxy_mps"], 2), fmt(r["ours2_haproxy_mps"], 2),
-                fmt(r["ours_haproxy_cpu"], 2), fmt(r["ours2_haproxy_cpu"], 2),
-                fmt(r["ours_minus_haproxy_p50_ms"], 3), fmt(r["ours2_minus_haproxy_p50_ms"], 3),
-                fmt(r["ours_minus_haproxy_p99_ms"], 3), fmt(r["ours2_minus_haproxy_p99_ms"], 3)))
+        md_table(md, ["scenario", "msgs/s ours2/ours", "CPU/msg ours2/ours", "msgs/s ours/haproxy",
+                      "msgs/s ours2/haproxy", "CPU/msg ours/haproxy", "CPU/msg ours2/haproxy",
+                      "p50 ms ours - haproxy", "p50 ms ours2 - haproxy",
+                      "p99 ms ours - haproxy", "p99 ms ours2 - haproxy"],
+                 [[r["scenario"], fmt(r["ours2_ours_mps"], 2), fmt(r["ours2_ours_cpu"], 2),
+                   fmt(r["ours_haproxy_mps"], 2), fmt(r["ours2_haproxy_mps"], 2),
+                   fmt(r["ours_haproxy_cpu"], 2), fmt(r["ours2_haproxy_cpu"], 2),
+                   fmt(r["ours_minus_haproxy_p50_ms"], 3), fmt(r["ours2_minus_haproxy_p50_ms"], 3),
+                   fmt(r["ours_minus_haproxy_p99_ms"], 3), fmt(r["ours2_minus_haproxy_p99_ms"], 3)]
+                  for r in ours2_rows])
     if target_rows and meta.get("smoke") != "1" and not meta.get("profile"):
         md.append("")
         md.append("| target | measured | limit | met |")
