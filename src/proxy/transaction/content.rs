@@ -1,12 +1,13 @@
 //! A filtered message as it stands: in memory, or in a spool file.
 //!
-//! Milters and hooks only read the message, so a small one needs no file: it is kept in
-//! memory, which spares the file's creation, writes, reads and removal, each a hand-off to
-//! the blocking pool (on a busy proxy these hand-offs, not the filters, were most of the
-//! CPU a hook cost). The memory is bounded twice: a message is kept in memory only up to
-//! [`MEMORY_MESSAGE_LIMIT`], and all such messages together only up to `SpoolMemory`
-//! ([`MemoryBudget`]); past either, the message goes to a spool file as before. A filter
-//! command reads a file, so with one configured every message is spooled.
+//! Milters, hooks and shadows only read the message, so a small one needs no file: it is
+//! kept in memory, which spares the file's creation, writes, reads and removal, each a
+//! hand-off to the blocking pool (on a busy proxy these hand-offs, not the filters, were
+//! most of the CPU a hook cost). The memory is bounded twice: a message is kept in memory
+//! only up to [`MEMORY_MESSAGE_LIMIT`], and all such messages together only up to
+//! `SpoolMemory` ([`MemoryBudget`], charged by the buffers' capacity); past either, the
+//! message goes to a spool file as before. A live filter command reads a file, so with one
+//! every message is spooled.
 
 use std::io;
 use std::path::{Path, PathBuf};
