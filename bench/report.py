@@ -159,6 +159,23 @@ def with_best_haproxy(rounds):
     return out
 
 
+# A target's `how` -> the ratio column of by_sc it reads; any other `how` is "ours_" and a
+# median column of ours.
+TARGET_COLUMNS = {
+    "direct_ratio": "ours_direct_mps",
+    "spawn_ratio": "ours_spawn_mps",
+    "rspamc_ratio": "ours_rspamc_mps",
+    "ideal_ratio": "ours_ideal_mps",
+    "haproxy_ratio": "ours_haproxy_mps",
+    "haproxy_cpu": "ours_haproxy_cpu",
+    "haproxy_p50_ms": "ours_minus_haproxy_p50_ms",
+    "haproxy_p99_ms": "ours_minus_haproxy_p99_ms",
+    "added_p50_ms": "added_p50_ms_ours",
+    "added_txn_p50_ms": "added_txn_p50_ms_ours",
+    "added_p50_ms_relay": "added_p50_ms_relay",
+}
+
+
 def md_table(md, header, rows):
     """Appends a markdown table after a blank line: the first column left-aligned, the
     others right-aligned (numbers)."""
@@ -312,28 +329,8 @@ def main():
     for name, sc, how, limit, kind in TARGETS:
         if sc not in by_sc or (sc, "ours") not in med:
             continue
-        if how == "direct_ratio":
-            value = by_sc[sc]["ours_direct_mps"]
-        elif how == "spawn_ratio":
-            value = by_sc[sc]["ours_spawn_mps"]
-        elif how == "rspamc_ratio":
-            value = by_sc[sc]["ours_rspamc_mps"]
-        elif how == "ideal_ratio":
-            value = by_sc[sc]["ours_ideal_mps"]
-        elif how == "haproxy_ratio":
-            value = by_sc[sc]["ours_haproxy_mps"]
-        elif how == "haproxy_cpu":
-            value = by_sc[sc]["ours_haproxy_cpu"]
-        elif how == "haproxy_p50_ms":
-            value = by_sc[sc]["ours_minus_haproxy_p50_ms"]
-        elif how == "haproxy_p99_ms":
-            value = by_sc[sc]["ours_minus_haproxy_p99_ms"]
-        elif how == "added_p50_ms":
-            value = by_sc[sc]["added_p50_ms_ours"]
-        elif how == "added_txn_p50_ms":
-            value = by_sc[sc]["added_txn_p50_ms_ours"]
-        elif how == "added_p50_ms_relay":
-            value = by_sc[sc]["added_p50_ms_relay"]
+        if how in TARGET_COLUMNS:
+            value = by_sc[sc][TARGET_COLUMNS[how]]
         else:
             value = get(sc, "ours", how[len("ours_"):])
         if kind == "info":
