@@ -70,10 +70,7 @@ impl Content {
     /// Moves the message to a spool file (a filter command reads one), when it is in memory.
     pub(crate) async fn spooled(&mut self, dir: &Path) -> io::Result<&mut Spool> {
         if let Content::Memory { bytes, .. } = self {
-            let spool = Spool::create(dir, 1)
-                .await?
-                .pop()
-                .ok_or_else(|| io::Error::other("no spool file"))?;
+            let spool = Spool::one(dir).await?;
             let mut writer = spool.writer()?;
             writer.write(bytes).await;
             writer.finish().await?;
@@ -281,12 +278,9 @@ impl Receiving {
             // gathered so far; the memory goes back at once, not when the body ends.
             let gathered = std::mem::take(&mut self.memory);
             self.budget = MemoryBudget::default();
-            match Spool::create(&self.dir, 1).await.and_then(|mut v| {
-                let spool = v.pop().ok_or_else(|| io::Error::other("no spool file"))?;
-                let writer = spool.writer()?;
-                Ok((spool, writer))
-            }) {
-                Ok((spool, mut writer)) => {
+            let created = Spool::one(&self.dir).await;
+            match created.and_then(|spool| Ok((spool.writer()?, spool))) {
+                Ok((mut writer, spool)) => {
                     writer.write(&gathered).await;
                     self.file = Some((spool, writer));
                 }

@@ -472,9 +472,9 @@ async fn command_verdict(
         return "error";
     };
     let output = match mode {
-        Mode::Pipe => match spool::Spool::create(dir, 1).await.map(|mut v| v.pop()) {
-            Ok(Some(out)) => Some(out),
-            _ => return "error",
+        Mode::Pipe => match spool::Spool::one(dir).await {
+            Ok(out) => Some(out),
+            Err(_) => return "error",
         },
         Mode::File => None,
     };

@@ -51,6 +51,14 @@ impl Spool {
         .await?
     }
 
+    /// One new spool file in `dir` ([`Spool::create`]).
+    pub(crate) async fn one(dir: &Path) -> io::Result<Spool> {
+        Spool::create(dir, 1)
+            .await?
+            .pop()
+            .ok_or_else(|| io::Error::other("no spool file"))
+    }
+
     /// A descriptor of the file that reads it from the start, whatever is written through
     /// the others (a pipe filter's stdin); opened when the file was created.
     pub(crate) fn take_reader(&mut self) -> Option<File> {
@@ -266,7 +274,7 @@ mod tests {
     #[tokio::test]
     async fn bytes_written_in_pieces_read_back_exactly() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create(dir.path(), 1).await.unwrap().pop().unwrap();
+        let spool = Spool::one(dir.path()).await.unwrap();
         let data: Vec<u8> = (0..(3 * CHUNK + 12_345))
             .map(|i| (i * 7 % 251) as u8)
             .collect();
@@ -297,7 +305,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_spool_removes_its_file() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::create(dir.path(), 1).await.unwrap().pop().unwrap();
+        let spool = Spool::one(dir.path()).await.unwrap();
         let path = spool.path().to_path_buf();
         assert!(path.exists());
         drop(spool);
