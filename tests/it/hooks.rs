@@ -17,7 +17,9 @@ use crate::common::hook_server::{
 use crate::common::metrics::{http_get, metric};
 use crate::common::proxy::{free_port, run_binary};
 use crate::common::upstream::Message;
-use crate::common::{message, ms, secs, timed, wait_until, Client, Proxy, ProxyBuilder, Upstream};
+use crate::common::{
+    file_names, message, ms, secs, timed, wait_until, Client, Proxy, ProxyBuilder, Upstream,
+};
 
 fn hook_proxy(up: &Upstream, hooks: &str) -> ProxyBuilder {
     ProxyBuilder::new().upstream(up).set("Hooks", hooks)
@@ -268,11 +270,7 @@ fn a_quarantine_at_data_holds_or_refuses_the_message() {
         assert_eq!(c.send_mail(&msg).code, 250);
         c.assert_in_sync();
         assert!(up.delivered().is_empty());
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
+        let names = file_names(&dir);
         assert_eq!(names.len(), 2, "{names:?}");
         let stem = names[0].strip_suffix(".eml").expect(".eml");
         assert_eq!(names[1], format!("{stem}.json"));
@@ -897,59 +895,52 @@ fn filter_order_places_the_hook_before_or_after_the_command() {
                 Behaviour::modify(json!([{"type": "addHeader", "name": "X-Hook", "value": "yes"}]))
             }
         });
-        let filter_text = "#!/bin/sh\n\
+        let file_filter = "#!/bin/sh\n\
             grep -q '^X-Hook: yes' \"$EMAIL\" && h=seen || h=unseen\n\
             { printf 'X-Cmd: %s\\r\\n' \"$h\"; cat \"$EMAIL\"; } > \"$EMAIL.new\" && \
             cat \"$EMAIL.new\" > \"$EMAIL\" && rm -f \"$EMAIL.new\"\n";
+        // A pipe filter after the hook reads the message as the hook changed it (kept in
+        // memory, then written to a file for the command's stdin).
+        let pipe_filter = "#!/bin/sh\n\
+             t=$(mktemp) && cat > \"$t\" || exit 1\n\
+             grep -q '^X-Hook: yes' \"$t\" && h=seen || h=unseen\n\
+             printf 'X-Pipe: %s\\r\\n' \"$h\"; cat \"$t\"; rm -f \"$t\"\n";
+        // One message through a new proxy with this filter (type, script, FilterOrder);
+        // what the upstream got.
+        let run = |kind: &str, script: &str, order: Option<&str>, subject: &str| {
+            let up = Upstream::start();
+            let b = hook_proxy(&up, &hook.url("/"));
+            let filter = b.script("filter.sh", script);
+            let mut b = b.set("FilterCommand", &filter).set("FilterType", kind);
+            if let Some(order) = order {
+                b = b.set("FilterOrder", order);
+            }
+            let p = b.start();
+            assert_eq!(send(&p, subject).code, 250);
+            let got = text(&up.wait_delivered(1, secs(5))[0].content);
+            p.assert_tmp_clean();
+            got
+        };
 
-        let up = Upstream::start();
-        let b = hook_proxy(&up, &hook.url("/"));
-        let filter = b.script("cmd.sh", filter_text);
-        let p = b
-            .set("FilterCommand", &filter)
-            .set("FilterType", "file")
-            .start();
-        assert_eq!(send(&p, "default-order").code, 250);
-        let got = text(&up.wait_delivered(1, secs(5))[0].content);
+        let got = run("file", file_filter, None, "default-order");
         assert!(got.starts_with("X-Cmd: seen\r\n"), "{got}");
         assert!(got.contains("X-Hook: yes\r\n"), "{got}");
 
-        let up = Upstream::start();
-        let b = hook_proxy(&up, &hook.url("/"));
-        let filter = b.script("cmd.sh", filter_text);
-        let p = b
-            .set("FilterCommand", &filter)
-            .set("FilterType", "file")
-            .set("FilterOrder", "command hooks milters")
-            .start();
-        assert_eq!(send(&p, "command-first").code, 250);
-        let got = text(&up.wait_delivered(1, secs(5))[0].content);
+        let got = run(
+            "file",
+            file_filter,
+            Some("command hooks milters"),
+            "command-first",
+        );
         assert!(got.starts_with("X-Cmd: unseen\r\n"), "{got}");
         assert!(got.contains("X-Hook: after-cmd\r\n"), "{got}");
         let last = hook.stage_requests("data").pop().unwrap();
         assert_eq!(header_of(&last, "X-Cmd").as_deref(), Some("unseen"));
 
-        // A pipe filter after the hook reads the message as the hook changed it (kept in
-        // memory, then written to a file for the command's stdin).
-        let up = Upstream::start();
-        let b = hook_proxy(&up, &hook.url("/"));
-        let pipe = b.script(
-            "pipe.sh",
-            "#!/bin/sh\n\
-             t=$(mktemp) && cat > \"$t\" || exit 1\n\
-             grep -q '^X-Hook: yes' \"$t\" && h=seen || h=unseen\n\
-             printf 'X-Pipe: %s\\r\\n' \"$h\"; cat \"$t\"; rm -f \"$t\"\n",
-        );
-        let p = b
-            .set("FilterCommand", &pipe)
-            .set("FilterType", "pipe")
-            .start();
-        assert_eq!(send(&p, "pipe-after-hook").code, 250);
-        let got = text(&up.wait_delivered(1, secs(5))[0].content);
+        let got = run("pipe", pipe_filter, None, "pipe-after-hook");
         assert!(got.starts_with("X-Pipe: seen\r\n"), "{got}");
         assert!(got.contains("X-Hook: yes\r\n"), "{got}");
         assert!(got.ends_with("\r\nx\r\n"), "{got}");
-        p.assert_tmp_clean();
     });
 }
 

@@ -11,7 +11,9 @@ use std::time::Instant;
 use crate::common::metrics::{http_get, metric};
 use crate::common::milter::{Act, Script, TestMilter};
 use crate::common::proxy::free_port;
-use crate::common::{message, secs, timed, wait_until, Client, Proxy, ProxyBuilder, Upstream};
+use crate::common::{
+    file_names, message, secs, timed, wait_until, Client, Proxy, ProxyBuilder, Upstream,
+};
 
 /// Every SMFIF_* action: the milter may ask for any modification.
 const ALL_ACTIONS: u32 = 0x1FF;
@@ -436,11 +438,7 @@ fn quarantined_messages_are_held_or_refused() {
         assert_eq!(c.send_mail(&message("held", b"payload\r\n")).code, 250);
         c.assert_in_sync();
         assert!(up.delivered().is_empty());
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
+        let names = file_names(&dir);
         assert_eq!(names.len(), 2, "{names:?}");
         let eml = std::fs::read_to_string(dir.join(&names[0])).unwrap();
         assert!(eml.contains("Subject: held") && eml.ends_with("payload\r\n"));

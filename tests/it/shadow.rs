@@ -77,6 +77,20 @@ fn logged_shadows(p: &Proxy) -> Vec<String> {
 }
 
 /// Waits until at least `n` message log lines carry `shadow` (`filter:verdict`).
+/// `n` messages of `filter` counted with these (live, shadow) verdicts, and logged with
+/// `shadow=filter:verdict`.
+fn assert_verdicts(admin: &SocketAddr, p: &Proxy, filter: &str, verdicts: (&str, &str), n: u32) {
+    let (live, shadow) = verdicts;
+    metric("proxsmtpd_shadow_verdicts_total")
+        .label("filter", filter)
+        .label("live", live)
+        .label("shadow", shadow)
+        .value(f64::from(n))
+        .timeout(secs(10))
+        .assert_in(admin);
+    assert_logged(p, n as usize, &format!("{filter}:{shadow}"));
+}
+
 fn assert_logged(p: &Proxy, n: usize, shadow: &str) {
     assert!(
         wait_until(secs(10), || logged_shadows(p)
@@ -114,14 +128,7 @@ fn a_rejecting_shadow_hook_rejects_nothing() {
         let delivered = up.wait_delivered(3, secs(5));
         assert_eq!(delivered.len(), 3);
         assert!(delivered.iter().all(|m| m.accepted()));
-        metric("proxsmtpd_shadow_verdicts_total")
-            .label("filter", "hook:strict")
-            .label("live", "accept")
-            .label("shadow", "reject")
-            .value(3.0)
-            .timeout(secs(10))
-            .assert_in(&admin);
-        assert_logged(&p, 3, "hook:strict:reject");
+        assert_verdicts(&admin, &p, "hook:strict", ("accept", "reject"), 3);
         // The hook was asked at the data stage, once per message.
         assert_eq!(hook.stage_requests("data").len(), 3);
     });
@@ -148,14 +155,7 @@ fn a_rejecting_shadow_milter_rejects_nothing() {
             assert_eq!(send(&p, "milter"), 250, "live hook: {live_hook}");
             let d = up.wait_delivered(1, secs(5));
             assert!(d[0].accepted(), "live hook: {live_hook}");
-            metric("proxsmtpd_shadow_verdicts_total")
-                .label("filter", "milter:scanner")
-                .label("live", "accept")
-                .label("shadow", "reject")
-                .value(1.0)
-                .timeout(secs(10))
-                .assert_in(&admin);
-            assert_logged(&p, 1, "milter:scanner:reject");
+            assert_verdicts(&admin, &p, "milter:scanner", ("accept", "reject"), 1);
             // The shadow milter saw the whole transaction, end of message included.
             assert!(
                 m.commands().iter().any(|c| c.contains('E')),
@@ -187,14 +187,7 @@ fn a_rejecting_shadow_command_rejects_nothing() {
         assert_eq!(send(&p, "two"), 250);
         let d = up.wait_delivered(2, secs(5));
         assert!(d.iter().all(|m| m.accepted()));
-        metric("proxsmtpd_shadow_verdicts_total")
-            .label("filter", "command")
-            .label("live", "accept")
-            .label("shadow", "reject")
-            .value(2.0)
-            .timeout(secs(10))
-            .assert_in(&admin);
-        assert_logged(&p, 2, "command:reject");
+        assert_verdicts(&admin, &p, "command", ("accept", "reject"), 2);
     });
 }
 
@@ -212,14 +205,7 @@ fn an_agreeing_shadow_counts_as_agreement() {
         let p = started(b, &admin);
         assert_eq!(send(&p, "agree"), 250);
         up.wait_delivered(1, secs(5));
-        metric("proxsmtpd_shadow_verdicts_total")
-            .label("filter", "hook:same")
-            .label("live", "accept")
-            .label("shadow", "accept")
-            .value(1.0)
-            .timeout(secs(10))
-            .assert_in(&admin);
-        assert_logged(&p, 1, "hook:same:accept");
+        assert_verdicts(&admin, &p, "hook:same", ("accept", "accept"), 1);
         let all = all_verdicts(&admin, "hook:same");
         assert_eq!(all, [("accept".into(), "accept".into(), 1.0)], "{all:?}");
     });
@@ -263,14 +249,7 @@ fn a_slow_shadow_delays_no_answer() {
             "the MAIL after a message took {took:?}: the session waited for the shadow"
         );
         up.wait_delivered(1, secs(5));
-        metric("proxsmtpd_shadow_verdicts_total")
-            .label("filter", "hook:slow")
-            .label("live", "accept")
-            .label("shadow", "error")
-            .value(1.0)
-            .timeout(secs(10))
-            .assert_in(&admin);
-        assert_logged(&p, 1, "hook:slow:error");
+        assert_verdicts(&admin, &p, "hook:slow", ("accept", "error"), 1);
     });
 }
 

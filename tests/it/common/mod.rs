@@ -214,6 +214,18 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     wait_for(timeout, || cond().then_some(())).is_some()
 }
 
+/// The names of the entries of `dir`, sorted; none when it cannot be read.
+pub fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 pub fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }

@@ -631,14 +631,7 @@ impl Proxy {
 
     /// Names of the files in TempDirectory.
     pub fn tmp_files(&self) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(self.tmp_dir())
-            .map(|rd| {
-                rd.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        super::file_names(&self.tmp_dir())
     }
 
     pub fn wait_tmp_clean(&self, timeout: Duration) -> bool {
