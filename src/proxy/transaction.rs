@@ -659,13 +659,7 @@ async fn network_stage(
                 return Ok(Stage::Go);
             };
             if let Some(name) = conn.lines.discarded_by.clone() {
-                let decided = milters::Decided {
-                    reply: milters::discarded_reply(&queue_id),
-                    verdict: MessageVerdict::Dropped,
-                    status: format!("HOOK {name}: DISCARDED"),
-                    by: format!("hook {name}"),
-                    disconnect: false,
-                };
+                let decided = milters::Decided::discarded("hook", &name, &queue_id);
                 return answer(conn, envelope, decided, size, started).await;
             }
             if let Some(quarantined) = conn.lines.quarantined_by.clone() {

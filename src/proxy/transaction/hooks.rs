@@ -187,11 +187,8 @@ async fn follow(
             }))
         }
         Action::Discard => Ok(Some(Decided {
-            reply: milters::discarded_reply(queue_id),
-            verdict: MessageVerdict::Dropped,
-            by,
-            status: format!("HOOK {name}: DISCARDED"),
             disconnect: answer.disconnect,
+            ..Decided::discarded("hook", name, queue_id)
         })),
         Action::Accept | Action::Quarantine => {
             if answer.action == Action::Quarantine {

@@ -39,6 +39,20 @@ pub(crate) struct Decided {
     pub(crate) disconnect: bool,
 }
 
+impl Decided {
+    /// A message the filter `kind` (`milter`, `hook`) called `name` discarded: the client
+    /// gets the 250 of a delivered message ([`discarded_reply`]), nothing is delivered.
+    pub(crate) fn discarded(kind: &str, name: &str, queue_id: &str) -> Decided {
+        Decided {
+            reply: discarded_reply(queue_id),
+            verdict: MessageVerdict::Dropped,
+            by: format!("{kind} {name}"),
+            status: format!("{} {name}: DISCARDED", kind.to_ascii_uppercase()),
+            disconnect: false,
+        }
+    }
+}
+
 /// The changes the network filters (milters, hooks) asked for so far.
 pub(crate) struct Changes {
     /// The message as the filters left it, when any changed headers or body.
@@ -121,13 +135,9 @@ fn flow(outcome: &Outcome, milter: &str, queue_id: &str) -> Flow {
             };
             answer(reply, verdict)
         }
-        Outcome::Verdict(Verdict::Discard) => Flow::Decided(Decided {
-            reply: discarded_reply(queue_id),
-            verdict: MessageVerdict::Dropped,
-            by: format!("milter {milter}"),
-            status: format!("MILTER {milter}: DISCARDED"),
-            disconnect: false,
-        }),
+        Outcome::Verdict(Verdict::Discard) => {
+            Flow::Decided(Decided::discarded("milter", milter, queue_id))
+        }
         Outcome::Failed(f) => match f.action {
             MilterAction::Accept => Flow::Ignore,
             MilterAction::Reject => answer(REPLY_REJECT.to_vec(), MessageVerdict::Rejected),
@@ -154,13 +164,7 @@ pub(crate) async fn run(
     changes: &mut Changes,
 ) -> std::io::Result<Option<Decided>> {
     if let Some(milter) = chain.discarded_by() {
-        return Ok(Some(Decided {
-            reply: discarded_reply(queue_id),
-            verdict: MessageVerdict::Dropped,
-            status: format!("MILTER {milter}: DISCARDED"),
-            by: format!("milter {milter}"),
-            disconnect: false,
-        }));
+        return Ok(Some(Decided::discarded("milter", milter, queue_id)));
     }
     for i in chain.message_milters() {
         let Some(milter) = chain.milter(i) else {
