@@ -303,6 +303,9 @@ fn check_url(url: &str) -> Result<(), String> {
             .filter(|p| *p != 0 && port.bytes().all(|b| b.is_ascii_digit()))
             .ok_or_else(|| bad("the port must be 1 to 65535"))?;
     }
+    // The HTTP client parses the URL again when the hook starts: what it would refuse
+    // (an IPv4 address out of range, say) is refused here, where the error names the line.
+    reqwest::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
     Ok(())
 }
 
@@ -516,6 +519,7 @@ mod tests {
             ("http://[::1/x", "unclosed '['"),
             ("http://[::1]x/", "expected [address]:port"),
             ("http://h%20x/", "the host must be a name"),
+            ("http://999.1.1.1/x", "invalid IPv4 address"),
             ("http://h/x#frag", "a fragment"),
             ("http://h/x{", "unclosed '{'"),
             ("{name=x}", "follows no hook URL"),

@@ -171,6 +171,7 @@ impl Hook {
             .map(Token::load)
             .transpose()
             .map_err(|e| format!("hook {name}: {e}"))?;
+        // Checked when the configuration was read (config::hook::check_url).
         let url = reqwest::Url::parse(&config.url)
             .map_err(|e| format!("hook {name}: invalid URL {}: {e}", config.url))?;
         Ok(Hook {

@@ -260,6 +260,11 @@ fn errors_name_their_source() {
             "hooks.toml",
             "out_address = \"127.0.0.1:25\"\nhook_max_size = \"10T\"\n",
         );
+        // Passes the hook list's own syntax check, but no HTTP client can reach it.
+        let hooks_address = file(
+            "hooks-address.toml",
+            "out_address = \"127.0.0.1:25\"\nhooks = \"http://999.1.1.1/check\"\n",
+        );
         let hooks_yaml = file(
             "hooks.yaml",
             "out_address: \"127.0.0.1:25\"\nfilter_order: milters hooks\n",
@@ -280,6 +285,16 @@ fn errors_name_their_source() {
                 vec!["-d", "3", "-f", &hooks_toml],
                 vec![],
                 vec![format!("{hooks_toml}:2"), "HookMaxSize".into()],
+            ),
+            (
+                "TOML Hooks with an IPv4 address out of range",
+                vec!["-d", "3", "-f", &hooks_address],
+                vec![],
+                vec![
+                    format!("{hooks_address}:2"),
+                    "Hooks".into(),
+                    "invalid IPv4 address".into(),
+                ],
             ),
             (
                 "YAML FilterOrder",
