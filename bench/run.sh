@@ -15,7 +15,10 @@
 #             copied as ours is; the binary a script execs is not, so keep that
 #             one out of target/ while the run lasts
 #   relay     in the scenarios without a filter: a byte relay that knows nothing
-#             of SMTP (examples/byte_relay.rs), the floor of any TCP proxy here
+#             of SMTP (examples/byte_relay.rs), the floor of any TCP proxy here;
+#             in the slow-hook scenarios the same relay holding each message's
+#             end as long as the hook waits (--hold-dot-ms): the floor of any
+#             proxy whose filter takes that long
 #   haproxy1  in the scenarios without a filter (sessions_2000 too): haproxy
 #   haproxy2  (Debian package haproxy) in TCP mode with nbthread 1 and 2, from
 #             a generated config (no logging), the bar a fast TCP proxy sets;
@@ -39,7 +42,8 @@
 # The hook scenarios run ours with `Hooks:` pointing at a null HTTP hook
 # (examples/null_hook.rs, every request answered {"action":"accept"}) against
 # nofilter; hook_sleep50_c32 has the hook wait 50 ms before each answer and
-# compares ours with the ideal rate, concurrency / 50 ms (ideal_mps);
+# compares ours with the ideal rate, concurrency / 50 ms (ideal_mps), and with
+# the byte relay holding each message 50 ms (what this machine allows any proxy);
 # hook_jitter50_c32 the same with each wait drawn between 25 and 75 ms (mean 50),
 # as a real service's answers vary. --smoke
 # runs hook_c1_4k only, unless --only names the others.
@@ -484,7 +488,10 @@ start_proxy() { # setup filter -> PROXY_PID, or returns 1
     return 1
   fi
   if [ "$1" = relay ]; then
-    "$WORK/byte_relay" "$HOST:$PPORT" "$HOST:$SPORT" >>"$WORK/proxy-$1.log" 2>&1 &
+    # In the slow-hook scenarios the relay holds each message's end as long as the hook
+    # takes: the floor of any proxy with that filter.
+    "$WORK/byte_relay" "$HOST:$PPORT" "$HOST:$SPORT" --hold-dot-ms "$(hook_delay_ms "$2")" \
+      --hold-jitter-ms "$(hook_jitter_ms "$2")" >>"$WORK/proxy-$1.log" 2>&1 &
   elif [ "${1#haproxy}" != "$1" ]; then
     haproxy_conf "${1#haproxy}" "$WORK/haproxy.cfg"
     "$HAPROXY" -db -f "$WORK/haproxy.cfg" >>"$WORK/proxy-$1.log" 2>&1 &
@@ -741,7 +748,9 @@ for sc in "${NAMES[@]}"; do
     rspamd) setups_here=$(only_setups ours rspamc) ;;
     # The null hook against no filter; the slow hook against its ideal rate.
     hook) setups_here=$(only_setups ours ours2 nofilter) ;;
-    hook50|hook50j) setups_here=$(only_setups ours ours2) ;;
+    # The slow hook against its ideal rate, and against the byte relay holding each
+    # message as long (the floor of any proxy on this machine).
+    hook50|hook50j) setups_here=$(only_setups ours ours2 relay) ;;
     *)
       setups_here=${setups_here/nofilter/} setups_here=${setups_here/rspamc/}
       if [ "${FILTER[$sc]}" = none ] || [ "${SIZE[$sc]}" -gt 1000000 ]; then

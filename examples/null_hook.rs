@@ -15,12 +15,15 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+
+#[path = "support/wait.rs"]
+mod wait;
+use wait::Wait;
 
 const ACCEPT: &str = "{\"action\":\"accept\"}";
 
@@ -44,17 +47,17 @@ fn main() -> ExitCode {
                     return usage();
                 }
             },
-            ("--delay-ms", Some(v)) => match v.parse() {
-                Ok(ms) => delay = Duration::from_millis(ms),
+            ("--delay-ms", Some(v)) => match wait::millis("--delay-ms", &v) {
+                Ok(d) => delay = d,
                 Err(e) => {
-                    eprintln!("null_hook: --delay-ms {v}: {e}");
+                    eprintln!("null_hook: {e}");
                     return usage();
                 }
             },
-            ("--jitter-ms", Some(v)) => match v.parse() {
-                Ok(ms) => jitter = Duration::from_millis(ms),
+            ("--jitter-ms", Some(v)) => match wait::millis("--jitter-ms", &v) {
+                Ok(d) => jitter = d,
                 Err(e) => {
-                    eprintln!("null_hook: --jitter-ms {v}: {e}");
+                    eprintln!("null_hook: {e}");
                     return usage();
                 }
             },
@@ -83,31 +86,6 @@ fn main() -> ExitCode {
             eprintln!("null_hook: {listen}: {e}");
             ExitCode::from(1)
         }
-    }
-}
-
-/// How long each answer waits.
-#[derive(Clone, Copy)]
-struct Wait {
-    delay: Duration,
-    jitter: Duration,
-}
-
-impl Wait {
-    /// `delay`, moved by up to `jitter` either way (uniformly, from a xorshift generator:
-    /// the figures need a spread, not good randomness).
-    fn next(self) -> Duration {
-        static STATE: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
-        if self.jitter.is_zero() {
-            return self.delay;
-        }
-        let mut x = STATE.load(Ordering::Relaxed);
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        STATE.store(x, Ordering::Relaxed);
-        let span = 2 * self.jitter.as_micros() as u64 + 1;
-        self.delay - self.jitter + Duration::from_micros(x % span)
     }
 }
 
