@@ -320,7 +320,8 @@ registry! {
             take in all instead of spool files in TempDirectory when no live filter command \
             reads them (milters, hooks, shadows, KeepAlives): each at most 256K, a larger one \
             or one past this total is spooled. 0 spools every message. With a live filter \
-            command every message is spooled: the command reads a file.",
+            command every message is spooled as it arrives (the command reads a file); a \
+            version a milter or hook changes after the command may wait in memory.",
     }
     TimeOut {
         key: "timeout",

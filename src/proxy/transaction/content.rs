@@ -55,24 +55,55 @@ impl Drop for MemoryBudget {
     }
 }
 
+/// A message held in memory with its share of `SpoolMemory`. A clone shares both, so the
+/// share goes back only when the last holder is done with the bytes: the session, a shadow,
+/// a hook's request body, or a copy on its way to a file on the blocking pool (which cannot
+/// be cancelled, and may outlive the session that started it).
+#[derive(Clone)]
+pub(crate) struct InMemory {
+    bytes: Bytes,
+    /// Held for its drop.
+    _budget: Arc<MemoryBudget>,
+}
+
+impl InMemory {
+    /// The bytes as a [`Bytes`] that holds the share until it is dropped (a request body,
+    /// which the HTTP client may keep a while after the call is given up).
+    pub(crate) fn to_bytes(&self) -> Bytes {
+        Bytes::from_owner(self.clone())
+    }
+}
+
+impl AsRef<[u8]> for InMemory {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Bytes that charge nothing, for tests.
+#[cfg(test)]
+impl From<Bytes> for InMemory {
+    fn from(bytes: Bytes) -> InMemory {
+        InMemory {
+            bytes,
+            _budget: Arc::default(),
+        }
+    }
+}
+
 /// The message, in memory (with its share of the budget) or in a spool file.
 pub(crate) enum Content {
-    Memory {
-        bytes: Bytes,
-        /// Shared with whoever shares the bytes (the shadows): the memory goes back to
-        /// SpoolMemory when the last of them is done with it.
-        budget: Arc<MemoryBudget>,
-    },
+    Memory(InMemory),
     File(Spool),
 }
 
 impl Content {
     /// Moves the message to a spool file (a filter command reads one), when it is in memory.
     pub(crate) async fn spooled(&mut self, dir: &Path) -> io::Result<&mut Spool> {
-        if let Content::Memory { bytes, .. } = self {
+        if let Content::Memory(held) = self {
             let spool = Spool::one(dir).await?;
             let mut writer = spool.writer()?;
-            writer.write(bytes).await;
+            writer.write(&held.bytes).await;
             writer.finish().await?;
             *self = Content::File(spool);
         }
@@ -84,7 +115,7 @@ impl Content {
 
     pub(crate) fn source(&self) -> Source<'_> {
         match self {
-            Content::Memory { bytes, .. } => Source::Memory(bytes),
+            Content::Memory(held) => Source::Memory(held),
             Content::File(spool) => Source::File(spool.path()),
         }
     }
@@ -93,7 +124,7 @@ impl Content {
 /// Where a message can be read from.
 #[derive(Clone, Copy)]
 pub(crate) enum Source<'a> {
-    Memory(&'a Bytes),
+    Memory(&'a InMemory),
     File(&'a Path),
 }
 
@@ -102,7 +133,7 @@ impl Source<'_> {
     /// file cannot be looked at.
     pub(crate) async fn size(self, otherwise: u64) -> u64 {
         match self {
-            Source::Memory(bytes) => bytes.len() as u64,
+            Source::Memory(held) => held.bytes.len() as u64,
             Source::File(path) => tokio::fs::metadata(path)
                 .await
                 .map_or(otherwise, |m| m.len()),
@@ -115,7 +146,7 @@ impl Source<'_> {
         self,
         dir: &Path,
         prefix: &'static str,
-    ) -> io::Result<tempfile::TempPath> {
+    ) -> io::Result<spool::TempCopy> {
         let dir = dir.to_path_buf();
         let source = self.to_owned();
         spool::blocking(move || {
@@ -127,9 +158,9 @@ impl Source<'_> {
                 OwnedSource::File(path) => {
                     std::fs::copy(&path, &copy)?;
                 }
-                OwnedSource::Memory(bytes) => std::fs::write(&copy, &bytes)?,
+                OwnedSource::Memory(held) => std::fs::write(&copy, &held.bytes)?,
             }
-            Ok(copy)
+            Ok(spool::TempCopy::new(copy))
         })
         .await?
     }
@@ -156,7 +187,7 @@ impl Source<'_> {
             };
             let mut eml = open(&dir.join(format!("{name}.eml")))?;
             match source {
-                OwnedSource::Memory(bytes) => io::Write::write_all(&mut eml, &bytes)?,
+                OwnedSource::Memory(held) => io::Write::write_all(&mut eml, &held.bytes)?,
                 OwnedSource::File(path) => {
                     io::copy(&mut std::fs::File::open(path)?, &mut eml)?;
                 }
@@ -174,23 +205,24 @@ impl Source<'_> {
     /// The message as an owned source, for a reader that outlives the borrow.
     pub(crate) fn to_owned(self) -> OwnedSource {
         match self {
-            Source::Memory(bytes) => OwnedSource::Memory(bytes.clone()),
+            Source::Memory(held) => OwnedSource::Memory(held.clone()),
             Source::File(path) => OwnedSource::File(path.to_path_buf()),
         }
     }
 }
 
-/// A [`Source`] that owns what it names (a clone of the bytes shares them).
+/// A [`Source`] that owns what it names (a clone of the bytes shares them, and their share
+/// of the budget).
 #[derive(Clone)]
 pub(crate) enum OwnedSource {
-    Memory(Bytes),
+    Memory(InMemory),
     File(PathBuf),
 }
 
 impl OwnedSource {
     pub(crate) fn source(&self) -> Source<'_> {
         match self {
-            OwnedSource::Memory(bytes) => Source::Memory(bytes),
+            OwnedSource::Memory(held) => Source::Memory(held),
             OwnedSource::File(path) => Source::File(path),
         }
     }
@@ -201,14 +233,14 @@ impl OwnedSource {
 pub(crate) enum Reader {
     /// The bytes, and how many were handed out: at most [`spool::CHUNK`] at a time, as
     /// from a file, so that a reader's own buffers stay as small as with a file.
-    Memory(Bytes, usize),
+    Memory(InMemory, usize),
     File(spool::Reader),
 }
 
 impl Reader {
     pub(crate) async fn open(source: Source<'_>) -> io::Result<Reader> {
         Ok(match source {
-            Source::Memory(bytes) => Reader::Memory(bytes.clone(), 0),
+            Source::Memory(held) => Reader::Memory(held.clone(), 0),
             Source::File(path) => Reader::File(spool::Reader::open(path).await?),
         })
     }
@@ -216,10 +248,10 @@ impl Reader {
     /// The next bytes of the message; empty at its end.
     pub(crate) async fn next(&mut self) -> io::Result<&[u8]> {
         match self {
-            Reader::Memory(bytes, at) => {
+            Reader::Memory(held, at) => {
                 let from = *at;
-                *at = bytes.len().min(from + spool::CHUNK);
-                Ok(&bytes[from..*at])
+                *at = held.bytes.len().min(from + spool::CHUNK);
+                Ok(&held.bytes[from..*at])
             }
             Reader::File(file) => file.next().await,
         }
@@ -275,19 +307,22 @@ impl Receiving {
                 return;
             }
             // Too large for memory, or the budget is spent: on to a file, with what was
-            // gathered so far; the memory goes back at once, not when the body ends.
+            // gathered so far. The memory goes back once it is written, not when the body
+            // ends; the share of the budget with it, not before (the writes may wait for
+            // a slow disk while the bytes are still held).
             let gathered = std::mem::take(&mut self.memory);
-            self.budget = MemoryBudget::default();
             let created = Spool::one(&self.dir).await;
             match created.and_then(|spool| Ok((spool.writer()?, spool))) {
                 Ok((mut writer, spool)) => {
                     writer.write(&gathered).await;
                     self.file = Some((spool, writer));
                 }
-                Err(e) => {
-                    self.error = Some(e);
-                    return;
-                }
+                Err(e) => self.error = Some(e),
+            }
+            drop(gathered);
+            self.budget = MemoryBudget::default();
+            if self.error.is_some() {
+                return;
             }
         }
         if let Some((_, writer)) = &mut self.file {
@@ -325,10 +360,10 @@ impl Receiving {
                 writer.finish().await?;
                 Ok(Content::File(spool))
             }
-            None => Ok(Content::Memory {
+            None => Ok(Content::Memory(InMemory {
                 bytes: Bytes::from(self.memory),
-                budget: Arc::new(self.budget),
-            }),
+                _budget: Arc::new(self.budget),
+            })),
         }
     }
 }
@@ -337,8 +372,8 @@ impl Receiving {
 mod tests {
     use super::*;
 
-    /// Tests that need room in the process-wide budget take turns (the others ask for no
-    /// limit, or for none at all).
+    /// Tests that charge the process-wide budget, or count on what it holds, take turns
+    /// (the others keep nothing in memory).
     static BUDGET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     async fn read_all(source: Source<'_>) -> Vec<u8> {
@@ -355,6 +390,7 @@ mod tests {
 
     #[tokio::test]
     async fn small_messages_stay_in_memory_and_large_ones_go_to_a_file() {
+        let _turn = BUDGET.lock().await;
         let dir = tempfile::tempdir().unwrap();
         let table: [(usize, bool); 4] = [
             (0, true),
@@ -364,14 +400,13 @@ mod tests {
         ];
         for (size, in_memory) in table {
             let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-            // No limit: the budget test below holds much of the shared counter at times.
             let mut receiving = Receiving::new(u64::MAX, dir.path());
             for piece in data.chunks(1000) {
                 receiving.write(piece).await;
             }
             let content = receiving.finish().await.unwrap();
             assert_eq!(
-                matches!(content, Content::Memory { .. }),
+                matches!(content, Content::Memory(_)),
                 in_memory,
                 "{size} bytes"
             );
@@ -392,12 +427,12 @@ mod tests {
             receiving.write(&[b'x'; 1000]).await;
         }
         let content = receiving.finish().await.unwrap();
-        let Content::Memory { budget, .. } = &content else {
+        let Content::Memory(held) = &content else {
             panic!("not in memory");
         };
-        assert_eq!(budget.held, 16 * 1024);
+        assert_eq!(held._budget.held, 16 * 1024);
         // A message in memory is handed out as a file is: at most CHUNK bytes at a time.
-        let big = Bytes::from(vec![b'y'; 2 * spool::CHUNK + 5]);
+        let big = InMemory::from(Bytes::from(vec![b'y'; 2 * spool::CHUNK + 5]));
         let mut reader = Reader::open(Source::Memory(&big)).await.unwrap();
         let mut sizes = Vec::new();
         loop {
@@ -408,6 +443,34 @@ mod tests {
             sizes.push(n);
         }
         assert_eq!(sizes, [spool::CHUNK, spool::CHUNK, 5]);
+    }
+
+    #[tokio::test]
+    async fn every_holder_of_the_bytes_holds_their_share_of_the_budget() {
+        let _turn = BUDGET.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let base = IN_MEMORY.load(Ordering::Acquire);
+        let mut receiving = Receiving::new(u64::MAX, dir.path());
+        receiving.write(&[b'x'; 1000]).await;
+        let content = receiving.finish().await.unwrap();
+        let held = IN_MEMORY.load(Ordering::Acquire) - base;
+        assert_eq!(held, 4096, "the first buffer");
+        // A copy on its way to a file, a reader and a request body outlive the message.
+        let owned = content.source().to_owned();
+        let reader = Reader::open(content.source()).await.unwrap();
+        let Source::Memory(in_memory) = content.source() else {
+            panic!("not in memory");
+        };
+        let body = in_memory.to_bytes();
+        let now = || IN_MEMORY.load(Ordering::Acquire) - base;
+        drop(content);
+        assert_eq!(now(), held, "the copy, the reader and the body hold it");
+        drop(owned);
+        drop(reader);
+        assert_eq!(now(), held, "the body holds it");
+        assert_eq!(&body[..], &[b'x'; 1000][..]);
+        drop(body);
+        assert_eq!(now(), 0, "all given back");
     }
 
     #[tokio::test]
@@ -442,16 +505,16 @@ mod tests {
     #[tokio::test]
     async fn a_copy_to_a_file_has_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let bytes = Bytes::from_static(b"Subject: y\r\n\r\nhello\r\n");
+        let bytes = InMemory::from(Bytes::from_static(b"Subject: y\r\n\r\nhello\r\n"));
         let copy = Source::Memory(&bytes)
             .copy_to_file(dir.path(), "copy.")
             .await
             .unwrap();
-        assert_eq!(std::fs::read(&copy).unwrap(), &bytes[..]);
+        assert_eq!(std::fs::read(&copy).unwrap(), &bytes.bytes[..]);
         let again = Source::File(&copy)
             .copy_to_file(dir.path(), "copy.")
             .await
             .unwrap();
-        assert_eq!(std::fs::read(&again).unwrap(), &bytes[..]);
+        assert_eq!(std::fs::read(&again).unwrap(), &bytes.bytes[..]);
     }
 }

@@ -50,9 +50,10 @@ pub(crate) struct Prepared {
 pub(crate) async fn prepare(request: &Request<'_>) -> std::io::Result<Prepared> {
     let mut reader = Reader::open(request.source).await?;
     let mut read = Vec::new();
-    // A message in memory is used where it is: the request is its only other copy.
+    // A message in memory is used where it is: the request is its only other copy, and it
+    // holds the message's share of SpoolMemory for as long as the HTTP client keeps it.
     let memory = match request.source {
-        Source::Memory(bytes) => Some(bytes.clone()),
+        Source::Memory(held) => Some(held.to_bytes()),
         Source::File(_) => None,
     };
     let mut complete = memory.is_some();

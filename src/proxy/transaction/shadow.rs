@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::content::{Content, MemoryBudget, Source};
+use super::content::{Content, InMemory, Source};
 use super::milters::{self, Changes};
 use super::{hooks, spool};
 use crate::config::hook::HookStage;
@@ -119,18 +119,14 @@ fn reply_word(reply: &[u8]) -> &'static str {
 enum Copy {
     /// A message in memory is shared (nobody changes bytes in place), and so is its share
     /// of SpoolMemory: it is given back when the shadows are done too.
-    Memory {
-        bytes: bytes::Bytes,
-        /// Held for its drop.
-        _budget: Arc<MemoryBudget>,
-    },
-    File(tempfile::TempPath),
+    Memory(InMemory),
+    File(spool::TempCopy),
 }
 
 impl Copy {
     fn source(&self) -> Source<'_> {
         match self {
-            Copy::Memory { bytes, .. } => Source::Memory(bytes),
+            Copy::Memory(held) => Source::Memory(held),
             Copy::File(path) => Source::File(path),
         }
     }
@@ -151,10 +147,7 @@ pub(crate) async fn start(
     let dir = settings.temp_directory.clone();
     // One copy for the milters and hooks (they only read it); the command gets its own.
     let copy = match message {
-        Content::Memory { bytes, budget } => Ok(Copy::Memory {
-            bytes: bytes.clone(),
-            _budget: budget.clone(),
-        }),
+        Content::Memory(held) => Ok(Copy::Memory(held.clone())),
         Content::File(_) => {
             let copy = message.source().copy_to_file(&dir, SHADOW_PREFIX).await;
             copy.map(Copy::File)

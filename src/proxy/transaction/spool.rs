@@ -88,12 +88,48 @@ impl Spool {
 impl Drop for Spool {
     fn drop(&mut self) {
         if let Some(file) = self.0.take() {
-            let reader = self.1.take();
-            // Unlinking may wait for the disk as much as writing does.
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn_blocking(move || drop((file, reader)))),
-                Err(_) => drop((file, reader)),
-            }
+            drop_on_blocking_pool((file, self.1.take()));
+        }
+    }
+}
+
+/// Drops what removes a file when dropped on the blocking pool: unlinking may wait for the
+/// disk as much as writing does. (Outside a runtime, here.)
+fn drop_on_blocking_pool<T: Send + 'static>(removes: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(removes))),
+        Err(_) => drop(removes),
+    }
+}
+
+/// A copy of a message in TempDirectory for a reader of its own (a shadow), removed on the
+/// blocking pool when dropped, as a [`Spool`] is.
+pub(crate) struct TempCopy(Option<tempfile::TempPath>);
+
+impl TempCopy {
+    pub(crate) fn new(path: tempfile::TempPath) -> TempCopy {
+        TempCopy(Some(path))
+    }
+}
+
+impl std::ops::Deref for TempCopy {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        self.0.as_deref().expect("a copy until dropped")
+    }
+}
+
+impl AsRef<Path> for TempCopy {
+    fn as_ref(&self) -> &Path {
+        self
+    }
+}
+
+impl Drop for TempCopy {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            drop_on_blocking_pool(path);
         }
     }
 }
