@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::common::hook_server::{
     stage_of, write_token, Behaviour, HookServer, HookService, HookServiceOptions, Pki, CLIENT_CN,
 };
-use crate::common::metrics::{http_get, metric};
+use crate::common::metrics::{http_get, metric, spool_memory};
 use crate::common::proxy::{free_port, run_binary};
 use crate::common::upstream::Message;
 use crate::common::{
@@ -701,14 +701,6 @@ fn large_messages_are_streamed_small_ones_have_a_length() {
         );
         assert_eq!(little.json["message"]["contents"], "tiny\r\n");
     });
-}
-
-/// The bytes of messages held in memory now, from the proxy's gauge.
-fn spool_memory(admin: &SocketAddr) -> f64 {
-    let (_, body) = http_get(admin, "/metrics").expect("metrics");
-    metric("proxsmtpd_spool_memory_bytes")
-        .find_value(&body)
-        .expect("proxsmtpd_spool_memory_bytes")
 }
 
 /// Where a message waits for its hook: in memory when it is small and SpoolMemory has room

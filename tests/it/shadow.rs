@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::common::hook_server::{Behaviour, HookServer};
-use crate::common::metrics::{http_get, metric, parse};
+use crate::common::metrics::{http_get, metric, parse, spool_memory};
 use crate::common::milter::{Act, Script, TestMilter};
 use crate::common::proxy::free_port;
 use crate::common::{message, secs, timed, wait_until, Client, Proxy, ProxyBuilder, Upstream};
@@ -250,6 +250,53 @@ fn a_slow_shadow_delays_no_answer() {
         );
         up.wait_delivered(1, secs(5));
         assert_verdicts(&admin, &p, "hook:slow", ("accept", "error"), 1);
+    });
+}
+
+/// A message in memory that a shadow still reads when the session is over stays counted
+/// in SpoolMemory until the shadow is done with it, and then all of it comes back.
+#[test]
+fn a_shadow_holds_the_memory_of_its_copy_until_it_is_done() {
+    timed(60, || {
+        let hook = HookServer::start(|_| Behaviour::delay(secs(3), Behaviour::accept()));
+        let up = Upstream::start();
+        let (b, admin) = with_admin(&up);
+        let b = b.set(
+            "Hooks",
+            &format!(
+                "{}{{name=late, shadow=yes, timeout=20s}}",
+                hook.url("/check")
+            ),
+        );
+        let p = started(b, &admin);
+        let mut c = Client::open(p.addr());
+        assert_eq!(c.send_mail(&message("late", b"z\r\n")).code, 250);
+        assert_eq!(c.cmd("QUIT").code, 221);
+        drop(c);
+        up.wait_delivered(1, secs(5));
+        // The session is gone; the shadow's call takes 3 s more.
+        assert!(
+            wait_until(secs(2), || hook.in_flight() == 1),
+            "the shadow never called"
+        );
+        let held = spool_memory(&admin);
+        assert!(held >= 4096.0, "{held} bytes held while the shadow reads");
+        assert!(
+            wait_until(secs(10), || verdicts(
+                &admin,
+                "hook:late",
+                "accept",
+                "accept"
+            ) == 1.0),
+            "the shadow's verdict never came: {:?}",
+            all_verdicts(&admin, "hook:late")
+        );
+        assert!(
+            wait_until(secs(3), || spool_memory(&admin) == 0.0),
+            "memory not given back: {}",
+            spool_memory(&admin)
+        );
+        p.assert_tmp_clean();
     });
 }
 

@@ -172,3 +172,11 @@ pub fn http_get(addr: &SocketAddr, path: &str) -> std::io::Result<(u16, String)>
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// The bytes of messages held in memory now (SpoolMemory), from the proxy's gauge.
+pub fn spool_memory(admin: &SocketAddr) -> f64 {
+    let (_, body) = http_get(admin, "/metrics").expect("metrics");
+    metric("proxsmtpd_spool_memory_bytes")
+        .find_value(&body)
+        .expect("proxsmtpd_spool_memory_bytes")
+}
