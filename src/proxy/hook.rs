@@ -83,6 +83,16 @@ const TOKEN_CHECK: Duration = Duration::from_secs(1);
 fn read_token(path: &std::path::Path) -> std::io::Result<(Option<SystemTime>, String)> {
     let modified = std::fs::metadata(path)?.modified().ok();
     let value = std::fs::read_to_string(path)?.trim().to_string();
+    // A bearer token is printable ASCII without spaces (RFC 6750): an empty file (a Secret
+    // being rewritten) or a stray control character would be sent on every call.
+    if value.is_empty() {
+        return Err(std::io::Error::other("the file is empty"));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(std::io::Error::other(
+            "a token is printable ASCII without spaces or control characters",
+        ));
+    }
     Ok((modified, value))
 }
 
@@ -105,11 +115,12 @@ impl Token {
         if state.checked.elapsed() >= TOKEN_CHECK {
             state.checked = Instant::now();
             // A stat of a small local file: cheap enough for the async worker, once a second.
-            let changed = std::fs::metadata(&self.path)
+            let modified = std::fs::metadata(&self.path)
                 .ok()
-                .and_then(|m| m.modified().ok())
-                != state.modified;
-            if changed {
+                .and_then(|m| m.modified().ok());
+            if modified != state.modified {
+                // Said once per change of the file, not at every check.
+                state.modified = modified;
                 match read_token(&self.path) {
                     Ok((modified, value)) => {
                         tracing::info!("hook {hook}: token file {} re-read", self.path.display());
@@ -117,7 +128,7 @@ impl Token {
                         state.value = value;
                     }
                     Err(e) => tracing::warn!(
-                        "hook {hook}: cannot read token file {} (the last token is kept): {e}",
+                        "hook {hook}: cannot use token file {} (the last token is kept): {e}",
                         self.path.display()
                     ),
                 }
@@ -133,54 +144,133 @@ pub(crate) struct Hook {
     /// The URL, parsed once: parsing it per request (its host through IDNA) showed in
     /// profiles.
     url: reqwest::Url,
-    http: reqwest::Client,
+    http: Mutex<HttpClient>,
+    /// The files the client's TLS is built from (CA, client certificate and key), for an
+    /// https hook: a renewed certificate takes effect without a restart.
+    tls_files: Vec<PathBuf>,
     slots: Semaphore,
     token: Option<Token>,
+}
+
+/// The HTTP client and the TLS files' modification times it was built from.
+struct HttpClient {
+    client: reqwest::Client,
+    checked: Instant,
+    stamps: Vec<Option<SystemTime>>,
+}
+
+/// How often an https hook's TLS files are looked at (as the listener's certificate is).
+const TLS_CHECK: Duration = Duration::from_secs(2);
+
+fn stamps(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
+    files
+        .iter()
+        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+fn build_client(config: &HookConfig, https: bool) -> Result<reqwest::Client, String> {
+    let name = &config.name;
+    let builder = reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(config.concurrency)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .connect_timeout(config.timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .user_agent(concat!("proxsmtpd/", env!("CARGO_PKG_VERSION")));
+    // Always our own TLS configuration (ring, as everywhere in the proxy): reqwest
+    // would otherwise look for a process-wide default provider, even for http://.
+    let tls = if https {
+        let client = match (&config.client_certificate, &config.client_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        super::tls::hook_client_config(config.ca_file.as_deref(), config.tls_verify, client)
+    } else {
+        super::tls::hook_client_config(None, false, None)
+    };
+    builder
+        .use_preconfigured_tls(tls.map_err(|e| format!("hook {name}: {e}"))?)
+        .build()
+        .map_err(|e| format!("hook {name}: cannot build its HTTP client: {e}"))
 }
 
 impl Hook {
     fn new(config: HookConfig) -> Result<Hook, String> {
         let name = &config.name;
-        let mut builder = reqwest::Client::builder()
-            .http1_only()
-            .pool_max_idle_per_host(config.concurrency)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .connect_timeout(config.timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("proxsmtpd/", env!("CARGO_PKG_VERSION")));
-        // Always our own TLS configuration (ring, as everywhere in the proxy): reqwest
-        // would otherwise look for a process-wide default provider, even for http://.
-        let tls = if config.url.starts_with("https:") {
-            let client = match (&config.client_certificate, &config.client_key) {
-                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-                _ => None,
-            };
-            super::tls::hook_client_config(config.ca_file.as_deref(), config.tls_verify, client)
+        // Checked when the configuration was read (config::hook::check_url). The scheme
+        // is taken from the parsed URL, which writes it in lower case: `HTTPS://` is
+        // https, with the hook's certificate checked.
+        let url = reqwest::Url::parse(&config.url)
+            .map_err(|e| format!("hook {name}: invalid URL {}: {e}", config.url))?;
+        let https = url.scheme() == "https";
+        let tls_files: Vec<PathBuf> = if https {
+            [
+                &config.ca_file,
+                &config.client_certificate,
+                &config.client_key,
+            ]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
         } else {
-            super::tls::hook_client_config(None, false, None)
+            Vec::new()
         };
-        builder = builder.use_preconfigured_tls(tls.map_err(|e| format!("hook {name}: {e}"))?);
-        let http = builder
-            .build()
-            .map_err(|e| format!("hook {name}: cannot build its HTTP client: {e}"))?;
+        // The times first: a file changed while the client is built is seen at the next
+        // check.
+        let stamps = stamps(&tls_files);
+        let client = build_client(&config, https)?;
         let token = config
             .token_file
             .clone()
             .map(Token::load)
             .transpose()
             .map_err(|e| format!("hook {name}: {e}"))?;
-        // Checked when the configuration was read (config::hook::check_url).
-        let url = reqwest::Url::parse(&config.url)
-            .map_err(|e| format!("hook {name}: invalid URL {}: {e}", config.url))?;
         Ok(Hook {
             slots: Semaphore::new(config.concurrency),
             config,
             url,
-            http,
+            http: Mutex::new(HttpClient {
+                client,
+                checked: Instant::now(),
+                stamps,
+            }),
+            tls_files,
             token,
         })
+    }
+
+    /// The HTTP client, built again when a TLS file has changed since the last check.
+    /// A client that cannot be built from the new files (a certificate written before its
+    /// key) leaves the last one in use, and the files are looked at again at the next
+    /// check.
+    fn client(&self) -> reqwest::Client {
+        let mut http = self.http.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.tls_files.is_empty() && http.checked.elapsed() >= TLS_CHECK {
+            http.checked = Instant::now();
+            // A stat of a few small local files: cheap enough for the async worker.
+            let now = stamps(&self.tls_files);
+            if now != http.stamps {
+                match build_client(&self.config, true) {
+                    Ok(client) => {
+                        tracing::info!(
+                            "hook {}: TLS files changed, the HTTP client was built again",
+                            self.config.name
+                        );
+                        http.client = client;
+                        http.stamps = now;
+                    }
+                    Err(e) => tracing::warn!(
+                        "hook {}: TLS files changed but cannot be used (the last ones are kept): {e}",
+                        self.config.name
+                    ),
+                }
+            }
+        }
+        http.client.clone()
     }
 
     pub(crate) fn name(&self) -> &str {
@@ -223,7 +313,7 @@ impl Hook {
             .await
             .map_err(|_| HookError::Connect("hook closed".into()))?;
         let mut request = self
-            .http
+            .client()
             .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(reqwest::header::ACCEPT, "application/json")
@@ -354,4 +444,28 @@ pub(crate) fn hooks_for(settings: &Settings) -> Result<Option<Arc<Hooks>>, Strin
 pub(crate) fn server_name() -> &'static str {
     static NAME: OnceLock<String> = OnceLock::new();
     NAME.get_or_init(crate::proxy::milter::host_name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_printable_ascii_and_not_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let cases: [(&str, Option<&str>); 6] = [
+            ("s3cr3t.token-_~+/=\n", Some("s3cr3t.token-_~+/=")),
+            ("  padded \r\n", Some("padded")),
+            ("", None),
+            ("\n", None),
+            ("two words", None),
+            ("in\rjection", None),
+        ];
+        for (content, expected) in cases {
+            std::fs::write(&path, content).unwrap();
+            let read = read_token(&path).ok().map(|(_, v)| v);
+            assert_eq!(read.as_deref(), expected, "{content:?}");
+        }
+    }
 }

@@ -993,6 +993,14 @@ fn an_untrusted_certificate_is_refused_unless_tls_verify_is_off() {
             .value(1.0)
             .assert_in(&admin);
 
+        // The scheme in capitals is https all the same, certificate checked.
+        let up = Upstream::start();
+        let url = hook.url("/").replacen("https://", "HTTPS://", 1);
+        let p = hook_proxy(&up, &format!("{url}{{name=capitals}}")).start();
+        assert_eq!(send(&p, "untrusted, in capitals").code, 451);
+        assert!(hook.requests().is_empty());
+        assert!(up.delivered().is_empty());
+
         let up = Upstream::start();
         let p = hook_proxy(&up, &format!("{}{{tls_verify=no}}", hook.url("/"))).start();
         assert_eq!(send(&p, "unverified").code, 250);
@@ -1049,6 +1057,56 @@ fn mtls_presents_the_client_certificate() {
             wait_until(secs(5), || hook.handshake_failures() > failures),
             "the hook server saw no refused handshake"
         );
+    });
+}
+
+/// A renewed client certificate and key (a cert-manager renewal, a new key each time) are
+/// presented from the next check of the files on, without a restart or a reload.
+#[test]
+fn a_renewed_client_certificate_is_presented_without_a_restart() {
+    timed(60, || {
+        let pki = Pki::new();
+        let hook = HookServer::builder()
+            .tls(&pki.server)
+            .client_ca(&pki.ca.cert_file)
+            .respond(|_| Behaviour::accept())
+            .start();
+        let mounted = tempfile::tempdir().unwrap();
+        let (cert, key) = (
+            mounted.path().join("tls.crt"),
+            mounted.path().join("tls.key"),
+        );
+        std::fs::copy(&pki.client.cert, &cert).unwrap();
+        std::fs::copy(&pki.client.key, &key).unwrap();
+        let up = Upstream::start();
+        let p = hook_proxy(
+            &up,
+            &format!(
+                "{}{{ca_file={}, client_certificate={}, client_key={}}}",
+                hook.url("/"),
+                pki.ca.cert_file.display(),
+                cert.display(),
+                key.display()
+            ),
+        )
+        .start();
+        assert_eq!(send(&p, "first").code, 250);
+        assert_eq!(hook.requests()[0].client_cn.as_deref(), Some(CLIENT_CN));
+        // Renewed: the certificate written before its key, as a non-atomic writer may.
+        let renewed = pki.ca.client_cert("proxsmtpd-client-renewed");
+        std::fs::copy(&renewed.cert, &cert).unwrap();
+        std::fs::copy(&renewed.key, &key).unwrap();
+        let mut sent = 1;
+        let presented = wait_until(secs(15), || {
+            std::thread::sleep(ms(250));
+            sent += 1;
+            assert_eq!(send(&p, &format!("after renewal {sent}")).code, 250);
+            let requests = hook.requests();
+            requests.last().and_then(|r| r.client_cn.as_deref()) == Some("proxsmtpd-client-renewed")
+        });
+        assert!(presented, "the renewed certificate was never presented");
+        up.wait_delivered(sent, secs(5));
+        assert!(p.log().contains("TLS files changed"), "{}", p.log());
     });
 }
 
