@@ -803,7 +803,10 @@ fn changed_recipients(
 /// A milter changed the envelope: the upstream transaction is begun again (`RSET`,
 /// `MAIL`, one `RCPT` per recipient) with the client's own lines where they still apply.
 /// The new envelope, or the upstream's refusal when it took no sender or no recipient
-/// (then the client gets that refusal). A recipient refused is logged and counted.
+/// (then the client gets that refusal). A recipient refused is logged and counted. One of
+/// the client's own recipients refused now (it was accepted at its RCPT, so the client
+/// counts it as delivered with the 250) defers the whole message: a 250 would lose that
+/// recipient's copy without a word.
 async fn redo_envelope(
     conn: &mut Conn,
     envelope: &Envelope,
@@ -867,6 +870,7 @@ async fn redo_envelope(
     }
     new.recipients.clear();
     let mut last_refusal = None;
+    let mut client_recipient_refused = false;
     for r in &edit.recipients {
         if r.address.is_empty() || !is_safe_address(&r.address) {
             tracing::warn!(
@@ -893,15 +897,31 @@ async fn redo_envelope(
         if reply.code / 100 == 2 {
             new.recipients.push(r.address.clone());
         } else {
+            let client_had_it = envelope
+                .recipients
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(&r.address));
+            client_recipient_refused |= client_had_it;
             tracing::warn!(
-                "{}: upstream refused recipient {} added by a milter: {}",
+                "{}: upstream refused recipient {} {}: {}",
                 conn.id,
                 observe::printable(&r.address),
+                if client_had_it {
+                    "on the new transaction after a filter's changes (the message is deferred)"
+                } else {
+                    "added by a filter"
+                },
                 observe::printable(&String::from_utf8_lossy(&reply.raw()).replace("\r\n", " "))
             );
             crate::ops::metrics::global().milter_envelope_refusal("rcpt");
             last_refusal = Some(reply);
         }
+    }
+    if client_recipient_refused {
+        return Ok(Err(crate::protocol::reply::Reply::local(
+            451,
+            "4.3.0 A recipient was refused after the message was changed; try again later",
+        )));
     }
     match (new.recipients.is_empty(), last_refusal) {
         (true, Some(reply)) => Ok(Err(reply)),

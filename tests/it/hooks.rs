@@ -16,7 +16,7 @@ use crate::common::hook_server::{
 };
 use crate::common::metrics::{http_get, metric, spool_memory};
 use crate::common::proxy::{free_port, run_binary};
-use crate::common::upstream::Message;
+use crate::common::upstream::{Message, Reply};
 use crate::common::{
     file_names, message, ms, secs, timed, wait_until, Client, Proxy, ProxyBuilder, Upstream,
 };
@@ -364,6 +364,57 @@ fn envelope_modifications_reach_the_upstream() {
                 "RCPT TO:<archive@example.net>"
             ]
         );
+    });
+}
+
+/// When the transaction is begun again after a changeFrom, a recipient the client had
+/// accepted at its RCPT and the upstream now refuses (a policy that counts per sender, say)
+/// defers the whole message: a 250 would lose that recipient's copy. A refused recipient
+/// that the hook added only loses its own copy, and the message goes to the others.
+#[test]
+fn a_client_recipient_refused_after_changes_defers_the_message() {
+    timed(30, || {
+        let hook = HookServer::start(|_| {
+            Behaviour::modify(json!([
+                {"type": "changeFrom", "value": "bounces@example.org", "parameters": {}},
+                {"type": "addRecipient", "value": "archive@example.net", "parameters": {}},
+            ]))
+        });
+        // carol@ is accepted the first time, refused on the replay; archive@ always.
+        let carol_seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = carol_seen.clone();
+        let up = Upstream::builder()
+            .reply_with("RCPT", move |call| {
+                let line = String::from_utf8_lossy(call.line);
+                if line.contains("archive@") {
+                    return Some(Reply::text("550 5.1.1 no archive here"));
+                }
+                let carol = line.contains("carol@")
+                    && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0;
+                carol.then(|| Reply::text("450 4.7.1 too many recipients for this sender"))
+            })
+            .start();
+        let p = hook_proxy(&up, &hook.url("/")).start();
+        let mut c = Client::open(p.addr());
+        let t = c.transaction(
+            "<alice@example.org>",
+            &["<bob@example.net>", "<carol@example.net>"],
+            &message("replay", b"x\r\n"),
+        );
+        assert_eq!(t.final_reply.code, 451, "{:?}", t.final_reply);
+        assert!(up.delivered().is_empty(), "delivered without carol");
+        assert_eq!(c.cmd("RSET").code, 250, "the session goes on");
+
+        // Only the hook's own recipient refused: delivered to bob and carol.
+        carol_seen.store(0, std::sync::atomic::Ordering::SeqCst);
+        let t = c.transaction(
+            "<alice@example.org>",
+            &["<bob@example.net>"],
+            &message("archive refused", b"x\r\n"),
+        );
+        assert_eq!(t.final_reply.code, 250, "{:?}", t.final_reply);
+        let d = up.wait_delivered(1, secs(5));
+        assert_eq!(rcpts_of(&d[0]), ["RCPT TO:<bob@example.net>"]);
     });
 }
 
