@@ -146,25 +146,29 @@ pub(crate) async fn start(
     let slots = slots(settings);
     let dir = settings.temp_directory.clone();
     // One copy for the milters and hooks (they only read it); the command gets its own.
+    // Under load, when no slot is free, every shadow is dropped: a spooled message is not
+    // copied on the disk for none of them, in front of the live verdict.
+    let all_dropped = slots.available_permits() == 0;
     let copy = match message {
-        Content::Memory(held) => Ok(Copy::Memory(held.clone())),
+        Content::Memory(held) => Ok(Some(Copy::Memory(held.clone()))),
+        Content::File(_) if all_dropped => Ok(None),
         Content::File(_) => {
             let copy = message.source().copy_to_file(&dir, SHADOW_PREFIX).await;
-            copy.map(Copy::File)
+            copy.map(|c| Some(Copy::File(c)))
         }
     };
-    let copy = match copy {
-        Ok(copy) => Some(Arc::new(copy)),
+    let (copy, without_copy) = match copy {
+        Ok(copy) => (copy.map(Arc::new), "dropped"),
         Err(e) => {
             tracing::warn!("shadow filters: cannot copy the message: {e}");
-            None
+            (None, "error")
         }
     };
     let input = Arc::new(input);
     let mut add = |filter: String, limit: Duration, work: Option<ShadowWork>| {
         let until = Instant::now() + limit;
         let task = match (work, slots.clone().try_acquire_owned()) {
-            (None, _) => Err("error"),
+            (None, _) => Err(without_copy),
             (Some(_), Err(_)) => Err("dropped"),
             (Some(work), Ok(slot)) => Ok(Task(tokio::spawn(async move {
                 let verdict = tokio::time::timeout(limit, work.run())
