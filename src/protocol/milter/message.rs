@@ -130,7 +130,9 @@ fn crlf_to_lf(v: &[u8]) -> Vec<u8> {
 /// A value from a milter as it goes into the message: every line end CRLF, no bare CR or
 /// LF, no NUL, and (unless the milter negotiated `SMFIP_HDR_LEADSPC` and so sends its own)
 /// one space after the colon. A continuation line must start with white space: a tab is
-/// added where a milter forgot it, so that its value cannot start a new field.
+/// added where a milter forgot it, so that its value cannot start a new field. A line of
+/// nothing but white space is left out: many readers take it for the blank line that ends
+/// the header section.
 pub fn value_for_message(value: &[u8], leading_space: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(value.len() + 4);
     if !leading_space {
@@ -142,7 +144,7 @@ pub fn value_for_message(value: &[u8], leading_space: bool) -> Vec<u8> {
         .collect();
     for (i, line) in lines.iter().enumerate() {
         if i > 0 {
-            if line.is_empty() {
+            if line.iter().all(|&b| matches!(b, b' ' | b'\t' | b'\r' | 0)) {
                 continue;
             }
             out.extend_from_slice(b"\r\n");
@@ -518,6 +520,13 @@ mod tests {
         let mut out = Vec::new();
         render_header_section(&fields, &mut out);
         assert_eq!(out, b"X-A: v\r\n\tBcc: x@y\r\n\tbody\r\n\r\n");
+        // Lines of white space only (or what becomes spaces) would read as the end of the
+        // header section: left out.
+        let mut fields = Vec::new();
+        apply_header(&mut fields, &add("X-W", "a\n \n\t\r\n\0\nb"), false).unwrap();
+        let mut out = Vec::new();
+        render_header_section(&fields, &mut out);
+        assert_eq!(out, b"X-W: a\r\n\tb\r\n\r\n");
         assert!(apply_header(&mut fields, &add("Bad Name", "v"), false).is_err());
         assert!(apply_header(&mut fields, &add("", "v"), false).is_err());
         let mut fields = Vec::new();
