@@ -57,21 +57,13 @@ impl Drop for MemoryBudget {
 
 /// A message held in memory with its share of `SpoolMemory`. A clone shares both, so the
 /// share goes back only when the last holder is done with the bytes: the session, a shadow,
-/// a hook's request body, or a copy on its way to a file on the blocking pool (which cannot
-/// be cancelled, and may outlive the session that started it).
+/// a reader, or a copy on its way to a file on the blocking pool (which cannot be
+/// cancelled, and may outlive the session that started it).
 #[derive(Clone)]
 pub(crate) struct InMemory {
     bytes: Bytes,
     /// Held for its drop.
     _budget: Arc<MemoryBudget>,
-}
-
-impl InMemory {
-    /// The bytes as a [`Bytes`] that holds the share until it is dropped (a request body,
-    /// which the HTTP client may keep a while after the call is given up).
-    pub(crate) fn to_bytes(&self) -> Bytes {
-        Bytes::from_owner(self.clone())
-    }
 }
 
 impl AsRef<[u8]> for InMemory {
@@ -455,21 +447,16 @@ mod tests {
         let content = receiving.finish().await.unwrap();
         let held = IN_MEMORY.load(Ordering::Acquire) - base;
         assert_eq!(held, 4096, "the first buffer");
-        // A copy on its way to a file, a reader and a request body outlive the message.
+        // A copy on its way to a file and a reader outlive the message.
         let owned = content.source().to_owned();
-        let reader = Reader::open(content.source()).await.unwrap();
-        let Source::Memory(in_memory) = content.source() else {
-            panic!("not in memory");
-        };
-        let body = in_memory.to_bytes();
+        let mut reader = Reader::open(content.source()).await.unwrap();
         let now = || IN_MEMORY.load(Ordering::Acquire) - base;
         drop(content);
-        assert_eq!(now(), held, "the copy, the reader and the body hold it");
+        assert_eq!(now(), held, "the copy and the reader hold it");
         drop(owned);
+        assert_eq!(now(), held, "the reader holds it");
+        assert_eq!(reader.next().await.unwrap(), &[b'x'; 1000][..]);
         drop(reader);
-        assert_eq!(now(), held, "the body holds it");
-        assert_eq!(&body[..], &[b'x'; 1000][..]);
-        drop(body);
         assert_eq!(now(), 0, "all given back");
     }
 

@@ -50,10 +50,10 @@ pub(crate) struct Prepared {
 pub(crate) async fn prepare(request: &Request<'_>) -> std::io::Result<Prepared> {
     let mut reader = Reader::open(request.source).await?;
     let mut read = Vec::new();
-    // A message in memory is used where it is: the request is its only other copy, and it
-    // holds the message's share of SpoolMemory for as long as the HTTP client keeps it.
+    // A message in memory is read where it is; the request body is its JSON text, a buffer
+    // of its own.
     let memory = match request.source {
-        Source::Memory(held) => Some(held.to_bytes()),
+        Source::Memory(held) => Some(held.as_ref()),
         Source::File(_) => None,
     };
     let mut complete = memory.is_some();
@@ -74,7 +74,7 @@ pub(crate) async fn prepare(request: &Request<'_>) -> std::io::Result<Prepared> 
         }
         read.extend_from_slice(chunk);
     }
-    let head: &[u8] = memory.as_deref().unwrap_or(&read);
+    let head: &[u8] = memory.unwrap_or(&read);
     let section = parse_header_section(head, complete);
     let envelope = Envelope {
         from: request.from.clone(),
