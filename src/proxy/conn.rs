@@ -70,8 +70,8 @@ pub(crate) struct Conn {
     pub(crate) defer_message_log: bool,
     /// The current message's outcome, logged when its shadows are done.
     pub(crate) deferred: Option<(Envelope, crate::proxy::observe::MessageOutcome)>,
-    /// Close the session once the next reply is written (a hook's `disconnect`).
-    pub(crate) close_after_reply: bool,
+    /// Close the session once this reply is written (a hook's `disconnect`).
+    pub(crate) close_after_reply: Option<bytes::Bytes>,
 }
 
 /// The envelope lines of the current transaction, as the client sent them: what the

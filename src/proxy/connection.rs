@@ -314,7 +314,7 @@ pub(crate) async fn serve(
         lines: Default::default(),
         defer_message_log: false,
         deferred: None,
-        close_after_reply: false,
+        close_after_reply: None,
     };
     let mut hard_stop = shared.hard_stop.clone();
     let result = tokio::select! {
@@ -496,7 +496,13 @@ async fn perform(conn: &mut Conn, step: Step, shared: &Shared) -> Result<(), Fat
         Step::ToClient(bytes) => {
             trace_line(conn.id, "CLIENT >", &bytes);
             conn.send_client(&bytes).await?;
-            if conn.close_after_reply {
+            // That reply itself (the same buffer), not the next one written: with
+            // pipelining, replies owed to earlier commands go out first.
+            let closes = conn
+                .close_after_reply
+                .as_ref()
+                .is_some_and(|r| r.as_ptr() == bytes.as_ptr() && r.len() == bytes.len());
+            if closes {
                 tracing::info!("{}: closing the session as a hook asked", conn.id);
                 return Err(Fatal::Done);
             }
@@ -532,8 +538,12 @@ async fn perform(conn: &mut Conn, step: Step, shared: &Shared) -> Result<(), Fat
                 }
                 None => None,
             };
+            let mut disconnect = false;
             if refusal.is_none() {
-                refusal = hooks_envelope(conn, command, &line).await;
+                if let Some((reply, close)) = hooks_envelope(conn, command, &line).await {
+                    refusal = Some(reply);
+                    disconnect = close;
+                }
             }
             if let Some(reply) = &refusal {
                 tracing::info!(
@@ -543,8 +553,12 @@ async fn perform(conn: &mut Conn, step: Step, shared: &Shared) -> Result<(), Fat
                     observe::printable(&String::from_utf8_lossy(trim_line_end(reply)))
                 );
             }
+            let refusal = refusal.map(Bytes::from);
+            if disconnect {
+                conn.close_after_reply = refusal.clone();
+            }
             conn.relay
-                .envelope_checked(refusal.map(Bytes::from), std::time::Instant::now());
+                .envelope_checked(refusal, std::time::Instant::now());
             Ok(())
         }
         Step::BeginData(mode) => {
@@ -580,9 +594,14 @@ async fn perform(conn: &mut Conn, step: Step, shared: &Shared) -> Result<(), Fat
 }
 
 /// Asks the live hooks configured for the MAIL or RCPT stage about `line`: `None` relays
-/// it, `Some(reply)` refuses it (a refused RCPT is that recipient alone). A discard or a
-/// quarantine is kept for the message's data stage.
-async fn hooks_envelope(conn: &mut Conn, command: EnvelopeCommand, line: &[u8]) -> Option<Vec<u8>> {
+/// it, `Some((reply, disconnect))` refuses it (a refused RCPT is that recipient alone),
+/// closing the session after that reply when the hook asked. A discard or a quarantine is
+/// kept for the message's data stage.
+async fn hooks_envelope(
+    conn: &mut Conn,
+    command: EnvelopeCommand,
+    line: &[u8],
+) -> Option<(Vec<u8>, bool)> {
     use crate::config::hook::HookStage;
     use crate::config::milter::MilterAction;
     use crate::protocol::hook::answer::Action;
@@ -637,8 +656,8 @@ async fn hooks_envelope(conn: &mut Conn, command: EnvelopeCommand, line: &[u8]) 
         match action {
             Action::Accept => {}
             Action::Reject => {
-                conn.close_after_reply |= disconnect;
-                return Some(reply.unwrap_or_else(|| super::milter::REPLY_REJECT.to_vec()));
+                let reply = reply.unwrap_or_else(|| super::milter::REPLY_REJECT.to_vec());
+                return Some((reply, disconnect));
             }
             Action::Discard => {
                 // The whole message, as for milters.

@@ -502,7 +502,9 @@ fn a_discard_at_rcpt_discards_the_message() {
     });
 }
 
-/// `disconnect: true` closes the session after the reply, at mail and at data.
+/// `disconnect: true` closes the session after the reply, at mail, at rcpt and at data; a
+/// client that pipelines gets the replies owed to its earlier commands first, then that
+/// reply, then the end of the session.
 #[test]
 fn disconnect_closes_the_session_after_the_reply() {
     timed(30, || {
@@ -512,7 +514,10 @@ fn disconnect_closes_the_session_after_the_reply() {
                 _ => "mail",
             };
             let from = req["envelope"]["from"]["address"].as_str().unwrap_or("");
-            if stage_of(req) == wanted && (wanted == "data" || from.starts_with("evil@")) {
+            let evil_rcpt = stage_of(req) == "rcpt" && last_rcpt(req).starts_with("evil@");
+            if evil_rcpt
+                || stage_of(req) == wanted && (wanted == "data" || from.starts_with("evil@"))
+            {
                 Behaviour::Json(json!({
                     "action": "reject",
                     "response": {"status": 554, "enhancedStatus": "5.7.1",
@@ -523,7 +528,7 @@ fn disconnect_closes_the_session_after_the_reply() {
             }
         });
         let up = Upstream::start();
-        let p = hook_proxy(&up, &format!("{}{{stages=mail+data}}", hook.url("/"))).start();
+        let p = hook_proxy(&up, &format!("{}{{stages=mail+rcpt+data}}", hook.url("/"))).start();
         let mut c = Client::open(p.addr());
         let r = c.cmd("MAIL FROM:<evil@example.org>");
         assert_eq!(r.raw_str(), "554 5.7.1 go away\r\n");
@@ -533,6 +538,12 @@ fn disconnect_closes_the_session_after_the_reply() {
         let r = c.send_mail(&message("bye", b"x\r\n"));
         assert_eq!(r.raw_str(), "554 5.7.1 go away\r\n");
         assert!(c.wait_eof(secs(5)), "still open after a disconnect at data");
+
+        let mut c = Client::open(p.addr());
+        c.send("MAIL FROM:<alice@example.org>\r\nRCPT TO:<evil@example.net>\r\n");
+        assert_eq!(c.reply().code, 250, "the MAIL's own reply");
+        assert_eq!(c.reply().raw_str(), "554 5.7.1 go away\r\n");
+        assert!(c.wait_eof(secs(5)), "still open after a disconnect at rcpt");
         assert!(up.delivered().is_empty());
     });
 }
