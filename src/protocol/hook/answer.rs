@@ -189,13 +189,19 @@ fn is_enhanced_code(code: &str, class: u8) -> bool {
             .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// A reply text on one line of printable characters, at most 400 of them.
+/// The most bytes of a hook's reply text: with the code and enhanced code in front, the
+/// line stays within SMTP's 512 (RFC 5321, 4.5.3.1.5), whatever characters it has.
+const TEXT_LIMIT: usize = 400;
+
+/// A reply text on one line of printable characters, at most [`TEXT_LIMIT`] bytes of them.
 fn safe_text(text: &str) -> String {
-    let clean: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(400)
-        .collect();
+    let mut clean = String::with_capacity(text.len().min(TEXT_LIMIT));
+    for c in text.chars().map(|c| if c.is_control() { ' ' } else { c }) {
+        if clean.len() + c.len_utf8() > TEXT_LIMIT {
+            break;
+        }
+        clean.push(c);
+    }
     let clean = clean.trim();
     if clean.is_empty() {
         "Message rejected".to_string()
@@ -434,6 +440,21 @@ mod tests {
         ];
         for (input, expected) in cases {
             assert_eq!(crlf_lines(input), *expected);
+        }
+    }
+
+    #[test]
+    fn reply_texts_fit_an_smtp_reply_line() {
+        let cases: [(String, usize); 4] = [
+            ("x".repeat(1000), 400),
+            ("é".repeat(300), 400),
+            ("😀".repeat(150), 400),
+            ("a\r\nb\0c".to_string(), 6),
+        ];
+        for (text, len) in cases {
+            let safe = safe_text(&text);
+            assert_eq!(safe.len(), len, "{text:?}");
+            assert!(safe.chars().all(|c| !c.is_control()), "{safe:?}");
         }
     }
 }
