@@ -1071,6 +1071,30 @@ fn an_untrusted_certificate_is_refused_unless_tls_verify_is_off() {
     });
 }
 
+/// A TLS hook server that requires a client certificate from `pki`'s CA and accepts.
+fn mtls_hook(pki: &Pki) -> HookServer {
+    HookServer::builder()
+        .tls(&pki.server)
+        .client_ca(&pki.ca.cert_file)
+        .respond(|_| Behaviour::accept())
+        .start()
+}
+
+/// A proxy in front of `up` asking `hook`, trusting `pki`'s CA, presenting `cert`/`key`.
+fn mtls_proxy(up: &Upstream, hook: &HookServer, pki: &Pki, cert: &Path, key: &Path) -> Proxy {
+    hook_proxy(
+        up,
+        &format!(
+            "{}{{ca_file={}, client_certificate={}, client_key={}}}",
+            hook.url("/"),
+            pki.ca.cert_file.display(),
+            cert.display(),
+            key.display()
+        ),
+    )
+    .start()
+}
+
 /// mTLS: the proxy presents client_certificate/client_key (the server records its CN);
 /// without them, a server requiring a client certificate refuses the handshake and the
 /// message gets the default action.
@@ -1078,23 +1102,9 @@ fn an_untrusted_certificate_is_refused_unless_tls_verify_is_off() {
 fn mtls_presents_the_client_certificate() {
     timed(30, || {
         let pki = Pki::new();
-        let hook = HookServer::builder()
-            .tls(&pki.server)
-            .client_ca(&pki.ca.cert_file)
-            .respond(|_| Behaviour::accept())
-            .start();
+        let hook = mtls_hook(&pki);
         let up = Upstream::start();
-        let p = hook_proxy(
-            &up,
-            &format!(
-                "{}{{ca_file={}, client_certificate={}, client_key={}}}",
-                hook.url("/"),
-                pki.ca.cert_file.display(),
-                pki.client.cert.display(),
-                pki.client.key.display()
-            ),
-        )
-        .start();
+        let p = mtls_proxy(&up, &hook, &pki, &pki.client.cert, &pki.client.key);
         assert_eq!(send(&p, "mtls").code, 250);
         up.wait_delivered(1, secs(5));
         let requests = hook.requests();
@@ -1128,11 +1138,7 @@ fn mtls_presents_the_client_certificate() {
 fn a_renewed_client_certificate_is_presented_without_a_restart() {
     timed(60, || {
         let pki = Pki::new();
-        let hook = HookServer::builder()
-            .tls(&pki.server)
-            .client_ca(&pki.ca.cert_file)
-            .respond(|_| Behaviour::accept())
-            .start();
+        let hook = mtls_hook(&pki);
         let mounted = tempfile::tempdir().unwrap();
         let (cert, key) = (
             mounted.path().join("tls.crt"),
@@ -1141,17 +1147,7 @@ fn a_renewed_client_certificate_is_presented_without_a_restart() {
         std::fs::copy(&pki.client.cert, &cert).unwrap();
         std::fs::copy(&pki.client.key, &key).unwrap();
         let up = Upstream::start();
-        let p = hook_proxy(
-            &up,
-            &format!(
-                "{}{{ca_file={}, client_certificate={}, client_key={}}}",
-                hook.url("/"),
-                pki.ca.cert_file.display(),
-                cert.display(),
-                key.display()
-            ),
-        )
-        .start();
+        let p = mtls_proxy(&up, &hook, &pki, &cert, &key);
         assert_eq!(send(&p, "first").code, 250);
         assert_eq!(hook.requests()[0].client_cn.as_deref(), Some(CLIENT_CN));
         // Renewed: the certificate written before its key, as a non-atomic writer may.

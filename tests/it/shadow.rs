@@ -211,6 +211,25 @@ fn an_agreeing_shadow_counts_as_agreement() {
     });
 }
 
+/// A shadow hook that takes 3 s to accept, called `name` with this timeout, in front of
+/// `up`; the started proxy and its admin address.
+fn slow_shadow_hook(
+    up: &Upstream,
+    hook: &HookServer,
+    name: &str,
+    timeout: &str,
+) -> (Proxy, SocketAddr) {
+    let (b, admin) = with_admin(up);
+    let b = b.set(
+        "Hooks",
+        &format!(
+            "{}{{name={name}, shadow=yes, timeout={timeout}}}",
+            hook.url("/check")
+        ),
+    );
+    (started(b, &admin), admin)
+}
+
 /// A shadow slower than its timeout: the client has its 250 at once, the session's next
 /// command is answered at once too, and the verdict is `error`.
 #[test]
@@ -218,15 +237,7 @@ fn a_slow_shadow_delays_no_answer() {
     timed(60, || {
         let hook = HookServer::start(|_| Behaviour::delay(secs(3), Behaviour::accept()));
         let up = Upstream::start();
-        let (b, admin) = with_admin(&up);
-        let b = b.set(
-            "Hooks",
-            &format!(
-                "{}{{name=slow, shadow=yes, timeout=1s}}",
-                hook.url("/check")
-            ),
-        );
-        let p = started(b, &admin);
+        let (p, admin) = slow_shadow_hook(&up, &hook, "slow", "1s");
         let mut c = Client::open(p.addr());
         // Time the final reply alone: from the end of the content to the 250.
         assert_eq!(c.cmd("MAIL FROM:<alice@example.org>").code, 250);
@@ -260,15 +271,7 @@ fn a_shadow_holds_the_memory_of_its_copy_until_it_is_done() {
     timed(60, || {
         let hook = HookServer::start(|_| Behaviour::delay(secs(3), Behaviour::accept()));
         let up = Upstream::start();
-        let (b, admin) = with_admin(&up);
-        let b = b.set(
-            "Hooks",
-            &format!(
-                "{}{{name=late, shadow=yes, timeout=20s}}",
-                hook.url("/check")
-            ),
-        );
-        let p = started(b, &admin);
+        let (p, admin) = slow_shadow_hook(&up, &hook, "late", "20s");
         let mut c = Client::open(p.addr());
         assert_eq!(c.send_mail(&message("late", b"z\r\n")).code, 250);
         assert_eq!(c.cmd("QUIT").code, 221);
