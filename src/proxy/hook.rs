@@ -64,72 +64,69 @@ fn answer_limit(config: &HookConfig) -> usize {
     usize::try_from(limit.min(512 << 20)).unwrap_or(usize::MAX)
 }
 
-/// A bearer token in a file (a mounted Secret), read again when the file changes: checked
-/// at most once a second, so a rotated Secret takes effect within a second of the kubelet
-/// updating the volume.
-struct Token {
-    path: PathBuf,
-    state: Mutex<TokenState>,
+/// A value made from files (a mounted Secret), made again when one of them changes. The
+/// files' times are looked at most once per `every` (a stat of a few small local files:
+/// cheap enough for the async worker). A new value that cannot be made (an empty token, a
+/// certificate written before its key) leaves the last one in use and is said once per
+/// change: the next write to the files is tried again.
+struct FromFiles<T> {
+    /// What the value is made from, for the log: "token file", "TLS files".
+    what: &'static str,
+    files: Vec<PathBuf>,
+    every: Duration,
+    state: Mutex<FromFilesState<T>>,
 }
 
-struct TokenState {
+struct FromFilesState<T> {
     checked: Instant,
-    modified: Option<SystemTime>,
-    value: String,
+    stamps: Vec<Option<SystemTime>>,
+    value: T,
 }
 
-const TOKEN_CHECK: Duration = Duration::from_secs(1);
-
-fn read_token(path: &std::path::Path) -> std::io::Result<(Option<SystemTime>, String)> {
-    let modified = std::fs::metadata(path)?.modified().ok();
-    let value = std::fs::read_to_string(path)?.trim().to_string();
-    // A bearer token is printable ASCII without spaces (RFC 6750): an empty file (a Secret
-    // being rewritten) or a stray control character would be sent on every call.
-    if value.is_empty() {
-        return Err(std::io::Error::other("the file is empty"));
-    }
-    if !value.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(std::io::Error::other(
-            "a token is printable ASCII without spaces or control characters",
-        ));
-    }
-    Ok((modified, value))
+fn stamps(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
+    files
+        .iter()
+        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .collect()
 }
 
-impl Token {
-    fn load(path: PathBuf) -> Result<Token, String> {
-        let (modified, value) = read_token(&path)
-            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
-        Ok(Token {
-            path,
-            state: Mutex::new(TokenState {
+impl<T: Clone> FromFiles<T> {
+    fn load(
+        what: &'static str,
+        files: Vec<PathBuf>,
+        every: Duration,
+        make: impl FnOnce() -> Result<T, String>,
+    ) -> Result<FromFiles<T>, String> {
+        // The times first: a file changed while the value is made is seen at the next check.
+        let stamps = stamps(&files);
+        let value = make()?;
+        Ok(FromFiles {
+            what,
+            files,
+            every,
+            state: Mutex::new(FromFilesState {
                 checked: Instant::now(),
-                modified,
+                stamps,
                 value,
             }),
         })
     }
 
-    fn current(&self, hook: &str) -> String {
+    fn current(&self, hook: &str, make: impl FnOnce() -> Result<T, String>) -> T {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if state.checked.elapsed() >= TOKEN_CHECK {
+        if state.checked.elapsed() >= self.every {
             state.checked = Instant::now();
-            // A stat of a small local file: cheap enough for the async worker, once a second.
-            let modified = std::fs::metadata(&self.path)
-                .ok()
-                .and_then(|m| m.modified().ok());
-            if modified != state.modified {
-                // Said once per change of the file, not at every check.
-                state.modified = modified;
-                match read_token(&self.path) {
-                    Ok((modified, value)) => {
-                        tracing::info!("hook {hook}: token file {} re-read", self.path.display());
-                        state.modified = modified;
+            let now = stamps(&self.files);
+            if now != state.stamps {
+                state.stamps = now;
+                match make() {
+                    Ok(value) => {
+                        tracing::info!("hook {hook}: {} changed, read again", self.what);
                         state.value = value;
                     }
                     Err(e) => tracing::warn!(
-                        "hook {hook}: cannot use token file {} (the last token is kept): {e}",
-                        self.path.display()
+                        "hook {hook}: {} changed but cannot be used (the last are kept): {e}",
+                        self.what
                     ),
                 }
             }
@@ -138,35 +135,48 @@ impl Token {
     }
 }
 
+/// How often a token file is looked at: a rotated Secret takes effect within a second of
+/// the kubelet updating the volume.
+const TOKEN_CHECK: Duration = Duration::from_secs(1);
+
+/// How often an https hook's TLS files are looked at (as the listener's certificate is).
+const TLS_CHECK: Duration = Duration::from_secs(2);
+
+fn read_token(path: &std::path::Path) -> Result<String, String> {
+    let value = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?
+        .trim()
+        .to_string();
+    // A bearer token is printable ASCII without spaces (RFC 6750): an empty file (a Secret
+    // being rewritten) or a stray control character would be sent on every call.
+    if value.is_empty() {
+        return Err(format!("token file {} is empty", path.display()));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "token file {}: a token is printable ASCII without spaces or control characters",
+            path.display()
+        ));
+    }
+    Ok(value)
+}
+
 /// One configured hook: its settings, HTTP client and call slots.
 pub(crate) struct Hook {
     pub(crate) config: HookConfig,
     /// The URL, parsed once: parsing it per request (its host through IDNA) showed in
     /// profiles.
     url: reqwest::Url,
-    http: Mutex<HttpClient>,
-    /// The files the client's TLS is built from (CA, client certificate and key), for an
-    /// https hook: a renewed certificate takes effect without a restart.
-    tls_files: Vec<PathBuf>,
+    http: HttpClient,
     slots: Semaphore,
-    token: Option<Token>,
+    token: Option<FromFiles<String>>,
 }
 
-/// The HTTP client and the TLS files' modification times it was built from.
-struct HttpClient {
-    client: reqwest::Client,
-    checked: Instant,
-    stamps: Vec<Option<SystemTime>>,
-}
-
-/// How often an https hook's TLS files are looked at (as the listener's certificate is).
-const TLS_CHECK: Duration = Duration::from_secs(2);
-
-fn stamps(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
-    files
-        .iter()
-        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
-        .collect()
+/// The HTTP client: an https hook's is built again when its CA, certificate or key change,
+/// so a renewed certificate takes effect without a restart.
+enum HttpClient {
+    Fixed(reqwest::Client),
+    FromTlsFiles(FromFiles<reqwest::Client>),
 }
 
 fn build_client(config: &HookConfig, https: bool) -> Result<reqwest::Client, String> {
@@ -206,71 +216,49 @@ impl Hook {
         let url = reqwest::Url::parse(&config.url)
             .map_err(|e| format!("hook {name}: invalid URL {}: {e}", config.url))?;
         let https = url.scheme() == "https";
-        let tls_files: Vec<PathBuf> = if https {
-            [
-                &config.ca_file,
-                &config.client_certificate,
-                &config.client_key,
-            ]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect()
+        let tls_files: Vec<PathBuf> = [
+            &config.ca_file,
+            &config.client_certificate,
+            &config.client_key,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+        let http = if https && !tls_files.is_empty() {
+            HttpClient::FromTlsFiles(FromFiles::load("TLS files", tls_files, TLS_CHECK, || {
+                build_client(&config, true)
+            })?)
         } else {
-            Vec::new()
+            HttpClient::Fixed(build_client(&config, https)?)
         };
-        // The times first: a file changed while the client is built is seen at the next
-        // check.
-        let stamps = stamps(&tls_files);
-        let client = build_client(&config, https)?;
         let token = config
             .token_file
             .clone()
-            .map(Token::load)
+            .map(|path| {
+                FromFiles::load("token file", vec![path.clone()], TOKEN_CHECK, || {
+                    read_token(&path)
+                })
+            })
             .transpose()
             .map_err(|e| format!("hook {name}: {e}"))?;
         Ok(Hook {
             slots: Semaphore::new(config.concurrency),
             config,
             url,
-            http: Mutex::new(HttpClient {
-                client,
-                checked: Instant::now(),
-                stamps,
-            }),
-            tls_files,
+            http,
             token,
         })
     }
 
-    /// The HTTP client, built again when a TLS file has changed since the last check.
-    /// A client that cannot be built from the new files (a certificate written before its
-    /// key) leaves the last one in use, and the files are looked at again at the next
-    /// check.
+    /// The HTTP client; an https hook's as its TLS files now are.
     fn client(&self) -> reqwest::Client {
-        let mut http = self.http.lock().unwrap_or_else(PoisonError::into_inner);
-        if !self.tls_files.is_empty() && http.checked.elapsed() >= TLS_CHECK {
-            http.checked = Instant::now();
-            // A stat of a few small local files: cheap enough for the async worker.
-            let now = stamps(&self.tls_files);
-            if now != http.stamps {
-                match build_client(&self.config, true) {
-                    Ok(client) => {
-                        tracing::info!(
-                            "hook {}: TLS files changed, the HTTP client was built again",
-                            self.config.name
-                        );
-                        http.client = client;
-                        http.stamps = now;
-                    }
-                    Err(e) => tracing::warn!(
-                        "hook {}: TLS files changed but cannot be used (the last ones are kept): {e}",
-                        self.config.name
-                    ),
-                }
+        match &self.http {
+            HttpClient::Fixed(client) => client.clone(),
+            HttpClient::FromTlsFiles(client) => {
+                client.current(&self.config.name, || build_client(&self.config, true))
             }
         }
-        http.client.clone()
     }
 
     pub(crate) fn name(&self) -> &str {
@@ -319,7 +307,8 @@ impl Hook {
             .header(reqwest::header::ACCEPT, "application/json")
             .body(body);
         if let Some(token) = &self.token {
-            request = request.bearer_auth(token.current(&self.config.name));
+            let path = &token.files[0];
+            request = request.bearer_auth(token.current(&self.config.name, || read_token(path)));
         }
         let mut response = request.send().await.map_err(request_error)?;
         let status = response.status();
@@ -464,7 +453,7 @@ mod tests {
         ];
         for (content, expected) in cases {
             std::fs::write(&path, content).unwrap();
-            let read = read_token(&path).ok().map(|(_, v)| v);
+            let read = read_token(&path).ok();
             assert_eq!(read.as_deref(), expected, "{content:?}");
         }
     }
