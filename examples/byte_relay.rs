@@ -106,13 +106,13 @@ async fn copy_holding_dot(
 ) -> std::io::Result<()> {
     let mut buf = vec![0; 16 * 1024];
     // The last five bytes seen: the end of data can be split across reads.
-    let mut tail = Vec::with_capacity(5 + buf.len());
+    let mut tail = Vec::with_capacity(10);
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
             return to.shutdown().await;
         }
-        tail.extend_from_slice(&buf[..n]);
+        tail.extend_from_slice(&buf[n.saturating_sub(5)..n]);
         tail.drain(..tail.len().saturating_sub(5));
         if tail == b"\r\n.\r\n" {
             tokio::time::sleep(hold.next()).await;
