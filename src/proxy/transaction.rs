@@ -395,6 +395,7 @@ async fn filtered(
         };
         filtered_by_any = true;
         if let Stage::Answered = step {
+            current.remove().await;
             return Ok(());
         }
     }
@@ -413,6 +414,7 @@ async fn filtered(
         None => outcome.unfiltered(),
     };
     finished(conn, envelope, outcome);
+    current.remove().await;
     Ok(())
 }
 
@@ -426,6 +428,16 @@ struct Current {
     envelope: Option<Envelope>,
     /// How long the filter command took.
     filter_time: Option<Duration>,
+}
+
+impl Current {
+    /// Ends the message: its spool files are gone when this returns.
+    async fn remove(self) {
+        self.content.remove().await;
+        if let Some(output) = self.output {
+            output.remove().await;
+        }
+    }
 }
 
 /// Where the message stands after a stage of the live chain.

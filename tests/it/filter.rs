@@ -358,6 +358,39 @@ mv "$EMAIL.new" "$EMAIL"
     });
 }
 
+/// A transaction's spool files are removed before the session answers its next command, as
+/// the original's were: a file filter's $EMAIL, a pipe filter's input and output, whether
+/// the message was delivered or refused. No waiting here: NOOP's reply is the moment.
+#[test]
+fn spool_files_are_gone_before_the_next_command_is_answered() {
+    timed(60, || {
+        let up = Upstream::start();
+        for filter_type in ["file", "pipe"] {
+            for (filter, code) in [("cat", 250), ("echo '554 no' >&2; exit 1", 554)] {
+                let filter = match filter_type {
+                    "file" if code == 250 => "true",
+                    _ => filter,
+                };
+                let p = ProxyBuilder::new()
+                    .upstream(&up)
+                    .set("FilterCommand", filter)
+                    .set("FilterType", filter_type)
+                    .start();
+                let mut c = p.open();
+                for _ in 0..5 {
+                    assert_eq!(c.send_mail(&default_message()).code, code, "{filter_type}");
+                    assert_eq!(c.cmd("NOOP").code, 250);
+                    assert!(
+                        p.tmp_files().is_empty(),
+                        "{filter_type} filter, {code}: files left when NOOP was answered: {:?}",
+                        p.tmp_files()
+                    );
+                }
+            }
+        }
+    });
+}
+
 #[test]
 fn file_mode_environment() {
     timed(30, || {

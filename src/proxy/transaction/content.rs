@@ -105,6 +105,13 @@ impl Content {
         Ok(spool)
     }
 
+    /// Gives the message up, its spool file removed before this returns ([`Spool::remove`]).
+    pub(crate) async fn remove(self) {
+        if let Content::File(spool) = self {
+            spool.remove().await;
+        }
+    }
+
     pub(crate) fn source(&self) -> Source<'_> {
         match self {
             Content::Memory(held) => Source::Memory(held),

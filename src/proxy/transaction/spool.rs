@@ -73,6 +73,17 @@ impl Spool {
         self.file().path()
     }
 
+    /// Removes the file now, on the blocking pool, and waits until it is gone: a
+    /// transaction's files are gone before its session reads the next command, as the
+    /// original's were (a `Spool` merely dropped is removed a moment later).
+    pub(crate) async fn remove(mut self) {
+        if let Some(file) = self.0.take() {
+            let reader = self.1.take();
+            // Cancelled with the session, the removal still runs to its end.
+            let _ = blocking(move || drop((file, reader))).await;
+        }
+    }
+
     /// A [`Writer`] that appends to the file (its own descriptor of the open file).
     pub(crate) fn writer(&self) -> io::Result<Writer> {
         Ok(Writer::new(self.file().as_file().try_clone()?))
