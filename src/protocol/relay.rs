@@ -397,7 +397,8 @@ impl Relay {
 
     /// Turns the session's actions into steps.
     fn collect(&mut self) {
-        for action in self.session.take_actions() {
+        let mut actions = self.session.take_actions();
+        for action in actions.drain(..) {
             let step = match action {
                 Action::ToUpstream(bytes) => Step::ToUpstream(bytes),
                 Action::ToClient(bytes) => Step::ToClient(bytes),
@@ -413,6 +414,7 @@ impl Relay {
             };
             self.steps.push_back(step);
         }
+        self.session.return_actions(actions);
     }
 
     /// Ends the connection after the steps already queued: nothing more is taken in.
@@ -435,7 +437,7 @@ mod tests {
     fn relay_with(tls: TlsPolicy) -> (Relay, Instant) {
         let policy = Policy {
             filter_type: FilterType::Pipe,
-            filter_reject_reply: b"530 Email Rejected\r\n".to_vec(),
+            filter_reject_reply: Bytes::from_static(b"530 Email Rejected\r\n"),
             skip_authenticated: false,
             xclient: false,
             client_ip: None,

@@ -59,7 +59,7 @@ pub const REPLY_GREETING: &[u8] = b"220 smtp.passthru\r\n";
 pub struct Policy {
     pub filter_type: FilterType,
     /// The formatted FilterReject reply, with CRLF.
-    pub filter_reject_reply: Vec<u8>,
+    pub filter_reject_reply: Bytes,
     pub skip_authenticated: bool,
     pub xclient: bool,
     /// The client's address, for XCLIENT; `None` for unix-socket clients.
@@ -317,6 +317,15 @@ impl Session {
         std::mem::take(&mut self.actions)
     }
 
+    /// Hands back an emptied [`Session::take_actions`] vector, so that the next actions
+    /// reuse its allocation.
+    pub fn return_actions(&mut self, mut emptied: Vec<Action>) {
+        if self.actions.is_empty() {
+            emptied.clear();
+            self.actions = emptied;
+        }
+    }
+
     /// Holds each MAIL and RCPT for a check before it goes upstream
     /// ([`Action::CheckEnvelope`]); off by default.
     pub fn set_check_envelope(&mut self, on: bool) {
@@ -388,7 +397,7 @@ impl Session {
                 }
             }
             Verb::Data if reject_mode => {
-                let reply = Bytes::from(self.policy.filter_reject_reply.clone());
+                let reply = self.policy.filter_reject_reply.clone();
                 self.pending.push_back(Pending::Local(reply));
                 self.forward(Bytes::from_static(b"RSET\r\n"), Pending::Swallow);
                 self.actions.push(Action::PolicyReject);
@@ -403,7 +412,7 @@ impl Session {
                 self.pending.push_back(Pending::Data(mode));
             }
             Verb::Mail | Verb::Rcpt if reject_mode => {
-                let reply = Bytes::from(self.policy.filter_reject_reply.clone());
+                let reply = self.policy.filter_reject_reply.clone();
                 self.local_reply_bytes(reply);
                 self.reset_transaction();
             }
@@ -686,7 +695,7 @@ mod tests {
     fn policy() -> Policy {
         Policy {
             filter_type: FilterType::Pipe,
-            filter_reject_reply: b"530 Email Rejected\r\n".to_vec(),
+            filter_reject_reply: Bytes::from_static(b"530 Email Rejected\r\n"),
             skip_authenticated: false,
             xclient: false,
             client_ip: Some("127.0.0.1".parse().unwrap()),

@@ -22,6 +22,7 @@ use super::conn::{
 use super::io::{Rewound, Stream};
 use super::milter::MilterChain;
 use super::observe::{self, ConnectionId};
+use super::signal::FlagSet;
 use super::tls::{self, ClientTls, ServerTls, Tls, TlsInfo};
 use super::transaction;
 use super::upstream::{self, ClientInfo, TlsStep};
@@ -217,14 +218,13 @@ pub(crate) async fn serve(
     info: ClientInfo,
     mut received: BytesMut,
     id: ConnectionId,
-    mut shared: Shared,
+    shared: Shared,
 ) {
     let settings = shared.settings.borrow().clone();
-    let peer = info
-        .peer
-        .map(|p| p.ip().to_string())
-        .unwrap_or_else(|| "unix".into());
-    tracing::info!("{id}: accepted connection from: {peer}");
+    tracing::info!(
+        "{id}: accepted connection from: {}",
+        Peer(info.peer.map(|p| p.ip()))
+    );
 
     let mut client_tls = None;
     if info.implicit_tls {
@@ -316,10 +316,10 @@ pub(crate) async fn serve(
         deferred: None,
         close_after_reply: None,
     };
-    let mut hard_stop = shared.hard_stop.clone();
+    let hard_stop = FlagSet::new(&shared.hard_stop);
     let result = tokio::select! {
-        result = run(&mut conn, &mut shared) => result,
-        _ = hard_stop.wait_for(|stop| *stop) => Err(Fatal::Shutdown),
+        result = run(&mut conn, &shared) => result,
+        () = hard_stop => Err(Fatal::Shutdown),
     };
     match result {
         Ok(()) | Err(Fatal::Done) | Err(Fatal::ClientGone) => {}
@@ -392,10 +392,38 @@ fn milter_chain(settings: &Settings) -> Option<MilterChain> {
     Some(MilterChain::new(configs, settings.milter_protocol))
 }
 
+/// The client's address as logged, written only when the line is.
+struct Peer(Option<std::net::IpAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(ip) => ip.fmt(f),
+            None => f.write_str("unix"),
+        }
+    }
+}
+
+/// `FilterReject` as a reply, formatted once per value rather than for every session.
+fn filter_reject_reply(text: &str) -> Bytes {
+    static LAST: std::sync::Mutex<Option<(String, Bytes)>> = std::sync::Mutex::new(None);
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match &*last {
+        Some((formatted, reply)) if formatted == text => reply.clone(),
+        _ => {
+            let reply = Bytes::from(format_reply(text));
+            *last = Some((text.to_string(), reply.clone()));
+            reply
+        }
+    }
+}
+
 fn policy(settings: &Settings, info: &ClientInfo) -> Policy {
     Policy {
         filter_type: settings.filter_type,
-        filter_reject_reply: format_reply(&settings.filter_reject).into_bytes(),
+        filter_reject_reply: filter_reject_reply(&settings.filter_reject),
         skip_authenticated: settings.skip_authenticated,
         xclient: settings.xclient,
         client_ip: info.peer.map(|p| p.ip()),
@@ -412,7 +440,7 @@ fn tls_policy(settings: &Settings, tls: &Tls, implicit: bool) -> TlsPolicy {
 
 /// The command phase: pumps bytes between the sockets and the relay and carries out its
 /// steps until the connection ends.
-async fn run(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
+async fn run(conn: &mut Conn, shared: &Shared) -> Result<(), Fatal> {
     match conn.settings.upstream_tls {
         UpstreamTls::Off => {}
         _ => match Box::pin(conn.start_upstream_tls(&shared.tls.client))
@@ -424,11 +452,14 @@ async fn run(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
         },
     }
     let mut draining = false;
+    // One wait for the whole session (see [`FlagSet`]). A closed channel drains too.
+    let mut drain_starts = FlagSet::new(&shared.shutdown);
     loop {
         while let Some(step) = conn.relay.next_step(std::time::Instant::now()) {
             perform(conn, step, shared).await?;
         }
-        if !draining && *shared.shutdown.borrow() {
+        // The version first (an atomic load), the value (a lock) only once it moved.
+        if !draining && shared.shutdown.has_changed().unwrap_or(true) && *shared.shutdown.borrow() {
             draining = true;
             conn.relay.drain();
             continue;
@@ -454,11 +485,9 @@ async fn run(conn: &mut Conn, shared: &mut Shared) -> Result<(), Fatal> {
                 }
             }
             _ = tokio::time::sleep_until(deadline) => conn.relay.timed_out(),
-            changed = shared.shutdown.changed(), if !draining => {
-                if changed.is_err() || *shared.shutdown.borrow() {
-                    draining = true;
-                    conn.relay.drain();
-                }
+            () = &mut drain_starts, if !draining => {
+                draining = true;
+                conn.relay.drain();
             }
         }
     }

@@ -8,6 +8,7 @@ pub mod milter;
 pub mod observe;
 pub mod proxy_header;
 pub mod server;
+pub mod signal;
 pub mod sockopt;
 pub mod tls;
 pub mod transaction;

@@ -82,7 +82,9 @@ pub(crate) async fn run(conn: &mut Conn, envelope: &Envelope, mode: DataMode) ->
         }
         DataMode::Filter => {
             let mut shadows = None;
-            let result = filtered(conn, envelope, &mut shadows)
+            // Boxed: the filters' futures make this one many kilobytes, which the
+            // unfiltered path would otherwise be as large as, and copy, for every message.
+            let result = Box::pin(filtered(conn, envelope, &mut shadows))
                 .instrument(span.clone())
                 .await;
             conn.defer_message_log = false;
