@@ -27,6 +27,12 @@ pub(crate) const REPLY_UPSTREAM_PROTOCOL: &[u8] =
 
 pub(super) const READ_BUFFER: usize = 16 * 1024;
 
+/// Read room in the command phase, where a read brings a command line or a reply of a few
+/// hundred bytes: 16 KiB per side would be most of an idle session's memory (a message's
+/// body is read with [`READ_BUFFER`]), and a reply read into a buffer that large costs an
+/// allocation of its own each time.
+pub(super) const COMMAND_READ: usize = 2048;
+
 /// Why a connection ended early.
 #[derive(Debug)]
 pub(crate) enum Fatal {
@@ -297,7 +303,7 @@ impl Conn {
                 Ok(None) => {}
                 Err(e) => return Err(upstream_failure(stage, e)),
             }
-            self.relay.upstream_buf.reserve(READ_BUFFER);
+            self.relay.upstream_buf.reserve(COMMAND_READ);
             match tokio::time::timeout_at(
                 deadline,
                 self.upstream.read_buf(&mut self.relay.upstream_buf),

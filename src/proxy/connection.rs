@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::conn::{
-    protocol_error, upstream_failure, Conn, Fatal, REPLY_SHUTTING_DOWN, REPLY_TIMEOUT,
+    protocol_error, upstream_failure, Conn, Fatal, COMMAND_READ, REPLY_SHUTTING_DOWN, REPLY_TIMEOUT,
     REPLY_UPSTREAM_LOST, REPLY_UPSTREAM_PROTOCOL, REPLY_UPSTREAM_UNAVAILABLE,
 };
 use super::io::{Rewound, Stream};
@@ -493,13 +493,9 @@ async fn run(conn: &mut Conn, shared: &Shared) -> Result<(), Fatal> {
     }
 }
 
-/// Read room in the command phase, where a read brings a command line or a reply of a few
-/// hundred bytes: 16 KiB per side would be most of an idle session's memory (a message's
-/// body is read with `READ_BUFFER` elsewhere). A larger buffer left by a message is given
-/// back once it is empty; the space of lines already taken is reused when nothing holds
-/// them any more.
-const COMMAND_READ: usize = 2048;
-
+/// Read room for the command phase ([`COMMAND_READ`]). A larger buffer left by a message is
+/// given back once it is empty; the space of lines already taken is reused when nothing
+/// holds them any more.
 fn room_for_commands(buf: &mut BytesMut) {
     if buf.is_empty() && buf.capacity() > COMMAND_READ {
         *buf = BytesMut::new();

@@ -47,13 +47,30 @@ fn tcp(stream: TcpStream, addr: SocketAddr) -> io::Result<Upstream> {
 
 fn upstream_tcp(stream: TcpStream, addr: SocketAddr) -> Upstream {
     sockopt::prefer_delayed_acks(&stream);
-    let server = addr.ip().to_string();
+    let server = address_text(addr.ip());
     Upstream {
         stream: Stream::Tcp(stream),
         tls_name: server.clone(),
         server,
         received: bytes::BytesMut::new(),
     }
+}
+
+/// The upstream's address as text, formatted once per address rather than per session:
+/// it is nearly always the same one.
+fn address_text(ip: std::net::IpAddr) -> String {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(std::net::IpAddr, String)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((cached, text)) if *cached == ip => text.clone(),
+        _ => {
+            let text = ip.to_string();
+            *last = Some((ip, text.clone()));
+            text
+        }
+    })
 }
 
 /// Connects to `addr` with TCP_NODELAY set before the connect, in as few system calls as
@@ -220,6 +237,13 @@ pub(crate) fn after_starttls(mode: UpstreamTls, reply: &Reply) -> TlsStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_text_follows_the_address() {
+        for ip in ["127.0.0.1", "127.0.0.1", "::1", "10.0.0.2", "127.0.0.1"] {
+            assert_eq!(address_text(ip.parse().expect("an address")), ip);
+        }
+    }
 
     fn reply(text: &str) -> Reply {
         Reply::scripted(text)
