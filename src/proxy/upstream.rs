@@ -94,7 +94,8 @@ async fn connect_fast(addr: SocketAddr) -> io::Result<Upstream> {
     }
     let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
     stream.writable().await?;
-    let mut received = bytes::BytesMut::new();
+    // The session's upstream buffer from here on, so sized as the command phase reads.
+    let mut received = bytes::BytesMut::with_capacity(super::conn::COMMAND_READ);
     match stream.try_read_buf(&mut received) {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -107,14 +108,17 @@ async fn connect_fast(addr: SocketAddr) -> io::Result<Upstream> {
 
 /// Tries each address in turn.
 async fn connect_tcp(addrs: &[SocketAddr]) -> io::Result<Upstream> {
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
+    let mut last = None;
     for &addr in addrs {
         match connect_fast(addr).await {
             Ok(u) => return Ok(u),
-            Err(e) => last = e,
+            Err(e) => last = Some(e),
         }
     }
-    Err(last)
+    // Made only when needed: an io::Error with a text is three allocations.
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "no address to connect to")
+    }))
 }
 
 /// Connects upstream within `timeout`.
