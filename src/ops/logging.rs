@@ -106,12 +106,15 @@ where
 /// The text of an event: the message, then ` name=value` for each other field.
 fn event_text(event: &Event<'_>) -> String {
     let mut visitor = TextVisitor {
-        message: String::new(),
+        // Room for most lines at once, rather than growing through several sizes.
+        message: String::with_capacity(160),
         fields: String::new(),
         with_fields: event.metadata().target() != SUMMARY_TARGET,
     };
     event.record(&mut visitor);
-    visitor.message + &visitor.fields
+    let mut text = visitor.message;
+    text.push_str(&visitor.fields);
+    text
 }
 
 struct TextVisitor {
@@ -147,7 +150,10 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        writeln!(writer, "proxsmtpd: {}", event_text(event))
+        let text = event_text(event);
+        writer.write_str("proxsmtpd: ")?;
+        writer.write_str(&text)?;
+        writer.write_char('\n')
     }
 }
 

@@ -16,8 +16,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::conn::{
-    protocol_error, upstream_failure, Conn, Fatal, COMMAND_READ, REPLY_SHUTTING_DOWN, REPLY_TIMEOUT,
-    REPLY_UPSTREAM_LOST, REPLY_UPSTREAM_PROTOCOL, REPLY_UPSTREAM_UNAVAILABLE,
+    protocol_error, upstream_failure, Conn, Fatal, COMMAND_READ, REPLY_SHUTTING_DOWN,
+    REPLY_TIMEOUT, REPLY_UPSTREAM_LOST, REPLY_UPSTREAM_PROTOCOL, REPLY_UPSTREAM_UNAVAILABLE,
 };
 use super::io::{Rewound, Stream};
 use super::milter::MilterChain;
@@ -454,6 +454,10 @@ async fn run(conn: &mut Conn, shared: &Shared) -> Result<(), Fatal> {
     let mut draining = false;
     // One wait for the whole session (see [`FlagSet`]). A closed channel drains too.
     let mut drain_starts = FlagSet::new(&shared.shutdown);
+    // One timer for the session, moved to each exchange's deadline: a new timer per
+    // exchange would be entered into and taken out of the runtime's shared wheel each time.
+    let timer = tokio::time::sleep_until(Instant::from_std(conn.relay.wants().deadline));
+    tokio::pin!(timer);
     loop {
         while let Some(step) = conn.relay.next_step(std::time::Instant::now()) {
             perform(conn, step, shared).await?;
@@ -466,6 +470,9 @@ async fn run(conn: &mut Conn, shared: &Shared) -> Result<(), Fatal> {
         }
         let wants = conn.relay.wants();
         let deadline = Instant::from_std(wants.deadline);
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
         let Relay {
             client_buf,
             upstream_buf,
@@ -484,7 +491,7 @@ async fn run(conn: &mut Conn, shared: &Shared) -> Result<(), Fatal> {
                     conn.relay.upstream_closed();
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => conn.relay.timed_out(),
+            () = &mut timer => conn.relay.timed_out(),
             () = &mut drain_starts, if !draining => {
                 draining = true;
                 conn.relay.drain();

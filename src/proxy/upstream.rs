@@ -116,9 +116,7 @@ async fn connect_tcp(addrs: &[SocketAddr]) -> io::Result<Upstream> {
         }
     }
     // Made only when needed: an io::Error with a text is three allocations.
-    Err(last.unwrap_or_else(|| {
-        io::Error::new(io::ErrorKind::NotFound, "no address to connect to")
-    }))
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address to connect to")))
 }
 
 /// Connects upstream within `timeout`.
