@@ -275,7 +275,9 @@ pub(crate) async fn run(
             async move {
                 let metrics = crate::ops::metrics::global();
                 metrics.connection_opened();
-                connection::serve(stream, info, received, id, shared).await;
+                // Boxed: the task's future is moved several times on its way into the
+                // runtime, and the session's state is kilobytes.
+                Box::pin(connection::serve(stream, info, received, id, shared)).await;
                 metrics.connection_closed();
                 drop(permit);
             }
