@@ -25,13 +25,7 @@ pub(crate) const REPLY_SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down\
 pub(crate) const REPLY_UPSTREAM_PROTOCOL: &[u8] =
     b"421 4.5.0 Upstream protocol error, closing connection\r\n";
 
-pub(super) const READ_BUFFER: usize = 16 * 1024;
-
-/// Read room in the command phase, where a read brings a command line or a reply of a few
-/// hundred bytes: 16 KiB per side would be most of an idle session's memory (a message's
-/// body is read with [`READ_BUFFER`]), and a reply read into a buffer that large costs an
-/// allocation of its own each time.
-pub(super) const COMMAND_READ: usize = 2048;
+pub(super) use super::io::{COMMAND_READ, READ_BUFFER};
 
 /// Why a connection ended early.
 #[derive(Debug)]

@@ -8,6 +8,15 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+/// Read room for a message's body.
+pub(crate) const READ_BUFFER: usize = 16 * 1024;
+
+/// Read room in the command phase, where a read brings a command line or a reply of a few
+/// hundred bytes: 16 KiB per side would be most of an idle session's memory (a message's
+/// body is read with [`READ_BUFFER`]), and a reply read into a buffer that large costs an
+/// allocation of its own each time.
+pub(crate) const COMMAND_READ: usize = 2048;
+
 pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),

@@ -95,7 +95,7 @@ async fn connect_fast(addr: SocketAddr) -> io::Result<Upstream> {
     let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
     stream.writable().await?;
     // The session's upstream buffer from here on, so sized as the command phase reads.
-    let mut received = bytes::BytesMut::with_capacity(super::conn::COMMAND_READ);
+    let mut received = bytes::BytesMut::with_capacity(super::io::COMMAND_READ);
     match stream.try_read_buf(&mut received) {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
