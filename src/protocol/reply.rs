@@ -20,6 +20,15 @@ impl Reply {
         self.lines.concat()
     }
 
+    /// The reply as sent, sharing the line's bytes when it has one line (most replies):
+    /// no copy and no allocation.
+    pub fn bytes(&self) -> Bytes {
+        match self.lines.as_slice() {
+            [line] => line.clone(),
+            lines => Bytes::from(lines.concat()),
+        }
+    }
+
     /// A one-line reply of the proxy's own.
     pub fn local(code: u16, text: &str) -> Reply {
         Reply {
@@ -126,6 +135,10 @@ mod tests {
         assert_eq!(r[0].code, 250);
         assert_eq!(r[0].lines.len(), 3);
         assert_eq!(r[1].code, 354);
+        // As sent, whatever the number of lines.
+        assert_eq!(&r[0].bytes()[..], b"250-a\r\n250-b\r\n250 c\r\n");
+        assert_eq!(&r[1].bytes()[..], b"354 go\r\n");
+        assert_eq!(r[0].bytes(), r[0].raw());
     }
 
     #[test]

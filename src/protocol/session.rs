@@ -478,7 +478,7 @@ impl Session {
             Some(index) if self.awaiting_reply => index,
             _ if reply.code == 421 => {
                 // A server may announce its closing at any time: the client should see it.
-                self.reply_to_client(Bytes::from(reply.raw()));
+                self.reply_to_client(reply.bytes());
                 return;
             }
             _ => {
@@ -497,7 +497,7 @@ impl Session {
                 if reply.code == 220 {
                     self.reply_to_client(Bytes::from(ehlo::rewrite_greeting(&reply)));
                 } else {
-                    self.reply_to_client(Bytes::from(reply.raw()));
+                    self.reply_to_client(reply.bytes());
                 }
             }
             Pending::Helo { ehlo, line } => {
@@ -510,20 +510,20 @@ impl Session {
                     self.reset_transaction();
                     self.reply_to_client(Bytes::from(filtered.client_reply));
                 } else {
-                    self.reply_to_client(Bytes::from(reply.raw()));
+                    self.reply_to_client(reply.bytes());
                 }
             }
             Pending::Mail(addr) => {
                 if positive {
                     self.envelope.sender = Some(addr);
                 }
-                self.reply_to_client(Bytes::from(reply.raw()));
+                self.reply_to_client(reply.bytes());
             }
             Pending::Rcpt(addr) => {
                 if positive {
                     self.envelope.recipients.push(addr);
                 }
-                self.reply_to_client(Bytes::from(reply.raw()));
+                self.reply_to_client(reply.bytes());
             }
             Pending::Xforward { addr, helo } => {
                 if positive {
@@ -534,13 +534,13 @@ impl Session {
                         self.envelope.remote_helo = helo;
                     }
                 }
-                self.reply_to_client(Bytes::from(reply.raw()));
+                self.reply_to_client(reply.bytes());
             }
             Pending::Rset => {
                 if positive {
                     self.reset_transaction();
                 }
-                self.reply_to_client(Bytes::from(reply.raw()));
+                self.reply_to_client(reply.bytes());
             }
             Pending::Auth => {
                 match reply.code {
@@ -551,9 +551,9 @@ impl Session {
                     }
                     _ => {}
                 }
-                self.reply_to_client(Bytes::from(reply.raw()));
+                self.reply_to_client(reply.bytes());
             }
-            Pending::Relay => self.reply_to_client(Bytes::from(reply.raw())),
+            Pending::Relay => self.reply_to_client(reply.bytes()),
             Pending::Xclient => {
                 match (positive, self.last_helo.clone()) {
                     (true, Some(helo)) => {

@@ -1110,7 +1110,7 @@ fn header_placement(conn: &Conn) -> HeaderPlacement {
 /// The upstream's answer to the message goes to the client. The outcome is the upstream's
 /// even when the client is gone by then; the relay loop notices the closed client next.
 async fn send_final_reply(conn: &mut Conn, reply: &crate::protocol::reply::Reply) {
-    if conn.send_client(&reply.raw()).await.is_err() {
+    if conn.send_client(&reply.bytes()).await.is_err() {
         set_client_closed(conn);
     }
 }
@@ -1397,7 +1397,7 @@ async fn forward(conn: &mut Conn, upstream: &mut UpstreamData, out: &[u8]) {
 async fn passthrough(conn: &mut Conn, envelope: &Envelope) -> Result<(), Fatal> {
     let started = Instant::now();
     let reply = conn.command(b"DATA\r\n", UpstreamStage::Data).await?;
-    conn.send_client(&reply.raw()).await?;
+    conn.send_client(&reply.bytes()).await?;
     if reply.code != 354 {
         tracing::debug!("{}: server refused data transfer", conn.id);
         return Ok(());
