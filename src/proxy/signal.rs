@@ -27,10 +27,13 @@ impl FlagSet {
         let mut receiver = flag.clone();
         FlagSet {
             probe: flag.clone(),
-            wait: Box::pin(async move {
+            // Outside the task's budget: a wait polled once the budget is spent would return
+            // Pending without registering, and the shortcut in `poll` would then never
+            // poll it again.
+            wait: Box::pin(tokio::task::unconstrained(async move {
                 // An error is a sender gone: the server is ending, as when the flag is set.
                 let _ = receiver.wait_for(|set| *set).await;
-            }),
+            })),
             registered: None,
         }
     }
@@ -99,6 +102,35 @@ mod tests {
             .await
             .expect("woken when set")
             .expect("task");
+    }
+
+    /// A busy session can spend its task's budget before the flag's first poll.
+    #[tokio::test]
+    async fn a_wait_first_polled_with_the_task_budget_spent_is_still_woken() {
+        let (tx, rx) = watch::channel(false);
+        let (busy_tx, mut busy) = tokio::sync::mpsc::channel::<()>(1024);
+        while busy_tx.try_send(()).is_ok() {}
+        let mut flag = FlagSet::new(&rx);
+        let waiter = tokio::spawn(async move {
+            let mut spent = false;
+            std::future::poll_fn(|cx| {
+                if !spent {
+                    // Taking messages until the budget says Pending.
+                    while busy.poll_recv(cx).is_ready() {}
+                    spent = true;
+                }
+                Pin::new(&mut flag).poll(cx)
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "resolved before the flag was set");
+        tx.send(true).expect("receivers");
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("woken when set")
+            .expect("task");
+        drop(busy_tx);
     }
 
     #[tokio::test]

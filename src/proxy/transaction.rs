@@ -357,6 +357,15 @@ async fn filtered(
     if nul_bytes > 0 {
         refuse_nul(conn, envelope, size, started).await?;
         conn.command(b"RSET\r\n", UpstreamStage::Command).await?;
+        if let Ok(content) = content {
+            let refused = Current {
+                content,
+                output,
+                envelope: None,
+                filter_time: None,
+            };
+            spool_removed(conn, refused.remove()).await;
+        }
         return Ok(());
     }
     let content = match content {
@@ -397,7 +406,7 @@ async fn filtered(
         };
         filtered_by_any = true;
         if let Stage::Answered = step {
-            current.remove().await;
+            spool_removed(conn, current.remove()).await;
             return Ok(());
         }
     }
@@ -416,8 +425,23 @@ async fn filtered(
         None => outcome.unfiltered(),
     };
     finished(conn, envelope, outcome);
-    current.remove().await;
+    spool_removed(conn, current.remove()).await;
     Ok(())
+}
+
+/// Waits for a message's spool files to be removed, as the original removed them before it
+/// read the next command, but at most TimeOut: a stalled TempDirectory then holds up this
+/// session for that long, not for good, and the removal goes on on the blocking pool.
+async fn spool_removed(conn: &Conn, removal: impl std::future::Future<Output = ()>) {
+    if tokio::time::timeout(conn.settings.timeout, removal)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "{}: removing the message's spool files is taking longer than TimeOut",
+            conn.id
+        );
+    }
 }
 
 /// The message as the live filters leave it, stage by stage.
@@ -547,7 +571,8 @@ async fn command_stage(
             // A pipe filter's output is the message from now on; the next stage that
             // pipes gets a new output file.
             if let Some(out) = current.output.take() {
-                current.content = Content::File(out);
+                let input = std::mem::replace(&mut current.content, Content::File(out));
+                spool_removed(conn, input.remove()).await;
             }
             Ok(Stage::Go)
         }
@@ -748,7 +773,8 @@ async fn network_stage(
     }
     if let Some(content) = changes.content {
         // A pipe filter later reads the new content through a descriptor of its own.
-        current.content = content;
+        let replaced = std::mem::replace(&mut current.content, content);
+        spool_removed(conn, replaced.remove()).await;
     }
     Ok(Stage::Go)
 }
