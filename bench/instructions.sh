@@ -82,25 +82,16 @@ WORK=$(mktemp -d /tmp/proxsmtpd-instructions.XXXXXX) || exit 2
 [ -n "$OUT" ] || OUT=$WORK/out
 mkdir -p "$WORK/spool" "$OUT" || exit 2
 SINK_PID="" PROXY_PID=""
-stop_pid() { # stop one process we started, by its PID only
-  local pid=$1
-  [ -n "$pid" ] || return 0
-  kill -TERM "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null; return 0; }
-  for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null
-  return 0
-}
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 # shellcheck disable=SC2317,SC2329  # called by the EXIT trap
 cleanup() {
-  stop_pid "$PROXY_PID"; stop_pid "$SINK_PID"
+  stop_pid "$PROXY_PID" TERM 200; stop_pid "$SINK_PID"
   [ "$OUT" = "$WORK/out" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-# shellcheck source=bench/lib.sh
-. "$(dirname "$0")/lib.sh"
 PPORT=${BENCH_PORT:-24725}
 for _ in $(seq 30); do
   listening "$PPORT" || listening $((PPORT + 1)) || break
@@ -128,7 +119,7 @@ start_proxy() { # setup outfile -> PROXY_PID, or returns 1
   PROXY_PID=$!
   if ! wait_listen "$PPORT" "$PROXY_PID"; then
     echo "instructions.sh: $1 did not listen on $PPORT:" >&2; tail -5 "$log" >&2
-    stop_pid "$PROXY_PID"; PROXY_PID=""
+    stop_pid "$PROXY_PID" TERM 200; PROXY_PID=""
     return 1
   fi
 }
@@ -176,7 +167,7 @@ for conc in $CONCS; do
     else
       STATUS=1
     fi
-    stop_pid "$PROXY_PID"; PROXY_PID=""
+    stop_pid "$PROXY_PID" TERM 200; PROXY_PID=""
   done
 done
 

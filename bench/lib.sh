@@ -1,10 +1,21 @@
 # bench/lib.sh: what bench/run.sh and bench/syscalls.sh share (sourced by both):
-# waiting for a listener, the smtp-sink upstream, and haproxy's configuration.
+# waiting for a listener, stopping what they started, the smtp-sink upstream, and
+# haproxy's configuration.
 # Expects HOST, SINK, WORK, SPORT and PPORT to be set; LISTEN_WAIT (times
 # 0.05 s) defaults to 200.
 # shellcheck shell=bash
 
 listening() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
+
+stop_pid() { # pid [signal] [tenths of a second]: stop one process we started, by its PID only
+  local pid=$1 sig=${2:-TERM} wait_tenths=${3:-100}
+  [ -n "$pid" ] || return 0
+  kill "-$sig" "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null; return 0; }
+  for _ in $(seq "$wait_tenths"); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+  return 0
+}
 
 wait_listen() { # port pid: wait until pid listens on port
   for _ in $(seq "${LISTEN_WAIT:-200}"); do

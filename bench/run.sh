@@ -297,15 +297,8 @@ if has_hook; then cp "$NULL_HOOK" "$WORK/null_hook" || exit 2; fi
 HOOK_PID="" HOOK_DELAY=""
 SINK_PID="" PROXY_PID="" CHILD_PID="" PERF_PID="" MILTER_PID="" RSPAMD_PID=""
 
-stop_pid() { # stop one process we started, by its PID only
-  local pid=$1
-  [ -n "$pid" ] || return 0
-  kill -TERM "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null; return 0; }
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null
-  return 0
-}
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 # shellcheck disable=SC2317,SC2329  # called by the EXIT trap
 cleanup() {
   stop_pid "$CHILD_PID"; stop_pid "$PERF_PID"; stop_pid "$PROXY_PID"; stop_pid "$SINK_PID"
@@ -334,8 +327,6 @@ if [ "$FD_SESSIONS" -lt "$MOST_SESSIONS" ]; then
   echo "run.sh: warning: open-file limit $(ulimit -n) holds $FD_SESSIONS sessions through a proxy, not $MOST_SESSIONS" >&2
 fi
 
-# shellcheck source=bench/lib.sh
-. "$(dirname "$0")/lib.sh"
 PPORT=${BENCH_PORT:-24525}
 # Five ports: the proxy, the sink, the null milter, rspamd's normal worker
 # (rspamc's) and its milter worker.

@@ -93,15 +93,8 @@ fi
 WORK=$(mktemp -d /tmp/proxsmtpd-syscalls.XXXXXX) || exit 2
 mkdir -p "$WORK/spool" "$OUT" || exit 2
 SINK_PID="" PROXY_PID="" TRACER_PID="" CHILD_PID=""
-stop_pid() { # stop one process we started, by its PID only
-  local pid=$1 sig=${2:-TERM}
-  [ -n "$pid" ] || return 0
-  kill "-$sig" "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null; return 0; }
-  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null
-  return 0
-}
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 # shellcheck disable=SC2317,SC2329  # called by the EXIT trap
 cleanup() {
   stop_pid "$CHILD_PID"; stop_pid "$TRACER_PID" INT; stop_pid "$PROXY_PID"; stop_pid "$SINK_PID"
@@ -113,8 +106,6 @@ trap 'exit 130' INT TERM HUP
 hard=$(ulimit -Hn)
 if [ "$hard" = unlimited ] || [ "$hard" -ge 65536 ]; then ulimit -n 65536; else ulimit -n "$hard"; fi
 
-# shellcheck source=bench/lib.sh
-. "$(dirname "$0")/lib.sh"
 PPORT=${BENCH_PORT:-24625}
 for _ in $(seq 30); do
   listening "$PPORT" || listening $((PPORT + 1)) || break
