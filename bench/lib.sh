@@ -7,6 +7,38 @@
 
 listening() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
 
+usage() { # [status]: the calling script's header comment, as its help
+  sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"
+}
+
+# The options of the scripts that count per message (syscalls.sh, instructions.sh):
+# sets MSGS, CONCS and SETUPS (space-separated), OUT and OURS from the arguments and
+# exits 2 on a bad one. KNOWN_SETUPS lists the setups the script has.
+# shellcheck disable=SC2034  # the settings are the calling script's
+counting_options() {
+  local me=${0##*/} c s
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --msgs) MSGS=${2:?--msgs needs a number}; shift ;;
+      --conc) CONCS=${2:?--conc needs a list}; shift ;;
+      --setups) SETUPS=${2:?--setups needs a list}; shift ;;
+      --out) OUT=${2:?--out needs a directory}; shift ;;
+      -h|--help) usage 0 ;;
+      -*) echo "$me: unknown option $1" >&2; usage 2 ;;
+      *) OURS=$1 ;;
+    esac
+    shift
+  done
+  case $MSGS in [1-9]|[1-9]*[0-9]) ;; *) echo "$me: --msgs must be a positive integer" >&2; exit 2 ;; esac
+  CONCS=${CONCS//,/ } SETUPS=${SETUPS//,/ }
+  for c in $CONCS; do
+    case $c in [1-9]|[1-9]*[0-9]) ;; *) echo "$me: bad concurrency $c" >&2; exit 2 ;; esac
+  done
+  for s in $SETUPS; do
+    case " $KNOWN_SETUPS " in *" $s "*) ;; *) echo "$me: unknown setup $s" >&2; exit 2 ;; esac
+  done
+}
+
 stop_pid() { # pid [signal] [tenths of a second]: stop one process we started, by its PID only
   local pid=$1 sig=${2:-TERM} wait_tenths=${3:-100}
   [ -n "$pid" ] || return 0

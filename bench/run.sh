@@ -95,7 +95,8 @@ RELAY=$ROOT/target/release/examples/byte_relay
 MILTER=$ROOT/target/release/examples/null_milter
 NULL_HOOK=$ROOT/target/release/examples/null_hook
 
-usage() { sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 while [ $# -gt 0 ]; do
   case $1 in
@@ -297,8 +298,6 @@ if has_hook; then cp "$NULL_HOOK" "$WORK/null_hook" || exit 2; fi
 HOOK_PID="" HOOK_DELAY=""
 SINK_PID="" PROXY_PID="" CHILD_PID="" PERF_PID="" MILTER_PID="" RSPAMD_PID=""
 
-# shellcheck source=bench/lib.sh
-. "$(dirname "$0")/lib.sh"
 # shellcheck disable=SC2317,SC2329  # called by the EXIT trap
 cleanup() {
   stop_pid "$CHILD_PID"; stop_pid "$PERF_PID"; stop_pid "$PROXY_PID"; stop_pid "$SINK_PID"

@@ -51,27 +51,10 @@ RELAY=$ROOT/target/release/examples/byte_relay
 MSGS=2000 CONCS="1,32" SETUPS="ours,haproxy1,haproxy2,relay" OUT=$HERE/results
 SIZE=1024
 
-usage() { sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
-while [ $# -gt 0 ]; do
-  case $1 in
-    --msgs) MSGS=${2:?--msgs needs a number}; shift ;;
-    --conc) CONCS=${2:?--conc needs a list}; shift ;;
-    --setups) SETUPS=${2:?--setups needs a list}; shift ;;
-    --out) OUT=${2:?--out needs a directory}; shift ;;
-    -h|--help) usage 0 ;;
-    -*) echo "syscalls.sh: unknown option $1" >&2; usage 2 ;;
-    *) OURS=$1 ;;
-  esac
-  shift
-done
-case $MSGS in [1-9]|[1-9]*[0-9]) ;; *) echo "syscalls.sh: --msgs must be a positive integer" >&2; exit 2 ;; esac
-CONCS=${CONCS//,/ } SETUPS=${SETUPS//,/ }
-for c in $CONCS; do
-  case $c in [1-9]|[1-9]*[0-9]) ;; *) echo "syscalls.sh: bad concurrency $c" >&2; exit 2 ;; esac
-done
-for s in $SETUPS; do
-  case $s in ours|haproxy1|haproxy2|relay) ;; *) echo "syscalls.sh: unknown setup $s" >&2; exit 2 ;; esac
-done
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+KNOWN_SETUPS="ours haproxy1 haproxy2 relay"
+counting_options "$@"
 
 missing=()
 command -v strace >/dev/null || missing+=("strace (apt-get install strace)")
@@ -93,8 +76,6 @@ fi
 WORK=$(mktemp -d /tmp/proxsmtpd-syscalls.XXXXXX) || exit 2
 mkdir -p "$WORK/spool" "$OUT" || exit 2
 SINK_PID="" PROXY_PID="" TRACER_PID="" CHILD_PID=""
-# shellcheck source=bench/lib.sh
-. "$(dirname "$0")/lib.sh"
 # shellcheck disable=SC2317,SC2329  # called by the EXIT trap
 cleanup() {
   stop_pid "$CHILD_PID"; stop_pid "$TRACER_PID" INT; stop_pid "$PROXY_PID"; stop_pid "$SINK_PID"
