@@ -31,7 +31,7 @@ fn policy(byte: u8) -> Policy {
             1 => FilterType::File,
             _ => FilterType::Reject,
         },
-        filter_reject_reply: b"530 Email Rejected\r\n".to_vec(),
+        filter_reject_reply: bytes::Bytes::from_static(b"530 Email Rejected\r\n"),
         skip_authenticated: byte & 0x04 != 0,
         xclient: byte & 0x08 != 0,
         client_ip: match (byte >> 4) & 3 {
