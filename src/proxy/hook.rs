@@ -11,10 +11,11 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
+use crate::config::file_watch::Watcher;
 use crate::config::hook::{HookConfig, HookStage};
 use crate::config::Settings;
 use crate::protocol::hook::answer::{self, Answer};
@@ -64,30 +65,24 @@ fn answer_limit(config: &HookConfig) -> usize {
     usize::try_from(limit.min(512 << 20)).unwrap_or(usize::MAX)
 }
 
-/// A value made from files (a mounted Secret), made again when one of them changes. The
-/// files' times are looked at most once per `every` (a stat of a few small local files:
+/// A value made from files (a mounted Secret), made again when one of them changes, as
+/// [`Watcher`] tells a change (a new inode from a Secret's symlink swap, a new size or
+/// time). The files are looked at most once per `every` (a stat of a few small local files:
 /// cheap enough for the async worker). A new value that cannot be made (an empty token, a
 /// certificate written before its key) leaves the last one in use and is said once per
 /// change: the next write to the files is tried again.
 struct FromFiles<T> {
     /// What the value is made from, for the log: "token file", "TLS files".
     what: &'static str,
-    files: Vec<PathBuf>,
     every: Duration,
+    make: Box<dyn Fn() -> Result<T, String> + Send + Sync>,
     state: Mutex<FromFilesState<T>>,
 }
 
 struct FromFilesState<T> {
     checked: Instant,
-    stamps: Vec<Option<SystemTime>>,
+    files: Watcher,
     value: T,
-}
-
-fn stamps(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
-    files
-        .iter()
-        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
-        .collect()
 }
 
 impl<T: Clone> FromFiles<T> {
@@ -95,31 +90,29 @@ impl<T: Clone> FromFiles<T> {
         what: &'static str,
         files: Vec<PathBuf>,
         every: Duration,
-        make: impl FnOnce() -> Result<T, String>,
+        make: impl Fn() -> Result<T, String> + Send + Sync + 'static,
     ) -> Result<FromFiles<T>, String> {
-        // The times first: a file changed while the value is made is seen at the next check.
-        let stamps = stamps(&files);
+        // The files first: one changed while the value is made is seen at the next check.
+        let files = Watcher::new(files);
         let value = make()?;
         Ok(FromFiles {
             what,
-            files,
             every,
+            make: Box::new(make),
             state: Mutex::new(FromFilesState {
                 checked: Instant::now(),
-                stamps,
+                files,
                 value,
             }),
         })
     }
 
-    fn current(&self, hook: &str, make: impl FnOnce() -> Result<T, String>) -> T {
+    fn current(&self, hook: &str) -> T {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.checked.elapsed() >= self.every {
             state.checked = Instant::now();
-            let now = stamps(&self.files);
-            if now != state.stamps {
-                state.stamps = now;
-                match make() {
+            if state.files.changed() {
+                match (self.make)() {
                     Ok(value) => {
                         tracing::info!("hook {hook}: {} changed, read again", self.what);
                         state.value = value;
@@ -226,9 +219,13 @@ impl Hook {
         .cloned()
         .collect();
         let http = if https && !tls_files.is_empty() {
-            HttpClient::FromTlsFiles(FromFiles::load("TLS files", tls_files, TLS_CHECK, || {
-                build_client(&config, true)
-            })?)
+            let tls_config = config.clone();
+            HttpClient::FromTlsFiles(FromFiles::load(
+                "TLS files",
+                tls_files,
+                TLS_CHECK,
+                move || build_client(&tls_config, true),
+            )?)
         } else {
             HttpClient::Fixed(build_client(&config, https)?)
         };
@@ -236,7 +233,7 @@ impl Hook {
             .token_file
             .clone()
             .map(|path| {
-                FromFiles::load("token file", vec![path.clone()], TOKEN_CHECK, || {
+                FromFiles::load("token file", vec![path.clone()], TOKEN_CHECK, move || {
                     read_token(&path)
                 })
             })
@@ -255,9 +252,7 @@ impl Hook {
     fn client(&self) -> reqwest::Client {
         match &self.http {
             HttpClient::Fixed(client) => client.clone(),
-            HttpClient::FromTlsFiles(client) => {
-                client.current(&self.config.name, || build_client(&self.config, true))
-            }
+            HttpClient::FromTlsFiles(client) => client.current(&self.config.name),
         }
     }
 
@@ -307,8 +302,7 @@ impl Hook {
             .header(reqwest::header::ACCEPT, "application/json")
             .body(body);
         if let Some(token) = &self.token {
-            let path = &token.files[0];
-            request = request.bearer_auth(token.current(&self.config.name, || read_token(path)));
+            request = request.bearer_auth(token.current(&self.config.name));
         }
         let mut response = request.send().await.map_err(request_error)?;
         let status = response.status();
