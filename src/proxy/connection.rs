@@ -462,8 +462,8 @@ async fn run(conn: &mut Conn, shared: &Shared) -> Result<(), Fatal> {
         while let Some(step) = conn.relay.next_step(std::time::Instant::now()) {
             perform(conn, step, shared).await?;
         }
-        // The version first (an atomic load), the value (a lock) only once it moved.
-        if !draining && shared.shutdown.has_changed().unwrap_or(true) && *shared.shutdown.borrow() {
+        // Before any more reading: a drain set meanwhile comes first.
+        if !draining && drain_starts.is_set() {
             draining = true;
             conn.relay.drain();
             continue;

@@ -39,6 +39,14 @@ impl FlagSet {
     }
 }
 
+impl FlagSet {
+    /// Whether the flag is set now, without waiting: the channel's version first (an atomic
+    /// load), its value (a lock) only once the version moved.
+    pub(crate) fn is_set(&self) -> bool {
+        self.probe.has_changed().unwrap_or(true) && *self.probe.borrow()
+    }
+}
+
 impl Future for FlagSet {
     type Output = ();
 
@@ -80,6 +88,7 @@ mod tests {
     async fn wakes_a_waiting_task_when_set_and_not_before() {
         let (tx, rx) = watch::channel(false);
         let mut flag = FlagSet::new(&rx);
+        assert!(!flag.is_set());
         // Polled many times while nothing changes, as in a busy session.
         for _ in 0..10 {
             assert!(
@@ -94,10 +103,13 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_millis(20), &mut flag)
             .await
             .is_err());
+        assert!(!flag.is_set(), "changed, but not set");
+        let probe = FlagSet::new(&rx);
         let waiter = tokio::spawn(flag);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
         tx.send(true).expect("receivers");
+        assert!(probe.is_set());
         tokio::time::timeout(Duration::from_secs(1), waiter)
             .await
             .expect("woken when set")
