@@ -360,7 +360,8 @@ mv "$EMAIL.new" "$EMAIL"
 
 /// A transaction's spool files are removed before the session answers its next command, as
 /// the original's were: a file filter's $EMAIL, a pipe filter's input and output, whether
-/// the message was delivered or refused. No waiting here: NOOP's reply is the moment.
+/// the message was delivered, refused by the filter or refused for NUL octets. No waiting
+/// here: NOOP's reply is the moment.
 #[test]
 fn spool_files_are_gone_before_the_next_command_is_answered() {
     timed(60, || {
@@ -377,15 +378,22 @@ fn spool_files_are_gone_before_the_next_command_is_answered() {
                     .set("FilterType", filter_type)
                     .start();
                 let mut c = p.open();
-                for _ in 0..5 {
-                    assert_eq!(c.send_mail(&default_message()).code, code, "{filter_type}");
+                let clean = |c: &mut common::Client, what: &str| {
                     assert_eq!(c.cmd("NOOP").code, 250);
                     assert!(
                         p.tmp_files().is_empty(),
-                        "{filter_type} filter, {code}: files left when NOOP was answered: {:?}",
+                        "{filter_type} filter, {what}: files left when NOOP was answered: {:?}",
                         p.tmp_files()
                     );
+                };
+                for _ in 0..5 {
+                    assert_eq!(c.send_mail(&default_message()).code, code, "{filter_type}");
+                    clean(&mut c, &code.to_string());
                 }
+                // Refused for its NUL octets before any filter runs.
+                let nul = message("nul", b"a NUL \0 here\r\n");
+                assert_eq!(c.send_mail(&nul).code, 554, "{filter_type}");
+                clean(&mut c, "NUL");
             }
         }
     });
